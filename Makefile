@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` (the main job, offline) and `make test`.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+# torch first, pinned: the CPU build on local disk. Any other request may pull a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+
+.PHONY: setup test test-slow demo lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: lint
+	.venv/bin/pytest -m "not slow"
+
+test-slow: setup
+	.venv/bin/pytest -m slow
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+demo: setup
+	.venv/bin/qmse demo
+
+clean:
+	rm -rf .venv build src/*.egg-info .pytest_cache .ruff_cache
