@@ -31,6 +31,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {choices}")
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _residual(input: Tensor, target: Tensor) -> Tensor:
     """Validate (input, target) and return r = target − input as (N, C) in ≥ float32.
 
@@ -58,8 +62,7 @@ def _residual(input: Tensor, target: Tensor) -> Tensor:
         raise ValueError(f"input has C = 0 outputs (shape {tuple(input.shape)}); need C >= 1")
     if input.dim() == 2 and input.size(0) == 0:
         raise ValueError(f"input is an empty batch (shape {tuple(input.shape)}); need N >= 1")
-    x = input if input.dtype in (torch.float32, torch.float64) else input.float()
-    x = x.reshape(-1, C)  # (N, C)
+    x = _at_least_float32(input).reshape(-1, C)  # (N, C)
 
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target has dtype {target.dtype}; expected floating or int64 classes")
@@ -119,18 +122,20 @@ def sample_directions(
     return F.normalize(z, dim=-1).to(device)
 
 
-def _check_v(v: Tensor, shape: tuple[int, ...], name: str = "v") -> None:
+def _check_v(v: Tensor, shape: tuple[int, ...], per_row: bool) -> None:
+    """v must have `shape` and unit norm per row (scope "sample") or as a whole ("batch")."""
     if not isinstance(v, Tensor) or not v.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor of shape {shape}")
+        raise TypeError(f"v must be a floating-point tensor of shape {shape}")
     if tuple(v.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(v.shape)}; expected {shape}")
-    norms = v.reshape(shape[0], -1).norm(dim=-1) if len(shape) > 1 else v.norm().reshape(1)
+        raise ValueError(f"v has shape {tuple(v.shape)}; expected {shape}")
+    norms = v.reshape(-1, shape[-1]).norm(dim=-1) if per_row else v.norm().reshape(1)
     tol = 1e-4 if v.dtype != torch.float64 else 1e-10
     if not torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=tol):
+        what = "unit-norm rows" if per_row else "unit norm as a whole (scope='batch')"
         raise ValueError(
-            f"{name} must have unit-norm rows (v on the unit sphere), got norms in "
+            f"v must have {what} (v on the unit sphere), got norms in "
             f"[{norms.min().item():.6g}, {norms.max().item():.6g}]; normalise it with "
-            f"torch.nn.functional.normalize({name}, dim=-1)"
+            f"torch.nn.functional.normalize"
         )
 
 
@@ -153,33 +158,30 @@ def qmse_loss(
     flattened batch residual R, loss ½⟨R + v, R⟩²; `v` then has input's shape,
     reduction="sum" returns that value, "mean" divides it by N, "none" is not defined.
     Reductions: "mean" over samples, "sum", "none" (per-sample vector).
-    Computed in float32 at least (also under fp16/bf16 autocast).
+    Computed in float32 at least: fp16/bf16 inputs (e.g. under autocast) are upcast first.
     """
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("scope", scope, SCOPES)
-    with torch.autocast(device_type=input.device.type, enabled=False):
-        r = _residual(input, target)  # (N, C)
-        N, C = r.shape
-        if scope == "batch":
-            if reduction == "none":
-                raise ValueError('scope="batch" gives one value per batch; use reduction="sum"')
-            if v is None:
-                flat = sample_directions(
-                    1, N * C, generator=generator, device=r.device, dtype=r.dtype
-                )
-            else:
-                _check_v(v, tuple(input.shape))
-                flat = v.reshape(1, N * C).to(r)
-            R = r.reshape(1, N * C)
-            total = 0.5 * ((R + flat).detach() * R).sum() ** 2
-            return total / N if reduction == "mean" else total
+    r = _residual(input, target)  # (N, C)
+    N, C = r.shape
+    if scope == "batch":
+        if reduction == "none":
+            raise ValueError('scope="batch" gives one value per batch; use reduction="sum"')
         if v is None:
-            v = sample_directions(N, C, generator=generator, device=r.device, dtype=r.dtype)
+            flat = sample_directions(1, N * C, generator=generator, device=r.device, dtype=r.dtype)
         else:
-            _check_v(v, tuple(input.shape))
-            v = v.reshape(N, C).to(r)
-        a = ((r + v).detach() * r).sum(-1)  # (N,)  ⟨r + v, r⟩ with r + v constant
-        return _reduce(0.5 * a**2, reduction, input.dim() == 1)
+            _check_v(v, tuple(input.shape), per_row=False)
+            flat = v.reshape(1, N * C).to(r)
+        R = r.reshape(1, N * C)
+        total = 0.5 * ((R + flat).detach() * R).sum() ** 2
+        return total / N if reduction == "mean" else total
+    if v is None:
+        v = sample_directions(N, C, generator=generator, device=r.device, dtype=r.dtype)
+    else:
+        _check_v(v, tuple(input.shape), per_row=True)
+        v = v.reshape(N, C).to(r)
+    a = ((r + v).detach() * r).sum(-1)  # (N,)  ⟨r + v, r⟩ with r + v constant
+    return _reduce(0.5 * a**2, reduction, input.dim() == 1)
 
 
 def mse_loss_half(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -188,9 +190,8 @@ def mse_loss_half(input: Tensor, target: Tensor, *, reduction: str = "mean") -> 
     Equals 0.5 * C * F.mse_loss(input, target) for reduction="mean".
     """
     _check_choice("reduction", reduction, REDUCTIONS)
-    with torch.autocast(device_type=input.device.type, enabled=False):
-        r = _residual(input, target)
-        return _reduce(0.5 * (r * r).sum(-1), reduction, input.dim() == 1)
+    r = _residual(input, target)
+    return _reduce(0.5 * (r * r).sum(-1), reduction, input.dim() == 1)
 
 
 def expected_qmse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -200,10 +201,9 @@ def expected_qmse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean"
     Training with it keeps QMSE's reshaped landscape and removes its noise (the ablation).
     """
     _check_choice("reduction", reduction, REDUCTIONS)
-    with torch.autocast(device_type=input.device.type, enabled=False):
-        r = _residual(input, target)
-        s = (r * r).sum(-1)  # (N,)  ‖r‖²
-        return _reduce(0.25 * s**2 + s / (2 * r.size(-1)), reduction, input.dim() == 1)
+    r = _residual(input, target)
+    s = (r * r).sum(-1)  # (N,)  ‖r‖²
+    return _reduce(0.25 * s**2 + s / (2 * r.size(-1)), reduction, input.dim() == 1)
 
 
 def compute_loss(
@@ -227,7 +227,7 @@ def compute_loss(
         return expected_qmse_loss(input, target, reduction=reduction)
     if not target.is_floating_point():
         target = target.long()
-    return F.cross_entropy(input.float(), target, reduction=reduction)
+    return F.cross_entropy(_at_least_float32(input), target, reduction=reduction)
 
 
 class QMSELoss(nn.Module):

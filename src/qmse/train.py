@@ -1,34 +1,438 @@
-"""Training loops (placeholder module: the reproduction issue fills it in)."""
+"""One training run of the paper's experiments (sec. 4), resumable and reproducible.
+
+A run is (dataset, loss, SGD lr and momentum, batch size, epochs, seed, device). The data
+sits on the device as one tensor; each epoch draws a permutation of the training set and,
+for QMSE, one direction v per sample, both from generators seeded by the run's seed, and
+batches are slices of them. So a run is a pure function of its config: killed and resumed
+from its last checkpoint it writes the same metrics as a run that was never interrupted.
+
+The squared losses see one-hot targets; "ce" sees class indices. MSE and QMSE runs with the
+same seed start from the same weights and visit the data in the same order, so their
+difference is paired.
+
+A run directory holds
+    config.json     the resolved TrainConfig, the model's constructor arguments, provenance
+    metrics.jsonl   one row per epoch (METRIC_KEYS, plus "wall_s", the epoch's seconds)
+    checkpoint.pt   model, optimizer, both generators' states, epoch and the metric rows
+all written atomically at the end of every epoch.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from qmse.loss import compute_loss, mse_loss_half
-from qmse.models import MLP
+from qmse import runs
+from qmse.loss import LOSS_NAMES, compute_loss, qmse_loss, sample_directions
+from qmse.models import SimpleCNN
+
+# Learning rates of the paper's figures: 0.01 on MNIST (fig. 1), 0.1 on CIFAR (figs. 2-3).
+# Fashion-MNIST has MNIST's shape and gets MNIST's rate.
+PAPER_LR = {"mnist": 0.01, "fashion-mnist": 0.01, "cifar10": 0.1, "cifar100": 0.1}
+
+METRIC_KEYS = (
+    "epoch",
+    "train_acc",  # full train set, eval mode, after the epoch
+    "train_loss",  # the run's loss on the full train set (QMSE: its expectation over v)
+    "train_mse",  # ½‖r‖² per sample, mean: comparable across losses
+    "test_acc",
+    "test_loss",
+    "test_mse",
+    "running_train_acc",  # accuracy of the minibatch outputs during the epoch
+    "running_train_loss",  # mean minibatch loss during the epoch (QMSE: with its v draws)
+    "grad_norm",  # mean over the epoch's steps of ‖∇ minibatch loss‖₂
+)
+
+_EVAL_CHUNK = 1000  # samples per forward pass when measuring the full sets
+_INIT, _ORDER, _DIRECTIONS = 0, 1, 2  # sub-seed streams derived from the run's seed
 
 
-def synthetic_demo(steps: int = 2000, seed: int = 0, lr: float = 0.05) -> dict[str, float]:
-    """Train one small MLP on a synthetic 3-output regression task with MSE, QMSE and
-    expected-QMSE from the same initialisation; return each final full-batch ½‖r‖²."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(256, 8, generator=g)  # (N, 8)
-    torch.manual_seed(seed + 1)
-    teacher = MLP(8, [16], 3, activation="tanh")
-    with torch.no_grad():
-        y = teacher(x)  # (N, 3)
-    torch.manual_seed(seed + 2)
-    init = MLP(8, [4], 3, activation="tanh").state_dict()
-    out = {}
-    for name in ("mse", "qmse", "expected-qmse"):
-        model = MLP(8, [4], 3, activation="tanh")
-        model.load_state_dict(init)
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        vg = torch.Generator().manual_seed(seed + 3)
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            compute_loss(name, model(x), y, generator=vg).backward()
-            opt.step()
-        with torch.no_grad():
-            out[name] = mse_loss_half(model(x), y).item()
-    return out
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Saved, with the model's arguments, in config.json."""
+
+    dataset: str = "fashion-mnist"  # a name in qmse.data.DATASETS
+    data_dir: str | None = None  # None: qmse.data's default search
+    train_subset: int | None = None  # train on the first n training images (None: all)
+    loss: str = "qmse"  # one of qmse.loss.LOSS_NAMES
+    lr: float = 0.01  # SGD step size
+    momentum: float = 0.0  # SGD momentum (PyTorch's convention)
+    batch_size: int = 128
+    epochs: int = 100
+    seed: int = 0  # derives the initial weights, the batch order and QMSE's v
+    channels: tuple[int, int] = (32, 64)  # SimpleCNN conv widths (the paper gives none)
+    hidden: int = 128  # SimpleCNN hidden linear width
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss={self.loss!r}; expected one of {LOSS_NAMES}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr}; the learning rate must be a positive number")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum}; expected 0 <= momentum < 1")
+        for name in ("batch_size", "epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"train_subset={self.train_subset}; expected None or n >= 1")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed}; expected a non-negative integer")
+        self.channels = tuple(int(c) for c in self.channels)
+        if len(self.channels) != 2:
+            raise ValueError(f"channels={self.channels}; expected two conv widths")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """The TrainConfig stored in a config.json (extra keys such as provenance ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def subseed(seed: int, stream: int) -> int:
+    """A 32-bit seed for `stream` derived from the run's `seed` (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+class Data(NamedTuple):
+    """A dataset ready for training: normalised float32 images and int64 labels on a device."""
+
+    x_train: Tensor  # (N, Ch, H, W)
+    y_train: Tensor  # (N,)
+    x_test: Tensor  # (M, Ch, H, W)
+    y_test: Tensor  # (M,)
+    num_classes: int
+
+
+def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of uint8 images (N, Ch, H, W) scaled to [0, 1], each (Ch,)."""
+    x = images.to(torch.float64) / 255
+    return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+
+
+def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 (N, Ch, H, W) → float32 (x/255 − mean) / std per channel.
+
+    The training code uses the mean and std of the full training set (`channel_stats`), also
+    when it trains on a subset, so every run of a dataset sees the same inputs.
+    """
+    x = images.to(torch.float32) / 255
+    shape = (1, -1, 1, 1)
+    return (x - mean.to(x).view(shape)) / std.to(x).clamp_min(1e-8).view(shape)
+
+
+def prepare_data(
+    source: Any,
+    device: torch.device | str = "cpu",
+    *,
+    train_subset: int | None = None,
+) -> Data:
+    """Training tensors on `device` from a `qmse.data.Dataset`, or from a run's config.
+
+    `source` is a Dataset, or a config (TrainConfig, or the dict of a config.json); a config
+    loads its dataset with `qmse.data.load(dataset, data_dir)` and uses its train_subset.
+    Images are normalised with `normalize` (full-train-set channel statistics); a subset is
+    the first `train_subset` training images. Use it to rebuild exactly the data a run saw.
+    """
+    if isinstance(source, (TrainConfig, Mapping)):
+        cfg = source if isinstance(source, TrainConfig) else TrainConfig.from_dict(source)
+        from qmse import data as qdata
+
+        source, train_subset = qdata.load(cfg.dataset, cfg.data_dir), cfg.train_subset
+    for name in ("train_images", "train_labels", "test_images", "test_labels", "num_classes"):
+        if not hasattr(source, name):
+            raise TypeError(
+                f"source must be a qmse.data.Dataset or a run config, got "
+                f"{type(source).__name__} (no attribute {name!r})"
+            )
+    if source.train_images.dtype != torch.uint8 or source.train_images.dim() != 4:
+        raise TypeError(
+            f"train_images must be uint8 (N, Ch, H, W), got {source.train_images.dtype} of "
+            f"shape {tuple(source.train_images.shape)}"
+        )
+    n = source.train_images.size(0)
+    if train_subset is not None and not 1 <= train_subset <= n:
+        raise ValueError(f"train_subset={train_subset}; the training set has {n} images")
+    mean, std = channel_stats(source.train_images)
+    keep = slice(None) if train_subset is None else slice(0, train_subset)
+    return Data(
+        normalize(source.train_images[keep], mean, std).to(device),
+        source.train_labels[keep].to(device, torch.int64),
+        normalize(source.test_images, mean, std).to(device),
+        source.test_labels.to(device, torch.int64),
+        int(source.num_classes),
+    )
+
+
+def model_args(cfg: TrainConfig, data: Data) -> dict[str, Any]:
+    """SimpleCNN's constructor arguments for `cfg` on `data` (stored in config.json)."""
+    _, ch, h, w = data.x_train.shape
+    if h != w:
+        raise ValueError(f"SimpleCNN needs square images, got {h}×{w}")
+    return {
+        "in_channels": ch,
+        "image_size": h,
+        "num_classes": data.num_classes,
+        "channels": list(cfg.channels),
+        "hidden": cfg.hidden,
+    }
+
+
+def build_model(args: Mapping[str, Any], seed: int) -> SimpleCNN:
+    """SimpleCNN(**args) in float32, initialised from `seed` on the CPU (same on any device),
+    leaving the global RNG and default dtype as they were."""
+    dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(subseed(seed, _INIT))
+        torch.set_default_dtype(torch.float32)
+        try:
+            return SimpleCNN(**{**args, "channels": tuple(args["channels"])})
+        finally:
+            torch.set_default_dtype(dtype)
+
+
+def _per_sample_loss(name: str, out: Tensor, onehot: Tensor, labels: Tensor) -> Tensor:
+    """(N,) loss values to report. QMSE's depends on v: report its expectation over v,
+    E_v ½⟨r + v, r⟩² = ½‖r‖⁴ + ‖r‖²/(2C) (E v = 0, E vvᵀ = I/C)."""
+    if name == "ce":
+        return F.cross_entropy(out, labels, reduction="none")
+    s = ((onehot - out) ** 2).sum(-1)  # (N,)  ‖r‖²
+    C = out.size(-1)
+    if name == "mse":
+        return 0.5 * s
+    if name == "qmse":
+        return 0.5 * s**2 + s / (2 * C)
+    return 0.25 * s**2 + s / (2 * C)  # expected-qmse
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, labels: Tensor, loss: str) -> dict[str, float]:
+    """Accuracy, loss (as `_per_sample_loss`) and ½‖r‖² of `model` over the whole of (x, labels),
+    in eval mode, accumulated on the device and read once. The model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # correct, loss, mse
+    for start in range(0, x.size(0), _EVAL_CHUNK):
+        out = model(x[start : start + _EVAL_CHUNK]).float()  # (b, C)
+        y = labels[start : start + _EVAL_CHUNK]
+        onehot = F.one_hot(y, out.size(-1)).to(out)  # (b, C)
+        sums += torch.stack(
+            [
+                (out.argmax(-1) == y).sum().double(),
+                _per_sample_loss(loss, out, onehot, y).sum().double(),
+                _per_sample_loss("mse", out, onehot, y).sum().double(),
+            ]
+        )
+    model.train(was_training)
+    correct, total_loss, total_mse = (sums / x.size(0)).tolist()
+    return {"acc": correct, "loss": total_loss, "mse": total_mse}
+
+
+def _train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Data,
+    cfg: TrainConfig,
+    order_gen: torch.Generator,
+    direction_gen: torch.Generator,
+    bar: Any,
+) -> dict[str, float]:
+    """One pass over the training set in seeded random order; returns the running metrics.
+
+    Nothing is read back to the host until the end of the epoch.
+    """
+    model.train()
+    x, y = data.x_train, data.y_train
+    n, C = x.size(0), data.num_classes
+    perm = torch.randperm(n, generator=order_gen, device=x.device)  # (n,)
+    if cfg.loss == "qmse":  # one v per sample, in the epoch's step order (note 5)
+        v_all = sample_directions(n, C, generator=direction_gen, device=x.device)  # (n, C)
+    params = list(model.parameters())
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss·b, correct, ‖g‖
+    steps = 0
+    for start in range(0, n, cfg.batch_size):
+        idx = perm[start : start + cfg.batch_size]  # (b,)
+        out = model(x[idx])  # (b, C)
+        yb = y[idx]
+        if cfg.loss == "qmse":
+            target = F.one_hot(yb, C).to(out)  # (b, C)
+            loss = qmse_loss(out, target, v=v_all[start : start + cfg.batch_size])
+        elif cfg.loss == "ce":
+            loss = compute_loss("ce", out, yb)
+        else:
+            loss = compute_loss(cfg.loss, out, F.one_hot(yb, C).to(out))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        opt.step()
+        sums += torch.stack(
+            [
+                loss.detach().double() * idx.numel(),
+                (out.detach().argmax(-1) == yb).sum().double(),
+                grad_norm.double(),
+            ]
+        )
+        steps += 1
+        bar.update(1)
+    loss_sum, correct, grad_sum = sums.tolist()
+    return {
+        "running_train_acc": correct / n,
+        "running_train_loss": loss_sum / n,
+        "grad_norm": grad_sum / steps,
+    }
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss; the run directory keeps the last good epoch."""
+
+
+def _resolved_config(cfg: TrainConfig, data: Data, device: torch.device) -> dict[str, Any]:
+    return {
+        **dataclasses.asdict(cfg),
+        "channels": list(cfg.channels),
+        "model": model_args(cfg, data),
+        "num_train": data.x_train.size(0),
+        "num_test": data.x_test.size(0),
+        "provenance": runs.provenance(device),
+    }
+
+
+def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Config fields that differ between two runs (epochs and data_dir may change on resume)."""
+    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("epochs", "data_dir")]
+    return [k for k in keys + ["model"] if a.get(k) != b.get(k)]
+
+
+def train_run(
+    config: TrainConfig | Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    dataset: Any = None,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    quiet: bool = False,
+) -> list[dict]:
+    """Train one run into `out_dir` and return its metric rows (one per epoch).
+
+    `dataset` (a qmse.data.Dataset named like config.dataset) skips loading from disk.
+    With `resume`, a run directory holding a checkpoint continues from it (a finished run
+    returns at once; a larger `epochs` extends it); without, such a directory is an error.
+    Raises NonFiniteLossError if the loss becomes non-finite, leaving the last good
+    checkpoint and metrics in place and a `diverged.json` that records the epoch.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise ValueError(
+            f"{out} already holds a run (checkpoint.pt); resume it with resume=True "
+            f"(--resume) or choose another output directory"
+        )
+    if (out / "diverged.json").exists():
+        info = runs.load_json(out / "diverged.json")
+        raise NonFiniteLossError(info["message"])
+    device = torch.device(device)
+    if dataset is not None and getattr(dataset, "name", cfg.dataset) != cfg.dataset:
+        raise ValueError(f"dataset is {dataset.name!r} but config.dataset is {cfg.dataset!r}")
+    if dataset is None:
+        data = prepare_data(cfg, device)
+    else:
+        data = prepare_data(dataset, device, train_subset=cfg.train_subset)
+    resolved = _resolved_config(cfg, data, device)
+
+    model = build_model(resolved["model"], cfg.seed).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    order_gen = torch.Generator(gen_device).manual_seed(subseed(cfg.seed, _ORDER))
+    direction_gen = torch.Generator(gen_device).manual_seed(subseed(cfg.seed, _DIRECTIONS))
+    rows: list[dict] = []
+    if ckpt_path.exists():
+        saved = runs.load_json(out / "config.json")
+        if diff := _same_run(saved, resolved):
+            raise ValueError(
+                f"{out} holds a run with different {', '.join(diff)} "
+                f"({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); choose another "
+                f"output directory or the same settings"
+            )
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        order_gen.set_state(ckpt["order_rng"])
+        direction_gen.set_state(ckpt["direction_rng"])
+        rows = ckpt["metrics"]
+        saved.setdefault("resumed", []).append(runs.provenance(device))
+        saved["epochs"] = cfg.epochs
+        runs.save_json(out / "config.json", saved)
+        runs.write_jsonl(out / "metrics.jsonl", rows)  # heals a kill between the two writes
+    else:
+        runs.save_json(out / "config.json", resolved)
+
+    steps = math.ceil(data.x_train.size(0) / cfg.batch_size)
+    label = f"{cfg.loss} m={cfg.momentum:g} seed={cfg.seed}"
+    epochs = runs.progress(range(len(rows) + 1, cfg.epochs + 1), quiet=quiet, desc=label)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
+            running = _train_epoch(model, opt, data, cfg, order_gen, direction_gen, bar)
+        train = evaluate(model, data.x_train, data.y_train, cfg.loss)
+        test = evaluate(model, data.x_test, data.y_test, cfg.loss)
+        row = {
+            "epoch": epoch,
+            "train_acc": train["acc"],
+            "train_loss": train["loss"],
+            "train_mse": train["mse"],
+            "test_acc": test["acc"],
+            "test_loss": test["loss"],
+            "test_mse": test["mse"],
+            **running,
+            "wall_s": time.perf_counter() - t0,
+        }
+        if not all(math.isfinite(row[k]) for k in METRIC_KEYS):
+            message = (
+                f"{cfg.loss} run in {out}: the loss became non-finite in epoch {epoch} "
+                f"(running loss {running['running_train_loss']}, train loss "
+                f"{train['loss']}) at lr={cfg.lr}, momentum={cfg.momentum}; the last good "
+                f"checkpoint (epoch {epoch - 1}) is kept. Try a smaller --lr."
+            )
+            runs.save_json(out / "diverged.json", {"epoch": epoch, "message": message})
+            raise NonFiniteLossError(message)
+        rows.append(row)
+        runs.save_torch(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "order_rng": order_gen.get_state(),
+                "direction_rng": direction_gen.get_state(),
+                "epoch": epoch,
+                "metrics": rows,
+            },
+        )
+        runs.write_jsonl(out / "metrics.jsonl", rows)
+        epochs.set_postfix(train_acc=f"{row['train_acc']:.4f}", test_acc=f"{row['test_acc']:.4f}")
+    return rows
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The trained model of a run directory (eval mode, on `device`) and its config dict.
+
+    Rebuild the run's data with `prepare_data(config, device)`.
+    """
+    run_dir = Path(run_dir)
+    for name in ("config.json", "checkpoint.pt"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} not found; is {run_dir} a qmse run?")
+    config = runs.load_json(run_dir / "config.json")
+    model = build_model(config["model"], config["seed"])
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), config
