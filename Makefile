@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # torch first, pinned: the CPU build on local disk. Any other request may pull a multi-GB CUDA build.
 TORCH   := torch==2.13.0
 
-.PHONY: setup test test-slow demo lint format clean
+.PHONY: setup test test-slow demo fashion-mnist lint format clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,19 @@ format: setup
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
 
-demo: setup
+# Real Fashion-MNIST comes from Debian's dataset-fashion-mnist; install it when apt can.
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+fashion-mnist:
+	@test -f $(FMNIST) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	  else \
+	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or put"; \
+	    echo "its four IDX .gz files in ~/.cache/qmse/fashion-mnist/ (see 'qmse data --help')."; \
+	  fi; }
+
+demo: setup fashion-mnist
 	.venv/bin/qmse demo
 
 clean:
