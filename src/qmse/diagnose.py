@@ -1,0 +1,499 @@
+"""Where did training stop, and why: the paper's optimality analysis (sec. 2.2) made measurable.
+
+For one sample with residual r = y − f (length C) and Jacobian J = ∂f/∂w (C × P), the MSE
+gradient is −Jᵀr (eq. 4) = −Σ_c r_c ∇f_c (eq. 5), so training stops when
+    case 1: r = 0                       (the global minimum, eq. 3 is zero),
+    case 2: every ∇f_c = 0              (J = 0, e.g. all ReLUs dead),
+    case 3: r ≠ 0 but Jᵀr = 0           (r in the left null space of J).
+Over a data set the MSE gradient is −(1/N) Σ_i J_iᵀ r_i = −(1/N) 𝐉ᵀR with 𝐉 the N·C × P
+stacked Jacobian and R the stacked residual; the set stops when that *sum* vanishes, which
+needs no single J_iᵀ r_i to be zero. With P ≫ C a per-sample J_i generically has no left null
+space, so per-sample case 3 is rare, while 𝐉 (N·C rows) has one as soon as N·C > rank 𝐉: the
+whole-set case 3 is where least squares with a nonzero residual ends.
+
+Second order: Hessian-vector products (reverse-over-reverse, `torch.func.vjp` of
+`torch.func.grad`), Lanczos with full reorthogonalisation for the extreme eigenvalues,
+Hutchinson's trace estimate and stochastic Lanczos quadrature (SLQ) for the spectral density.
+
+Every function reads the model through `torch.func.functional_call` on detached copies of
+its parameters and runs it in eval mode, restoring every module's `training` flag afterwards:
+the model's parameters, `requires_grad` flags and mode are the same before and after.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+
+from qmse.loss import LOSS_NAMES, compute_loss, sample_directions
+
+CASES = {0: "not-stationary", 1: "global-minimum", 2: "zero-jacobian", 3: "null-space"}
+HESSIAN_LOSSES = tuple(n for n in LOSS_NAMES if n != "qmse")
+_JACOBIAN_BUDGET = 2**24  # elements of per-sample Jacobian held at once (64 MB in float32)
+
+Batch = tuple[Tensor, Tensor]
+MatVec = Callable[[Tensor], Tensor]
+
+
+# ---------------------------------------------------------------- model as a function of w
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode and put every module's `training` flag back afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def flat_params(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+    """The trainable parameters as one detached flat vector w (P,) and its inverse map.
+
+    Only parameters with requires_grad=True are variables (the ones training moves); frozen
+    parameters and buffers enter `model_fn` as constants.
+    """
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameters with requires_grad=True to diagnose")
+    names = [k for k, _ in named]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    w = torch.cat([p.detach().reshape(-1) for _, p in named])  # (P,) a copy
+
+    def unflatten(vec: Tensor) -> dict[str, Tensor]:
+        return {k: c.view(s) for k, c, s in zip(names, vec.split(sizes), shapes)}
+
+    return w, unflatten
+
+
+def model_fn(model: nn.Module) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+    """(w, f) with f(w, x) = model(x) under weights w, a pure function of both arguments."""
+    w, unflatten = flat_params(model)
+    const = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+    const.update({k: b.detach() for k, b in model.named_buffers()})
+
+    def f(wv: Tensor, x: Tensor) -> Tensor:
+        return functional_call(model, {**unflatten(wv), **const}, (x,))
+
+    return w, f
+
+
+def _float_targets(y: Tensor, out: Tensor) -> Tensor:
+    """Targets as floats shaped like the output: int class indices become one-hot."""
+    if y.is_floating_point():
+        if y.shape != out.shape:
+            raise ValueError(
+                f"target shape {tuple(y.shape)} does not match model output "
+                f"{tuple(out.shape)}; pass targets of the output's shape or int class indices"
+            )
+        return y.to(out.dtype)
+    if y.shape != out.shape[:1] or out.dim() != 2:
+        raise ValueError(
+            f"integer targets must be class indices of shape ({out.shape[0]},) for output "
+            f"{tuple(out.shape)}, got {tuple(y.shape)}"
+        )
+    if (y < 0).any() or (y >= out.shape[1]).any():
+        raise ValueError(f"class indices must lie in [0, {out.shape[1]}), got {y.min()}..{y.max()}")
+    return torch.nn.functional.one_hot(y.long(), out.shape[1]).to(out.dtype)  # (N, C)
+
+
+# ---------------------------------------------------------------- first order: eqs. 4-5
+
+
+def gradient_geometry(
+    model: nn.Module, x: Tensor, y: Tensor, *, gauss_newton_steps: int = 20, seed: int = 0
+) -> dict:
+    """Per-sample and whole-set quantities of the MSE optimality condition (eqs. 4-5).
+
+    Per sample i (tensors of length N, or (N, C)), with G_i = J_i J_iᵀ the C × C Gram matrix:
+      residual_norm ‖r_i‖, grad_norm ‖J_iᵀ r_i‖ = √(r_iᵀ G_i r_i) (the sample's MSE gradient),
+      output_grad_norms ‖∇f_ic‖ = √G_i[c, c] (N, C), jacobian_fro ‖J_i‖_F, jacobian_spec
+      ‖J_i‖₂ = √λ_max(G_i), jacobian_smin σ_min(J_i) = √λ_min(G_i) (0 when J_i has a left
+      null space), ratio ‖J_iᵀ r_i‖ / (‖J_i‖₂ ‖r_i‖) ∈ [0, 1] (0: r_i in the left null space).
+    Whole set (floats): residual_norm ‖R‖, grad_norm ‖Σ_i J_iᵀ r_i‖ (N times the gradient
+    of the mean ½‖r‖²), jacobian_fro ‖𝐉‖_F, jacobian_spec ‖𝐉‖₂ (top Ritz value of 𝐉ᵀ𝐉 after
+    `gauss_newton_steps` Lanczos steps: a lower bound that is tight in practice), ratio
+    ‖𝐉ᵀR‖ / (‖𝐉‖₂ ‖R‖). The spectral norm makes a ratio of 1 attainable (r along the top
+    singular direction); ‖J‖_F ≥ ‖J‖₂ would shrink every ratio by up to √rank.
+
+    Costs C backward passes per sample (per-sample Jacobians, vmapped in chunks that hold at
+    most 2²⁴ Jacobian entries) plus one VJP and `gauss_newton_steps` JVP+VJP on the batch.
+    """
+    w, f = model_fn(model)
+    with _eval_mode(model), torch.no_grad():
+        out = f(w, x)  # (N, C)
+        if out.dim() != 2:
+            raise ValueError(f"model output must be (N, C), got {tuple(out.shape)}")
+        r = _float_targets(y, out) - out  # (N, C)
+        N, C = r.shape
+        P = w.numel()
+
+        def f_one(wv: Tensor, xi: Tensor) -> Tensor:
+            return f(wv, xi.unsqueeze(0)).squeeze(0)  # (C,)
+
+        per_sample_jac = vmap(jacrev(f_one), in_dims=(None, 0))
+        chunk = max(1, _JACOBIAN_BUDGET // (C * P))
+        grams = []
+        for s in range(0, N, chunk):
+            J = per_sample_jac(w, x[s : s + chunk])  # (n, C, P)
+            grams.append(J @ J.transpose(1, 2))  # (n, C, C)
+        G = torch.cat(grams).double()  # (N, C, C)
+        eig = torch.linalg.eigvalsh(G).clamp_min(0)  # (N, C) ascending
+        rd = r.double()
+        res = rd.norm(dim=1)  # (N,)
+        gnorm = torch.einsum("nc,ncd,nd->n", rd, G, rd).clamp_min(0).sqrt()  # (N,)
+        spec = eig[:, -1].sqrt()
+        per_sample = {
+            "residual_norm": res,
+            "grad_norm": gnorm,
+            "output_grad_norms": torch.diagonal(G, dim1=1, dim2=2).clamp_min(0).sqrt(),
+            "jacobian_fro": G.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt(),
+            "jacobian_spec": spec,
+            "jacobian_smin": eig[:, 0].sqrt(),
+            "ratio": _safe_ratio(gnorm, spec * res),
+        }
+
+        _, pull = vjp(lambda wv: f(wv, x), w)
+        total_grad = pull(r)[0]  # (P,)  Σ_i J_iᵀ r_i = 𝐉ᵀR
+
+        def gauss_newton(v: Tensor) -> Tensor:  # v ↦ 𝐉ᵀ𝐉 v
+            return pull(jvp(lambda wv: f(wv, x), (w,), (v,))[1])[0]
+
+        steps = min(gauss_newton_steps, P)
+        gen = torch.Generator(device=w.device).manual_seed(seed)
+        nodes, _ = lanczos(gauss_newton, P, steps, generator=gen, dtype=w.dtype)
+        set_spec = math.sqrt(max(nodes[-1].item(), 0.0))
+        set_res = rd.norm().item()
+        set_grad = total_grad.double().norm().item()
+        whole_set = {
+            "residual_norm": set_res,
+            "grad_norm": set_grad,
+            "jacobian_fro": per_sample["jacobian_fro"].pow(2).sum().sqrt().item(),
+            "jacobian_spec": set_spec,
+            "ratio": _safe_ratio(torch.tensor(set_grad), torch.tensor(set_spec * set_res)).item(),
+        }
+    return {
+        "n_samples": N,
+        "n_outputs": C,
+        "n_params": P,
+        "per_sample": per_sample,
+        "whole_set": whole_set,
+    }
+
+
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and 0 where den is 0 (then num is 0 too: ‖Jᵀr‖ ≤ ‖J‖‖r‖)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+def classify_stop(
+    geometry: dict,
+    *,
+    tol_residual: float = 1e-3,
+    tol_gradient: float = 1e-6,
+    tol_ratio: float = 1e-3,
+) -> dict:
+    """Which of the paper's three stopping cases (sec. 2.2) holds, per sample and for the set.
+
+    Per sample, checked in order (first match wins, 0 = none: the sample's gradient is not ~0):
+      1 global-minimum  ‖r_i‖ ≤ tol_residual
+      2 zero-jacobian   max_c ‖∇f_ic‖ ≤ tol_gradient (absolute: every class gradient ~0)
+      3 null-space      ‖J_iᵀ r_i‖ ≤ tol_ratio · ‖J_i‖₂ ‖r_i‖ (relative: r_i ~ left null space)
+    For the whole set the same tests read: 1 every sample is case 1 (max_i ‖r_i‖); 2 every
+    class gradient of every sample is ~0; 3 the set's MSE gradient Σ_i J_iᵀ r_i = 𝐉ᵀR is
+    small relative to ‖𝐉‖₂ ‖R‖. Whole-set case 3 is the one that stops (full-batch) training;
+    the per-sample cases say whether single samples are stuck on their own.
+    `geometry` is the output of `gradient_geometry`. Tolerances are returned with the result.
+    """
+    for name, tol in (
+        ("tol_residual", tol_residual),
+        ("tol_gradient", tol_gradient),
+        ("tol_ratio", tol_ratio),
+    ):
+        if not tol >= 0:
+            raise ValueError(f"{name} must be >= 0, got {tol}")
+    ps, ws = geometry["per_sample"], geometry["whole_set"]
+    res, out_grad, ratio = ps["residual_norm"], ps["output_grad_norms"], ps["ratio"]
+    case = torch.zeros_like(res, dtype=torch.long)
+    case = torch.where(ratio <= tol_ratio, 3, case)
+    case = torch.where(out_grad.amax(dim=1) <= tol_gradient, 2, case)
+    case = torch.where(res <= tol_residual, 1, case)
+    if res.max() <= tol_residual:
+        set_case = 1
+    elif out_grad.max() <= tol_gradient:
+        set_case = 2
+    elif ws["ratio"] <= tol_ratio:
+        set_case = 3
+    else:
+        set_case = 0
+    counts = {CASES[c]: int((case == c).sum()) for c in CASES}
+    return {
+        "tolerances": {
+            "tol_residual": tol_residual,
+            "tol_gradient": tol_gradient,
+            "tol_ratio": tol_ratio,
+        },
+        "per_sample_case": case,
+        "per_sample_counts": counts,
+        "whole_set_case": set_case,
+        "whole_set_label": CASES[set_case],
+    }
+
+
+# ---------------------------------------------------------------- QMSE's null-space rule (eq. 8)
+
+
+def null_space_mask(model: nn.Module, x: Tensor, v: Tensor, tol: float = 1e-6) -> Tensor:
+    """Per sample, whether ‖J_iᵀ v_i‖ ≤ tol: the paper's "v in the null space" (after eq. 8).
+
+    x: a batch (N, ...); v: (N, C) unit directions. Returns a bool tensor (N,). One
+    per-sample VJP of the batch (vmapped over samples: a batch VJP would give only the sum
+    Σ_i J_iᵀ v_i). The tolerance is absolute; with ‖v_i‖ = 1 it compares against the
+    smallest singular value of J_i that v_i can pick out.
+    """
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    w, f = model_fn(model)
+    if v.dim() != 2 or v.shape[0] != x.shape[0]:
+        raise ValueError(f"v must be (N, C) with N = {x.shape[0]} rows, got {tuple(v.shape)}")
+
+    def norm_one(xi: Tensor, vi: Tensor) -> Tensor:
+        _, pull = vjp(lambda wv: f(wv, xi.unsqueeze(0)).squeeze(0), w)
+        return pull(vi.to(w.dtype))[0].norm()
+
+    with _eval_mode(model), torch.no_grad():
+        return vmap(norm_one)(x, v) <= tol  # (N,)
+
+
+def resample_null_v(
+    model: nn.Module,
+    x: Tensor,
+    v: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-6,
+    max_tries: int = 3,
+) -> tuple[Tensor, int]:
+    """Redraw the v_i with ‖J_iᵀ v_i‖ ≤ tol, up to `max_tries` rounds: the paper's rule
+    "if the sampled vector still lies in the null space, simply resample" (sec. 3.1).
+
+    Returns (v, n_resampled): a new (N, C) tensor (the input is not modified) and the total
+    number of single-sample redraws. Only flagged samples are checked again. A sample still
+    flagged after `max_tries` rounds (e.g. J_i = 0, case 2, where every v is null) keeps its
+    last draw. Cost: one vmapped per-sample VJP of the batch, plus one per round on the
+    flagged samples only.
+    """
+    if max_tries < 0:
+        raise ValueError(f"max_tries must be >= 0, got {max_tries}")
+    v = v.clone()
+    idx = torch.nonzero(null_space_mask(model, x, v, tol)).squeeze(1)  # (k,)
+    n_resampled = 0
+    for _ in range(max_tries):
+        if idx.numel() == 0:
+            break
+        v[idx] = sample_directions(
+            idx.numel(), v.shape[1], generator=generator, device=v.device, dtype=v.dtype
+        )
+        n_resampled += idx.numel()
+        idx = idx[null_space_mask(model, x[idx], v[idx], tol)]
+    return v, n_resampled
+
+
+# ---------------------------------------------------------------- second order
+
+
+def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
+    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
+        return [batches]
+    out = list(batches)
+    if not out:
+        raise ValueError("batches is empty; pass an (x, y) pair or a list of them")
+    return out
+
+
+def loss_fn(
+    model: nn.Module, batches: Batch | Sequence[Batch], *, loss: str = "mse"
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """(w, L) with L(w) the mean training loss over all samples of `batches` at weights w.
+
+    `loss` is "mse" (½‖r‖²), "expected-qmse" (¼‖r‖⁴ + ‖r‖²/(2C), QMSE's expectation over v)
+    or "ce". QMSE itself is random in v; its expectation is the deterministic landscape.
+    """
+    if loss not in HESSIAN_LOSSES:
+        raise ValueError(
+            f"loss={loss!r} is not supported; expected one of {HESSIAN_LOSSES} ('qmse' is "
+            f"random: use 'expected-qmse', its mean over v)"
+        )
+    data = _as_batches(batches)
+    w, f = model_fn(model)
+    n_total = sum(x.shape[0] for x, _ in data)
+    with _eval_mode(model), torch.no_grad():
+        data = [(x, _float_targets(y, f(w, x))) for x, y in data]
+
+    def loss_at(wv: Tensor) -> Tensor:
+        return sum(compute_loss(loss, f(wv, x), y) * (x.shape[0] / n_total) for x, y in data)
+
+    return w, loss_at
+
+
+def hessian_operator(
+    model: nn.Module, batches: Batch | Sequence[Batch], *, loss: str = "mse"
+) -> tuple[MatVec, int]:
+    """(hvp, P): hvp(v) = ∇²L(w) v for the mean loss over `batches`, at the model's weights.
+
+    Reverse-over-reverse (`vjp` of `grad`; the Hessian is symmetric): the gradient graph is
+    built once and each product is one more backward pass, so keep `batches` small (a fixed
+    subset of a few hundred samples). Call it with the model in eval mode semantics: it is
+    evaluated under `_eval_mode` when built.
+    """
+    w, loss_at = loss_fn(model, batches, loss=loss)
+    with _eval_mode(model):
+        _, pull = vjp(grad(loss_at), w)
+    return (lambda v: pull(v.to(w.dtype))[0]), w.numel()
+
+
+def lanczos(
+    matvec: MatVec,
+    dim: int,
+    steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    start: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`steps` Lanczos iterations with full reorthogonalisation on a symmetric operator.
+
+    Returns (nodes, weights) in float64: the Ritz values (ascending, length ≤ steps; fewer if
+    the Krylov space closes) and the squared first components of the Ritz vectors, which
+    are the quadrature weights of SLQ. Ritz values interlace the spectrum: the smallest one
+    is ≥ λ_min, so a negative one proves a negative eigenvalue; with steps = dim they are
+    the eigenvalues. The start vector is Gaussian from `generator` unless given.
+    """
+    if not 1 <= steps <= dim:
+        raise ValueError(f"steps must be in [1, dim={dim}], got {steps}")
+    device = generator.device if generator is not None else None
+    q = (
+        start
+        if start is not None
+        else torch.randn(dim, generator=generator, device=device, dtype=dtype)
+    )
+    q = q / q.norm()
+    Q = torch.zeros(steps, dim, dtype=q.dtype, device=q.device)  # Lanczos basis
+    alphas, betas = [], []
+    for j in range(steps):
+        Q[j] = q
+        z = matvec(q)
+        alpha = torch.dot(z, q)
+        alphas.append(alpha.item())
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            z = z - Q[: j + 1].T @ (Q[: j + 1] @ z)
+        beta = z.norm()
+        if j == steps - 1 or beta <= 1e-10 * max(1.0, abs(alphas[-1])):
+            break
+        betas.append(beta.item())
+        q = z / beta
+    m = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+    T += torch.diag(off, 1) + torch.diag(off, -1)
+    nodes, vecs = torch.linalg.eigh(T)
+    return nodes, vecs[0] ** 2
+
+
+def hessian_eigs(
+    hvp: MatVec,
+    dim: int,
+    *,
+    k: int = 5,
+    steps: int = 40,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """(top, bottom): the k largest (descending) and k smallest (ascending) Ritz values of
+    one Lanczos run of `steps` products (capped at dim). Extremes converge first; take
+    steps ≳ 3k, and steps = dim for the exact spectrum of a small model."""
+    steps = min(steps, dim)
+    gen = torch.Generator().manual_seed(seed)
+    nodes, _ = lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
+    k = min(k, nodes.numel())
+    return nodes.flip(0)[:k], nodes[:k]
+
+
+def hutchinson_trace(
+    hvp: MatVec,
+    dim: int,
+    *,
+    samples: int = 30,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, float]:
+    """Hutchinson's estimate of tr H = E[zᵀHz] with Rademacher z, and its standard error
+    (sample std / √samples)."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 to give a standard error, got {samples}")
+    gen = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(samples):
+        z = torch.randint(0, 2, (dim,), generator=gen).to(dtype) * 2 - 1
+        vals.append(torch.dot(z, hvp(z).to(dtype)).item())
+    t = torch.tensor(vals, dtype=torch.float64)
+    return t.mean().item(), (t.std() / math.sqrt(samples)).item()
+
+
+def spectral_density(
+    hvp: MatVec,
+    dim: int,
+    *,
+    steps: int = 30,
+    vectors: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Stochastic Lanczos quadrature: (nodes, weights), each (vectors, m) in float64.
+
+    The density of the Hessian's eigenvalues (normalised to 1, each eigenvalue weighing
+    1/dim) is estimated by (1/vectors) Σ_l Σ_j weights[l, j] δ(λ − nodes[l, j]); smooth it
+    with `density_on_grid`. One Lanczos run of `steps` products per random start vector.
+    """
+    steps = min(steps, dim)
+    gen = torch.Generator().manual_seed(seed)
+    runs = [
+        lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
+        for _ in range(vectors)
+    ]
+    nodes = torch.zeros(vectors, steps, dtype=torch.float64)
+    weights = torch.zeros(vectors, steps, dtype=torch.float64)
+    for i, (n, wt) in enumerate(runs):  # a run whose Krylov space closed early has fewer
+        nodes[i, : n.numel()], weights[i, : n.numel()] = n, wt  # nodes: zero weight pads it
+    return nodes, weights
+
+
+def density_on_grid(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:
+    """SLQ density smoothed by a Gaussian of width sigma, evaluated on `grid` (G,)."""
+    g = grid.double().reshape(-1, 1, 1)  # (G, 1, 1)
+    kern = torch.exp(-0.5 * ((g - nodes) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    return (kern * weights).sum(-1).mean(-1)  # (G,)
+
+
+def label_curvature(lambda_min: float, lambda_max: float, rel_tol: float = 1e-3) -> str:
+    """Label a point by its curvature: "saddle" if λ_min < −rel_tol·|λ_max|, "minimum" if
+    λ_min > rel_tol·|λ_max|, else "flat" (degenerate: undecided at second order).
+
+    Relative to λ_max so that the label does not depend on the loss's scale. A label says
+    what the curvature is; it describes a critical point only where the gradient is ~0.
+    """
+    if not rel_tol >= 0:
+        raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
+    tol = rel_tol * abs(lambda_max)
+    if lambda_min < -tol:
+        return "saddle"
+    return "minimum" if lambda_min > tol else "flat"
