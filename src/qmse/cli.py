@@ -29,6 +29,49 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
     """`qmse data list|download` (issue 6)."""
+    from qmse import data
+
+    p = sub.add_parser(
+        "data",
+        help="list or download MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100",
+        formatter_class=Formatter,
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    data_dir_help = "data folder; None means $QMSE_DATA, else ~/.cache/qmse"
+    show = actions.add_parser(
+        "list", help="which datasets are present and match their MD5", formatter_class=Formatter
+    )
+    show.add_argument("--data-dir", default=None, help=data_dir_help)
+    fetch = actions.add_parser(
+        "download",
+        help="fetch a dataset's official files, verify their MD5, resume/retry",
+        formatter_class=Formatter,
+    )
+    fetch.add_argument("name", choices=data.DATASETS, help="dataset to fetch")
+    fetch.add_argument("--data-dir", default=None, help=data_dir_help)
+    fetch.add_argument(
+        "--mirror",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="base URL to fetch from instead of the official mirrors (repeat: tried in order)",
+    )
+
+    def run_list(args: argparse.Namespace) -> int:
+        words = {True: "verified", None: "present", False: "MD5 MISMATCH"}
+        print(f"{'dataset':<14s} {'status':<13s} location")
+        for row in data.status(args.data_dir):
+            word = words[row["verified"]] if row["present"] else "missing"
+            print(f"{row['name']:<14s} {word:<13s} {row['location']}  ({row['detail']})")
+        return 0
+
+    def run_download(args: argparse.Namespace) -> int:
+        folder = data.download(args.name, args.data_dir, mirrors=args.mirror)
+        print(f"{args.name}: verified files in {folder}")
+        return 0
+
+    show.set_defaults(func=run_list)
+    fetch.set_defaults(func=run_download)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
