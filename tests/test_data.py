@@ -530,6 +530,35 @@ def test_download_resumes_a_part_left_by_a_killed_run(tmp_path, published):
     assert (f"/m/{name}", "bytes=100-") in server.log
 
 
+def test_download_restarts_a_stale_part_longer_than_the_file(tmp_path, published):
+    server, blobs = published
+    name = "t10k-labels-idx1-ubyte.gz"
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    (folder / f".{name}.part").write_bytes(bytes(len(blobs[name]) + 10))
+    data.download("mnist", tmp_path / "data")  # HTTP 416 for the Range: start over
+    _assert_downloaded(folder, blobs)
+    assert [r for p, r in server.log if p.endswith(name)] == [
+        f"bytes={len(blobs[name]) + 10}-",
+        None,
+    ]
+
+
+def test_download_cifar_archive_then_load(tmp_path, monkeypatch):
+    members, arrays = cifar_members("cifar100")
+    blob = tar_gz(members)
+    server = _Server({"cifar-100-python.tar.gz": blob}, {"cifar-100-python.tar.gz": ["truncate"]})
+    try:
+        source = data.Source({"cifar-100-python.tar.gz": _md5(blob)}, (server.url,), 100)
+        monkeypatch.setitem(data.SOURCES, "cifar100", source)
+        data.download("cifar100", tmp_path)
+    finally:
+        server.close()
+    ds = data.load("cifar100", tmp_path)
+    assert ds.train_labels.tolist() == arrays["train"][1]
+    assert next(r for r in data.status(tmp_path) if r["name"] == "cifar100")["verified"] is True
+
+
 def test_download_retries_server_errors_and_falls_back_to_the_next_mirror(tmp_path, published):
     server, blobs = published
     server.plan["train-labels-idx1-ubyte.gz"] = ["500"]

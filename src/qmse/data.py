@@ -244,6 +244,8 @@ def _read_idx(path: Path, name: str, magic: int, ndim: int) -> np.ndarray:
             f"{path}: IDX magic number {seen}, expected {magic} ({kind}); it is not an "
             f"MNIST-format {kind} file or it is corrupt; {_fix(name)}"
         )
+    if min(dims) < 0:
+        raise ValueError(f"{path}: negative sizes {dims} in its IDX header; {_fix(name)}")
     expected = header + math.prod(dims)
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
@@ -544,7 +546,7 @@ def _fetch(
                 if e.code < 500 and e.code != 429:
                     break  # permanent on this mirror (404, 403, ...)
                 continue
-            except OSError as e:  # DNS, refused, connect timeout: no network or mirror down
+            except (OSError, http.client.HTTPException) as e:  # DNS, refused, timeout, bad reply
                 errors.append(f"{url}: unreachable ({getattr(e, 'reason', e)})")
                 if attempt == 0:
                     break
