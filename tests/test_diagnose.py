@@ -3,7 +3,9 @@ torch.linalg.eigvalsh / svdvals, closed-form least squares and hand-built stoppi
 
 from __future__ import annotations
 
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -137,12 +139,16 @@ def test_spectral_density_matches_the_exact_spectrum():
     x, y = _data()
     exact = torch.linalg.eigvalsh(_full_hessian(model, x, y, "mse"))
     hvp, P = dg.hessian_operator(model, (x, y))
-    nodes, weights = dg.spectral_density(hvp, P, steps=P, vectors=4, dtype=DT)
-    torch.testing.assert_close(weights.sum(1), torch.ones(4, dtype=DT))
-    used = nodes[weights > 1e-10]
-    assert (used[:, None] - exact[None]).abs().amin(1).max() < 1e-7  # every node an eigenvalue
+    runs = dg.spectral_density(hvp, P, steps=P, vectors=4, dtype=DT)
+    assert len(runs) == 4
+    for nodes, weights in runs:
+        assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-12)
+        used = nodes[weights > 1e-10]
+        assert (used[:, None] - exact[None]).abs().amin(1).max() < 1e-7  # nodes are eigenvalues
+    top, _ = dg.hessian_eigs(hvp, P, k=1, steps=P, dtype=DT)
+    assert runs[0][0][-1] == top[0]  # same seed, same first start vector
     grid = torch.linspace(exact[0] - 1, exact[-1] + 1, 4001, dtype=DT)
-    density = dg.density_on_grid(nodes, weights, grid, sigma=0.05)
+    density = dg.density_on_grid(runs, grid, sigma=0.05)
     assert math.isclose(torch.trapezoid(density, grid).item(), 1.0, rel_tol=1e-4)
 
 
@@ -297,3 +303,72 @@ def test_bad_arguments_are_named():
         dg.classify_stop(dg.gradient_geometry(model, x, y), tol_ratio=-1)
     with pytest.raises(ValueError, match="steps"):
         dg.lanczos(lambda v: v, 3, 4)
+
+
+def test_segment_losses_closed_form_for_a_quadratic():
+    g = torch.Generator().manual_seed(9)
+    w_a, w_b = torch.randn(4, generator=g, dtype=DT), torch.randn(4, generator=g, dtype=DT)
+    t, loss, chord = dg.segment_losses(lambda w: 0.5 * (w * w).sum(), w_a, w_b, points=11)
+    torch.testing.assert_close(loss - chord, -0.5 * t * (1 - t) * (w_b - w_a).pow(2).sum())
+
+
+def test_convexity_demo_separates_convex_and_mlp_losses(tmp_path):
+    result = dg.convexity_demo(segments=30, seed=0)
+    assert result["linear-regression"]["violating_segments"] == 0
+    assert result["logistic-regression"]["violating_segments"] == 0
+    assert result["linear-regression"]["max_gap"] < 0
+    mlp = result["mlp-1-hidden"]
+    assert mlp["violating_segments"] > 0 and mlp["max_gap"] > 0
+    seg = mlp["worst_segment"]
+    assert max(a - b for a, b in zip(seg["loss"], seg["chord"])) == pytest.approx(mlp["max_gap"])
+    dg.plot_convexity(result, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diagnose_model_is_json_ready_and_seeded():
+    model = _mlp()
+    x, y = _data()
+    kw = dict(losses=("mse", "expected-qmse"), k=2, lanczos_steps=8, trace_samples=4, quiet=True)
+    d = dg.diagnose_model(model, x, y, **kw)
+    assert json.loads(json.dumps(d)) == d
+    assert d == dg.diagnose_model(model, x, y, **kw)
+    exact = torch.linalg.eigvalsh(_full_hessian(model, x, y, "mse"))
+    h = d["hessian"]["mse"]
+    assert exact[0] <= h["bottom"][0] <= h["top"][0] <= exact[-1]  # Ritz values interlace
+    text = dg.summary_text(d)
+    assert "stop case (whole set)" in text and "[expected-qmse] λ_min" in text
+    assert "[mse] label" in dg.compare_text(d, d, ("A", "B"))
+
+
+def _tiny_images(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        labels = torch.randint(0, 3, (n,), generator=g)
+        rows = torch.arange(8).view(1, 1, 8, 1)
+        band = (rows * 3 // 8) == labels.view(n, 1, 1, 1)  # class k lights band k
+        return (torch.randint(0, 120, (n, 1, 8, 8), generator=g) + 120 * band).byte(), labels
+
+    (xtr, ytr), (xte, yte) = make(48), make(16)
+    return SimpleNamespace(name="tiny", train_images=xtr, train_labels=ytr, test_images=xte,
+                           test_labels=yte, num_classes=3)  # fmt: skip
+
+
+def test_diagnose_run_writes_and_reuses_its_diagnosis(tmp_path, monkeypatch):
+    from qmse import data as qdata
+    from qmse.train import TrainConfig, train_run
+
+    monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: _tiny_images())
+    cfg = TrainConfig(dataset="tiny", loss="qmse", lr=0.05, batch_size=16, epochs=1,
+                      channels=(2, 4), hidden=8)  # fmt: skip
+    train_run(cfg, tmp_path / "run", dataset=_tiny_images(), quiet=True)
+    opts = dict(n_samples=20, lanczos_steps=6, slq_vectors=1, trace_samples=3, quiet=True)
+    d = dg.diagnose_run(tmp_path / "run", **opts)
+    assert (tmp_path / "run" / "diagnosis.txt").exists()
+    assert set(d["hessian"]) == {"mse", "expected-qmse"} and d["n_samples"] == 20
+    assert d["run"]["loss"] == "qmse" and "git_commit" in d["provenance"]
+    stamp = (tmp_path / "run" / "diagnosis.json").stat().st_mtime_ns
+    assert dg.diagnose_run(tmp_path / "run", **opts) == d
+    assert (tmp_path / "run" / "diagnosis.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="n_samples"):
+        dg.diagnose_run(tmp_path / "run", out_dir=tmp_path / "other", n_samples=10**6)
