@@ -372,3 +372,36 @@ def test_diagnose_run_writes_and_reuses_its_diagnosis(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "diagnosis.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="n_samples"):
         dg.diagnose_run(tmp_path / "run", out_dir=tmp_path / "other", n_samples=10**6)
+
+
+def test_cli_convexity_and_argument_errors(tmp_path, capsys):
+    from qmse.cli import main
+
+    assert main(["diagnose", "convexity", "--segments", "10", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "diagnose-convexity.png").exists()
+    saved = json.loads((tmp_path / "convexity.json").read_text())
+    assert saved["config"]["segments"] == 10 and "provenance" in saved
+    assert "mlp-1-hidden" in capsys.readouterr().out
+    assert main(["diagnose"]) == 2
+    assert "exactly one of RUN_DIR" in capsys.readouterr().err
+
+
+def test_cli_compare_two_runs(tmp_path, monkeypatch, capsys):
+    from qmse import data as qdata
+    from qmse.cli import main
+    from qmse.train import TrainConfig, train_run
+
+    monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: _tiny_images())
+    for loss in ("mse", "qmse"):
+        cfg = TrainConfig(dataset="tiny", loss=loss, lr=0.05, batch_size=16, epochs=1,
+                          channels=(2, 4), hidden=8)  # fmt: skip
+        train_run(cfg, tmp_path / loss, dataset=_tiny_images(), quiet=True)
+    args = ["--samples", "12", "--lanczos-steps", "5", "--slq-vectors", "1"]
+    args += ["--trace-samples", "2", "--quiet", "--out", str(tmp_path / "cmp")]
+    assert (
+        main(["diagnose", "--compare", str(tmp_path / "mse"), str(tmp_path / "qmse"), *args]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "run loss" in out and "expected-qmse" in out
+    assert (tmp_path / "cmp" / "comparison.json").exists()
+    assert (tmp_path / "mse" / "diagnosis.json").exists()

@@ -83,7 +83,71 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
-    """`qmse diagnose` (issue 4)."""
+    """`qmse diagnose RUN_DIR`, `qmse diagnose --compare RUN_A RUN_B`, `qmse diagnose
+    convexity` (issue 4)."""
+    p = sub.add_parser(
+        "diagnose",
+        help="where did a run stop (paper sec. 2.2 cases, Hessian spectrum); convexity demo",
+        description="RUN_DIR: diagnose one finished `qmse train` run. --compare RUN_A RUN_B: "
+        "two runs side by side on the same subset. 'convexity': loss vs chord on random "
+        "segments for linear/logistic regression and a 1-hidden-layer MLP.",
+        formatter_class=Formatter,
+    )
+    p.add_argument("run_dir", nargs="?", help="a run directory, or the word 'convexity'")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two runs")
+    p.add_argument("--samples", type=int, default=512, help="fixed training subset size")
+    p.add_argument("--seed", type=int, default=0, help="subset, Lanczos and Hutchinson seed")
+    p.add_argument("--k", type=int, default=5, help="top-k and bottom-k Hessian eigenvalues")
+    p.add_argument("--lanczos-steps", type=int, default=40, help="Hessian products per run")
+    p.add_argument("--slq-vectors", type=int, default=2, help="Lanczos runs for the density")
+    p.add_argument("--trace-samples", type=int, default=20, help="Hutchinson probe vectors")
+    p.add_argument("--tol-residual", type=float, default=1e-3, help="case 1: ‖r‖ <= tol")
+    p.add_argument("--tol-gradient", type=float, default=1e-6, help="case 2: max ‖∇f_c‖ <= tol")
+    p.add_argument("--tol-ratio", type=float, default=1e-3, help="case 3: ‖Jᵀr‖/(‖J‖₂‖r‖)")
+    p.add_argument("--curvature-tol", type=float, default=1e-3, help="λ_min vs tol·|λ_max|")
+    p.add_argument("--segments", type=int, default=200, help="convexity: random segments")
+    p.add_argument("--points", type=int, default=21, help="convexity: points per segment")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda:0, ...")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="RUN_DIR: where diagnosis.json/.txt go (default RUN_DIR); --compare: where "
+        "comparison.json/.txt go (default: print only); convexity: output directory "
+        "(default runs/diagnose-convexity)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        from qmse import diagnose as dg
+
+        if args.run_dir == "convexity" and args.compare is None:
+            out = args.out or "runs/diagnose-convexity"
+            res = dg.convexity_report(out, segments=args.segments, points=args.points,
+                                      seed=args.seed)  # fmt: skip
+            for name, r in res.items():
+                print(f"{name:>20s}  {r['violating_segments']}/{r['segments']} segments above "
+                      f"the chord, largest gap {r['max_gap']:.4g}")  # fmt: skip
+            print(f"{out}/convexity.json, {out}/diagnose-convexity.png")
+            return 0
+        if (args.run_dir is None) == (args.compare is None):
+            raise ValueError("give exactly one of RUN_DIR, --compare RUN_A RUN_B or 'convexity'")
+        kwargs = dict(
+            n_samples=args.samples, seed=args.seed, device=torch.device(args.device),
+            quiet=args.quiet, k=args.k, lanczos_steps=args.lanczos_steps,
+            slq_vectors=args.slq_vectors, trace_samples=args.trace_samples,
+            tol_residual=args.tol_residual, tol_gradient=args.tol_gradient,
+            tol_ratio=args.tol_ratio, curvature_tol=args.curvature_tol,
+        )  # fmt: skip
+        if args.compare is not None:
+            print(dg.compare_runs(*args.compare, out_dir=args.out, **kwargs), end="")
+            return 0
+        d = dg.diagnose_run(args.run_dir, out_dir=args.out, **kwargs)
+        print(dg.summary_text(d), end="")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_symmetry(sub: argparse._SubParsersAction) -> None:

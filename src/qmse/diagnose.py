@@ -698,6 +698,30 @@ def compare_text(a: dict, b: dict, names: tuple[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_runs(
+    run_a: str | os.PathLike,
+    run_b: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> str:
+    """Diagnose two runs on the same subset (`diagnose_run`, each into its own directory)
+    and return them side by side; with `out_dir`, also write comparison.json (both
+    diagnoses, provenance) and comparison.txt there."""
+    a, b = diagnose_run(run_a, **kwargs), diagnose_run(run_b, **kwargs)
+    names = (Path(run_a).name or str(run_a), Path(run_b).name or str(run_b))
+    if names[0] == names[1]:
+        names = (str(run_a), str(run_b))
+    text = compare_text(a, b, names)
+    if out_dir is not None:
+        device = kwargs.get("device", "cpu")
+        save_json(Path(out_dir) / "comparison.json",
+                  {"runs": [str(run_a), str(run_b)], "diagnoses": [a, b],
+                   "provenance": provenance(device)})  # fmt: skip
+        atomic_write(Path(out_dir) / "comparison.txt", text)
+    return text
+
+
 # ---------------------------------------------------------------- convexity demonstration
 
 
@@ -804,3 +828,17 @@ def plot_convexity(result: dict, path: str | os.PathLike) -> None:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
+
+
+def convexity_report(
+    out_dir: str | os.PathLike, *, segments: int = 200, points: int = 21, seed: int = 0
+) -> dict:
+    """Run `convexity_demo` and write convexity.json (config, results, provenance) and the
+    figure diagnose-convexity.png to `out_dir`; return the results."""
+    result = convexity_demo(segments=segments, points=points, seed=seed)
+    out = Path(out_dir)
+    save_json(out / "convexity.json",
+              {"config": {"segments": segments, "points": points, "seed": seed},
+               "results": result, "provenance": provenance("cpu")})  # fmt: skip
+    plot_convexity(result, out / "diagnose-convexity.png")
+    return result
