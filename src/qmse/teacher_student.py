@@ -22,10 +22,10 @@ is ‖w‖‖u‖ cos θ − w·u = 0, so the gradient has no arccos singularity
 and ∇_{wᵢ} L = Σⱼ Mᵢⱼ ∇_w K(wᵢ, wⱼ) − Σⱼ Nᵢⱼ ∇_w K(wᵢ, vⱼ) (the diagonal term gives Mᵢᵢ wᵢ/2,
 half the derivative of Mᵢᵢ‖wᵢ‖²/4 counted once on each side).
 
-Angles come from Kahan's θ = 2 atan2(‖â − b̂‖, ‖â + b̂‖), with sin θ = ½‖â − b̂‖‖â + b̂‖ and
-cos θ = (‖â + b̂‖² − ‖â − b̂‖²)/4: arccos of a rounded cosine is off by √ε ≈ 1e-8 near
-θ = 0, which at a global minimum (θ = 0 between matched neurons) puts a 1e-9 error into
-the gradient, the size of Safran & Shamir's stopping tolerance.
+Near θ = 0 or π, arccos of a rounded cosine is off by √ε ≈ 1e-8, which at a global minimum
+(θ = 0 between matched neurons) puts a 1e-9 error into the gradient, the size of Safran &
+Shamir's stopping tolerance; those pairs use Kahan's θ = 2 atan2(‖â − b̂‖, ‖â + b̂‖), with
+sin θ = ½‖â − b̂‖‖â + b̂‖ and cos θ = (‖â + b̂‖² − ‖â − b̂‖²)/4.
 
 Every function takes weights of shape (..., n, d), typically (S, n, d) for S seeds at once.
 """
@@ -118,6 +118,9 @@ def init_weights(
     return (torch.stack(rows) / math.sqrt(d)).to(dtype)  # (S, n, d)
 
 
+_KAHAN_BELOW = 0.99  # |cos θ| above this: angle terms from Kahan's formula
+
+
 def _norm(x: Tensor) -> Tensor:
     """Euclidean norm over the last axis, with a zero-safe gradient (0 at x = 0, not NaN)."""
     return (x * x).sum(-1).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
@@ -126,17 +129,34 @@ def _norm(x: Tensor) -> Tensor:
 def _angles(W: Tensor, U: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Norms and angle terms between the rows of W (..., n, d) and U (..., m, d).
 
-    Returns ‖w‖ (..., n, 1), ŵ (..., n, d), θ, sin θ, cos θ (..., n, m), by Kahan's formula."""
+    Returns ‖w‖ (..., n, 1), ŵ (..., n, d), θ, sin θ, cos θ (..., n, m). The cosine comes from
+    a matrix product; the few nearly (anti-)parallel pairs, where arccos loses precision, are
+    recomputed by Kahan's formula from ‖ŵ − û‖ and ‖ŵ + û‖."""
     w_norm, u_norm = _norm(W).unsqueeze(-1), _norm(U).unsqueeze(-1)
     w_hat, u_hat = W / w_norm, U / u_norm
-    a, b = w_hat.unsqueeze(-2), u_hat.unsqueeze(-3)  # (..., n, 1, d), (..., 1, m, d)
-    minus, plus = _norm(a - b), _norm(a + b)  # (..., n, m) each
-    theta = 2 * torch.atan2(minus, plus)
-    return w_norm, w_hat, theta, 0.5 * minus * plus, 0.25 * (plus * plus - minus * minus)
+    cos = (w_hat @ u_hat.transpose(-2, -1)).clamp(-1.0, 1.0)  # (..., n, m)
+    near = cos.detach().abs() > _KAHAN_BELOW
+    safe = torch.where(near, torch.zeros_like(cos), cos)  # keeps arccos' gradient finite
+    theta, sin = torch.acos(safe), (1 - safe * safe).sqrt()
+    if near.any():
+        shape = torch.broadcast_shapes(cos.shape[:-2], U.shape[:-2])
+        n, m, d = W.shape[-2], U.shape[-2], W.shape[-1]
+        a = w_hat.expand(*shape, n, d).reshape(-1, n, d)  # (S, n, d)
+        b = u_hat.expand(*shape, m, d).reshape(-1, m, d)  # (S, m, d)
+        s, i, j = near.expand(*shape, n, m).reshape(-1, n, m).nonzero(as_tuple=True)
+        minus, plus = _norm(a[s, i] - b[s, j]), _norm(a[s, i] + b[s, j])  # (P,) each
+        index = (s, i, j)
+        flat = (*shape, n, m)
+        theta = theta.expand(flat).reshape(-1, n, m).index_put(index, 2 * torch.atan2(minus, plus))
+        sin = sin.expand(flat).reshape(-1, n, m).index_put(index, 0.5 * minus * plus)
+        cos = cos.expand(flat).reshape(-1, n, m)
+        cos = cos.index_put(index, 0.25 * (plus * plus - minus * minus))
+        theta, sin, cos = (t.reshape(flat) for t in (theta, sin, cos))
+    return w_norm, w_hat, theta, sin, cos
 
 
 def arc_cosine_kernel(W: Tensor, U: Tensor) -> Tensor:
-    """K(wᵢ, uⱼ) = E[relu(wᵢ·x) relu(uⱼ·x)] for x ~ N(0, I): (..., n, d), (..., m, d) → (..., n, m)."""
+    """K(wᵢ, uⱼ) = E[relu(wᵢ·x) relu(uⱼ·x)], x ~ N(0, I): (..., n, d), (..., m, d) → (..., n, m)."""
     w_norm, _, theta, sin, cos = _angles(W, U)
     u_norm = _norm(U).unsqueeze(-2)  # (..., 1, m)
     return w_norm * u_norm * (sin + (math.pi - theta) * cos) / (2 * math.pi)
