@@ -1,0 +1,298 @@
+"""Loss landscapes: the straight line between two minima, and slices around one.
+
+Two networks trained from different seeds reach different points of weight space; many of
+them are permuted copies of one another (`qmse.symmetry`). The loss along the segment
+(1 − α)·θ_a + α·θ_b usually rises in the middle (a barrier); after weight matching it can
+be much lower, which says the minima differed partly by a permutation. Slices along
+filter-normalised random directions (Li et al. 2018, "Visualizing the Loss Landscape of Neural
+Nets", sec. 4) show the shape of the basin around one solution: an MSE one against a QMSE one.
+
+Every point is a parameter vector θ₀ + Σₖ cₖ dₖ. Points are evaluated in groups: the group's
+parameters are stacked on a leading axis and the model is run once per data batch with
+`torch.func.vmap` over `torch.func.functional_call`, not one model at a time in Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from qmse.loss import compute_loss
+from qmse.runs import progress
+from qmse.symmetry import weight_matching
+
+Params = dict[str, Tensor]
+LANDSCAPE_LOSSES = ("mse", "expected-qmse", "ce")
+
+
+def parameters_of(model: nn.Module) -> Params:
+    """Detached copies of the model's parameters (the model itself is not touched)."""
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def filter_normalized_direction(model: nn.Module, generator: torch.Generator) -> Params:
+    """A Gaussian direction with each filter rescaled to the norm of the model's filter.
+
+    Li et al. (2018) eq. 1: d_{i,j} ← d_{i,j} / ‖d_{i,j}‖ · ‖θ_{i,j}‖ for every filter j (a conv
+    output channel, a row of a Linear weight), so a step of 1 along d moves each filter by its
+    own size and plots of networks with different weight scales are comparable. Biases (1-D
+    parameters) get a zero direction, as in their code's `ignore="biasbn"`.
+    """
+    direction = {}
+    for name, w in parameters_of(model).items():
+        d = torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device)
+        if w.dim() <= 1:
+            direction[name] = torch.zeros_like(w)
+            continue
+        d_norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)  # (filters,)
+        w_norm = w.flatten(1).norm(dim=1)  # (filters,)
+        direction[name] = d * (w_norm / d_norm).reshape(-1, *[1] * (w.dim() - 1))
+    return direction
+
+
+def evaluate_points(
+    model: nn.Module,
+    base: Params,
+    directions: list[Params],
+    coeffs: Tensor,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: str = "mse",
+    group_size: int = 25,
+    batch_size: int = 500,
+    quiet: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean loss and accuracy on (x, y) at the P points base + Σₖ coeffs[p, k]·directions[k].
+
+    coeffs: (P, K). y: int64 class indices (N,) or targets (N, C); accuracy compares argmaxes.
+    `loss` must be deterministic ("mse" = ½‖r‖² of eq. 3, "expected-qmse", "ce"): QMSE itself
+    draws a random v per sample, so its value at a point is not a landscape. `group_size`
+    points × `batch_size` samples go through one vmapped forward pass (memory grows with
+    their product). Returns two float64 arrays of shape (P,).
+    """
+    if loss not in LANDSCAPE_LOSSES:
+        raise ValueError(
+            f"loss={loss!r}; a landscape needs a deterministic loss, one of {LANDSCAPE_LOSSES} "
+            f"(for QMSE use 'expected-qmse', its average over v)"
+        )
+    if coeffs.dim() != 2 or coeffs.size(1) != len(directions):
+        raise ValueError(
+            f"coeffs must be (P, {len(directions)}) for {len(directions)} directions, got "
+            f"{tuple(coeffs.shape)}"
+        )
+    if x.size(0) != y.size(0) or x.size(0) == 0:
+        raise ValueError(f"x and y must hold the same N ≥ 1 samples, got {len(x)} and {len(y)}")
+    if group_size < 1 or batch_size < 1:
+        raise ValueError(f"group_size and batch_size must be ≥ 1, got {group_size}, {batch_size}")
+    labels = y if not y.is_floating_point() else y.argmax(-1)  # (N,)
+    stacked = {k: torch.stack([d[k] for d in directions]) for k in base}  # (K, *shape) each
+    coeffs = coeffs.to(device=x.device, dtype=next(iter(base.values())).dtype)
+
+    def forward(params: Params, xb: Tensor) -> Tensor:
+        return functional_call(model, params, (xb,))
+
+    batched = vmap(forward, in_dims=(0, None))  # (G, B, C) outputs for G parameter sets
+    P, N = coeffs.size(0), x.size(0)
+    total_loss = np.zeros(P)
+    correct = np.zeros(P)
+    groups = range(0, P, group_size)
+    with torch.no_grad():
+        for start in progress(groups, quiet=quiet, desc="points", unit="group"):
+            c = coeffs[start : start + group_size]  # (G, K)
+            params = {
+                k: base[k] + torch.tensordot(c, stacked[k], dims=1) for k in base
+            }  # (G, *shape) each
+            G = c.size(0)
+            for b in range(0, N, batch_size):
+                xb, yb, lb = (
+                    x[b : b + batch_size],
+                    y[b : b + batch_size],
+                    labels[b : b + batch_size],
+                )
+                out = batched(params, xb)  # (G, B, C)
+                B, C = out.shape[1:]
+                target = yb.unsqueeze(0).expand(G, *yb.shape).reshape(G * B, *yb.shape[1:])
+                per_sample = compute_loss(loss, out.reshape(G * B, C), target, reduction="none")
+                total_loss[start : start + G] += per_sample.reshape(G, B).sum(1).double().numpy()
+                correct[start : start + G] += (out.argmax(-1) == lb).sum(1).double().numpy()
+    return total_loss / N, correct / N
+
+
+def interpolate(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    points: int = 25,
+    loss: str = "mse",
+    group_size: int = 25,
+    batch_size: int = 500,
+) -> dict[str, np.ndarray]:
+    """Loss and accuracy at (1 − α)·θ_a + α·θ_b for `points` values of α evenly in [0, 1]."""
+    if points < 2:
+        raise ValueError(f"points={points}; need at least 2 to include both ends")
+    base, end = parameters_of(model_a), parameters_of(model_b)
+    if base.keys() != end.keys() or any(base[k].shape != end[k].shape for k in base):
+        raise ValueError("model_a and model_b must have the same parameter names and shapes")
+    alphas = torch.linspace(0, 1, points, dtype=torch.float64)
+    losses, acc = evaluate_points(
+        model_a,
+        base,
+        [{k: end[k] - base[k] for k in base}],
+        alphas.unsqueeze(1),
+        x,
+        y,
+        loss=loss,
+        group_size=group_size,
+        batch_size=batch_size,
+    )
+    return {"alphas": alphas.numpy(), "loss": losses, "accuracy": acc}
+
+
+def barrier(values: np.ndarray) -> float:
+    """Height of the path above its ends: max along the path − mean of the two ends."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.max() - 0.5 * (values[0] + values[-1]))
+
+
+def interpolation_barriers(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    points: int = 25,
+    loss: str = "mse",
+    seed: int = 0,
+    group_size: int = 25,
+    batch_size: int = 500,
+) -> dict:
+    """The straight path a → b before and after permuting b onto a by weight matching.
+
+    Returns arrays `alphas`, `naive_loss`, `naive_accuracy`, `aligned_loss`,
+    `aligned_accuracy`, the loss barriers `naive_barrier` / `aligned_barrier` (max − mean of
+    ends) and the matching `perms`.
+    """
+    perms, aligned = weight_matching(model_a, model_b, seed=seed)
+    kw = dict(points=points, loss=loss, group_size=group_size, batch_size=batch_size)
+    naive = interpolate(model_a, model_b, x, y, **kw)
+    matched = interpolate(model_a, aligned, x, y, **kw)
+    return {
+        "alphas": naive["alphas"],
+        "naive_loss": naive["loss"],
+        "naive_accuracy": naive["accuracy"],
+        "aligned_loss": matched["loss"],
+        "aligned_accuracy": matched["accuracy"],
+        "naive_barrier": barrier(naive["loss"]),
+        "aligned_barrier": barrier(matched["loss"]),
+        "perms": perms,
+    }
+
+
+def random_slice(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    dims: int = 2,
+    points: int = 25,
+    span: float = 1.0,
+    seed: int = 0,
+    loss: str = "mse",
+    group_size: int = 25,
+    batch_size: int = 500,
+    quiet: bool = True,
+) -> dict[str, np.ndarray]:
+    """Loss and accuracy on a 1-D or 2-D grid θ + a·d₁ (+ b·d₂), a, b ∈ [−span, span].
+
+    d₁, d₂ are independent filter-normalised Gaussian directions from
+    `torch.Generator().manual_seed(seed)` (`filter_normalized_direction`). Returns `coords`
+    (points,) and `loss`, `accuracy` of shape (points,) or (points, points) indexed [a, b].
+    """
+    if dims not in (1, 2):
+        raise ValueError(f"dims={dims}; a slice is 1- or 2-dimensional")
+    if points < 2 or span <= 0:
+        raise ValueError(f"need points ≥ 2 and span > 0, got points={points}, span={span}")
+    g = torch.Generator().manual_seed(seed)
+    directions = [filter_normalized_direction(model, g) for _ in range(dims)]
+    coords = torch.linspace(-span, span, points, dtype=torch.float64)
+    grid = torch.cartesian_prod(*[coords] * dims).reshape(-1, dims)  # (points**dims, dims)
+    losses, acc = evaluate_points(
+        model,
+        parameters_of(model),
+        directions,
+        grid,
+        x,
+        y,
+        loss=loss,
+        group_size=group_size,
+        batch_size=batch_size,
+        quiet=quiet,
+    )
+    shape = (points,) * dims
+    return {"coords": coords.numpy(), "loss": losses.reshape(shape), "accuracy": acc.reshape(shape)}
+
+
+def plot_interpolation(result: dict, path: str | os.PathLike, title: str = "") -> None:
+    """Loss and accuracy along the path a → b, before and after weight matching."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    a = result["alphas"]
+    for kind, style in (("naive", "-o"), ("aligned", "-s")):
+        label = f"{kind} (barrier {result[f'{kind}_barrier']:.4f})"
+        ax_l.plot(a, result[f"{kind}_loss"], style, ms=3, label=label)
+        ax_a.plot(a, 100 * result[f"{kind}_accuracy"], style, ms=3, label=kind)
+    ax_l.set(xlabel="α  (0 = model a, 1 = model b)", ylabel="loss", title="loss along the path")
+    ax_a.set(xlabel="α", ylabel="accuracy (%)", title="accuracy along the path")
+    for ax in (ax_l, ax_a):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_slice(result: dict, path: str | os.PathLike, title: str = "") -> None:
+    """A 1-D slice as a line plot (loss and accuracy), a 2-D one as contour + surface."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c, loss = result["coords"], result["loss"]
+    if loss.ndim == 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(c, loss, "-o", ms=3, color="C0")
+        ax.set(xlabel="step along filter-normalised direction", ylabel="loss")
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        twin.plot(c, 100 * result["accuracy"], "--", color="C1")
+        twin.set_ylabel("accuracy (%)", color="C1")
+    else:
+        fig = plt.figure(figsize=(11, 4.5))
+        ax = fig.add_subplot(1, 2, 1)
+        A, B = np.meshgrid(c, c, indexing="ij")
+        cs = ax.contour(A, B, loss, levels=20, cmap="viridis")
+        ax.clabel(cs, fontsize=7)
+        ax.plot([0], [0], "r*", ms=10)
+        ax.set(xlabel="direction 1", ylabel="direction 2", aspect="equal")
+        ax3 = fig.add_subplot(1, 2, 2, projection="3d")
+        ax3.plot_surface(A, B, loss, cmap="viridis", linewidth=0, antialiased=True)
+        ax3.set(xlabel="direction 1", ylabel="direction 2", zlabel="loss")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""qmse.landscape against one-model-at-a-time references, closed forms and known permutations."""
+
+import numpy as np
+import pytest
+import torch
+
+from qmse.landscape import (
+    barrier,
+    evaluate_points,
+    filter_normalized_direction,
+    interpolate,
+    interpolation_barriers,
+    parameters_of,
+    plot_interpolation,
+    plot_slice,
+    random_slice,
+)
+from qmse.loss import compute_loss, expected_qmse_loss, mse_loss_half
+from qmse.models import MLP, SimpleCNN
+from qmse.symmetry import permute, random_permutation
+
+
+def _mlp(seed: int) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(4, [6, 5], 3, activation="tanh").double()
+
+
+def _cnn(seed: int) -> SimpleCNN:
+    torch.manual_seed(seed)
+    return SimpleCNN(in_channels=1, image_size=8, num_classes=3, channels=(3, 4), hidden=5).double()
+
+
+def _data(model, n: int = 37, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 1, 8, 8) if isinstance(model, SimpleCNN) else (n, 4)
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
+
+
+def _reference(model, base, directions, coeffs, x, y, loss="mse"):
+    """One model per point, loaded with load_state_dict: the plain Python loop vmap replaces."""
+    losses, acc = [], []
+    for c in coeffs:
+        net = _mlp(0) if isinstance(model, MLP) else _cnn(0)
+        net.load_state_dict(
+            {k: base[k] + sum(ci * d[k] for ci, d in zip(c, directions)) for k in base}
+        )
+        with torch.no_grad():
+            out = net(x)
+        losses.append(compute_loss(loss, out, y).item())
+        acc.append((out.argmax(-1) == y).double().mean().item())
+    return np.array(losses), np.array(acc)
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+@pytest.mark.parametrize("loss", ["mse", "expected-qmse", "ce"])
+def test_evaluate_points_matches_one_model_at_a_time(make, loss):
+    model = make(1)
+    x, y = _data(model)
+    g = torch.Generator().manual_seed(2)
+    dirs = [filter_normalized_direction(model, g) for _ in range(2)]
+    coeffs = torch.randn(7, 2, generator=g, dtype=torch.float64)
+    # 7 points in groups of 3 and 37 samples in batches of 10: both remainders are exercised
+    got = evaluate_points(
+        model, parameters_of(model), dirs, coeffs, x, y, loss=loss, group_size=3, batch_size=10
+    )
+    want = _reference(model, parameters_of(model), dirs, coeffs, x, y, loss)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=0)
+
+
+def test_evaluate_points_one_hot_targets_and_closed_forms():
+    model = _mlp(3)
+    x, labels = _data(model)
+    onehot = torch.nn.functional.one_hot(labels, 3).double()
+    base = parameters_of(model)
+    zero = [{k: torch.zeros_like(v) for k, v in base.items()}]
+    with torch.no_grad():
+        out = model(x)
+    for loss, ref in (("mse", mse_loss_half), ("expected-qmse", expected_qmse_loss)):
+        got, acc = evaluate_points(model, base, zero, torch.zeros(1, 1), x, onehot, loss=loss)
+        torch.testing.assert_close(got[0], ref(out, onehot).item(), rtol=1e-12, atol=0)
+        assert acc[0] == (out.argmax(-1) == labels).double().mean().item()
+
+
+def test_evaluate_points_refuses_bad_input():
+    model = _mlp(0)
+    x, y = _data(model)
+    base = parameters_of(model)
+    with pytest.raises(ValueError, match="deterministic"):
+        evaluate_points(model, base, [base], torch.zeros(1, 1), x, y, loss="qmse")
+    with pytest.raises(ValueError, match="coeffs"):
+        evaluate_points(model, base, [base], torch.zeros(2, 2), x, y)
+    with pytest.raises(ValueError, match="same N"):
+        evaluate_points(model, base, [base], torch.zeros(1, 1), x, y[:3])
+
+
+def test_filter_normalized_direction():
+    model = _cnn(4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = filter_normalized_direction(model, torch.Generator().manual_seed(5))
+    again = filter_normalized_direction(model, torch.Generator().manual_seed(5))
+    for name, w in model.named_parameters():
+        assert torch.equal(d[name], again[name])
+        if w.dim() == 1:
+            assert torch.equal(d[name], torch.zeros_like(w))  # biases are not perturbed
+        else:  # each filter (output unit) of d has the norm of the model's filter
+            torch.testing.assert_close(d[name].flatten(1).norm(dim=1), w.flatten(1).norm(dim=1))
+            assert not torch.allclose(d[name], w)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def _trained_mlp(seed: int) -> tuple[MLP, torch.Tensor, torch.Tensor]:
+    """A small MLP fitted to a synthetic 3-class task (so that its minimum has a basin)."""
+    g = torch.Generator().manual_seed(100)
+    x = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # (N,) classes 0..2
+    model = _mlp(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(300):
+        opt.zero_grad()
+        mse_loss_half(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+def test_interpolation_ends_and_permuted_copy():
+    """a → permuted a climbs over a barrier; after weight matching the path is a single point."""
+    a, x, y = _trained_mlp(6)
+    b = permute(a, random_permutation(a, torch.Generator().manual_seed(7)))
+    naive = interpolate(a, b, x, y, points=11)
+    with torch.no_grad():
+        end_loss = mse_loss_half(a(x), y).item()
+    np.testing.assert_allclose(naive["loss"][[0, -1]], end_loss, rtol=1e-12)
+    np.testing.assert_allclose(naive["alphas"], np.linspace(0, 1, 11))
+    res = interpolation_barriers(a, b, x, y, points=11)
+    np.testing.assert_allclose(res["naive_loss"], naive["loss"], rtol=1e-12)
+    np.testing.assert_allclose(res["aligned_loss"], end_loss, rtol=1e-12)  # constant path
+    assert abs(res["aligned_barrier"]) < 1e-12
+    assert res["naive_barrier"] > 0.05
+    assert res["naive_barrier"] == barrier(naive["loss"])
+
+
+def test_barrier_closed_form():
+    assert barrier(np.array([1.0, 3.0, 2.0])) == 1.5
+    assert barrier(np.array([2.0, 1.0, 0.0])) == 1.0  # max is an end: the path is not above it
+    assert barrier(np.array([1.0, 0.5, 1.0])) == 0.0
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+def test_random_slice_shapes_centre_and_consistency(make):
+    model = make(8)
+    x, y = _data(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one = random_slice(model, x, y, dims=1, points=5, span=0.5, seed=9)
+    two = random_slice(model, x, y, dims=2, points=5, span=0.5, seed=9, group_size=4)
+    assert one["loss"].shape == (5,) and two["loss"].shape == (5, 5)
+    np.testing.assert_allclose(one["coords"], [-0.5, -0.25, 0, 0.25, 0.5])
+    with torch.no_grad():
+        centre = mse_loss_half(model(x), y).item()
+    torch.testing.assert_close(two["loss"][2, 2], centre, rtol=1e-12, atol=0)
+    # the first direction of a 2-D slice is the 1-D slice's direction (same seed)
+    np.testing.assert_allclose(two["loss"][:, 2], one["loss"], rtol=1e-12)
+    np.testing.assert_allclose(two["accuracy"][:, 2], one["accuracy"], rtol=0, atol=0)
+    assert not np.allclose(two["loss"][2, :], one["loss"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="dims"):
+        random_slice(model, x, y, dims=3)
+
+
+def test_plots_write_files(tmp_path):
+    model = _mlp(10)
+    x, y = _data(model)
+    res = interpolation_barriers(model, _mlp(11), x, y, points=4)
+    plot_interpolation(res, tmp_path / "interp.png", title="t")
+    for dims in (1, 2):
+        plot_slice(random_slice(model, x, y, dims=dims, points=4), tmp_path / f"s{dims}.png")
+    for name in ("interp.png", "s1.png", "s2.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
