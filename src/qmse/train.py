@@ -64,6 +64,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"  # a name in qmse.data.DATASETS
     data_dir: str | None = None  # None: qmse.data's default search
     train_subset: int | None = None  # train on the first n training images (None: all)
+    test_subset: int | None = None  # measure test metrics on the first n test images
     loss: str = "qmse"  # one of qmse.loss.LOSS_NAMES
     lr: float = 0.01  # SGD step size
     momentum: float = 0.0  # SGD momentum (PyTorch's convention)
@@ -83,8 +84,9 @@ class TrainConfig:
         for name in ("batch_size", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
-        if self.train_subset is not None and self.train_subset < 1:
-            raise ValueError(f"train_subset={self.train_subset}; expected None or n >= 1")
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected None or n >= 1")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed}; expected a non-negative integer")
         self.channels = tuple(int(c) for c in self.channels)
@@ -96,6 +98,18 @@ class TrainConfig:
         """The TrainConfig stored in a config.json (extra keys such as provenance ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" → CUDA when available, else CPU; anything else as torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """A run directory's name within a grid, e.g. "qmse-m0.9-s3"."""
+    return f"{cfg.loss}-m{cfg.momentum:g}-s{cfg.seed}"
 
 
 def subseed(seed: int, stream: int) -> int:
@@ -135,19 +149,22 @@ def prepare_data(
     device: torch.device | str = "cpu",
     *,
     train_subset: int | None = None,
+    test_subset: int | None = None,
 ) -> Data:
     """Training tensors on `device` from a `qmse.data.Dataset`, or from a run's config.
 
     `source` is a Dataset, or a config (TrainConfig, or the dict of a config.json); a config
-    loads its dataset with `qmse.data.load(dataset, data_dir)` and uses its train_subset.
+    loads its dataset with `qmse.data.load(dataset, data_dir)` and uses its subsets.
     Images are normalised with `normalize` (full-train-set channel statistics); a subset is
-    the first `train_subset` training images. Use it to rebuild exactly the data a run saw.
+    the first `train_subset` training (`test_subset` test) images. Use it to rebuild exactly
+    the data a run saw.
     """
     if isinstance(source, (TrainConfig, Mapping)):
         cfg = source if isinstance(source, TrainConfig) else TrainConfig.from_dict(source)
         from qmse import data as qdata
 
-        source, train_subset = qdata.load(cfg.dataset, cfg.data_dir), cfg.train_subset
+        source = qdata.load(cfg.dataset, cfg.data_dir)
+        train_subset, test_subset = cfg.train_subset, cfg.test_subset
     for name in ("train_images", "train_labels", "test_images", "test_labels", "num_classes"):
         if not hasattr(source, name):
             raise TypeError(
@@ -159,16 +176,17 @@ def prepare_data(
             f"train_images must be uint8 (N, Ch, H, W), got {source.train_images.dtype} of "
             f"shape {tuple(source.train_images.shape)}"
         )
-    n = source.train_images.size(0)
+    n, m = source.train_images.size(0), source.test_images.size(0)
     if train_subset is not None and not 1 <= train_subset <= n:
         raise ValueError(f"train_subset={train_subset}; the training set has {n} images")
+    if test_subset is not None and not 1 <= test_subset <= m:
+        raise ValueError(f"test_subset={test_subset}; the test set has {m} images")
     mean, std = channel_stats(source.train_images)
-    keep = slice(None) if train_subset is None else slice(0, train_subset)
     return Data(
-        normalize(source.train_images[keep], mean, std).to(device),
-        source.train_labels[keep].to(device, torch.int64),
-        normalize(source.test_images, mean, std).to(device),
-        source.test_labels.to(device, torch.int64),
+        normalize(source.train_images[:train_subset], mean, std).to(device),
+        source.train_labels[:train_subset].to(device, torch.int64),
+        normalize(source.test_images[:test_subset], mean, std).to(device),
+        source.test_labels[:test_subset].to(device, torch.int64),
         int(source.num_classes),
     )
 
@@ -346,7 +364,9 @@ def train_run(
     if dataset is None:
         data = prepare_data(cfg, device)
     else:
-        data = prepare_data(dataset, device, train_subset=cfg.train_subset)
+        data = prepare_data(
+            dataset, device, train_subset=cfg.train_subset, test_subset=cfg.test_subset
+        )
     resolved = _resolved_config(cfg, data, device)
 
     model = build_model(resolved["model"], cfg.seed).to(device)

@@ -1,0 +1,332 @@
+"""The paper's experiment grid (sec. 4, figs. 1-3), its figure and an honest report.
+
+Grid: losses {mse, qmse} (+ expected-qmse and ce as the ablation) × SGD momentum {0, 0.9}
+× seeds. Runs with the same seed share their initial weights and batch order, so QMSE − MSE
+is a paired difference per seed; the report gives its mean with a 95 % Student-t interval
+and says plainly whether QMSE's final train accuracy is higher, equal within noise, or lower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmse import runs
+from qmse.stats import mean_ci, mean_std
+from qmse.train import (
+    PAPER_LR,
+    NonFiniteLossError,
+    TrainConfig,
+    resolve_device,
+    run_name,
+    train_run,
+)
+
+LOSSES = ("mse", "qmse")
+ABLATION = ("expected-qmse", "ce")
+MOMENTA = (0.0, 0.9)
+_STYLE = {  # loss -> (colour, label)
+    "mse": ("tab:blue", "MSE"),
+    "qmse": ("tab:red", "QMSE"),
+    "expected-qmse": ("tab:green", "expected-QMSE"),
+    "ce": ("tab:gray", "CE"),
+}
+
+
+def grid_configs(
+    dataset: str,
+    *,
+    seeds: int = 5,
+    epochs: int = 100,
+    lr: float | None = None,
+    with_ablation: bool = False,
+    batch_size: int = 128,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    data_dir: str | None = None,
+) -> list[TrainConfig]:
+    """The grid's run configs: losses × momenta × seeds 0..seeds−1, at the paper's learning
+    rate for `dataset` (PAPER_LR) unless `lr` is given."""
+    if seeds < 1:
+        raise ValueError(f"seeds={seeds}; need at least one seed (the report wants >= 2)")
+    if lr is None:
+        if dataset not in PAPER_LR:
+            raise ValueError(f"no paper learning rate for dataset {dataset!r}; pass lr")
+        lr = PAPER_LR[dataset]
+    losses = LOSSES + ABLATION if with_ablation else LOSSES
+    return [
+        TrainConfig(
+            dataset=dataset,
+            data_dir=data_dir,
+            train_subset=train_subset,
+            test_subset=test_subset,
+            loss=loss,
+            lr=lr,
+            momentum=momentum,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+        )
+        for momentum in MOMENTA
+        for loss in losses
+        for seed in range(seeds)
+    ]
+
+
+def run_grid(
+    configs: Sequence[TrainConfig],
+    out_dir: str | Path,
+    *,
+    dataset: Any = None,
+    device: torch.device | str = "auto",
+    quiet: bool = False,
+) -> dict[str, Path]:
+    """Train every config into `out_dir/<run_name>` (finished runs are skipped, unfinished
+    ones resumed), then write figure.png and report.md; returns their paths.
+
+    `dataset` (a qmse.data.Dataset) is loaded once from configs[0] when not given.
+    """
+    out = Path(out_dir)
+    device = resolve_device(str(device))
+    if dataset is None:
+        from qmse import data as qdata
+
+        dataset = qdata.load(configs[0].dataset, configs[0].data_dir)
+    runs.save_json(
+        out / "grid.json",
+        {
+            "runs": [run_name(c) for c in configs],
+            "configs": [dataclasses.asdict(c) for c in configs],
+            "provenance": runs.provenance(device),
+        },
+    )
+    t0 = time.perf_counter()
+    bar = runs.progress(configs, quiet=quiet, desc="grid", unit="run")
+    for cfg in bar:
+        try:
+            rows = train_run(
+                cfg, out / run_name(cfg), dataset=dataset, device=device, resume=True, quiet=quiet
+            )
+        except NonFiniteLossError as e:
+            bar.write(f"diverged: {e}")
+            continue
+        if not quiet:
+            last = rows[-1]
+            bar.write(
+                f"{run_name(cfg)}: epoch {last['epoch']} train acc {last['train_acc']:.4f} "
+                f"test acc {last['test_acc']:.4f}"
+            )
+    if not quiet:
+        bar.write(f"grid done in {time.perf_counter() - t0:.0f} s")
+    results = load_results(out, configs)
+    figure = write_figure(results, out / "figure.png")
+    report = write_report(results, out / "report.md")
+    return {"figure": figure, "report": report}
+
+
+def load_results(out_dir: str | Path, configs: Sequence[TrainConfig]) -> list[dict]:
+    """One entry per config: its settings, metric rows and whether it diverged."""
+    out = Path(out_dir)
+    return [
+        {
+            "config": cfg,
+            "rows": runs.read_jsonl(out / run_name(cfg) / "metrics.jsonl"),
+            "diverged": (out / run_name(cfg) / "diverged.json").exists(),
+        }
+        for cfg in configs
+    ]
+
+
+def _curves(results: list[dict], loss: str, momentum: float, key: str) -> np.ndarray:
+    """(seeds, epochs) array of `key` over the epochs every finished seed has."""
+    rows = [
+        r["rows"]
+        for r in results
+        if r["config"].loss == loss and r["config"].momentum == momentum and not r["diverged"]
+    ]
+    rows = [r for r in rows if r]
+    if not rows:
+        return np.zeros((0, 0))
+    n = min(len(r) for r in rows)
+    return np.array([[row[key] for row in r[:n]] for r in rows])
+
+
+def write_figure(results: list[dict], path: str | Path) -> Path:
+    """The paper's layout: one panel per momentum (top 0, bottom 0.9), train (solid) and test
+    (dashed) accuracy per epoch for each loss, mean over seeds with a min–max band, and an
+    inset zooming on the last 20 % of epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    losses = [loss for loss in _STYLE if any(r["config"].loss == loss for r in results)]
+    momenta = sorted({r["config"].momentum for r in results})
+    fig, axes = plt.subplots(len(momenta), 1, figsize=(10, 4.2 * len(momenta)), squeeze=False)
+    for ax, momentum in zip(axes[:, 0], momenta):
+        inset = ax.inset_axes([0.5, 0.08, 0.46, 0.42])
+        last_epochs = 0
+        zoom_values = []
+        for loss in losses:
+            colour, label = _STYLE[loss]
+            for key, style, what in (("train_acc", "-", "train"), ("test_acc", "--", "test")):
+                values = _curves(results, loss, momentum, key)  # (seeds, epochs)
+                if values.size == 0:
+                    continue
+                epochs = np.arange(1, values.shape[1] + 1)
+                n_seeds = values.shape[0]
+                for a in (ax, inset):
+                    a.plot(epochs, values.mean(0), style, color=colour, lw=1.5)
+                    a.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.2)
+                ax.lines[-1].set_label(f"{label} {what} (n={n_seeds})")
+                last_epochs = max(last_epochs, len(epochs))
+                start = int(math.floor(0.8 * len(epochs)))
+                zoom_values.append(values[:, start:])
+        if last_epochs:
+            lo = max(1, int(math.floor(0.8 * last_epochs)))
+            inset.set_xlim(lo, last_epochs) if last_epochs > lo else inset.set_xlim(
+                lo - 0.5, lo + 0.5
+            )
+            zoom = np.concatenate([z.ravel() for z in zoom_values])
+            pad = max(1e-3, 0.05 * (zoom.max() - zoom.min()))
+            inset.set_ylim(zoom.min() - pad, zoom.max() + pad)
+            inset.tick_params(labelsize=7)
+            inset.xaxis.set_major_locator(MaxNLocator(integer=True))
+            inset.set_title(f"last 20 % (epochs {lo}-{last_epochs})", fontsize=7)
+            ax.indicate_inset_zoom(inset, edgecolor="0.4")
+        ax.set_title(f"SGD momentum {momentum:g}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    cfg = results[0]["config"]
+    subset = f", first {cfg.train_subset} train images" if cfg.train_subset else ""
+    fig.suptitle(
+        f"SimpleCNN on {cfg.dataset}{subset}: lr {cfg.lr:g}, batch {cfg.batch_size}; "
+        f"mean and min–max over seeds",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _final(results: list[dict], loss: str, momentum: float) -> dict[int, dict]:
+    """seed -> last metric row, for the finished (non-diverged) runs of a setting."""
+    return {
+        r["config"].seed: r["rows"][-1]
+        for r in results
+        if r["config"].loss == loss
+        and r["config"].momentum == momentum
+        and r["rows"]
+        and not r["diverged"]
+    }
+
+
+def verdict(deltas: Sequence[float]) -> tuple[str, float, float, float]:
+    """ "higher", "lower" or "equal within noise" from paired differences (95 % t-interval
+    excludes 0 or not); "undetermined" with fewer than two pairs."""
+    if not deltas:
+        return "undetermined (no paired seeds)", math.nan, math.nan, math.nan
+    m, lo, hi = mean_ci(deltas)
+    if len(deltas) < 2:
+        return "undetermined (fewer than two paired seeds)", m, lo, hi
+    if lo > 0:
+        return "higher", m, lo, hi
+    if hi < 0:
+        return "lower", m, lo, hi
+    return "equal within noise", m, lo, hi
+
+
+def write_report(results: list[dict], path: str | Path) -> Path:
+    """report.md: final-epoch mean ± std per setting, the paired QMSE − MSE (and ablation −
+    MSE) differences with 95 % t-intervals, and one plain verdict line per momentum."""
+    path = Path(path)
+    cfg = results[0]["config"]
+    losses = [loss for loss in _STYLE if any(r["config"].loss == loss for r in results)]
+    momenta = sorted({r["config"].momentum for r in results})
+    epochs_done = [len(r["rows"]) for r in results]
+    wall = sum(row["wall_s"] for r in results for row in r["rows"])
+    seeds = sorted({r["config"].seed for r in results})
+    subset = f"first {cfg.train_subset}" if cfg.train_subset else "all"
+    test = f"first {cfg.test_subset}" if cfg.test_subset else "all"
+    lines = [
+        f"# QMSE vs MSE on {cfg.dataset}: the paper's grid (sec. 4)",
+        "",
+        f"SimpleCNN, SGD lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs planned, "
+        f"seeds {seeds[0]}–{seeds[-1]} ({len(seeds)}), training images: {subset}, test "
+        f"images: {test}. Runs finished {min(epochs_done)}–{max(epochs_done)} epochs; "
+        f"training + evaluation time summed over runs: {wall:.0f} s.",
+        "Accuracies in %, measured after the last epoch on the full (sub)sets in eval mode.",
+        "",
+        "## Final epoch, mean ± std over seeds",
+        "",
+        "| momentum | loss | seeds | train acc | test acc | train ½‖r‖² |",
+        "|---|---|---|---|---|---|",
+    ]
+    for momentum in momenta:
+        for loss in losses:
+            final = _final(results, loss, momentum)
+            if not final:
+                lines.append(f"| {momentum:g} | {loss} | 0 | – | – | – |")
+                continue
+            cells = []
+            for key, fmt in (
+                ("train_acc", _pct),
+                ("test_acc", _pct),
+                ("train_mse", "{:.4f}".format),
+            ):
+                m, s = mean_std([row[key] for row in final.values()])
+                cells.append(f"{fmt(m)} ± {fmt(s)}")
+            lines.append(f"| {momentum:g} | {loss} | {len(final)} | " + " | ".join(cells) + " |")
+    if "ce" in losses:
+        lines += ["", "For CE, ½‖r‖² is measured on the raw logits (not probabilities)."]
+    diverged = [run_name(r["config"]) for r in results if r["diverged"]]
+    if diverged:
+        lines += ["", f"Diverged (non-finite loss, excluded): {', '.join(diverged)}."]
+
+    lines += [
+        "",
+        "## Paired differences against MSE (same seed: same initial weights and batch order)",
+        "",
+        "| momentum | loss − MSE | pairs | Δ train acc [95 % CI] | Δ test acc [95 % CI] |",
+        "|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for momentum in momenta:
+        base = _final(results, "mse", momentum)
+        for loss in losses[1:]:
+            other = _final(results, loss, momentum)
+            paired = sorted(set(base) & set(other))
+            cells = []
+            for key in ("train_acc", "test_acc"):
+                word, m, lo, hi = verdict([other[s][key] - base[s][key] for s in paired])
+                cells.append(f"{_pct(m)} [{_pct(lo)}, {_pct(hi)}]" if paired else "–")
+                if loss == "qmse" and key == "train_acc":
+                    verdicts.append(
+                        f"- Momentum {momentum:g}: QMSE's final train accuracy against MSE's: "
+                        f"**{word}** (Δ = {_pct(m)} points, 95 % CI [{_pct(lo)}, "
+                        f"{_pct(hi)}], {len(paired)} paired seeds)."
+                    )
+            lines.append(f"| {momentum:g} | {loss} | {len(paired)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Verdict", "", *verdicts, ""]
+    runs.atomic_write(path, "\n".join(lines))
+    return path

@@ -1,0 +1,298 @@
+"""qmse.train against hand-written references: a manual first epoch, per-sample metrics,
+Monte Carlo for QMSE's expected loss, and a SIGKILL in the middle of an epoch."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qmse import runs
+from qmse.loss import compute_loss, qmse_loss, sample_directions
+from qmse.train import (
+    METRIC_KEYS,
+    NonFiniteLossError,
+    TrainConfig,
+    build_model,
+    channel_stats,
+    evaluate,
+    load_run,
+    normalize,
+    prepare_data,
+    subseed,
+    train_run,
+)
+
+TESTS = Path(__file__).resolve().parent
+
+
+def tiny_dataset(
+    seed: int = 0, n_train: int = 96, n_test: int = 40, size: int = 8, classes: int = 3
+):
+    """A learnable synthetic image set: class k images are brighter in a k-dependent band."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, classes, (n,), generator=g)
+        noise = torch.randint(0, 120, (n, 1, size, size), generator=g)
+        rows = torch.arange(size).view(1, 1, size, 1)
+        band = (rows * classes // size) == labels.view(n, 1, 1, 1)  # (n, 1, size, 1)
+        return (noise + 120 * band).to(torch.uint8), labels
+
+    train_images, train_labels = make(n_train)
+    test_images, test_labels = make(n_test)
+    return SimpleNamespace(
+        name="tiny",
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        num_classes=classes,
+    )
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(dataset="tiny", loss="qmse", lr=0.05, momentum=0.9, batch_size=16, epochs=2)
+    return TrainConfig(**{**base, "channels": (2, 4), "hidden": 8, **kw})
+
+
+def without_wall(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+
+def test_subseed_is_deterministic_and_separates_streams():
+    assert subseed(3, 1) == subseed(3, 1)
+    assert len({subseed(s, k) for s in range(4) for k in range(3)}) == 12
+
+
+def test_config_rejects_bad_values():
+    for bad in (dict(loss="l1"), dict(lr=0.0), dict(momentum=1.0), dict(batch_size=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
+def test_normalize_matches_numpy_reference():
+    ds = tiny_dataset()
+    mean, std = channel_stats(ds.train_images)
+    x = ds.train_images.numpy().astype("float64") / 255
+    assert math.isclose(mean.item(), x.mean(), rel_tol=1e-12)
+    assert math.isclose(std.item(), x.std(ddof=1), rel_tol=1e-12)
+    z = normalize(ds.train_images, mean, std)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.double(), torch.from_numpy((x - x.mean()) / x.std(ddof=1)))
+
+
+def test_prepare_data_subset_uses_full_set_statistics():
+    ds = tiny_dataset()
+    full = prepare_data(ds)
+    sub = prepare_data(ds, train_subset=10, test_subset=5)
+    assert sub.x_train.shape == (10, 1, 8, 8) and sub.y_train.dtype == torch.int64
+    torch.testing.assert_close(sub.x_train, full.x_train[:10])
+    torch.testing.assert_close(sub.x_test, full.x_test[:5])
+    torch.testing.assert_close(sub.y_test, full.y_test[:5])
+    with pytest.raises(ValueError, match="train_subset"):
+        prepare_data(ds, train_subset=1000)
+
+
+def test_prepare_data_from_a_config_loads_through_qmse_data(monkeypatch):
+    from qmse import data as qdata
+
+    seen = []
+    monkeypatch.setattr(
+        qdata, "load", lambda name, data_dir=None: seen.append(name) or tiny_dataset()
+    )
+    d = prepare_data({"dataset": "tiny", "data_dir": None, "train_subset": 7, "loss": "mse"})
+    assert seen == ["tiny"] and d.x_train.shape[0] == 7
+
+
+def test_build_model_is_seeded_and_float32_whatever_the_default_dtype():
+    args = {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": [2, 4], "hidden": 8}
+    state = torch.random.get_rng_state()
+    a, b, c = build_model(args, 0), build_model(args, 0), build_model(args, 1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for p, q, r in zip(a.parameters(), b.parameters(), c.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q) and not torch.equal(p, r)
+
+
+@pytest.mark.parametrize("loss", ["mse", "qmse", "expected-qmse", "ce"])
+def test_evaluate_matches_per_sample_reference(loss):
+    ds = tiny_dataset()
+    d = prepare_data(ds)
+    model = build_model(
+        {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": [2, 4], "hidden": 8}, 0
+    )
+    got = evaluate(model, d.x_test, d.y_test, loss)
+    out = model(d.x_test).detach().double()  # (M, C)
+    onehot = F.one_hot(d.y_test, 3).double()
+    r2 = ((onehot - out) ** 2).sum(-1)
+    assert math.isclose(got["acc"], (out.argmax(-1) == d.y_test).double().mean().item())
+    assert math.isclose(got["mse"], 0.5 * r2.mean().item(), rel_tol=1e-5)
+    if loss == "qmse":  # expectation over v: Monte Carlo within 5 standard errors
+        g = torch.Generator().manual_seed(0)
+        draws = torch.stack(
+            [
+                qmse_loss(
+                    out, onehot, v=sample_directions(len(out), 3, generator=g, dtype=out.dtype)
+                )
+                for _ in range(4000)
+            ]
+        )
+        se = draws.std().item() / math.sqrt(len(draws))
+        assert abs(got["loss"] - draws.mean().item()) < 5 * se
+    else:
+        target = d.y_test if loss == "ce" else onehot
+        assert math.isclose(got["loss"], compute_loss(loss, out, target).item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["mse", "qmse", "ce"])
+def test_first_epoch_matches_a_hand_written_loop(tmp_path, loss):
+    """Same seeds, same permutation and v, written out by hand with the losses' formulas."""
+    ds = tiny_dataset()
+    cfg = tiny_config(loss=loss, epochs=1)
+    rows = train_run(cfg, tmp_path, dataset=ds, quiet=True)
+    model, config = load_run(tmp_path)
+
+    d = prepare_data(ds)
+    ref = build_model(config["model"], cfg.seed)
+    opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(subseed(cfg.seed, 1)))
+    gv = torch.Generator().manual_seed(subseed(cfg.seed, 2))
+    v = F.normalize(torch.randn(96, 3, generator=gv, dtype=torch.float32), dim=-1)
+    correct, norms, loss_sum = 0, [], 0.0
+    for s in range(0, 96, 16):
+        idx = perm[s : s + 16]
+        out = ref(d.x_train[idx])
+        r = F.one_hot(d.y_train[idx], 3).float() - out
+        if loss == "mse":
+            batch_loss = 0.5 * (r * r).sum(-1).mean()
+        elif loss == "qmse":
+            batch_loss = 0.5 * (((r + v[s : s + 16]).detach() * r).sum(-1) ** 2).mean()
+        else:
+            batch_loss = -F.log_softmax(out, -1)[torch.arange(16), d.y_train[idx]].mean()
+        opt.zero_grad()
+        batch_loss.backward()
+        norms.append(torch.cat([p.grad.flatten() for p in ref.parameters()]).norm().item())
+        opt.step()
+        correct += (out.argmax(-1) == d.y_train[idx]).sum().item()
+        loss_sum += batch_loss.item() * 16
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    row = rows[0]
+    assert set(METRIC_KEYS) | {"wall_s"} == set(row)
+    assert row["running_train_acc"] == correct / 96
+    assert math.isclose(row["grad_norm"], sum(norms) / len(norms), rel_tol=1e-5)
+    assert math.isclose(row["running_train_loss"], loss_sum / 96, rel_tol=1e-5)
+    assert row["train_acc"] == evaluate(ref, d.x_train, d.y_train, loss)["acc"]
+    assert runs.read_jsonl(tmp_path / "metrics.jsonl") == rows
+
+
+def test_run_directory_contract(tmp_path):
+    ds = tiny_dataset()
+    rows = train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    keys = ("dataset", "data_dir", "loss", "seed", "lr", "momentum", "train_subset", "model")
+    for key in keys:
+        assert key in config
+    assert config["provenance"]["device"] == "cpu"
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and set(ckpt) >= {"model", "optimizer", "order_rng", "direction_rng"}
+    model, _ = load_run(tmp_path)
+    assert not model.training
+    d = prepare_data(ds)
+    assert evaluate(model, d.x_test, d.y_test, "qmse")["acc"] == rows[-1]["test_acc"]
+
+
+def test_existing_run_needs_resume_and_the_same_settings(tmp_path):
+    ds = tiny_dataset()
+    first = train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)
+    with pytest.raises(ValueError, match="resume"):
+        train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)
+    with pytest.raises(ValueError, match="lr"):
+        train_run(tiny_config(epochs=2, lr=0.1), tmp_path, dataset=ds, quiet=True, resume=True)
+    assert train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True, resume=True) == first
+    extended = train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True, resume=True)
+    fresh = train_run(tiny_config(epochs=2), tmp_path / "fresh", dataset=ds, quiet=True)
+    assert without_wall(extended) == without_wall(fresh)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    ds = tiny_dataset()
+    train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["model"]["fc2.bias"][0] = math.inf  # the next epoch's loss is non-finite
+    runs.save_torch(tmp_path / "checkpoint.pt", ckpt)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(NonFiniteLossError, match="epoch 2.*lr"):
+        train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True, resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert len(runs.read_jsonl(tmp_path / "metrics.jsonl")) == 1
+    assert runs.load_json(tmp_path / "diverged.json")["epoch"] == 2
+    with pytest.raises(NonFiniteLossError):  # remembered: not retried
+        train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True, resume=True)
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from test_train import tiny_config, tiny_dataset
+    from qmse import runs, train
+
+    mode, out, marker = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    if mode == "kill-me":  # block at step 3 of epoch 2 until the parent sends SIGKILL
+        real = runs.progress
+        def progress(iterable=None, **kw):
+            bar = real(iterable, **kw)
+            if kw.get("desc") == "epoch 2":
+                update, count = bar.update, [0]
+                def trap(n=1):
+                    count[0] += 1
+                    if count[0] == 3:
+                        marker.write_text("in epoch 2")
+                        time.sleep(600)
+                    return update(n)
+                bar.update = trap
+            return bar
+        runs.progress = progress
+    cfg = tiny_config(epochs=3)
+    train.train_run(cfg, out, dataset=tiny_dataset(), quiet=True, resume=(mode == "resume"))
+    if mode == "resume":
+        train.train_run(cfg, out.parent / "uninterrupted", dataset=tiny_dataset(), quiet=True)
+    """
+)
+
+
+def test_sigkill_mid_epoch_then_resume_gives_identical_metrics(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(TESTS)))
+    run, marker = tmp_path / "killed", tmp_path / "marker"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, script, "kill-me", run, marker], env=env)
+    try:
+        while not marker.exists():
+            assert child.poll() is None, "child exited before reaching epoch 2"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert len(runs.read_jsonl(run / "metrics.jsonl")) == 1  # epoch 1 saved, 2 lost
+    subprocess.run([sys.executable, script, "resume", run, marker], env=env, check=True)
+    resumed = runs.read_jsonl(run / "metrics.jsonl")
+    uninterrupted = runs.read_jsonl(tmp_path / "uninterrupted" / "metrics.jsonl")
+    assert len(resumed) == 3
+    assert without_wall(resumed) == without_wall(uninterrupted)
+    assert len(runs.load_json(run / "config.json")["resumed"]) == 1
