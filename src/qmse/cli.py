@@ -238,7 +238,150 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_symmetry(sub: argparse._SubParsersAction) -> None:
-    """`qmse symmetry` and `qmse landscape` (issue 5)."""
+    """`qmse symmetry example|match` and `qmse landscape` (issue 5)."""
+    sym = sub.add_parser(
+        "symmetry",
+        help="hidden-unit permutation symmetry: the worked example, weight matching of two runs",
+        formatter_class=Formatter,
+    )
+    sym_sub = sym.add_subparsers(dest="symmetry_command", required=True, metavar="SUBCOMMAND")
+
+    p = sym_sub.add_parser(
+        "example",
+        help="the 2-2-1 network of the seeds' Q&A and its hidden-unit swap: same outputs",
+        formatter_class=Formatter,
+    )
+    p.add_argument(
+        "--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"), help="hidden"
+    )
+    p.add_argument("--samples", type=int, default=10000, help="random inputs to compare on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+    def example(args: argparse.Namespace) -> int:
+        import torch
+
+        from qmse.symmetry import count_equivalent, permute, worked_example
+
+        a, b = worked_example(args.activation)
+        x = (
+            torch.randn(
+                args.samples,
+                2,
+                dtype=torch.float64,
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+            * 3
+        )  # (N, 2)
+        swapped = permute(a, {"layers.0": torch.tensor([1, 0])})
+        with torch.no_grad():
+            fa, fb = a(x), b(x)  # (N, 1) each
+        for name, net in (("a", a), ("b", b)):
+            print(
+                f"network {name}: W1 = {net.layers[0].weight.tolist()}, "
+                f"W2 = {net.layers[2].weight.tolist()}"
+            )
+        flat = [torch.cat([p.reshape(-1) for p in n.parameters()]) for n in (a, b)]
+        print(f"activation {args.activation}, {args.samples} inputs x ~ N(0, 9 I):")
+        print(f"  max |f_a(x) - f_b(x)|     = {(fa - fb).abs().max().item():.3g}")
+        print(f"  ||theta_a - theta_b||     = {(flat[0] - flat[1]).norm().item():.4f}")
+        same = all(torch.equal(p, q) for p, q in zip(swapped.parameters(), b.parameters()))
+        print(f"  b == a with hidden units swapped (permute): {same}")
+        print(f"  distinct equivalent weight vectors (count_equivalent): {count_equivalent(a)}")
+        return 0
+
+    p.set_defaults(func=example)
+
+    p = sym_sub.add_parser(
+        "match",
+        help="loss barrier on the straight path between two runs, before and after weight matching",
+        formatter_class=Formatter,
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="run directory (config.json, checkpoint.pt)")
+    p.add_argument("run_b", metavar="RUN_B", help="run directory of the same architecture")
+    p.add_argument("--points", type=int, default=25, help="values of alpha in [0, 1]")
+    p.add_argument("--samples", type=int, default=1000, help="first N training images")
+    p.add_argument(
+        "--loss", default="mse", choices=("mse", "expected-qmse", "ce"), help="loss to plot"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the matching's layer order")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
+    p.add_argument("--out", default=None, help="default runs/symmetry/<RUN_A>--<RUN_B>")
+
+    def match(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from qmse.landscape import match_runs
+
+        out = args.out or f"runs/symmetry/{Path(args.run_a).name}--{Path(args.run_b).name}"
+        s = match_runs(
+            args.run_a,
+            args.run_b,
+            out,
+            points=args.points,
+            samples=args.samples,
+            loss=args.loss,
+            seed=args.seed,
+            device=args.device,
+        )
+        print(f"{args.loss} barrier, straight path a -> b:  {s['naive_barrier']:.5f}")
+        print(f"{args.loss} barrier after weight matching:  {s['aligned_barrier']:.5f}")
+        print(f"ends: a {s['end_a']}, b {s['end_b']}")
+        print(f"wrote {out}/interpolation.png, interpolation.npz, summary.json")
+        return 0
+
+    p.set_defaults(func=match)
+
+    p = sub.add_parser(
+        "landscape",
+        help="1-D or 2-D loss slice around a run along filter-normalised random directions",
+        formatter_class=Formatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (config.json, checkpoint.pt)")
+    p.add_argument("--dims", type=int, default=2, choices=(1, 2), help="slice dimension")
+    p.add_argument("--points", type=int, default=25, help="grid points per direction")
+    p.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span]")
+    p.add_argument("--samples", type=int, default=1000, help="first N training images")
+    p.add_argument(
+        "--loss", default="mse", choices=("mse", "expected-qmse", "ce"), help="loss to plot"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--group-size", type=int, default=25, help="grid points per vmapped pass")
+    p.add_argument("--batch-size", type=int, default=500, help="samples per vmapped pass")
+    p.add_argument("--compile", action="store_true", help="torch.compile the vmapped pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
+    p.add_argument("--out", default=None, help="default runs/landscape/<RUN_DIR name>-<dims>d")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def landscape(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from qmse.landscape import landscape_of_run
+
+        out = args.out or f"runs/landscape/{Path(args.run_dir).name}-{args.dims}d"
+        s = landscape_of_run(
+            args.run_dir,
+            out,
+            dims=args.dims,
+            points=args.points,
+            span=args.span,
+            samples=args.samples,
+            loss=args.loss,
+            seed=args.seed,
+            group_size=args.group_size,
+            batch_size=args.batch_size,
+            compile=args.compile,
+            device=args.device,
+            quiet=args.quiet,
+        )
+        print(
+            f"{s['evaluations']} points x {s['samples']} samples in {s['wall_s']:.1f} s "
+            f"({s['torch_threads']} threads); {args.loss} from {s['min_loss']:.4f} "
+            f"to {s['max_loss']:.4f}, centre {s['centre_loss']}"
+        )
+        print(f"wrote {out}/landscape-{args.dims}d.png, landscape-{args.dims}d.npz, summary.json")
+        return 0
+
+    p.set_defaults(func=landscape)
 
 
 def build_parser() -> argparse.ArgumentParser:
