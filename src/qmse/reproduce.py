@@ -74,9 +74,9 @@ def grid_configs(
             epochs=epochs,
             seed=seed,
         )
+        for seed in range(seeds)  # seed-major: an interrupted grid has whole seeds
         for momentum in MOMENTA
         for loss in losses
-        for seed in range(seeds)
     ]
 
 
