@@ -16,7 +16,7 @@ from test_train import tiny_dataset
 
 from qmse import runs
 from qmse.cli import main
-from qmse.reproduce import grid_configs, run_grid, verdict
+from qmse.reproduce import grid_configs, load_results, run_grid, verdict, write_report
 from qmse.train import run_name
 
 
@@ -102,6 +102,13 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert "Diverged (non-finite loss, excluded): qmse-m0-s1." in text
     assert [row[2] for row in _table_rows(text, "0", "qmse")] == ["1", "1"]
     assert "undetermined" in text
+
+    # an unfinished run (fewer epochs than planned) is excluded and named
+    metrics = tmp_path / "mse-m0.9-s0" / "metrics.jsonl"
+    runs.write_jsonl(metrics, runs.read_jsonl(metrics)[:1])
+    text = write_report(load_results(tmp_path, configs), tmp_path / "r.md").read_text()
+    assert "Unfinished (excluded): mse-m0.9-s0 (1/2 epochs)." in text
+    assert _table_rows(text, "0.9", "mse")[0][2] == "1"
 
 
 def _write_idx(path, array: np.ndarray, magic: int) -> None:

@@ -132,30 +132,35 @@ def run_grid(
 
 
 def load_results(out_dir: str | Path, configs: Sequence[TrainConfig]) -> list[dict]:
-    """One entry per config: its settings, metric rows and whether it diverged."""
+    """One entry per config: its settings, metric rows, whether it diverged, and whether it
+    is complete (finished all its epochs without diverging; only those enter figure and
+    tables)."""
     out = Path(out_dir)
-    return [
-        {
-            "config": cfg,
-            "rows": runs.read_jsonl(out / run_name(cfg) / "metrics.jsonl"),
-            "diverged": (out / run_name(cfg) / "diverged.json").exists(),
-        }
-        for cfg in configs
-    ]
+    results = []
+    for cfg in configs:
+        rows = runs.read_jsonl(out / run_name(cfg) / "metrics.jsonl")
+        diverged = (out / run_name(cfg) / "diverged.json").exists()
+        results.append(
+            {
+                "config": cfg,
+                "rows": rows[: cfg.epochs],
+                "diverged": diverged,
+                "complete": len(rows) >= cfg.epochs and not diverged,
+            }
+        )
+    return results
 
 
 def _curves(results: list[dict], loss: str, momentum: float, key: str) -> np.ndarray:
-    """(seeds, epochs) array of `key` over the epochs every finished seed has."""
+    """(seeds, epochs) array of `key` for the complete runs of a setting."""
     rows = [
         r["rows"]
         for r in results
-        if r["config"].loss == loss and r["config"].momentum == momentum and not r["diverged"]
+        if r["config"].loss == loss and r["config"].momentum == momentum and r["complete"]
     ]
-    rows = [r for r in rows if r]
     if not rows:
         return np.zeros((0, 0))
-    n = min(len(r) for r in rows)
-    return np.array([[row[key] for row in r[:n]] for r in rows])
+    return np.array([[row[key] for row in r] for r in rows])
 
 
 def write_figure(results: list[dict], path: str | Path) -> Path:
@@ -230,14 +235,11 @@ def _pct(x: float) -> str:
 
 
 def _final(results: list[dict], loss: str, momentum: float) -> dict[int, dict]:
-    """seed -> last metric row, for the finished (non-diverged) runs of a setting."""
+    """seed -> last metric row, for the complete runs of a setting."""
     return {
         r["config"].seed: r["rows"][-1]
         for r in results
-        if r["config"].loss == loss
-        and r["config"].momentum == momentum
-        and r["rows"]
-        and not r["diverged"]
+        if r["config"].loss == loss and r["config"].momentum == momentum and r["complete"]
     }
 
 
@@ -263,7 +265,6 @@ def write_report(results: list[dict], path: str | Path) -> Path:
     cfg = results[0]["config"]
     losses = [loss for loss in _STYLE if any(r["config"].loss == loss for r in results)]
     momenta = sorted({r["config"].momentum for r in results})
-    epochs_done = [len(r["rows"]) for r in results]
     wall = sum(row["wall_s"] for r in results for row in r["rows"])
     seeds = sorted({r["config"].seed for r in results})
     subset = f"first {cfg.train_subset}" if cfg.train_subset else "all"
@@ -273,8 +274,8 @@ def write_report(results: list[dict], path: str | Path) -> Path:
         "",
         f"SimpleCNN, SGD lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs planned, "
         f"seeds {seeds[0]}–{seeds[-1]} ({len(seeds)}), training images: {subset}, test "
-        f"images: {test}. Runs finished {min(epochs_done)}–{max(epochs_done)} epochs; "
-        f"training + evaluation time summed over runs: {wall:.0f} s.",
+        f"images: {test}. {sum(r['complete'] for r in results)} of {len(results)} runs "
+        f"complete; training + evaluation time summed over runs: {wall:.0f} s.",
         "Accuracies in %, measured after the last epoch on the full (sub)sets in eval mode.",
         "",
         "## Final epoch, mean ± std over seeds",
@@ -302,6 +303,13 @@ def write_report(results: list[dict], path: str | Path) -> Path:
     diverged = [run_name(r["config"]) for r in results if r["diverged"]]
     if diverged:
         lines += ["", f"Diverged (non-finite loss, excluded): {', '.join(diverged)}."]
+    unfinished = [
+        f"{run_name(r['config'])} ({len(r['rows'])}/{r['config'].epochs} epochs)"
+        for r in results
+        if not r["complete"] and not r["diverged"]
+    ]
+    if unfinished:
+        lines += ["", f"Unfinished (excluded): {', '.join(unfinished)}."]
 
     lines += [
         "",
