@@ -179,3 +179,105 @@ def test_plots_write_files(tmp_path):
         plot_slice(random_slice(model, x, y, dims=dims, points=4), tmp_path / f"s{dims}.png")
     for name in ("interp.png", "s1.png", "s2.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_points_resumes_after_an_interruption(tmp_path, monkeypatch):
+    import qmse.landscape as landscape
+
+    model = _cnn(12)
+    x, y = _data(model)
+    g = torch.Generator().manual_seed(13)
+    dirs = [filter_normalized_direction(model, g)]
+    coeffs = torch.linspace(-1, 1, 7, dtype=torch.float64).unsqueeze(1)
+    kw = dict(group_size=3, batch_size=16)
+    want = evaluate_points(model, parameters_of(model), dirs, coeffs, x, y, **kw)
+
+    def interrupted(groups, **_):
+        it = iter(groups)
+        yield next(it)
+        raise KeyboardInterrupt  # killed after the first group
+
+    resume = tmp_path / "partial.npz"
+    monkeypatch.setattr(landscape, "progress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_points(model, parameters_of(model), dirs, coeffs, x, y, resume_file=resume, **kw)
+    assert int(np.load(resume)["done"]) == 3
+    monkeypatch.undo()
+    got = evaluate_points(model, parameters_of(model), dirs, coeffs, x, y, resume_file=resume, **kw)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match="different evaluation"):
+        evaluate_points(model, parameters_of(model), dirs, 2 * coeffs, x, y, resume_file=resume)
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_matches_eager():
+    model = _cnn(14).float()
+    x, y = _data(model)
+    x = x.float()
+    dirs = [filter_normalized_direction(model, torch.Generator().manual_seed(15))]
+    coeffs = torch.linspace(-1, 1, 6).unsqueeze(1)
+    eager = evaluate_points(model, parameters_of(model), dirs, coeffs, x, y, group_size=3)
+    compiled = evaluate_points(
+        model, parameters_of(model), dirs, coeffs, x, y, group_size=3, compile=True
+    )
+    np.testing.assert_allclose(compiled[0], eager[0], rtol=1e-5)
+
+
+def _tiny_images(seed: int = 0, n: int = 64, size: int = 8, classes: int = 3):
+    """A learnable image set in qmse.data.Dataset's layout: class k is bright in band k."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(seed)
+
+    def make(m: int):
+        labels = torch.randint(0, classes, (m,), generator=g)
+        rows = torch.arange(size).view(1, 1, size, 1)
+        band = (rows * classes // size) == labels.view(m, 1, 1, 1)  # (m, 1, size, 1)
+        noise = torch.randint(0, 120, (m, 1, size, size), generator=g)
+        return (noise + 120 * band).to(torch.uint8), labels
+
+    (xtr, ytr), (xte, yte) = make(n), make(16)
+    return SimpleNamespace(
+        name="tiny",
+        train_images=xtr,
+        train_labels=ytr,
+        test_images=xte,
+        test_labels=yte,
+        num_classes=classes,
+    )
+
+
+def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch):
+    from qmse import data as qdata
+    from qmse.cli import main
+    from qmse.train import TrainConfig, train_run
+
+    monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: _tiny_images())
+    for seed in (0, 1):
+        cfg = TrainConfig(
+            dataset="tiny", loss="mse", lr=0.05, momentum=0.9, batch_size=16, epochs=2, seed=seed,
+            channels=(2, 4), hidden=8,
+        )  # fmt: skip
+        train_run(cfg, tmp_path / f"s{seed}", dataset=_tiny_images(), quiet=True)
+    out = tmp_path / "match"
+    argv = ["symmetry", "match", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]
+    assert main([*argv, "--points", "5", "--samples", "40"]) == 0
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    arrays = np.load(out / "interpolation.npz")
+    assert summary["naive_barrier"] == barrier(arrays["naive_loss"])
+    assert summary["aligned_barrier"] == barrier(arrays["aligned_loss"])
+    assert summary["samples"] == 40 and "provenance" in summary
+    np.testing.assert_allclose(arrays["naive_loss"][[0, -1]], arrays["aligned_loss"][[0, -1]])
+    assert (out / "interpolation.png").exists()
+    for dims in (1, 2):
+        ls = tmp_path / f"ls{dims}"
+        argv = ["landscape", str(tmp_path / "s0"), "--dims", str(dims), "--out", str(ls)]
+        assert main([*argv, "--points", "5", "--samples", "40", "--quiet"]) == 0
+        res = np.load(ls / f"landscape-{dims}d.npz")
+        assert res["loss"].shape == (5,) * dims
+        centre = res["loss"][(2,) * dims]
+        torch.testing.assert_close(float(centre), summary["end_a"]["loss"], rtol=1e-6, atol=0)
+        assert (ls / f"landscape-{dims}d.png").exists()
+        assert not (ls / f"partial-{dims}d.npz").exists()
+    assert main(["symmetry", "example"]) == 0
