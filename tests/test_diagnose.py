@@ -405,3 +405,15 @@ def test_cli_compare_two_runs(tmp_path, monkeypatch, capsys):
     assert "run loss" in out and "expected-qmse" in out
     assert (tmp_path / "cmp" / "comparison.json").exists()
     assert (tmp_path / "mse" / "diagnosis.json").exists()
+
+
+def test_psd_eigvals_falls_back_to_singular_values(monkeypatch):
+    M = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(10), dtype=DT)
+    G = M @ M.transpose(1, 2)  # PSD
+    expect = dg._psd_eigvals(G)
+
+    def fail(_):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fail)
+    torch.testing.assert_close(dg._psd_eigvals(G), expect)
