@@ -303,6 +303,10 @@ def test_bad_arguments_are_named():
         dg.classify_stop(dg.gradient_geometry(model, x, y), tol_ratio=-1)
     with pytest.raises(ValueError, match="steps"):
         dg.lanczos(lambda v: v, 3, 4)
+    with torch.no_grad():
+        model.layers[2].bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\.2\.bias.*non-finite"):
+        dg.gradient_geometry(model, x, y)
 
 
 def test_segment_losses_closed_form_for_a_quadratic():
@@ -405,15 +409,3 @@ def test_cli_compare_two_runs(tmp_path, monkeypatch, capsys):
     assert "run loss" in out and "expected-qmse" in out
     assert (tmp_path / "cmp" / "comparison.json").exists()
     assert (tmp_path / "mse" / "diagnosis.json").exists()
-
-
-def test_psd_eigvals_falls_back_to_singular_values(monkeypatch):
-    M = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(10), dtype=DT)
-    G = M @ M.transpose(1, 2)  # PSD
-    expect = dg._psd_eigvals(G)
-
-    def fail(_):
-        raise torch.linalg.LinAlgError("failed to converge")
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", fail)
-    torch.testing.assert_close(dg._psd_eigvals(G), expect)

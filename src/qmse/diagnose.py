@@ -75,6 +75,12 @@ def flat_params(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, 
     shapes = [p.shape for _, p in named]
     sizes = [p.numel() for _, p in named]
     w = torch.cat([p.detach().reshape(-1) for _, p in named])  # (P,) a copy
+    if not torch.isfinite(w).all():
+        bad = [k for k, p in named if not torch.isfinite(p).all()]
+        raise ValueError(
+            f"model parameters {bad} hold non-finite values (training diverged?); there is "
+            f"nothing to diagnose: use an earlier checkpoint or a smaller learning rate"
+        )
 
     def unflatten(vec: Tensor) -> dict[str, Tensor]:
         return {k: c.view(s) for k, c, s in zip(names, vec.split(sizes), shapes)}
@@ -155,7 +161,7 @@ def gradient_geometry(
             J = per_sample_jac(w, x[s : s + chunk])  # (n, C, P)
             grams.append(J @ J.transpose(1, 2))  # (n, C, C)
         G = torch.cat(grams).double()  # (N, C, C)
-        eig = _psd_eigvals(G).clamp_min(0)  # (N, C) ascending
+        eig = torch.linalg.eigvalsh(G).clamp_min(0)  # (N, C) ascending
         rd = r.double()
         res = rd.norm(dim=1)  # (N,)
         gnorm = torch.einsum("nc,ncd,nd->n", rd, G, rd).clamp_min(0).sqrt()  # (N,)
@@ -196,16 +202,6 @@ def gradient_geometry(
         "per_sample": per_sample,
         "whole_set": whole_set,
     }
-
-
-def _psd_eigvals(G: Tensor) -> Tensor:
-    """Ascending eigenvalues of symmetric PSD matrices (..., C, C). LAPACK's eigvalsh has
-    failed to converge here on batches of near-identity Gram matrices (a network whose only
-    live parameters are the output biases); the singular values are the same numbers."""
-    try:
-        return torch.linalg.eigvalsh(G)
-    except torch.linalg.LinAlgError:
-        return torch.linalg.svdvals(G).flip(-1)
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
