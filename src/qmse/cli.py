@@ -183,6 +183,72 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_escape(sub: argparse._SubParsersAction) -> None:
     """`qmse escape` (issue 7)."""
+    from qmse.escape import METHODS, PROTOCOLS
+
+    p = sub.add_parser(
+        "escape",
+        help="escape benchmark: teacher-student ReLU nets (Safran & Shamir 2018), "
+        "from random init and from certified spurious minima",
+        formatter_class=Formatter,
+    )
+    p.add_argument("--k", default="6,8,10,12", help="teacher widths, comma-separated")
+    p.add_argument("--n-extra", type=int, default=0, help="student width n = k + n_extra")
+    p.add_argument("--outputs", type=int, default=1, help="C; > 1: vector output A relu(Vx)")
+    p.add_argument("--seeds", type=int, default=1000, help="gd-population seeds per k")
+    p.add_argument(
+        "--sample-seeds",
+        type=int,
+        default=100,
+        help="seeds (random-init) or minima (spurious-minima) per sample-based run",
+    )
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated")
+    p.add_argument("--steps", type=int, default=3000, help="step budget of sample-based methods")
+    p.add_argument("--batch", type=int, default=64, help="fresh samples per step and seed")
+    p.add_argument("--tune-k", type=int, default=8, help="k at which lr/radius are tuned")
+    p.add_argument("--tune-seeds", type=int, default=32, help="tuning seeds per grid point")
+    p.add_argument("--tune-pool", type=int, default=400, help="gd seeds searched for minima")
+    p.add_argument("--max-gd-steps", type=int, default=100_000, help="gd-population step cap")
+    p.add_argument("--problem-seed", type=int, default=0, help="seed of A when outputs > 1")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        from qmse.escape import EscapeConfig, run_benchmark, write_table
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+        torch.set_num_threads(args.threads)
+        try:
+            ks = [int(k) for k in args.k.split(",")]
+        except ValueError as e:
+            raise ValueError(f"--k {args.k!r}: expected integers like 6,8,10") from e
+        cfg = EscapeConfig(
+            ks=ks,
+            n_extra=args.n_extra,
+            outputs=args.outputs,
+            seeds=args.seeds,
+            sample_seeds=args.sample_seeds,
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+            protocols=[m.strip() for m in args.protocols.split(",") if m.strip()],
+            steps=args.steps,
+            batch=args.batch,
+            tune_k=args.tune_k,
+            tune_seeds=args.tune_seeds,
+            tune_pool=args.tune_pool,
+            max_gd_steps=args.max_gd_steps,
+            problem_seed=args.problem_seed,
+            device=args.device,
+        )
+        rows = run_benchmark(args.out, cfg, quiet=args.quiet)
+        print(write_table(rows, f"{args.out}/table.md"))
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:

@@ -218,8 +218,9 @@ def population_hessian(W: Tensor, problem: Problem) -> Tensor:
 def sample_inputs(
     seeds: int, batch: int, d: int, *, generator: torch.Generator, dtype=torch.float32
 ) -> Tensor:
-    """Fresh Gaussian inputs, an independent batch per seed: (S, B, d)."""
-    return torch.randn(seeds, batch, d, generator=generator, dtype=dtype)
+    """Fresh Gaussian inputs, an independent batch per seed: (S, B, d), on the generator's
+    device."""
+    return torch.randn(seeds, batch, d, generator=generator, dtype=dtype, device=generator.device)
 
 
 def outputs(W: Tensor, A: Tensor, x: Tensor) -> Tensor:
