@@ -1,6 +1,7 @@
 """qmse.train against hand-written references: a manual first epoch, per-sample metrics,
 Monte Carlo for QMSE's expected loss, and a SIGKILL in the middle of an epoch."""
 
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from qmse.train import (
     normalize,
     prepare_data,
     subseed,
+    train_many,
     train_run,
 )
 
@@ -296,3 +298,48 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_metrics(tmp_path):
     assert len(resumed) == 3
     assert without_wall(resumed) == without_wall(uninterrupted)
     assert len(runs.load_json(run / "config.json")["resumed"]) == 1
+
+
+def test_train_many_matches_separate_runs(tmp_path):
+    """M runs vectorised with vmap give each run's metrics and weights of separate runs."""
+    ds = tiny_dataset()
+    configs = [
+        tiny_config(loss="qmse", momentum=0.9, seed=0),
+        tiny_config(loss="mse", momentum=0.0, seed=1, lr=0.1),
+        tiny_config(loss="ce", momentum=0.9, seed=2),
+        tiny_config(loss="qmse", momentum=0.0, seed=3),
+    ]
+    many = train_many(configs, [tmp_path / f"v{m}" for m in range(4)], dataset=ds, quiet=True)
+    for m, cfg in enumerate(configs):
+        alone = train_run(cfg, tmp_path / f"s{m}", dataset=ds, quiet=True)
+        assert [r["epoch"] for r in many[m]] == [1, 2]
+        for a, b in zip(without_wall(many[m]), without_wall(alone)):
+            for key in METRIC_KEYS:
+                assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (m, key)
+        assert runs.read_jsonl(tmp_path / f"v{m}" / "metrics.jsonl") == many[m]
+        vec, _ = load_run(tmp_path / f"v{m}")
+        sep, _ = load_run(tmp_path / f"s{m}")
+        for p, q in zip(vec.parameters(), sep.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_train_many_resumes_and_its_runs_resume_alone(tmp_path):
+    ds = tiny_dataset()
+    configs = [tiny_config(seed=0, epochs=1), tiny_config(loss="mse", seed=1, epochs=1)]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    train_many(configs, dirs, dataset=ds, quiet=True)
+    longer = [dataclasses.replace(c, epochs=3) for c in configs]
+    resumed = train_many(longer, dirs, dataset=ds, quiet=True, resume=True)
+    fresh = train_run(longer[1], tmp_path / "fresh", dataset=ds, quiet=True)
+    for a, b in zip(without_wall(resumed[1]), without_wall(fresh)):
+        assert all(math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6) for k in METRIC_KEYS)
+    alone = train_run(
+        dataclasses.replace(configs[0], epochs=4), dirs[0], dataset=ds, quiet=True, resume=True
+    )
+    assert [r["epoch"] for r in alone] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="epoch"):
+        train_many(
+            [dataclasses.replace(c, epochs=5) for c in configs], dirs, dataset=ds, resume=True
+        )
+    with pytest.raises(ValueError, match="batch_size"):
+        train_many([configs[0], tiny_config(batch_size=8)], [tmp_path / "c", tmp_path / "d"])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -330,6 +330,103 @@ def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return [k for k in keys + ["model"] if a.get(k) != b.get(k)]
 
 
+def _load_data(cfg: TrainConfig, dataset: Any, device: torch.device) -> Data:
+    if dataset is None:
+        return prepare_data(cfg, device)
+    if getattr(dataset, "name", cfg.dataset) != cfg.dataset:
+        raise ValueError(f"dataset is {dataset.name!r} but config.dataset is {cfg.dataset!r}")
+    return prepare_data(dataset, device, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
+
+
+def _generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """The batch-order and QMSE-direction generators of a run, on its device."""
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    order_gen = torch.Generator(gen_device).manual_seed(subseed(seed, _ORDER))
+    direction_gen = torch.Generator(gen_device).manual_seed(subseed(seed, _DIRECTIONS))
+    return order_gen, direction_gen
+
+
+def _open_run(
+    out: Path, resolved: dict[str, Any], device: torch.device, resume: bool
+) -> dict | None:
+    """Check `out` and write its config.json; return its checkpoint, or None for a new run."""
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise ValueError(
+            f"{out} already holds a run (checkpoint.pt); resume it with resume=True "
+            f"(--resume) or choose another output directory"
+        )
+    if (out / "diverged.json").exists():
+        raise NonFiniteLossError(runs.load_json(out / "diverged.json")["message"])
+    if not ckpt_path.exists():
+        runs.save_json(out / "config.json", resolved)
+        return None
+    saved = runs.load_json(out / "config.json")
+    if diff := _same_run(saved, resolved):
+        raise ValueError(
+            f"{out} holds a run with different {', '.join(diff)} "
+            f"({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); choose another "
+            f"output directory or the same settings"
+        )
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    saved.setdefault("resumed", []).append(runs.provenance(device))
+    saved["epochs"] = resolved["epochs"]
+    runs.save_json(out / "config.json", saved)
+    runs.write_jsonl(out / "metrics.jsonl", ckpt["metrics"])  # heals a kill between writes
+    return ckpt
+
+
+def _metric_row(epoch: int, train: dict, test: dict, running: dict, wall_s: float) -> dict:
+    return {
+        "epoch": epoch,
+        "train_acc": train["acc"],
+        "train_loss": train["loss"],
+        "train_mse": train["mse"],
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "test_mse": test["mse"],
+        **running,
+        "wall_s": wall_s,
+    }
+
+
+def _check_finite(row: dict, cfg: TrainConfig, out: Path) -> str | None:
+    """None if every metric is finite; else record diverged.json and return the message."""
+    if all(math.isfinite(row[k]) for k in METRIC_KEYS):
+        return None
+    message = (
+        f"{cfg.loss} run in {out}: the loss became non-finite in epoch {row['epoch']} "
+        f"(running loss {row['running_train_loss']}, train loss {row['train_loss']}) at "
+        f"lr={cfg.lr}, momentum={cfg.momentum}; the last good checkpoint (epoch "
+        f"{row['epoch'] - 1}) is kept. Try a smaller --lr."
+    )
+    runs.save_json(out / "diverged.json", {"epoch": row["epoch"], "message": message})
+    return message
+
+
+def _save_epoch(
+    out: Path,
+    model_state: dict,
+    optimizer_state: dict,
+    gens: tuple[torch.Generator, torch.Generator],
+    rows: list[dict],
+) -> None:
+    """checkpoint.pt then metrics.jsonl, each atomically (resume rewrites the metrics from
+    the checkpoint, so a kill between the two writes loses nothing)."""
+    runs.save_torch(
+        out / "checkpoint.pt",
+        {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "order_rng": gens[0].get_state(),
+            "direction_rng": gens[1].get_state(),
+            "epoch": rows[-1]["epoch"],
+            "metrics": rows,
+        },
+    )
+    runs.write_jsonl(out / "metrics.jsonl", rows)
+
+
 def train_run(
     config: TrainConfig | Mapping[str, Any],
     out_dir: str | Path,
@@ -348,53 +445,19 @@ def train_run(
     checkpoint and metrics in place and a `diverged.json` that records the epoch.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-    out = Path(out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not resume:
-        raise ValueError(
-            f"{out} already holds a run (checkpoint.pt); resume it with resume=True "
-            f"(--resume) or choose another output directory"
-        )
-    if (out / "diverged.json").exists():
-        info = runs.load_json(out / "diverged.json")
-        raise NonFiniteLossError(info["message"])
-    device = torch.device(device)
-    if dataset is not None and getattr(dataset, "name", cfg.dataset) != cfg.dataset:
-        raise ValueError(f"dataset is {dataset.name!r} but config.dataset is {cfg.dataset!r}")
-    if dataset is None:
-        data = prepare_data(cfg, device)
-    else:
-        data = prepare_data(
-            dataset, device, train_subset=cfg.train_subset, test_subset=cfg.test_subset
-        )
+    out, device = Path(out_dir), torch.device(device)
+    data = _load_data(cfg, dataset, device)
     resolved = _resolved_config(cfg, data, device)
-
     model = build_model(resolved["model"], cfg.seed).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
-    order_gen = torch.Generator(gen_device).manual_seed(subseed(cfg.seed, _ORDER))
-    direction_gen = torch.Generator(gen_device).manual_seed(subseed(cfg.seed, _DIRECTIONS))
+    gens = _generators(cfg.seed, device)
     rows: list[dict] = []
-    if ckpt_path.exists():
-        saved = runs.load_json(out / "config.json")
-        if diff := _same_run(saved, resolved):
-            raise ValueError(
-                f"{out} holds a run with different {', '.join(diff)} "
-                f"({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); choose another "
-                f"output directory or the same settings"
-            )
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if (ckpt := _open_run(out, resolved, device, resume)) is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        order_gen.set_state(ckpt["order_rng"])
-        direction_gen.set_state(ckpt["direction_rng"])
+        gens[0].set_state(ckpt["order_rng"])
+        gens[1].set_state(ckpt["direction_rng"])
         rows = ckpt["metrics"]
-        saved.setdefault("resumed", []).append(runs.provenance(device))
-        saved["epochs"] = cfg.epochs
-        runs.save_json(out / "config.json", saved)
-        runs.write_jsonl(out / "metrics.jsonl", rows)  # heals a kill between the two writes
-    else:
-        runs.save_json(out / "config.json", resolved)
 
     steps = math.ceil(data.x_train.size(0) / cfg.batch_size)
     label = f"{cfg.loss} m={cfg.momentum:g} seed={cfg.seed}"
@@ -402,44 +465,213 @@ def train_run(
     for epoch in epochs:
         t0 = time.perf_counter()
         with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
-            running = _train_epoch(model, opt, data, cfg, order_gen, direction_gen, bar)
+            running = _train_epoch(model, opt, data, cfg, *gens, bar)
         train = evaluate(model, data.x_train, data.y_train, cfg.loss)
         test = evaluate(model, data.x_test, data.y_test, cfg.loss)
-        row = {
-            "epoch": epoch,
-            "train_acc": train["acc"],
-            "train_loss": train["loss"],
-            "train_mse": train["mse"],
-            "test_acc": test["acc"],
-            "test_loss": test["loss"],
-            "test_mse": test["mse"],
-            **running,
-            "wall_s": time.perf_counter() - t0,
-        }
-        if not all(math.isfinite(row[k]) for k in METRIC_KEYS):
-            message = (
-                f"{cfg.loss} run in {out}: the loss became non-finite in epoch {epoch} "
-                f"(running loss {running['running_train_loss']}, train loss "
-                f"{train['loss']}) at lr={cfg.lr}, momentum={cfg.momentum}; the last good "
-                f"checkpoint (epoch {epoch - 1}) is kept. Try a smaller --lr."
-            )
-            runs.save_json(out / "diverged.json", {"epoch": epoch, "message": message})
+        row = _metric_row(epoch, train, test, running, time.perf_counter() - t0)
+        if message := _check_finite(row, cfg, out):
             raise NonFiniteLossError(message)
         rows.append(row)
-        runs.save_torch(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "order_rng": order_gen.get_state(),
-                "direction_rng": direction_gen.get_state(),
-                "epoch": epoch,
-                "metrics": rows,
-            },
-        )
-        runs.write_jsonl(out / "metrics.jsonl", rows)
+        _save_epoch(out, model.state_dict(), opt.state_dict(), gens, rows)
         epochs.set_postfix(train_acc=f"{row['train_acc']:.4f}", test_acc=f"{row['test_acc']:.4f}")
     return rows
+
+
+# ---- many runs at once (torch.func) -------------------------------------------------------
+
+SHARED_FIELDS = (
+    "dataset",
+    "data_dir",
+    "train_subset",
+    "test_subset",
+    "batch_size",
+    "epochs",
+    "channels",
+    "hidden",
+)  # what every run trained together by `train_many` must share
+
+
+def _grouped_losses(
+    names: Sequence[str], out: Tensor, onehot: Tensor, labels: Tensor, v: Tensor | None
+) -> Tensor:
+    """(M, b) per-sample training losses of M models with outputs out (M, b, C), models that
+    share a loss computed together; v (M, b, C) holds QMSE's directions."""
+    M, b, C = out.shape
+    per_sample = out.new_zeros(M, b)
+    for name in dict.fromkeys(names):
+        idx = torch.tensor([m for m, n in enumerate(names) if n == name], device=out.device)
+        o = out[idx].reshape(-1, C)  # (k·b, C)
+        if name == "qmse":
+            t = onehot[idx].reshape(-1, C)
+            loss = qmse_loss(o, t, v=v[idx].reshape(-1, C), reduction="none")
+        elif name == "ce":
+            loss = F.cross_entropy(o, labels[idx].reshape(-1), reduction="none")
+        else:
+            loss = compute_loss(name, o, onehot[idx].reshape(-1, C), reduction="none")
+        per_sample = per_sample.index_add(0, idx, loss.view(len(idx), b))
+    return per_sample
+
+
+def train_many(
+    configs: Sequence[TrainConfig | Mapping[str, Any]],
+    out_dirs: Sequence[str | Path],
+    *,
+    dataset: Any = None,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    quiet: bool = False,
+) -> list[list[dict]]:
+    """Train M runs at once, one vectorised model, and return each run's metric rows.
+
+    The M SimpleCNNs are stacked (`torch.func.stack_module_state`) and called through
+    `vmap(functional_call)`; each keeps its own seed (initial weights, batch order, QMSE's
+    v), loss, lr and momentum, so run m writes the same directory, to float tolerance, as
+    `train_run(configs[m], out_dirs[m])` (tested). The SGD step is written out (PyTorch's
+    convention: buf ← momentum·buf + g, w ← w − lr·buf) so lr and momentum may differ per
+    run. The runs must share SHARED_FIELDS, and, when resumed, their epoch. A run whose loss
+    becomes non-finite gets diverged.json, keeps its last good checkpoint and stops being
+    saved; the others go on.
+    """
+    from torch.func import functional_call, stack_module_state, vmap
+
+    cfgs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
+    outs, device = [Path(o) for o in out_dirs], torch.device(device)
+    if not cfgs or len(cfgs) != len(outs):
+        raise ValueError(f"got {len(cfgs)} configs and {len(outs)} out_dirs; need as many, >= 1")
+    for name in SHARED_FIELDS:
+        if len({getattr(c, name) for c in cfgs}) > 1:
+            raise ValueError(
+                f"train_many needs one {name} for all runs, got "
+                f"{sorted({str(getattr(c, name)) for c in cfgs})}; train them in groups"
+            )
+    cfg0, M = cfgs[0], len(cfgs)
+    data = _load_data(cfg0, dataset, device)
+    resolved = [_resolved_config(c, data, device) for c in cfgs]
+    models = [build_model(r["model"], c.seed).to(device) for r, c in zip(resolved, cfgs)]
+    gens = [_generators(c.seed, device) for c in cfgs]
+    momentum_bufs: list[dict[str, Tensor] | None] = [None] * M
+    rows: list[list[dict]] = [[] for _ in range(M)]
+    for m, (out, r) in enumerate(zip(outs, resolved)):
+        if (ckpt := _open_run(out, r, device, resume)) is None:
+            continue
+        models[m].load_state_dict(ckpt["model"])
+        gens[m][0].set_state(ckpt["order_rng"])
+        gens[m][1].set_state(ckpt["direction_rng"])
+        names = [n for n, _ in models[m].named_parameters()]
+        state = ckpt["optimizer"]["state"]
+        if state and state[0].get("momentum_buffer") is not None:
+            momentum_bufs[m] = {n: state[i]["momentum_buffer"] for i, n in enumerate(names)}
+        rows[m] = ckpt["metrics"]
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError(
+            f"train_many resumes runs at one epoch; these are at epochs "
+            f"{[len(r) for r in rows]}: bring them level with train_run first"
+        )
+
+    params, _ = stack_module_state(models)  # name -> (M, ...) leaf tensors
+    names = list(params)
+    bufs = {  # zeros where a run has no buffer yet: momentum·0 + g = g, PyTorch's first step
+        n: torch.stack([b[n] if b else torch.zeros_like(params[n][0]) for b in momentum_bufs])
+        for n in names
+    }
+    base = build_model(resolved[0]["model"], 0).to("meta")
+
+    def forward(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(base, p, (x,))
+
+    train_forward = vmap(forward)  # (M, b, Ch, H, W) -> (M, b, C)
+    eval_forward = vmap(forward, in_dims=(0, None))  # (b, Ch, H, W) -> (M, b, C)
+    lr = torch.tensor([c.lr for c in cfgs], device=device)  # (M,)
+    mom = torch.tensor([c.momentum for c in cfgs], device=device)  # (M,)
+    losses = [c.loss for c in cfgs]
+    x, y, C = data.x_train, data.y_train, data.num_classes
+    n, B = x.size(0), cfg0.batch_size
+    alive = [True] * M
+    steps = math.ceil(n / B)
+    epochs = runs.progress(range(len(rows[0]) + 1, cfg0.epochs + 1), quiet=quiet, desc=f"{M} runs")
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        perms = torch.stack([torch.randperm(n, generator=g, device=device) for g, _ in gens])
+        v_all = None  # (M, n, C): each QMSE run's v, in its step order (zeros for the others)
+        if "qmse" in losses:
+            v_all = torch.stack(
+                [
+                    sample_directions(n, C, generator=gd, device=device)
+                    if loss == "qmse"
+                    else torch.zeros(n, C, device=device)
+                    for (_, gd), loss in zip(gens, losses)
+                ]
+            )
+        sums = torch.zeros(M, 3, dtype=torch.float64, device=device)  # loss·b, correct, ‖g‖
+        with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
+            for start in range(0, n, B):
+                idx = perms[:, start : start + B]  # (M, b)
+                out = train_forward(params, x[idx])  # (M, b, C)
+                yb = y[idx]  # (M, b)
+                onehot = F.one_hot(yb, C).to(out)  # (M, b, C)
+                v = v_all[:, start : start + B] if v_all is not None else None
+                loss = _grouped_losses(losses, out, onehot, yb, v).mean(1)  # (M,)
+                grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
+                with torch.no_grad():
+                    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # (P, M)
+                    for k, g in zip(names, grads):
+                        shape = (M,) + (1,) * (g.dim() - 1)
+                        bufs[k].mul_(mom.view(shape)).add_(g)
+                        params[k].sub_(lr.view(shape) * bufs[k])
+                    correct = (out.argmax(-1) == yb).sum(1)  # (M,)
+                    sums += torch.stack(
+                        [loss.double() * idx.size(1), correct.double(), norms.norm(dim=0).double()],
+                        dim=1,
+                    )
+                bar.update(1)
+        running = (sums / torch.tensor([n, n, steps], device=device)).tolist()
+        with torch.no_grad():
+            train = _evaluate_many(eval_forward, params, data.x_train, y, losses)
+            test = _evaluate_many(eval_forward, params, data.x_test, data.y_test, losses)
+        wall = (time.perf_counter() - t0) / M
+        for m in range(M):
+            if not alive[m]:
+                continue
+            run_metrics = dict(
+                zip(("running_train_loss", "running_train_acc", "grad_norm"), running[m])
+            )
+            row = _metric_row(epoch, train[m], test[m], run_metrics, wall)
+            if _check_finite(row, cfgs[m], outs[m]):
+                alive[m] = False
+                continue
+            rows[m].append(row)
+            state = {k: params[k][m].detach().clone() for k in names}
+            opt = torch.optim.SGD(models[m].parameters(), lr=cfgs[m].lr, momentum=cfgs[m].momentum)
+            if cfgs[m].momentum:
+                for k, p in zip(names, models[m].parameters()):
+                    opt.state[p]["momentum_buffer"] = bufs[k][m].clone()
+            _save_epoch(outs[m], state, opt.state_dict(), gens[m], rows[m])
+        if not any(alive):
+            break
+    return rows
+
+
+def _evaluate_many(
+    eval_forward: Any, params: dict[str, Tensor], x: Tensor, labels: Tensor, losses: list[str]
+) -> list[dict[str, float]]:
+    """`evaluate` for M stacked models at once: one dict per model."""
+    M = len(losses)
+    sums = torch.zeros(M, 3, dtype=torch.float64, device=x.device)  # correct, loss, mse
+    chunk = max(1, _EVAL_CHUNK * 4 // M)
+    for start in range(0, x.size(0), chunk):
+        out = eval_forward(params, x[start : start + chunk]).float()  # (M, b, C)
+        y = labels[start : start + chunk]
+        onehot = F.one_hot(y, out.size(-1)).to(out)  # (b, C)
+        for m, name in enumerate(losses):
+            sums[m] += torch.stack(
+                [
+                    (out[m].argmax(-1) == y).sum().double(),
+                    _per_sample_loss(name, out[m], onehot, y).sum().double(),
+                    _per_sample_loss("mse", out[m], onehot, y).sum().double(),
+                ]
+            )
+    values = (sums / x.size(0)).tolist()
+    return [{"acc": a, "loss": b, "mse": c} for a, b, c in values]
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
