@@ -1,0 +1,233 @@
+"""Scaling out on existing engines: sweeps as Ray tasks, one run data-parallel under torchrun.
+
+Sweeps. A grid (the paper's, issue 6; the escape benchmark, issue 7) is a list of
+independent tasks, each writing its own output directory, resuming from its checkpoint and
+returning at once when it is finished. `run_tasks` runs such tasks in this process
+(`backend="local"`, no dependency) or as Ray tasks (`backend="ray"`, `pip install qmse[ray]`),
+one task per run, each asking for `num_cpus`/`num_gpus`. A task whose worker dies is retried
+by Ray and resumes from its last checkpoint, so both backends leave the same files.
+
+Data parallel. Under `torchrun --nproc-per-node N` every rank holds the whole data set and
+the same generators, so every rank draws the same epoch permutation and the same QMSE
+directions v (one per sample, in step order; README note 5): v is a function of
+(seed, epoch, position in the epoch), never of the rank. `data_parallel` wraps the model so
+that each rank runs the forward and backward pass on its 1/N share of every batch
+(DistributedDataParallel averages the gradients) and every rank sees the whole batch's output.
+The loss, the metrics and the update are then those of one process, up to the order of
+floating-point sums, whatever N is.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from qmse import runs
+
+BACKENDS = ("local", "ray")
+
+
+def run_tasks(
+    fn: Callable[[Any], Any],
+    tasks: Iterable[Any],
+    *,
+    backend: str = "local",
+    address: str | None = None,
+    num_cpus_per_task: float = 1,
+    num_gpus_per_task: float = 0,
+    max_retries: int = 3,
+    quiet: bool = False,
+    desc: str = "tasks",
+) -> list[Any]:
+    """[fn(task) for task in tasks], in this process or as Ray tasks; results in task order.
+
+    `fn` must be idempotent and resumable (write its own output, skip or resume finished
+    work): Ray re-runs a task whose worker died up to `max_retries` times. With "ray",
+    `fn` and the tasks are pickled, so `fn` must be importable on the workers (a function
+    of an installed module), and each task gets `num_cpus_per_task` CPUs (also its torch
+    thread count) and `num_gpus_per_task` GPUs. `address` connects to a running cluster
+    ("auto", "HOST:PORT", "ray://HOST:10001"); without it the Ray instance already
+    initialised in this process is used, else a local one is started for this call and shut
+    down after it. All tasks run to the end; then the first task's exception, if any, is
+    raised (the local backend raises at once).
+    """
+    tasks = list(tasks)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    if not num_cpus_per_task > 0:
+        raise ValueError(f"num_cpus_per_task={num_cpus_per_task}; expected a positive number")
+    if num_gpus_per_task < 0:
+        raise ValueError(f"num_gpus_per_task={num_gpus_per_task}; expected a number >= 0")
+    if max_retries < 0:
+        raise ValueError(f"max_retries={max_retries}; expected an integer >= 0")
+    if backend == "local":
+        if address is not None:
+            raise ValueError(f"address={address!r} needs backend='ray'; drop it or add that")
+        return [fn(task) for task in runs.progress(tasks, quiet=quiet, desc=desc, unit="task")]
+
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=not quiet)
+    elif address is not None:
+        raise ValueError(
+            f"address={address!r} but this process is already connected to a Ray cluster; "
+            f"call ray.shutdown() first or drop address"
+        )
+    try:
+        remote = ray.remote(
+            num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task, max_retries=max_retries
+        )(_call_with_threads)
+        threads = max(1, int(num_cpus_per_task))
+        refs = [remote.remote(fn, task, threads) for task in tasks]
+        pending = list(refs)
+        with runs.progress(total=len(refs), quiet=quiet, desc=desc, unit="task") as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        return ray.get(refs)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _call_with_threads(fn: Callable[[Any], Any], task: Any, threads: int) -> Any:
+    """fn(task) on a Ray worker, with torch using the task's CPUs (not the node's)."""
+    torch.set_num_threads(threads)
+    return fn(task)
+
+
+def import_ray() -> Any:
+    """The `ray` module, or an ImportError that says how to install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError(
+            "backend='ray' needs Ray: pip install 'qmse[ray]' (or pip install ray), "
+            "or use the local backend"
+        ) from e
+    return ray
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(name: str, data_dir: str | None) -> Any:
+    """qmse.data.load, once per worker process (Ray reuses workers across tasks)."""
+    from qmse import data
+
+    return data.load(name, data_dir)
+
+
+def train_task(task: Mapping[str, Any]) -> dict[str, Any]:
+    """One run of a training grid, the unit of a sweep: {"config": TrainConfig fields,
+    "out_dir": run directory, "device": "auto" | "cpu" | "cuda" ...}.
+
+    Trains, resumes an unfinished run, or returns at once for a finished one; the data set
+    is read from config["data_dir"] on the worker's own machine. A run whose loss became
+    non-finite is reported as {"status": "diverged"} instead of raising.
+    """
+    from qmse.train import NonFiniteLossError, TrainConfig, resolve_device, train_run
+
+    cfg = TrainConfig.from_dict(task["config"])
+    out_dir = str(task["out_dir"])
+    try:
+        rows = train_run(
+            cfg,
+            out_dir,
+            dataset=_dataset(cfg.dataset, cfg.data_dir),
+            device=resolve_device(str(task.get("device", "auto"))),
+            resume=True,
+            quiet=True,
+        )
+    except NonFiniteLossError as e:
+        return {"out_dir": out_dir, "status": "diverged", "message": str(e)}
+    return {"out_dir": out_dir, "status": "finished", "epochs": len(rows), "last": rows[-1]}
+
+
+# ---- data parallel (torchrun) ----------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device | str) -> torch.device:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and return this rank's device.
+
+    nccl on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Without torchrun's environment, or
+    with WORLD_SIZE=1, nothing is initialised and `device` is returned as it is.
+    """
+    device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"device={device}; data-parallel runs need cpu (gloo) or cuda (nccl)")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """`model` itself outside a process group of several ranks, else a ShardedForward
+    around it (same parameters: optimise and checkpoint `model` as usual)."""
+    return ShardedForward(model) if world()[1] > 1 else model
+
+
+class _GatherRows(torch.autograd.Function):
+    """(per, C) on each rank → (world·per, C), rank-major, on every rank.
+
+    Backward: every rank computes the same loss from the same gathered output, so each holds
+    the whole gradient; a rank keeps its own rows, times the world size because
+    DistributedDataParallel averages (not sums) the ranks' parameter gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor) -> Tensor:
+        rank, size = world()
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local.contiguous())
+        ctx.rows, ctx.rank, ctx.size = local.size(0), rank, size
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows] * ctx.size
+
+
+class ShardedForward(nn.Module):
+    """Data-parallel forward of a whole batch: rank r runs `module` (wrapped in
+    DistributedDataParallel) on rows [r·per, (r+1)·per) of the batch, per = ⌈B/N⌉, zero-padded
+    to `per` rows when the batch runs short, and every rank gets the whole (B, C) output.
+
+    The caller's loss over the whole batch then has the gradient of one process; the only
+    difference is the order of floating-point sums.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        device = next(module.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rank, size = world()
+        b = x.size(0)
+        per = -(-b // size)
+        local = x[rank * per : (rank + 1) * per]  # (≤ per, ...)
+        if local.size(0) < per:
+            pad = local.new_zeros((per - local.size(0), *x.shape[1:]))
+            local = torch.cat([local, pad])  # (per, ...)
+        return _GatherRows.apply(self.ddp(local))[:b]  # (b, C)

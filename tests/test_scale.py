@@ -1,0 +1,247 @@
+"""qmse.scale: Ray sweeps give the local backend's files, also when a worker is SIGKILLed
+mid-run; a run under torchrun on 2 gloo processes gives the metrics of 1 process."""
+
+import gzip
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qmse import runs, scale
+from qmse.reproduce import grid_configs
+from qmse.train import run_name
+
+TESTS = Path(__file__).resolve().parent
+
+
+def write_tiny_mnist(root: Path, n_train: int = 48, n_test: int = 24, size: int = 8) -> Path:
+    """IDX files of a learnable 8×8 'mnist' in root/mnist: class k is brighter in band k."""
+    rng = np.random.default_rng(0)
+    folder = root / "mnist"
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 120, (n, size, size)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, (k * size) // 10] += 120
+        for kind, magic, array in (("images-idx3", 2051, images), ("labels-idx1", 2049, labels)):
+            header = struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
+            (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(
+                gzip.compress(header + array.tobytes())
+            )
+    return root
+
+
+def grid_tasks(out: Path, data_dir: Path) -> list[dict]:
+    """The paper's grid (mse, qmse × momentum 0, 0.9 × 2 seeds) at a tiny budget."""
+    configs = grid_configs(
+        "mnist", seeds=2, epochs=2, lr=0.05, batch_size=16, data_dir=str(data_dir)
+    )
+    return [
+        {"config": {**vars(c), "channels": list(c.channels)}, "out_dir": str(out / run_name(c))}
+        for c in configs
+    ]
+
+
+def metrics(out: Path) -> dict[str, list[dict]]:
+    """run name -> metric rows without wall time."""
+    return {
+        p.parent.name: [{k: v for k, v in r.items() if k != "wall_s"} for r in runs.read_jsonl(p)]
+        for p in sorted(out.glob("*/metrics.jsonl"))
+    }
+
+
+def test_local_backend_runs_in_order_and_checks_its_arguments():
+    assert scale.run_tasks(lambda t: t * t, range(5), quiet=True) == [0, 1, 4, 9, 16]
+    for bad, match in (
+        (dict(backend="dask"), "backend"),
+        (dict(address="auto"), "address"),
+        (dict(num_cpus_per_task=0), "num_cpus_per_task"),
+        (dict(num_gpus_per_task=-1), "num_gpus_per_task"),
+        (dict(max_retries=-1), "max_retries"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            scale.run_tasks(abs, [1], **bad)
+
+
+def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    with pytest.raises(ImportError, match=r"qmse\[ray\]"):
+        scale.run_tasks(abs, [1], backend="ray")
+
+
+def test_outside_a_process_group_data_parallel_is_the_model_itself():
+    model = torch.nn.Linear(2, 3)
+    assert scale.world() == (0, 1)
+    assert scale.data_parallel(model) is model
+    assert scale.init_distributed("cpu") == torch.device("cpu")  # no WORLD_SIZE: nothing
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_tiny_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def local_grid(tmp_path_factory, data_dir) -> Path:
+    """The grid on the local backend, with one torch thread like a 1-CPU Ray task."""
+    out = tmp_path_factory.mktemp("local")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = scale.run_tasks(scale.train_task, grid_tasks(out, data_dir), quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["status"] for r in results] == ["finished"] * 8
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local 2-CPU Ray instance on the loopback interface for this module's tests;
+    workers import this file (for the trapped task) through PYTHONPATH."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=100 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_ray_grid_gives_the_local_backends_files(ray_cluster, local_grid, data_dir, tmp_path):
+    results = scale.run_tasks(
+        scale.train_task, grid_tasks(tmp_path, data_dir), backend="ray", quiet=True
+    )
+    assert [r["status"] for r in results] == ["finished"] * 8
+    assert [r["out_dir"] for r in results] == [t["out_dir"] for t in grid_tasks(tmp_path, data_dir)]
+    assert metrics(tmp_path) == metrics(local_grid)
+    assert len(metrics(tmp_path)) == 8
+
+
+def trapped_train_task(task: dict) -> dict:
+    """scale.train_task, except that the first attempt at a task with a "trap" path writes
+    its pid there after saving its epoch-1 checkpoint (before metrics.jsonl) and waits to be
+    killed. A retry finds the trap file and runs normally: it must resume from epoch 1."""
+    trap = Path(task.pop("trap", os.devnull))
+    if trap.name != os.devnull and not trap.exists():
+        save_torch = runs.save_torch
+
+        def save_then_wait(path, obj):
+            save_torch(path, obj)
+            trap.write_text(str(os.getpid()))
+            time.sleep(600)
+
+        runs.save_torch = save_then_wait  # this worker process is about to die with it
+    return scale.train_task(task)
+
+
+def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_dir, tmp_path):
+    out, trap = tmp_path / "grid", tmp_path / "pid"
+    tasks = grid_tasks(out, data_dir)
+    victim = tasks[5]
+    victim["trap"] = str(trap)
+    killed = []
+
+    def kill_when_trapped() -> None:
+        deadline = time.monotonic() + 180
+        while not trap.exists() or not trap.read_text():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        pid = int(trap.read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_when_trapped, daemon=True)
+    killer.start()
+    results = scale.run_tasks(trapped_train_task, tasks, backend="ray", max_retries=2, quiet=True)
+    killer.join(timeout=1)
+    assert killed, "the trapped task never reached its epoch-1 checkpoint"
+    assert [r["status"] for r in results] == ["finished"] * 8
+    assert metrics(out) == metrics(local_grid)
+    run = Path(victim["out_dir"])
+    assert len(runs.load_json(run / "config.json")["resumed"]) == 1  # resumed, not restarted
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
+    again = scale.run_tasks(scale.train_task, grid_tasks(out, data_dir), backend="ray", quiet=True)
+    assert [r["epochs"] for r in again] == [2] * 8
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished runs: not retrained
+
+
+DDP_CHILD = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.nn.functional as F
+    from qmse import scale
+    from qmse.loss import qmse_loss, sample_directions
+    from qmse.models import SimpleCNN
+
+    torch.set_num_threads(1)
+    scale.init_distributed("cpu")
+    rank, size = scale.world()
+    torch.manual_seed(0)
+    model = SimpleCNN(1, 8, 3, (2, 4), 8)
+    net = scale.data_parallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 1, 8, 8, generator=g), torch.randint(0, 3, (50,), generator=g)
+    v = sample_directions(50, 3, generator=g)
+    norms = []
+    for epoch in range(3):
+        for s in range(0, 50, 15):  # batches of 15, 15, 15, 5: uneven shares
+            target = F.one_hot(y[s : s + 15], 3).float()
+            loss = qmse_loss(net(x[s : s + 15]), target, v=v[s : s + 15])
+            opt.zero_grad()
+            loss.backward()
+            norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+            opt.step()
+    with torch.no_grad():
+        full = net(x)
+    if rank == 0:
+        torch.save({"params": list(model.parameters()), "norms": norms, "out": full}, sys.argv[1])
+    """
+)
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(DDP_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n in (1, 2):
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={n}",
+                str(script),
+                str(tmp_path / f"{n}.pt"),
+            ],
+            env=env,
+            check=True,
+            timeout=300,
+        )
+    one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (1, 2))
+    for a, b in zip(one["params"], two["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(one["norms"]), torch.stack(two["norms"]))
+    torch.testing.assert_close(one["out"], two["out"])
