@@ -427,8 +427,8 @@ def _add_symmetry(sub: argparse._SubParsersAction) -> None:
         "--loss", default="mse", choices=("mse", "expected-qmse", "ce"), help="loss to plot"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
-    p.add_argument("--group-size", type=int, default=25, help="grid points per vmapped pass")
-    p.add_argument("--batch-size", type=int, default=500, help="samples per vmapped pass")
+    p.add_argument("--group-size", type=int, default=5, help="grid points per vmapped pass")
+    p.add_argument("--batch-size", type=int, default=40, help="samples per vmapped pass")
     p.add_argument("--compile", action="store_true", help="torch.compile the vmapped pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
     p.add_argument("--out", default=None, help="default runs/landscape/<RUN_DIR name>-<dims>d")
@@ -457,7 +457,8 @@ def _add_symmetry(sub: argparse._SubParsersAction) -> None:
         )
         print(
             f"{s['evaluations']} points x {s['samples']} samples in {s['wall_s']:.1f} s "
-            f"({s['torch_threads']} threads); {args.loss} from {s['min_loss']:.4f} "
+            f"(CPU {s['cpu_s']:.1f} s, {s['torch_threads']} threads); {args.loss} from "
+            f"{s['min_loss']:.4f} "
             f"to {s['max_loss']:.4f}, centre {s['centre_loss']}"
         )
         print(f"wrote {out}/landscape-{args.dims}d.png, landscape-{args.dims}d.npz, summary.json")
