@@ -19,6 +19,7 @@ floating-point sums, whatever N is.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -159,6 +160,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_main() -> bool:
+    """True on rank 0 (and outside a process group): the process that writes files."""
+    return world()[0] == 0
+
+
 def init_distributed(device: torch.device | str) -> torch.device:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and return this rank's device.
@@ -176,6 +182,7 @@ def init_distributed(device: torch.device | str) -> torch.device:
         raise ValueError(f"device={device}; data-parallel runs need cpu (gloo) or cuda (nccl)")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
     return device
 
 
