@@ -339,6 +339,9 @@ def test_diagnose_model_is_json_ready_and_seeded():
     exact = torch.linalg.eigvalsh(_full_hessian(model, x, y, "mse"))
     h = d["hessian"]["mse"]
     assert exact[0] <= h["bottom"][0] <= h["top"][0] <= exact[-1]  # Ritz values interlace
+    ws = d["geometry"]["whole_set"]  # the same numbers by another route (VJP of residuals)
+    assert math.isclose(h["grad_norm"], ws["mse_grad_norm"], rel_tol=1e-9)
+    assert math.isclose(h["loss"], ws["mse"], rel_tol=1e-12)
     text = dg.summary_text(d)
     assert "stop case (whole set)" in text and "[expected-qmse] λ_min" in text
     assert "[mse] label" in dg.compare_text(d, d, ("A", "B"))

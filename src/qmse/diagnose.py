@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, jacrev, jvp, vjp, vmap
 
 from qmse.loss import LOSS_NAMES, compute_loss, sample_directions
 from qmse.models import MLP
@@ -366,8 +366,7 @@ def hessian_operator(
 
     Reverse-over-reverse (`vjp` of `grad`; the Hessian is symmetric): the gradient graph is
     built once and each product is one more backward pass, so keep `batches` small (a fixed
-    subset of a few hundred samples). Call it with the model in eval mode semantics: it is
-    evaluated under `_eval_mode` when built.
+    subset of a few hundred samples). The model is evaluated in eval mode.
     """
     w, loss_at = loss_fn(model, batches, loss=loss)
     with _eval_mode(model):
@@ -534,9 +533,10 @@ def diagnose_model(
 ) -> dict:
     """Everything above on one batch, as a JSON-ready dict: the stopping case with its
     tolerances, the gradient geometry (whole set, and per-sample quantiles), and for each
-    loss in `losses` the top-k/bottom-k Hessian Ritz values, the curvature label, the
-    Hutchinson trace ± standard error and the SLQ nodes/weights (`slq_vectors` Lanczos runs
-    of `lanczos_steps` products; the extremes come from the first)."""
+    loss in `losses` its value and gradient norm, the top-k/bottom-k Hessian Ritz values,
+    the curvature label (meaningful where that gradient is ~0), the Hutchinson trace ±
+    standard error and the SLQ nodes/weights (`slq_vectors` Lanczos runs of
+    `lanczos_steps` products; the extremes come from the first)."""
     bar = progress(total=1 + 2 * len(losses), quiet=quiet, desc="diagnose")
     geo = gradient_geometry(model, x, y, seed=seed)
     stop = classify_stop(
@@ -559,6 +559,9 @@ def diagnose_model(
         "hessian": {},
     }
     for loss in losses:
+        w, loss_at = loss_fn(model, (x, y), loss=loss)
+        with _eval_mode(model):
+            g, value = grad_and_value(loss_at)(w)
         hvp, P = hessian_operator(model, (x, y), loss=loss)
         runs = spectral_density(hvp, P, steps=lanczos_steps, vectors=slq_vectors, seed=seed)
         bar.update()
@@ -567,6 +570,8 @@ def diagnose_model(
         nodes = runs[0][0]
         top, bottom = nodes.flip(0)[:k], nodes[:k]
         out["hessian"][loss] = {
+            "loss": value.item(),
+            "grad_norm": g.norm().item(),
             "top": top.tolist(),
             "bottom": bottom.tolist(),
             "label": label_curvature(bottom[0].item(), top[0].item(), curvature_tol),
@@ -676,6 +681,8 @@ def _summary_rows(d: dict) -> list[tuple[str, str]]:
     ]
     for loss, h in d["hessian"].items():
         rows += [
+            (f"[{loss}] loss", _fmt(h["loss"])),
+            (f"[{loss}] ‖∇loss‖", _fmt(h["grad_norm"])),
             (f"[{loss}] λ_max", _fmt(h["top"][0])),
             (f"[{loss}] λ_min", _fmt(h["bottom"][0])),
             (f"[{loss}] label", h["label"]),
