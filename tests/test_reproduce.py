@@ -128,9 +128,26 @@ def test_cli_reproduce_on_idx_fixture_files(tmp_path, capsys):
     out = tmp_path / "grid"
     argv = ["reproduce", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--quiet"]
     argv += ["--seeds", "2", "--epochs", "1", "--train-subset", "32", "--test-subset", "16"]
+    argv += ["--parallel", "4"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"figure: {out / 'figure.png'}" in printed and f"report: {out / 'report.md'}" in printed
     config = runs.load_json(out / "mse-m0.9-s1" / "config.json")
     assert config["num_train"] == 32 and config["num_test"] == 16 and config["lr"] == 0.01
     assert torch.load(out / "mse-m0.9-s1" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_parallel_grid_matches_the_sequential_one(tmp_path):
+    configs = _tiny_grid(seeds=2, epochs=2)
+    run_grid(configs, tmp_path / "seq", dataset=tiny_dataset(), device="cpu", quiet=True)
+    run_grid(configs, tmp_path / "par", dataset=tiny_dataset(), parallel=3, quiet=True)
+    for c in configs:
+        seq = runs.read_jsonl(tmp_path / "seq" / run_name(c) / "metrics.jsonl")
+        par = runs.read_jsonl(tmp_path / "par" / run_name(c) / "metrics.jsonl")
+        assert len(seq) == len(par) == 2
+        for a, b in zip(seq, par):
+            for key in ("train_acc", "test_acc", "train_mse", "grad_norm"):
+                assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6)
+    other = [dataclasses.replace(c, lr=0.07) for c in configs]
+    with pytest.raises(ValueError, match="lr=0.05"):
+        run_grid(other, tmp_path / "seq", dataset=tiny_dataset(), quiet=True)

@@ -156,6 +156,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per setting")
     p.add_argument("--with-ablation", action="store_true", help="add expected-qmse and ce")
+    p.add_argument("--parallel", type=int, default=1, help="runs trained at once (vmap)")
     p.add_argument("--out", default=None, help="grid directory; default runs/reproduce-<dataset>")
 
     def reproduce(args: argparse.Namespace) -> int:
@@ -173,7 +174,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             data_dir=args.data_dir,
         )
         out = args.out or f"runs/reproduce-{args.dataset}"
-        paths = run_grid(configs, out, device=args.device, quiet=args.quiet)
+        paths = run_grid(configs, out, device=args.device, parallel=args.parallel, quiet=args.quiet)
         print(f"figure: {paths['figure']}")
         print(f"report: {paths['report']}")
         return 0

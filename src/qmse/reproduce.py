@@ -8,10 +8,11 @@ and says plainly whether QMSE's final train accuracy is higher, equal within noi
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from qmse.train import (
     TrainConfig,
     resolve_device,
     run_name,
+    train_many,
     train_run,
 )
 
@@ -86,13 +88,19 @@ def run_grid(
     *,
     dataset: Any = None,
     device: torch.device | str = "auto",
+    parallel: int = 1,
     quiet: bool = False,
 ) -> dict[str, Path]:
     """Train every config into `out_dir/<run_name>` (finished runs are skipped, unfinished
     ones resumed), then write figure.png and report.md; returns their paths.
 
     `dataset` (a qmse.data.Dataset) is loaded once from configs[0] when not given.
+    `parallel` > 1 trains up to that many runs at once with `train_many` (vectorised);
+    the run directories are the same either way.
     """
+    if parallel < 1:
+        raise ValueError(f"parallel={parallel}; expected a positive number of runs at once")
+    kw = {"resume": True, "quiet": quiet}
     out = Path(out_dir)
     device = resolve_device(str(device))
     if dataset is None:
@@ -103,32 +111,62 @@ def run_grid(
         out / "grid.json",
         {
             "runs": [run_name(c) for c in configs],
-            "configs": [dataclasses.asdict(c) for c in configs],
+            "configs": [asdict(c) for c in configs],
             "provenance": runs.provenance(device),
         },
     )
     t0 = time.perf_counter()
-    bar = runs.progress(configs, quiet=quiet, desc="grid", unit="run")
-    for cfg in bar:
+    bar = runs.progress(total=len(configs), quiet=quiet, desc="grid", unit="run")
+    for group in _groups(configs, out, parallel):
+        dirs = [out / run_name(c) for c in group]
         try:
-            rows = train_run(
-                cfg, out / run_name(cfg), dataset=dataset, device=device, resume=True, quiet=quiet
-            )
+            if len(group) == 1:
+                rows = [train_run(group[0], dirs[0], dataset=dataset, device=device, **kw)]
+            else:
+                rows = train_many(group, dirs, dataset=dataset, device=device, **kw)
         except NonFiniteLossError as e:
             bar.write(f"diverged: {e}")
-            continue
-        if not quiet:
-            last = rows[-1]
-            bar.write(
-                f"{run_name(cfg)}: epoch {last['epoch']} train acc {last['train_acc']:.4f} "
-                f"test acc {last['test_acc']:.4f}"
-            )
+            rows = [[] for _ in group]
+        for cfg, r in zip(group, rows):
+            if not quiet and r:
+                bar.write(
+                    f"{run_name(cfg)}: epoch {r[-1]['epoch']} train acc {r[-1]['train_acc']:.4f} "
+                    f"test acc {r[-1]['test_acc']:.4f}"
+                )
+        bar.update(len(group))
     if not quiet:
         bar.write(f"grid done in {time.perf_counter() - t0:.0f} s")
     results = load_results(out, configs)
     figure = write_figure(results, out / "figure.png")
     report = write_report(results, out / "report.md")
     return {"figure": figure, "report": report}
+
+
+def _groups(configs: Sequence[TrainConfig], out: Path, parallel: int) -> list[list[TrainConfig]]:
+    """The runs still to train, in order, in groups `train_many` accepts: same epoch reached,
+    at most `parallel` each. Finished and diverged runs are left out; a diverged one is
+    reported by `load_results`."""
+    by_epoch: dict[int, list[TrainConfig]] = {}
+    for cfg in configs:
+        run = out / run_name(cfg)
+        if (run / "config.json").exists():
+            saved = runs.load_json(run / "config.json")
+            wanted = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists
+            skip = ("epochs", "data_dir")
+            if diff := [k for k in wanted if k not in skip and saved.get(k) != wanted[k]]:
+                settings = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
+                raise ValueError(
+                    f"{run} holds a run with other settings ({settings}); use another "
+                    f"output directory for this grid"
+                )
+        done = len(runs.read_jsonl(run / "metrics.jsonl"))
+        if done < cfg.epochs and not (run / "diverged.json").exists():
+            by_epoch.setdefault(done, []).append(cfg)
+    return [
+        group[i : i + parallel]
+        for group in by_epoch.values()
+        for i in range(0, len(group), parallel)
+    ]
 
 
 def load_results(out_dir: str | Path, configs: Sequence[TrainConfig]) -> list[dict]:

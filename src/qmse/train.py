@@ -532,7 +532,7 @@ def train_many(
     becomes non-finite gets diverged.json, keeps its last good checkpoint and stops being
     saved; the others go on.
     """
-    from torch.func import functional_call, stack_module_state, vmap
+    from torch.func import stack_module_state
 
     cfgs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
     outs, device = [Path(o) for o in out_dirs], torch.device(device)
@@ -574,68 +574,23 @@ def train_many(
         n: torch.stack([b[n] if b else torch.zeros_like(params[n][0]) for b in momentum_bufs])
         for n in names
     }
-    base = build_model(resolved[0]["model"], 0).to("meta")
-
-    def forward(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(base, p, (x,))
-
-    train_forward = vmap(forward)  # (M, b, Ch, H, W) -> (M, b, C)
-    eval_forward = vmap(forward, in_dims=(0, None))  # (b, Ch, H, W) -> (M, b, C)
-    lr = torch.tensor([c.lr for c in cfgs], device=device)  # (M,)
-    mom = torch.tensor([c.momentum for c in cfgs], device=device)  # (M,)
+    train_forward, eval_forward = vmapped_forwards(resolved[0]["model"])
     losses = [c.loss for c in cfgs]
-    x, y, C = data.x_train, data.y_train, data.num_classes
-    n, B = x.size(0), cfg0.batch_size
     alive = [True] * M
-    steps = math.ceil(n / B)
+    steps = math.ceil(data.x_train.size(0) / cfg0.batch_size)
     epochs = runs.progress(range(len(rows[0]) + 1, cfg0.epochs + 1), quiet=quiet, desc=f"{M} runs")
     for epoch in epochs:
         t0 = time.perf_counter()
-        perms = torch.stack([torch.randperm(n, generator=g, device=device) for g, _ in gens])
-        v_all = None  # (M, n, C): each QMSE run's v, in its step order (zeros for the others)
-        if "qmse" in losses:
-            v_all = torch.stack(
-                [
-                    sample_directions(n, C, generator=gd, device=device)
-                    if loss == "qmse"
-                    else torch.zeros(n, C, device=device)
-                    for (_, gd), loss in zip(gens, losses)
-                ]
-            )
-        sums = torch.zeros(M, 3, dtype=torch.float64, device=device)  # loss·b, correct, ‖g‖
         with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
-            for start in range(0, n, B):
-                idx = perms[:, start : start + B]  # (M, b)
-                out = train_forward(params, x[idx])  # (M, b, C)
-                yb = y[idx]  # (M, b)
-                onehot = F.one_hot(yb, C).to(out)  # (M, b, C)
-                v = v_all[:, start : start + B] if v_all is not None else None
-                loss = _grouped_losses(losses, out, onehot, yb, v).mean(1)  # (M,)
-                grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
-                with torch.no_grad():
-                    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # (P, M)
-                    for k, g in zip(names, grads):
-                        shape = (M,) + (1,) * (g.dim() - 1)
-                        bufs[k].mul_(mom.view(shape)).add_(g)
-                        params[k].sub_(lr.view(shape) * bufs[k])
-                    correct = (out.argmax(-1) == yb).sum(1)  # (M,)
-                    sums += torch.stack(
-                        [loss.double() * idx.size(1), correct.double(), norms.norm(dim=0).double()],
-                        dim=1,
-                    )
-                bar.update(1)
-        running = (sums / torch.tensor([n, n, steps], device=device)).tolist()
+            running = _train_epoch_many(train_forward, params, bufs, cfgs, data, gens, bar)
         with torch.no_grad():
-            train = _evaluate_many(eval_forward, params, data.x_train, y, losses)
+            train = _evaluate_many(eval_forward, params, data.x_train, data.y_train, losses)
             test = _evaluate_many(eval_forward, params, data.x_test, data.y_test, losses)
         wall = (time.perf_counter() - t0) / M
         for m in range(M):
             if not alive[m]:
                 continue
-            run_metrics = dict(
-                zip(("running_train_loss", "running_train_acc", "grad_norm"), running[m])
-            )
-            row = _metric_row(epoch, train[m], test[m], run_metrics, wall)
+            row = _metric_row(epoch, train[m], test[m], running[m], wall)
             if _check_finite(row, cfgs[m], outs[m]):
                 alive[m] = False
                 continue
@@ -649,6 +604,75 @@ def train_many(
         if not any(alive):
             break
     return rows
+
+
+def vmapped_forwards(args: Mapping[str, Any]) -> tuple[Any, Any]:
+    """SimpleCNN(**args) as functions of stacked parameters {name: (M, ...)}: one for M
+    batches (M, b, Ch, H, W) and one for a shared batch (b, Ch, H, W), both → (M, b, C)."""
+    from torch.func import functional_call, vmap
+
+    base = build_model(args, 0).to("meta")
+
+    def forward(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(base, p, (x,))
+
+    return vmap(forward), vmap(forward, in_dims=(0, None))
+
+
+def _train_epoch_many(
+    train_forward: Any,
+    params: dict[str, Tensor],
+    bufs: dict[str, Tensor],
+    cfgs: Sequence[TrainConfig],
+    data: Data,
+    gens: Sequence[tuple[torch.Generator, torch.Generator]],
+    bar: Any,
+) -> list[dict[str, float]]:
+    """`_train_epoch` for M stacked models (params and momentum buffers (M, ...), updated in
+    place); returns each model's running metrics. Read back once, at the end."""
+    M, device = len(cfgs), data.x_train.device
+    x, y, C = data.x_train, data.y_train, data.num_classes
+    n, B = x.size(0), cfgs[0].batch_size
+    lr = torch.tensor([c.lr for c in cfgs], device=device)  # (M,)
+    mom = torch.tensor([c.momentum for c in cfgs], device=device)  # (M,)
+    losses = [c.loss for c in cfgs]
+    names = list(params)
+    perms = torch.stack([torch.randperm(n, generator=g, device=device) for g, _ in gens])
+    v_all = None  # (M, n, C): each QMSE run's v, in its step order (zeros for the others)
+    if "qmse" in losses:
+        v_all = torch.stack(
+            [
+                sample_directions(n, C, generator=gd, device=device)
+                if loss == "qmse"
+                else torch.zeros(n, C, device=device)
+                for (_, gd), loss in zip(gens, losses)
+            ]
+        )
+    sums = torch.zeros(M, 3, dtype=torch.float64, device=device)  # loss·b, correct, ‖g‖
+    for start in range(0, n, B):
+        idx = perms[:, start : start + B]  # (M, b)
+        out = train_forward(params, x[idx])  # (M, b, C)
+        yb = y[idx]  # (M, b)
+        onehot = F.one_hot(yb, C).to(out)  # (M, b, C)
+        v = v_all[:, start : start + B] if v_all is not None else None
+        loss = _grouped_losses(losses, out, onehot, yb, v).mean(1)  # (M,)
+        grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
+        with torch.no_grad():
+            norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # (P, M)
+            for k, g in zip(names, grads):
+                shape = (M,) + (1,) * (g.dim() - 1)
+                bufs[k].mul_(mom.view(shape)).add_(g)
+                params[k].sub_(lr.view(shape) * bufs[k])
+            correct = (out.argmax(-1) == yb).sum(1)  # (M,)
+            sums += torch.stack(
+                [loss.double() * idx.size(1), correct.double(), norms.norm(dim=0).double()],
+                dim=1,
+            )
+        bar.update(1)
+    steps = math.ceil(n / B)
+    running = (sums / torch.tensor([n, n, steps], device=device)).tolist()
+    keys = ("running_train_loss", "running_train_acc", "grad_norm")
+    return [dict(zip(keys, r)) for r in running]
 
 
 def _evaluate_many(
