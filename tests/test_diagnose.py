@@ -411,4 +411,5 @@ def test_cli_compare_two_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "run loss" in out and "expected-qmse" in out
     assert (tmp_path / "cmp" / "comparison.json").exists()
+    assert (tmp_path / "cmp" / "diagnose-spectra.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "mse" / "diagnosis.json").exists()

@@ -720,7 +720,7 @@ def compare_runs(
 ) -> str:
     """Diagnose two runs on the same subset (`diagnose_run`, each into its own directory)
     and return them side by side; with `out_dir`, also write comparison.json (both
-    diagnoses, provenance) and comparison.txt there."""
+    diagnoses, provenance), comparison.txt and diagnose-spectra.png (`plot_spectra`) there."""
     a, b = diagnose_run(run_a, **kwargs), diagnose_run(run_b, **kwargs)
     names = (Path(run_a).name or str(run_a), Path(run_b).name or str(run_b))
     if names[0] == names[1]:
@@ -732,7 +732,39 @@ def compare_runs(
                   {"runs": [str(run_a), str(run_b)], "diagnoses": [a, b],
                    "provenance": provenance(device)})  # fmt: skip
         atomic_write(Path(out_dir) / "comparison.txt", text)
+        plot_spectra(dict(zip(names, (a, b))), Path(out_dir) / "diagnose-spectra.png")
     return text
+
+
+def plot_spectra(
+    diagnoses: dict[str, dict], path: str | os.PathLike, *, loss: str = "mse", sigma: float = 0.0
+) -> None:
+    """The SLQ spectral density of the `loss` Hessian of each named diagnosis, on one
+    log-scale plot (PNG at `path`). sigma = 0 picks 1% of the widest spectrum's range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: [(torch.tensor(r["nodes"]), torch.tensor(r["weights"]))
+                   for r in d["hessian"][loss]["slq"]]
+            for name, d in diagnoses.items()}  # fmt: skip
+    nodes = torch.cat([n for rs in runs.values() for n, _ in rs])
+    lo, hi = nodes.min().item(), nodes.max().item()
+    pad = 0.05 * (hi - lo)
+    sigma = sigma or 0.01 * (hi - lo)
+    grid = torch.linspace(lo - pad, hi + pad, 2000, dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name, rs in runs.items():
+        ax.semilogy(grid, density_on_grid(rs, grid, sigma).clamp_min(1e-8), label=name)
+    ax.set_xlabel(f"eigenvalue of the {loss} Hessian")
+    ax.set_ylabel("density (SLQ)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- convexity demonstration
