@@ -1,0 +1,144 @@
+"""Seconds per model-epoch of SimpleCNN training, several loop styles, measured in one run.
+
+An epoch here is `--samples` random images of MNIST or CIFAR shape, batch 128, training
+steps only (no evaluation). Styles:
+  naive       DataLoader(shuffle=True) on CPU tensors, each batch copied to the device,
+              loss read with .item() every step (the usual tutorial loop)
+  resident    qmse.train's loop: data on the device, index slices of a seeded permutation,
+              metrics accumulated on the device and read once per epoch (MSE, then QMSE)
+  vmap M      qmse.train_many's loop: M MSE models stacked and trained at once
+Each style runs one warm-up epoch, then `--repeats` timed epochs; the median is reported,
+with the naive loop's time divided by each (higher is faster).
+
+    python -m benchmarks.train_speed --device cpu --shape mnist --samples 2048 --models 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.func import stack_module_state
+
+from qmse.loss import compute_loss
+from qmse.train import (
+    Data,
+    TrainConfig,
+    _generators,
+    _train_epoch,
+    _train_epoch_many,
+    build_model,
+    vmapped_forwards,
+)
+
+SHAPES = {"mnist": (1, 28, 10), "cifar": (3, 32, 10), "cifar100": (3, 32, 100)}
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(epoch_fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `epoch_fn()` over `repeats` calls, after one warm-up call."""
+    epoch_fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        epoch_fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(
+    shape: str, samples: int, models: list[int], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Seconds per model-epoch for each style (see the module docstring)."""
+    channels, side, classes = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    x_cpu = torch.randn(samples, channels, side, side, generator=g)
+    y_cpu = torch.randint(0, classes, (samples,), generator=g)
+    data = Data(x_cpu.to(device), y_cpu.to(device), x_cpu[:1].to(device), y_cpu[:1], classes)
+    args = {
+        "in_channels": channels,
+        "image_size": side,
+        "num_classes": classes,
+        "channels": [32, 64],
+        "hidden": 128,
+    }
+    out: dict[str, float] = {}
+
+    model = build_model(args, 0).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x_cpu, y_cpu), batch_size=128, shuffle=True
+    )
+
+    def naive() -> None:
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            loss = compute_loss("mse", model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+
+    out["naive"] = _timed(naive, repeats, device)
+    for loss in ("mse", "qmse"):
+        cfg = TrainConfig(dataset="random", loss=loss)
+        gens = _generators(0, device)
+        out[f"resident {loss}"] = _timed(
+            lambda cfg=cfg, gens=gens: _train_epoch(model, opt, data, cfg, *gens, _NoBar()),
+            repeats,
+            device,
+        )
+    train_forward, _ = vmapped_forwards(args)
+    for M in models:
+        cfgs = [TrainConfig(dataset="random", loss="mse", seed=s) for s in range(M)]
+        params, _ = stack_module_state([build_model(args, s).to(device) for s in range(M)])
+        bufs = {k: torch.zeros_like(p) for k, p in params.items()}
+        gens = [_generators(s, device) for s in range(M)]
+
+        def many(cfgs=cfgs, params=params, bufs=bufs, gens=gens) -> None:
+            _train_epoch_many(train_forward, params, bufs, cfgs, data, gens, _NoBar())
+
+        out[f"vmap M={M}"] = _timed(many, repeats, device) / M
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="cifar", help="default: cifar")
+    p.add_argument("--samples", type=int, default=50000, help="images per epoch (50000)")
+    p.add_argument("--models", type=int, nargs="+", default=[8, 32, 128], help="(8 32 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs per style (3)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"# {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.shape}-shaped, {args.samples} samples/epoch, batch 128"
+    )
+    times = measure(args.shape, args.samples, args.models, args.repeats, device)
+    per_sample = {k: v / args.samples for k, v in times.items()}
+    full = {"mnist": 60000, "cifar": 50000, "cifar100": 50000}[args.shape]
+    print(f"{'style':<16}{'s/model-epoch':>15}{'(full epoch)':>14}{'naive/this':>12}")
+    for k, v in times.items():
+        print(f"{k:<16}{v:>15.4f}{per_sample[k] * full:>14.3f}{times['naive'] / v:>12.2f}")
+    print(f"QMSE/MSE (resident): {times['resident qmse'] / times['resident mse']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
