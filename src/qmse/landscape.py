@@ -365,6 +365,12 @@ def _training_sample(config: dict, samples: int, device: torch.device | str):
     return data.x_train[:samples], data.y_train[:samples]
 
 
+def _short(run_dir: str | os.PathLike) -> str:
+    """A run's folder and its parent, e.g. "diagnose-fmnist/mse", for figure titles."""
+    path = Path(run_dir).resolve()
+    return f"{path.parent.name}/{path.name}"
+
+
 def _describe(model: nn.Module, x: Tensor, y: Tensor, loss: str) -> dict[str, float]:
     zero = [{k: torch.zeros_like(v) for k, v in parameters_of(model).items()}]
     value, acc = evaluate_points(
@@ -441,7 +447,7 @@ def match_runs(
         "provenance": provenance(device),
     }
     save_json(out / "summary.json", summary)
-    title = f"{Path(run_a).name} → {Path(run_b).name} ({loss}, {x.size(0)} training samples)"
+    title = f"{_short(run_a)} → {_short(run_b)} ({loss}, {x.size(0)} training samples)"
     plot_interpolation(res, out / "interpolation.png", title=title)
     return summary
 
@@ -520,8 +526,6 @@ def landscape_of_run(
         "provenance": provenance(device),
     }
     save_json(out / "summary.json", summary)
-    title = (
-        f"{Path(run_dir).name}: {config['loss']}-trained, {loss} on {x.size(0)} training samples"
-    )
+    title = f"{_short(run_dir)}: {config['loss']}-trained, {loss} on {x.size(0)} training samples"
     plot_slice(res, out / f"landscape-{dims}d.png", title=title)
     return summary
