@@ -202,9 +202,9 @@ def _curves(results: list[dict], loss: str, momentum: float, key: str) -> np.nda
 
 
 def write_figure(results: list[dict], path: str | Path) -> Path:
-    """The paper's layout: one panel per momentum (top 0, bottom 0.9), train (solid) and test
-    (dashed) accuracy per epoch for each loss, mean over seeds with a min–max band, and an
-    inset zooming on the last 20 % of epochs."""
+    """The paper's layout: one row per momentum (top 0, bottom 0.9), train (solid) and test
+    (dashed) accuracy per epoch for each loss, mean over seeds with a min–max band; beside
+    each panel a zoom on the last 20 % of epochs (shaded in the panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,11 +214,15 @@ def write_figure(results: list[dict], path: str | Path) -> Path:
     path = Path(path)
     losses = [loss for loss in _STYLE if any(r["config"].loss == loss for r in results)]
     momenta = sorted({r["config"].momentum for r in results})
-    fig, axes = plt.subplots(len(momenta), 1, figsize=(10, 4.2 * len(momenta)), squeeze=False)
-    for ax, momentum in zip(axes[:, 0], momenta):
-        inset = ax.inset_axes([0.5, 0.08, 0.46, 0.42])
-        last_epochs = 0
-        zoom_values = []
+    fig, axes = plt.subplots(
+        len(momenta),
+        2,
+        figsize=(11, 3.8 * len(momenta) + 0.8),
+        gridspec_kw={"width_ratios": [3, 1]},
+        squeeze=False,
+    )
+    for (ax, zoom), momentum in zip(axes, momenta):
+        last = 0
         for loss in losses:
             colour, label = _STYLE[loss]
             for key, style, what in (("train_acc", "-", "train"), ("test_acc", "--", "test")):
@@ -226,32 +230,32 @@ def write_figure(results: list[dict], path: str | Path) -> Path:
                 if values.size == 0:
                     continue
                 epochs = np.arange(1, values.shape[1] + 1)
-                n_seeds = values.shape[0]
-                for a in (ax, inset):
+                for a in (ax, zoom):
                     a.plot(epochs, values.mean(0), style, color=colour, lw=1.5)
                     a.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.2)
-                ax.lines[-1].set_label(f"{label} {what} (n={n_seeds})")
-                last_epochs = max(last_epochs, len(epochs))
-                start = int(math.floor(0.8 * len(epochs)))
-                zoom_values.append(values[:, start:])
-        if last_epochs:
-            lo = max(1, int(math.floor(0.8 * last_epochs)))
-            inset.set_xlim(lo, last_epochs) if last_epochs > lo else inset.set_xlim(
-                lo - 0.5, lo + 0.5
-            )
-            zoom = np.concatenate([z.ravel() for z in zoom_values])
-            pad = max(1e-3, 0.05 * (zoom.max() - zoom.min()))
-            inset.set_ylim(zoom.min() - pad, zoom.max() + pad)
-            inset.tick_params(labelsize=7)
-            inset.xaxis.set_major_locator(MaxNLocator(integer=True))
-            inset.set_title(f"last 20 % (epochs {lo}-{last_epochs})", fontsize=7)
-            ax.indicate_inset_zoom(inset, edgecolor="0.4")
+                ax.lines[-1].set_label(f"{label} {what} (n={values.shape[0]})")
+                last = max(last, len(epochs))
+        if last:
+            lo = max(1, last - max(1, round(0.2 * last)))  # 100 epochs: 80–100, as the paper
+            zoom.set_xlim(lo, last) if last > lo else zoom.set_xlim(lo - 0.5, lo + 0.5)
+            shown = [
+                y
+                for line in zoom.lines
+                for x, y in zip(*line.get_data())
+                if lo <= x <= last  # the zoom's y-range follows the mean lines
+            ]
+            pad = max(1e-3, 0.1 * (max(shown) - min(shown)))
+            zoom.set_ylim(min(shown) - pad, max(shown) + pad)
+            zoom.set_title(f"last 20 %: epochs {lo}–{last}", fontsize=9)
+            ax.axvspan(lo, last, color="0.94", zorder=0)
         ax.set_title(f"SGD momentum {momentum:g}")
-        ax.set_xlabel("epoch")
+        for a in (ax, zoom):
+            a.set_xlabel("epoch")
+            a.grid(alpha=0.3)
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     cfg = results[0]["config"]
     subset = f", first {cfg.train_subset} train images" if cfg.train_subset else ""
     fig.suptitle(
@@ -259,7 +263,8 @@ def write_figure(results: list[dict], path: str | Path) -> Path:
         f"mean and min–max over seeds",
         fontsize=10,
     )
-    fig.tight_layout()
+    rows_of_legend = math.ceil(len(labels) / 4)
+    fig.tight_layout(rect=(0, 0.03 * rows_of_legend + 0.01, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
