@@ -343,3 +343,13 @@ def test_train_many_resumes_and_its_runs_resume_alone(tmp_path):
         )
     with pytest.raises(ValueError, match="batch_size"):
         train_many([configs[0], tiny_config(batch_size=8)], [tmp_path / "c", tmp_path / "d"])
+
+
+def test_train_many_stops_saving_a_diverged_run_and_goes_on(tmp_path):
+    ds = tiny_dataset()
+    configs = [tiny_config(loss="mse", lr=1e6, seed=0), tiny_config(loss="mse", seed=1)]
+    rows = train_many(configs, [tmp_path / "bad", tmp_path / "good"], dataset=ds, quiet=True)
+    assert rows[0] == [] and runs.load_json(tmp_path / "bad" / "diverged.json")["epoch"] == 1
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+    alone = train_run(configs[1], tmp_path / "alone", dataset=ds, quiet=True)
+    assert [r["train_acc"] for r in rows[1]] == pytest.approx([r["train_acc"] for r in alone])
