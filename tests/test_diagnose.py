@@ -413,3 +413,12 @@ def test_cli_compare_two_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "cmp" / "comparison.json").exists()
     assert (tmp_path / "cmp" / "diagnose-spectra.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "mse" / "diagnosis.json").exists()
+
+
+def test_output_bias_keeps_every_direction_out_of_the_null_space():
+    model = _mlp(activation="relu")  # output layer has a bias: ∂f/∂b = I is a block of J_i
+    x, y = _data(8)
+    geo = dg.gradient_geometry(model, x, y)
+    assert geo["per_sample"]["jacobian_smin"].min() >= 1 - 1e-12
+    v = torch.nn.functional.normalize(torch.randn(8, 2, dtype=DT), dim=1)
+    assert not dg.null_space_mask(model, x, v, tol=0.999).any()

@@ -8,8 +8,10 @@ gradient is −Jᵀr (eq. 4) = −Σ_c r_c ∇f_c (eq. 5), so training stops whe
 Over a data set the MSE gradient is −(1/N) Σ_i J_iᵀ r_i = −(1/N) 𝐉ᵀR with 𝐉 the N·C × P
 stacked Jacobian and R the stacked residual; the set stops when that *sum* vanishes, which
 needs no single J_iᵀ r_i to be zero. With P ≫ C a per-sample J_i generically has no left null
-space, so per-sample case 3 is rare, while 𝐉 (N·C rows) has one as soon as N·C > rank 𝐉: the
-whole-set case 3 is where least squares with a nonzero residual ends.
+space, and with an output bias it never has one (∂f/∂b = I_C is a block of J_i, so
+‖J_iᵀu‖ ≥ ‖u‖ for every u): per-sample case 3, and a v_i in the null space of J_iᵀ, cannot
+occur. 𝐉 (N·C rows) has a left null space as soon as N·C > rank 𝐉: whole-set case 3 is
+where least squares with a nonzero residual ends.
 
 Second order: Hessian-vector products (reverse-over-reverse, `torch.func.vjp` of
 `torch.func.grad`), Lanczos with full reorthogonalisation for the extreme eigenvalues,
@@ -271,8 +273,9 @@ def null_space_mask(model: nn.Module, x: Tensor, v: Tensor, tol: float = 1e-6) -
 
     x: a batch (N, ...); v: (N, C) unit directions. Returns a bool tensor (N,). One
     per-sample VJP of the batch (vmapped over samples: a batch VJP would give only the sum
-    Σ_i J_iᵀ v_i). The tolerance is absolute; with ‖v_i‖ = 1 it compares against the
-    smallest singular value of J_i that v_i can pick out.
+    Σ_i J_iᵀ v_i), holding an (N, P) per-sample gradient. The tolerance is absolute; with
+    ‖v_i‖ = 1 it compares against the smallest singular value of J_i that v_i can pick out,
+    which is ≥ 1 for a model with an output bias: then nothing is ever flagged for tol < 1.
     """
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
