@@ -18,7 +18,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="else $QMSE_DATA, else ~/.cache/qmse")
     p.add_argument("--out", default="runs/demo", help="grid directory (reused: runs resume)")
     p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per setting")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training subset")
+    p.add_argument("--epochs", type=int, default=8, help="passes over the training subset")
     p.add_argument("--train-subset", type=int, default=5000, help="first N training images")
     p.add_argument("--test-subset", type=int, default=2000, help="first N test images")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:0, ...")
