@@ -117,7 +117,7 @@ def test_cli_writes_rows_table_figure_and_resumes(tmp_path):
         )
         assert math.isclose(r["failure_rate"], r["failures"] / r["seeds"])
     assert next(r for r in rows if r["method"] == "gd-population")["seeds"] == 6
-    tuned = json.loads((out / "tuning" / "random-init_qmse.json").read_text())
+    tuned = json.loads((out / "tuning" / "random-init_qmse_k3.json").read_text())
     assert tuned["lr"] in [g["lr"] for g in tuned["grid"]]
     assert (out / "table.md").read_text().count("| qmse |") == 1
     assert (out / "figure.png").stat().st_size > 0

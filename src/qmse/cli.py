@@ -206,7 +206,9 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated")
     p.add_argument("--steps", type=int, default=3000, help="step budget of sample-based methods")
     p.add_argument("--batch", type=int, default=64, help="fresh samples per step and seed")
-    p.add_argument("--tune-k", type=int, default=8, help="k at which lr/radius are tuned")
+    p.add_argument(
+        "--tune-k", type=int, default=None, help="tune lr/radius at this k only (default: each k)"
+    )
     p.add_argument("--tune-seeds", type=int, default=32, help="tuning seeds per grid point")
     p.add_argument("--tune-pool", type=int, default=400, help="gd seeds searched for minima")
     p.add_argument("--max-gd-steps", type=int, default=100_000, help="gd-population step cap")

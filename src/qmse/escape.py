@@ -119,6 +119,7 @@ SAMPLE_METHODS = {
     "qmse": ("qmse", "sgd"),
     "qmse-momentum": ("qmse", "momentum"),
     "expected-qmse": ("expected-qmse", "sgd"),
+    "expected-qmse-momentum": ("expected-qmse", "momentum"),
 }
 METHODS = ("gd-population", *SAMPLE_METHODS)
 PROTOCOLS = ("random-init", "spurious-minima")  # (a) and (b) of the issue
@@ -308,12 +309,13 @@ def run_sample_method(
 # grows like ‖r‖³ (README note 3), so its grid reaches lower; momentum's effective step is
 # lr/(1 − 0.9).
 LR_GRIDS = {
-    "sgd": (0.03, 0.1, 0.3),
-    "momentum": (0.003, 0.01, 0.03),
-    "adam": (0.001, 0.003, 0.01),
-    "qmse": (0.01, 0.03, 0.1, 0.3),
-    "qmse-momentum": (0.001, 0.003, 0.01, 0.03),
-    "expected-qmse": (0.01, 0.03, 0.1, 0.3),
+    "sgd": (0.03, 0.1, 0.3, 0.6),
+    "momentum": (0.003, 0.01, 0.03, 0.1),
+    "adam": (0.001, 0.003, 0.01, 0.03),
+    "qmse": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3),
+    "qmse-momentum": (0.001, 0.003, 0.01, 0.03, 0.1),
+    "expected-qmse": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3),
+    "expected-qmse-momentum": (0.001, 0.003, 0.01, 0.03, 0.1),
 }
 RADIUS_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # PGD radius as a fraction of ‖W‖_F (note 7)
 TUNE_SEEDS = 10**6  # tuning initialisations: seeds 10⁶ + i (evaluation seeds are 0 … S−1)
@@ -333,7 +335,7 @@ class EscapeConfig:
     protocols: list[str] = field(default_factory=lambda: ["random-init", "spurious-minima"])
     steps: int = 3000  # shared step budget of every sample-based method
     batch: int = 64
-    tune_k: int = 8  # learning rates / radius tuned at this k, used for every k
+    tune_k: int | None = None  # tune lr / radius at this k for every k; None: at each k
     tune_seeds: int = 32  # per grid point
     tune_pool: int = 400  # gd-population tuning seeds searched for protocol (b) minima
     max_gd_steps: int = 100_000
@@ -405,29 +407,39 @@ def _score(loss: Tensor) -> tuple[int, float]:
 
 
 def tune(
-    out: str | os.PathLike, cfg: EscapeConfig, method: str, protocol: str, *, quiet: bool = False
+    out: str | os.PathLike,
+    cfg: EscapeConfig,
+    method: str,
+    protocol: str,
+    k: int,
+    *,
+    quiet: bool = False,
 ) -> dict:
-    """Choose `method`'s learning rate (PGD: its radius at SGD's learning rate; restart: SGD's
-    learning rate) on the tuning seeds at k = cfg.tune_k, one batched run for the whole grid.
-    Cached in out/tuning/{protocol}_{method}.json."""
+    """Choose `method`'s learning rate on the tuning seeds at this k (or cfg.tune_k if set),
+    one batched run for the whole grid. The scalar teacher's output grows with k, so does
+    the curvature, and a learning rate tuned at one k diverges at a larger one. PGD and
+    restart descend with SGD's learning rate tuned from random initialisations (descending is
+    what they use it for; tuned on minima, where every lr fails, the tie-break would pick a
+    crawl); PGD's radius is tuned per protocol. Cached in out/tuning/."""
     out = Path(out)
-    path = out / "tuning" / f"{protocol}_{method}.json"
+    k = cfg.tune_k or k
+    path = out / "tuning" / f"{protocol}_{method}_k{k}.json"
     if path.exists():
         return load_json(path)
     if method in ("pgd", "restart"):
-        sgd_lr = tune(out, cfg, "sgd", protocol, quiet=quiet)["lr"]
+        sgd_lr = tune(out, cfg, "sgd", "random-init", k, quiet=quiet)["lr"]
         if method == "restart":
-            result = {"lr": sgd_lr, "radius": None, "grid": [], "note": "SGD's tuned lr"}
+            result = {"lr": sgd_lr, "radius": None, "grid": [], "k": k, "note": "SGD's lr"}
             save_json(path, result)
             return result
         grid = [(sgd_lr, r) for r in RADIUS_GRID]
     else:
         grid = [(lr, None) for lr in LR_GRIDS[method]]
-    W0 = _starts(cfg, out, cfg.tune_k, protocol, tuning=True, quiet=quiet)
+    W0 = _starts(cfg, out, k, protocol, tuning=True, quiet=quiet)
     m = W0.shape[0]
     if m == 0:
         raise RuntimeError(
-            f"no spurious minima among {cfg.tune_pool} tuning seeds at k={cfg.tune_k}; raise "
+            f"no spurious minima among {cfg.tune_pool} tuning seeds at k={k}; raise "
             f"--tune-pool or --tune-k"
         )
     lr = torch.tensor([g[0] for g in grid]).repeat_interleave(m)
@@ -435,12 +447,12 @@ def tune(
     r = run_sample_method(
         method,
         W0.repeat(len(grid), 1, 1).to(cfg.device),
-        _problem(cfg, cfg.tune_k),
+        _problem(cfg, k),
         steps=cfg.steps,
         lr=lr,
         radius=radius,
         batch=cfg.batch,
-        seed=_run_id(1, METHODS.index(method), PROTOCOLS.index(protocol), cfg.tune_k),
+        seed=_run_id(1, METHODS.index(method), PROTOCOLS.index(protocol), k),
         quiet=quiet,
     )
     rows = []
@@ -458,7 +470,7 @@ def tune(
             }
         )
     best = min(rows, key=lambda row: (row["failures"], row["median_log10_loss"]))
-    result = {"lr": best["lr"], "radius": best["radius"], "grid": rows, "k": cfg.tune_k}
+    result = {"lr": best["lr"], "radius": best["radius"], "grid": rows, "k": k}
     save_json(path, result)
     return result
 
@@ -529,11 +541,11 @@ def run_cell(
         if published is not None:
             row["published_in_ci95"] = bool(row["ci95_low"] <= published <= row["ci95_high"])
     else:
-        tuned = tune(out, cfg, method, protocol, quiet=quiet)
         W0 = _starts(cfg, out, k, protocol, tuning=False, quiet=quiet)
         if W0.shape[0] == 0:
             row = _row(cfg, k, problem.n, method, protocol, torch.zeros(0), 0, None, None, {})
         else:
+            tuned = tune(out, cfg, method, protocol, k, quiet=quiet)
             r = run_sample_method(
                 method,
                 W0.to(cfg.device),
