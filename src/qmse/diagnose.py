@@ -9,9 +9,9 @@ Over a data set the MSE gradient is −(1/N) Σ_i J_iᵀ r_i = −(1/N) 𝐉ᵀR
 stacked Jacobian and R the stacked residual; the set stops when that *sum* vanishes, which
 needs no single J_iᵀ r_i to be zero. With P ≫ C a per-sample J_i generically has no left null
 space, and with an output bias it never has one (∂f/∂b = I_C is a block of J_i, so
-‖J_iᵀu‖ ≥ ‖u‖ for every u): per-sample case 3, and a v_i in the null space of J_iᵀ, cannot
-occur. 𝐉 (N·C rows) has a left null space as soon as N·C > rank 𝐉: whole-set case 3 is
-where least squares with a nonzero residual ends.
+‖J_iᵀu‖ ≥ ‖u‖ for every u): no r_i ≠ 0 and no v_i lies in the null space of J_iᵀ.
+𝐉 (N·C rows) has a left null space as soon as N·C > rank 𝐉: whole-set case 3 is where
+least squares with a nonzero residual ends.
 
 Second order: Hessian-vector products (reverse-over-reverse, `torch.func.vjp` of
 `torch.func.grad`), Lanczos with full reorthogonalisation for the extreme eigenvalues,
