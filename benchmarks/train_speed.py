@@ -7,8 +7,8 @@ steps only (no evaluation). Styles:
   resident    qmse.train's loop: data on the device, index slices of a seeded permutation,
               metrics accumulated on the device and read once per epoch (MSE, then QMSE)
   vmap M      qmse.train_many's loop: M MSE models stacked and trained at once
-Each style runs one warm-up epoch, then `--repeats` timed epochs; the median is reported,
-with the naive loop's time divided by each (higher is faster).
+Each style runs one warm-up epoch, then `--repeats` timed epochs, round-robin over the
+styles; the median is reported, with the naive loop's time divided by each (higher is faster).
 
     python -m benchmarks.train_speed --device cpu --shape mnist --samples 2048 --models 8 32
 """
@@ -46,17 +46,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(epoch_fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of `epoch_fn()` over `repeats` calls, after one warm-up call."""
-    epoch_fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        epoch_fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved(epochs: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each epoch function, after one warm-up call each, timed round-robin
+    so that drift in the machine's speed (other jobs) hits every style alike."""
+    times: dict[str, list[float]] = {name: [] for name in epochs}
+    for i in range(repeats + 1):
+        for name, epoch_fn in epochs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            epoch_fn()
+            _sync(device)
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(
@@ -75,7 +77,7 @@ def measure(
         "channels": [32, 64],
         "hidden": 128,
     }
-    out: dict[str, float] = {}
+    epochs: dict = {}
 
     model = build_model(args, 0).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -92,14 +94,12 @@ def measure(
             opt.step()
             loss.item()
 
-    out["naive"] = _timed(naive, repeats, device)
+    epochs["naive"] = naive
     for loss in ("mse", "qmse"):
         cfg = TrainConfig(dataset="random", loss=loss)
         gens = _generators(0, device)
-        out[f"resident {loss}"] = _timed(
-            lambda cfg=cfg, gens=gens: _train_epoch(model, opt, data, cfg, *gens, _NoBar()),
-            repeats,
-            device,
+        epochs[f"resident {loss}"] = lambda cfg=cfg, gens=gens: _train_epoch(
+            model, opt, data, cfg, *gens, _NoBar()
         )
     train_forward, _ = vmapped_forwards(args)
     for M in models:
@@ -107,12 +107,11 @@ def measure(
         params, _ = stack_module_state([build_model(args, s).to(device) for s in range(M)])
         bufs = {k: torch.zeros_like(p) for k, p in params.items()}
         gens = [_generators(s, device) for s in range(M)]
-
-        def many(cfgs=cfgs, params=params, bufs=bufs, gens=gens) -> None:
+        epochs[f"vmap M={M}"] = lambda cfgs=cfgs, params=params, bufs=bufs, gens=gens: (
             _train_epoch_many(train_forward, params, bufs, cfgs, data, gens, _NoBar())
-
-        out[f"vmap M={M}"] = _timed(many, repeats, device) / M
-    return out
+        )
+    times = _interleaved(epochs, repeats, device)
+    return {k: v / int(k.split("=")[1]) if k.startswith("vmap") else v for k, v in times.items()}
 
 
 def main() -> None:
