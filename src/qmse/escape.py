@@ -615,22 +615,22 @@ def write_table(rows: list[dict], path: str | os.PathLike) -> str:
         methods = [m for m in METHODS if any(r["method"] == m for r in sel)]
         what = "failure rate" if protocol == "random-init" else "failure to escape"
         lines += [f"### Protocol {protocol}: {what} [Wilson 95 %] (diverged)", ""]
-        lines.append("| method | lr | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("| method | lr per k | " + " | ".join(f"k={k}" for k in ks) + " |")
         lines.append("|---" * (len(ks) + 2) + "|")
         for m in methods:
-            cells, lr = [], ""
+            cells, lrs = [], []
             for k in ks:
                 r = next((r for r in sel if r["method"] == m and r["k"] == k), None)
                 if r is None or r["seeds"] == 0:
                     cells.append("–" if r is None else "no minima")
                     continue
-                lr = r["lr"] if r["radius"] is None else f"{r['lr']}, r={r['radius']}·‖W‖"
+                lrs.append(f"{r['lr']:g}" + (f" (r={r['radius']:g}‖W‖)" if r["radius"] else ""))
                 cells.append(
                     f"{r['failures']}/{r['seeds']} = {r['failure_rate']:.3f} "
                     f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
                     + (f" ({r['diverged']})" if r["diverged"] else "")
                 )
-            lines.append(f"| {m} | {lr} | " + " | ".join(cells) + " |")
+            lines.append(f"| {m} | {' / '.join(lrs)} | " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
     atomic_write(path, text)
@@ -649,20 +649,21 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.2), squeeze=False)
     for ax, protocol in zip(axes[0], protocols, strict=True):
         sel = [r for r in rows if r["protocol"] == protocol and r["seeds"] > 0]
-        for i, m in enumerate(m for m in METHODS if any(r["method"] == m for r in sel)):
+        for m in (m for m in METHODS if any(r["method"] == m for r in sel)):
+            i = METHODS.index(m)  # fixed colour and offset per method across panels
             pts = sorted((r for r in sel if r["method"] == m), key=lambda r: r["k"])
-            ks = [r["k"] + 0.08 * (i - 4) for r in pts]
+            ks = [r["k"] + 0.06 * (i - 4.5) for r in pts]
             rate = [r["failure_rate"] for r in pts]
             err = [
                 [max(0.0, r["failure_rate"] - r["ci95_low"]) for r in pts],
                 [max(0.0, r["ci95_high"] - r["failure_rate"]) for r in pts],
             ]
-            ax.errorbar(ks, rate, yerr=err, marker="o", ms=4, capsize=3, label=m)
+            ax.errorbar(ks, rate, yerr=err, marker="o", ms=4, capsize=3, label=m, color=f"C{i}")
         if protocol == "random-init":
             pub = [(k, p) for k, p in PUBLISHED.items() if any(r["k"] == k for r in sel)]
             if pub:
                 ax.plot(*zip(*pub, strict=True), "k*", ms=10, label="Safran & Shamir 2018")
-        ax.set_xlabel("k (teacher width = student width − n_extra)")
+        ax.set_xlabel("k (teacher width; student width n = k + n_extra)")
         ax.set_ylabel("failure rate" if protocol == "random-init" else "failure to escape")
         ax.set_title(f"protocol: {protocol}")
         ax.set_ylim(-0.03, 1.03)
