@@ -1,7 +1,18 @@
 """The escape benchmark: does QMSE get out of spurious minima where MSE gets stuck?
 
-Problem: `qmse.teacher_student` (Safran & Shamir, ICML 2018). Every method runs S seeds at
+Problem: `qmse.teacher_student` (Safran & Shamir, ICML 2018), where "stuck" is decided by the
+closed-form population loss, not by a noisy training curve. Every method runs S seeds at
 once on (S, n, d) weights.
+
+- `gd_population`: Safran & Shamir's gradient descent on the population loss (the
+  reproduction, and the source of certified spurious minima);
+- `run_sample_method`: SGD / momentum / Adam / PGD / restart on MSE, QMSE (paper eqs. 6-8,
+  via `qmse.loss`) and expected-QMSE (README note 2), fresh samples each step;
+- protocols: "random-init" (failure rate from Xavier starts) and "spurious-minima" (escape
+  rate from gd-population's stuck end points, the direct test of the paper's claim);
+- `tune` picks each method's learning rate per k on tuning seeds disjoint from evaluation;
+- `run_benchmark` runs every (k, method, protocol) cell, each cached so a run resumes, and
+  writes results.json, table.md (Wilson 95 % intervals) and figure.png.
 """
 
 from __future__ import annotations
