@@ -207,13 +207,13 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3000, help="step budget of sample-based methods")
     p.add_argument("--batch", type=int, default=64, help="fresh samples per step and seed")
     p.add_argument(
-        "--tune-k", type=int, default=None, help="tune lr/radius at this k only (default: each k)"
+        "--tune-k", type=int, default=None, help="tune lr/radius at this k only; unset: each k"
     )
     p.add_argument("--tune-seeds", type=int, default=32, help="tuning seeds per grid point")
     p.add_argument("--tune-pool", type=int, default=400, help="gd seeds searched for minima")
     p.add_argument("--max-gd-steps", type=int, default=100_000, help="gd-population step cap")
     p.add_argument("--problem-seed", type=int, default=0, help="seed of A when outputs > 1")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
