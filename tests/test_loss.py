@@ -19,7 +19,14 @@ from qmse.loss import (
 )
 from qmse.models import MLP
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Reference computations in float64, restored afterwards for the other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _mlp(seed: int = 0, d: int = 4, h: int = 6, c: int = 3) -> MLP:

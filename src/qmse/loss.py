@@ -129,8 +129,7 @@ def _check_v(v: Tensor, shape: tuple[int, ...], per_row: bool) -> None:
     if tuple(v.shape) != shape:
         raise ValueError(f"v has shape {tuple(v.shape)}; expected {shape}")
     norms = v.reshape(-1, shape[-1]).norm(dim=-1) if per_row else v.norm().reshape(1)
-    tol = 1e-4 if v.dtype != torch.float64 else 1e-10
-    if not torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=tol):
+    if not torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-4):
         what = "unit-norm rows" if per_row else "unit norm as a whole (scope='batch')"
         raise ValueError(
             f"v must have {what} (v on the unit sphere), got norms in "
