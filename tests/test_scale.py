@@ -3,6 +3,7 @@ mid-run; a run under torchrun on 2 gloo processes gives the metrics of 1 process
 
 import gzip
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from qmse import runs, scale
+from qmse.cli import main
 from qmse.reproduce import grid_configs
 from qmse.train import run_name
 
@@ -41,15 +44,16 @@ def write_tiny_mnist(root: Path, n_train: int = 48, n_test: int = 24, size: int 
     return root
 
 
+GRID = ["--dataset", "mnist", "--seeds", "2", "--epochs", "2", "--lr", "0.05"]
+GRID += ["--batch-size", "16", "--device", "cpu", "--quiet"]  # 8 runs
+
+
 def grid_tasks(out: Path, data_dir: Path) -> list[dict]:
-    """The paper's grid (mse, qmse × momentum 0, 0.9 × 2 seeds) at a tiny budget."""
+    """GRID's runs as scale.train_task tasks, one run each."""
     configs = grid_configs(
         "mnist", seeds=2, epochs=2, lr=0.05, batch_size=16, data_dir=str(data_dir)
     )
-    return [
-        {"config": {**vars(c), "channels": list(c.channels)}, "out_dir": str(out / run_name(c))}
-        for c in configs
-    ]
+    return [{"configs": [asdict(c)], "out_dirs": [str(out / run_name(c))]} for c in configs]
 
 
 def metrics(out: Path) -> dict[str, list[dict]]:
@@ -58,6 +62,11 @@ def metrics(out: Path) -> dict[str, list[dict]]:
         p.parent.name: [{k: v for k, v in r.items() if k != "wall_s"} for r in runs.read_jsonl(p)]
         for p in sorted(out.glob("*/metrics.jsonl"))
     }
+
+
+def report(out: Path) -> str:
+    """report.md without its one measured time."""
+    return re.sub(r"time summed over runs: [0-9.]+ s", "", (out / "report.md").read_text())
 
 
 def test_local_backend_runs_in_order_and_checks_its_arguments():
@@ -93,15 +102,15 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_grid(tmp_path_factory, data_dir) -> Path:
-    """The grid on the local backend, with one torch thread like a 1-CPU Ray task."""
+    """`qmse reproduce` on the local backend, with one torch thread like a 1-CPU Ray task."""
     out = tmp_path_factory.mktemp("local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = scale.run_tasks(scale.train_task, grid_tasks(out, data_dir), quiet=True)
+        assert main(["reproduce", *GRID, "--data-dir", str(data_dir), "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert [r["status"] for r in results] == ["finished"] * 8
+    assert len(metrics(out)) == 8
     return out
 
 
@@ -110,6 +119,7 @@ def ray_cluster():
     """One local 2-CPU Ray instance on the loopback interface for this module's tests;
     workers import this file (for the trapped task) through PYTHONPATH."""
     ray = pytest.importorskip("ray")
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local",
         num_cpus=2,
@@ -117,7 +127,7 @@ def ray_cluster():
         include_dashboard=False,
         log_to_driver=False,
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}},
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
     )
     try:
         yield ray
@@ -126,13 +136,52 @@ def ray_cluster():
 
 
 def test_ray_grid_gives_the_local_backends_files(ray_cluster, local_grid, data_dir, tmp_path):
-    results = scale.run_tasks(
-        scale.train_task, grid_tasks(tmp_path, data_dir), backend="ray", quiet=True
-    )
-    assert [r["status"] for r in results] == ["finished"] * 8
-    assert [r["out_dir"] for r in results] == [t["out_dir"] for t in grid_tasks(tmp_path, data_dir)]
+    tasks = grid_tasks(tmp_path, data_dir)
+    results = scale.run_tasks(scale.train_task, tasks, backend="ray", quiet=True)
+    assert [r for [r] in results] == [
+        {"out_dir": t["out_dirs"][0], "epochs": 2, "diverged": False} for t in tasks
+    ]
     assert metrics(tmp_path) == metrics(local_grid)
-    assert len(metrics(tmp_path)) == 8
+
+
+def test_a_group_task_trains_its_runs_together(local_grid, data_dir, tmp_path):
+    """Two runs in one task go through train_many: the same metrics to float tolerance."""
+    tasks = grid_tasks(tmp_path, data_dir)[:2]
+    group = {
+        "configs": [t["configs"][0] for t in tasks],
+        "out_dirs": [t["out_dirs"][0] for t in tasks],
+    }
+    assert scale.train_task({**group, "device": "cpu"}) == [
+        {"out_dir": d, "epochs": 2, "diverged": False} for d in group["out_dirs"]
+    ]
+    for name, rows in metrics(tmp_path).items():
+        for a, b in zip(rows, metrics(local_grid)[name], strict=True):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_ray_escape_benchmark_gives_the_local_files(ray_cluster, tmp_path):
+    """`qmse escape --backend ray` (its cells as Ray tasks in dependency order, a fixed
+    tuning k so that cells share tunings) writes the local backend's files, byte for byte."""
+    argv = [
+        "escape", "--k", "3,4", "--seeds", "8", "--sample-seeds", "3", "--steps", "40",
+        "--methods", "gd-population,sgd,pgd,qmse", "--tune-k", "3", "--tune-seeds", "2",
+        "--tune-pool", "8", "--max-gd-steps", "2000", "--batch", "16", "--quiet",
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert main([*argv, "--out", str(tmp_path / "local")]) == 0
+        assert main([*argv, "--out", str(tmp_path / "ray"), "--backend", "ray"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    files = {
+        name: sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*"))
+        for name in ("local", "ray")
+    }
+    assert files["local"] == files["ray"]
+    for name in ("results.json", "table.md"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    for row in (tmp_path / "local" / "rows").iterdir():
+        assert (tmp_path / "ray" / "rows" / row.name).read_bytes() == row.read_bytes()
 
 
 def trapped_train_task(task: dict) -> dict:
@@ -174,14 +223,14 @@ def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_d
     results = scale.run_tasks(trapped_train_task, tasks, backend="ray", max_retries=2, quiet=True)
     killer.join(timeout=1)
     assert killed, "the trapped task never reached its epoch-1 checkpoint"
-    assert [r["status"] for r in results] == ["finished"] * 8
+    assert [r["epochs"] for [r] in results] == [2] * 8
     assert metrics(out) == metrics(local_grid)
-    run = Path(victim["out_dir"])
+    run = Path(victim["out_dirs"][0])
     assert len(runs.load_json(run / "config.json")["resumed"]) == 1  # resumed, not restarted
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
     again = scale.run_tasks(scale.train_task, grid_tasks(out, data_dir), backend="ray", quiet=True)
-    assert [r["epochs"] for r in again] == [2] * 8
+    assert [r["epochs"] for [r] in again] == [2] * 8
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished runs: not retrained
 
 

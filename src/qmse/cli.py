@@ -217,13 +217,28 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--backend",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: the benchmark's cells as Ray tasks",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster: auto, HOST:PORT; default: $RAY_ADDRESS, else a new local instance",
+    )
+    p.add_argument("--cpus-per-task", type=float, default=1, help="Ray: CPUs (threads) per task")
+    p.add_argument("--gpus-per-task", type=float, default=0, help="Ray: GPUs per task (0.25 ok)")
 
     def run(args: argparse.Namespace) -> int:
         import torch
 
         from qmse.escape import EscapeConfig, run_benchmark, write_table
 
-        if args.device == "cuda" and not torch.cuda.is_available():
+        if args.device == "cuda" and args.backend == "ray" and args.gpus_per_task <= 0:
+            raise ValueError("--device cuda --backend ray: give each task a GPU, --gpus-per-task")
+        if args.device == "cuda" and args.backend == "local" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
         torch.set_num_threads(args.threads)
         try:
@@ -247,7 +262,15 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
             problem_seed=args.problem_seed,
             device=args.device,
         )
-        rows = run_benchmark(args.out, cfg, quiet=args.quiet)
+        rows = run_benchmark(
+            args.out,
+            cfg,
+            backend=args.backend,
+            address=args.address,
+            cpus_per_task=args.cpus_per_task,
+            gpus_per_task=args.gpus_per_task,
+            quiet=args.quiet,
+        )
         print(write_table(rows, f"{args.out}/table.md"))
         return 0
 

@@ -18,7 +18,7 @@ once on (S, n, d) weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -685,10 +685,65 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def run_benchmark(out: str | os.PathLike, cfg: EscapeConfig, *, quiet: bool = False) -> list[dict]:
+def _remote_phases(out: Path, cfg: EscapeConfig) -> Iterator[list[tuple]]:
+    """The benchmark's cached pieces in dependency order, for Ray (each phase is finished
+    before the next is asked for): gd-population runs and SGD's random-init tuning (which
+    PGD and restart reuse); the tuning pools' runs where protocol (b) has minima to start
+    from; the cells and minima reports. Cells that share a tuning (a fixed tune_k) form one
+    task, so no two tasks of a phase compute the same file."""
+    sample = [m for m in cfg.methods if m != "gd-population"]
+    minima = "spurious-minima" in cfg.protocols
+    tune_ks = sorted({cfg.tune_k or k for k in cfg.ks})
+    first = [("population", k, "eval") for k in cfg.ks if minima or "gd-population" in cfg.methods]
+    if {"pgd", "restart"} & set(sample) or ("sgd" in sample and "random-init" in cfg.protocols):
+        first += [("tune", "sgd", "random-init", k) for k in tune_ks]
+    yield first
+    if minima and sample:
+        found = [k for k in cfg.ks if len(spurious_minima(out, cfg, k, tag="eval", quiet=True))]
+        yield [("population", k, "tune") for k in sorted({cfg.tune_k or k for k in found})]
+    cells: dict[tuple, list] = {}  # (protocol, method, tuning k) -> cells
+    for protocol in cfg.protocols:
+        for method in cfg.methods:
+            for k in cfg.ks:
+                key = (protocol, method, k if method == "gd-population" else cfg.tune_k or k)
+                cells.setdefault(key, []).append((k, method, protocol))
+    yield [("cells", *group) for group in cells.values()] + [
+        ("minima", k) for k in cfg.ks if minima
+    ]
+
+
+def _remote_task(task: tuple) -> None:
+    """One piece of `_remote_phases` (a Ray task): it fills the cache files that
+    run_benchmark's loop then reads."""
+    out, cfg, kind, *args = task
+    if kind == "population":
+        spurious_minima(out, cfg, args[0], tag=args[1], quiet=True)
+    elif kind == "tune":
+        tune(out, cfg, *args, quiet=True)
+    elif kind == "minima":
+        minima_report(out, cfg, args[0], quiet=True)
+    else:
+        for k, method, protocol in args:
+            run_cell(out, cfg, k, method, protocol, quiet=True)
+
+
+def run_benchmark(
+    out: str | os.PathLike,
+    cfg: EscapeConfig,
+    *,
+    backend: str = "local",
+    address: str | None = None,
+    cpus_per_task: float = 1,
+    gpus_per_task: float = 0,
+    quiet: bool = False,
+) -> list[dict]:
     """Every (k, method, protocol) cell, each cached so an interrupted run resumes; then
     results.json, table.md and figure.png. A directory keeps one configuration: rerunning
-    with a different one is refused rather than mixed."""
+    with a different one is refused rather than mixed.
+
+    `backend="ray"` computes the cells as Ray tasks (`qmse.scale.run_tasks`: the cluster at
+    `address`, else a local one; `cpus_per_task` CPUs and `gpus_per_task` GPUs each; a task
+    whose worker dies is retried) in dependency order; the same files result."""
     out = Path(out)
     config = asdict(cfg)
     saved = out / "config.json"
@@ -703,6 +758,16 @@ def run_benchmark(out: str | os.PathLike, cfg: EscapeConfig, *, quiet: bool = Fa
             )
     save_json(saved, config)
     save_json(out / "provenance.json", provenance(cfg.device))
+    if backend != "local":  # fill the caches on Ray; the loop below then only reads them
+        from qmse.scale import ray_session, run_tasks
+
+        kw = {"num_cpus_per_task": cpus_per_task, "num_gpus_per_task": gpus_per_task}
+        with ray_session(address, quiet=quiet):
+            for i, phase in enumerate(_remote_phases(out, cfg)):
+                tasks = [(str(out), cfg, *task) for task in phase]
+                run_tasks(
+                    _remote_task, tasks, backend=backend, quiet=quiet, desc=f"phase {i + 1}", **kw
+                )
     rows = []
     for protocol in cfg.protocols:
         for k in cfg.ks:

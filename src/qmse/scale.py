@@ -20,9 +20,11 @@ floating-point sums, whatever N is.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,11 +54,9 @@ def run_tasks(
     work): Ray re-runs a task whose worker died up to `max_retries` times. With "ray",
     `fn` and the tasks are pickled, so `fn` must be importable on the workers (a function
     of an installed module), and each task gets `num_cpus_per_task` CPUs (also its torch
-    thread count) and `num_gpus_per_task` GPUs. `address` connects to a running cluster
-    ("auto", "HOST:PORT", "ray://HOST:10001"); without it the Ray instance already
-    initialised in this process is used, else a local one is started for this call and shut
-    down after it. All tasks run to the end; then the first task's exception, if any, is
-    raised (the local backend raises at once).
+    thread count) and `num_gpus_per_task` GPUs; Ray is reached through `ray_session(address)`
+    (address "auto", "HOST:PORT", "ray://HOST:10001", or None). All tasks run to the end;
+    then the first task's exception, if any, is raised (the local backend raises at once).
     """
     tasks = list(tasks)
     if backend not in BACKENDS:
@@ -72,16 +72,7 @@ def run_tasks(
             raise ValueError(f"address={address!r} needs backend='ray'; drop it or add that")
         return [fn(task) for task in runs.progress(tasks, quiet=quiet, desc=desc, unit="task")]
 
-    ray = import_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, log_to_driver=not quiet)
-    elif address is not None:
-        raise ValueError(
-            f"address={address!r} but this process is already connected to a Ray cluster; "
-            f"call ray.shutdown() first or drop address"
-        )
-    try:
+    with ray_session(address, quiet=quiet) as ray:
         remote = ray.remote(
             num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task, max_retries=max_retries
         )(_call_with_threads)
@@ -93,9 +84,29 @@ def run_tasks(
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update(len(done))
         return ray.get(refs)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, quiet: bool = False) -> Iterator[Any]:
+    """The `ray` module, connected for the duration: to the instance this process is
+    already connected to, else to `address`, else as Ray's own `ray.init()` does
+    ($RAY_ADDRESS, a `ray start` cluster on this machine, or a new local instance); a
+    connection made here is closed (a local instance stopped) at the end. Run dependent
+    phases of `run_tasks` inside one session to start Ray once."""
+    ray = import_ray()
+    if ray.is_initialized():
+        if address is not None:
+            raise ValueError(
+                f"address={address!r} but this process is already connected to a Ray "
+                f"cluster; call ray.shutdown() first or drop address"
+            )
+        yield ray
+        return
+    ray.init(address=address, log_to_driver=not quiet)
+    try:
+        yield ray
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def _call_with_threads(fn: Callable[[Any], Any], task: Any, threads: int) -> Any:
@@ -124,30 +135,44 @@ def _dataset(name: str, data_dir: str | None) -> Any:
     return data.load(name, data_dir)
 
 
-def train_task(task: Mapping[str, Any]) -> dict[str, Any]:
-    """One run of a training grid, the unit of a sweep: {"config": TrainConfig fields,
-    "out_dir": run directory, "device": "auto" | "cpu" | "cuda" ...}.
+def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Runs of a training grid, the unit of a sweep: {"configs": [TrainConfig fields, ...],
+    "out_dirs": [run directory, ...], "device": "auto" | "cpu" | "cuda" ...}.
 
-    Trains, resumes an unfinished run, or returns at once for a finished one; the data set
-    is read from config["data_dir"] on the worker's own machine. A run whose loss became
-    non-finite is reported as {"status": "diverged"} instead of raising.
+    One config is trained by `train_run`, several together by `train_many` (vectorised);
+    unfinished runs resume, finished ones return at once. The data set is read from the
+    configs' data_dir on the worker's own machine. Returns, per run, its directory, the
+    epochs it holds and whether its loss became non-finite (diverged runs do not raise).
     """
-    from qmse.train import NonFiniteLossError, TrainConfig, resolve_device, train_run
+    from qmse.train import NonFiniteLossError, TrainConfig, resolve_device, train_many, train_run
 
-    cfg = TrainConfig.from_dict(task["config"])
-    out_dir = str(task["out_dir"])
-    try:
-        rows = train_run(
-            cfg,
-            out_dir,
-            dataset=_dataset(cfg.dataset, cfg.data_dir),
-            device=resolve_device(str(task.get("device", "auto"))),
-            resume=True,
-            quiet=True,
+    cfgs = [TrainConfig.from_dict(c) for c in task["configs"]]
+    dirs = [str(d) for d in task["out_dirs"]]
+    if not cfgs or len(cfgs) != len(dirs):
+        raise ValueError(
+            f"task has {len(cfgs)} configs and {len(dirs)} out_dirs; expected n ≥ 1 each"
         )
-    except NonFiniteLossError as e:
-        return {"out_dir": out_dir, "status": "diverged", "message": str(e)}
-    return {"out_dir": out_dir, "status": "finished", "epochs": len(rows), "last": rows[-1]}
+    kw = {
+        "dataset": _dataset(cfgs[0].dataset, cfgs[0].data_dir),
+        "device": resolve_device(str(task.get("device", "auto"))),
+        "resume": True,
+        "quiet": True,
+    }
+    try:
+        if len(cfgs) == 1:
+            train_run(cfgs[0], dirs[0], **kw)
+        else:
+            train_many(cfgs, dirs, **kw)
+    except NonFiniteLossError:
+        pass  # recorded in the run's diverged.json
+    return [
+        {
+            "out_dir": d,
+            "epochs": len(runs.read_jsonl(Path(d) / "metrics.jsonl")),
+            "diverged": (Path(d) / "diverged.json").exists(),
+        }
+        for d in dirs
+    ]
 
 
 # ---- data parallel (torchrun) ----------------------------------------------------------------
