@@ -353,3 +353,17 @@ def test_train_many_stops_saving_a_diverged_run_and_goes_on(tmp_path):
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
     alone = train_run(configs[1], tmp_path / "alone", dataset=ds, quiet=True)
     assert [r["train_acc"] for r in rows[1]] == pytest.approx([r["train_acc"] for r in alone])
+
+
+def test_resample_null_never_fires_with_an_output_bias(tmp_path):
+    """SimpleCNN's output bias puts an identity block in every J_i, so no v_i is in the left
+    null space: with --resample-null the run redraws nothing and matches the plain run."""
+    data = tiny_dataset()
+    plain = train_run(tiny_config(epochs=1), tmp_path / "plain", dataset=data, quiet=True)
+    checked = train_run(
+        tiny_config(epochs=1, resample_null=True), tmp_path / "checked", dataset=data, quiet=True
+    )
+    assert [r.pop("resampled_v") for r in checked] == [0]
+    assert without_wall(checked) == without_wall(plain)
+    with pytest.raises(ValueError, match="resample_null"):
+        train_many([tiny_config(resample_null=True)], [tmp_path / "many"], dataset=data)

@@ -117,6 +117,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=128, help="hidden linear width")
     p.add_argument("--out", default=None, help="run directory; default runs/<dataset>/<run name>")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resample-null",
+        action="store_true",
+        help="QMSE: redraw v_i while ‖J_iᵀv_i‖ ≤ 1e-6 (paper sec. 3.1; costly, see docs)",
+    )
 
     def train(args: argparse.Namespace) -> int:
         from qmse.train import PAPER_LR, TrainConfig, resolve_device, run_name, train_run
@@ -134,6 +139,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             seed=args.seed,
             channels=tuple(args.channels),
             hidden=args.hidden,
+            resample_null=args.resample_null,
         )
         out = args.out or f"runs/{args.dataset}/{run_name(cfg)}"
         rows = train_run(

@@ -73,6 +73,7 @@ class TrainConfig:
     seed: int = 0  # derives the initial weights, the batch order and QMSE's v
     channels: tuple[int, int] = (32, 64)  # SimpleCNN conv widths (the paper gives none)
     hidden: int = 128  # SimpleCNN hidden linear width
+    resample_null: bool = False  # sec. 3.1: redraw QMSE's v_i while ‖J_iᵀv_i‖ ≤ 1e-6 (3 tries)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_NAMES:
@@ -276,14 +277,20 @@ def _train_epoch(
         v_all = sample_directions(n, C, generator=direction_gen, device=x.device)  # (n, C)
     params = list(model.parameters())
     sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss·b, correct, ‖g‖
-    steps = 0
+    steps = resampled = 0
     for start in range(0, n, cfg.batch_size):
         idx = perm[start : start + cfg.batch_size]  # (b,)
         out = model(x[idx])  # (b, C)
         yb = y[idx]
         if cfg.loss == "qmse":
             target = F.one_hot(yb, C).to(out)  # (b, C)
-            loss = qmse_loss(out, target, v=v_all[start : start + cfg.batch_size])
+            v = v_all[start : start + cfg.batch_size]  # (b, C)
+            if cfg.resample_null:  # costs a per-sample VJP and a host sync per step
+                from qmse.diagnose import resample_null_v
+
+                v, redrawn = resample_null_v(model, x[idx], v, generator=direction_gen)
+                resampled += redrawn
+            loss = qmse_loss(out, target, v=v)
         elif cfg.loss == "ce":
             loss = compute_loss("ce", out, yb)
         else:
@@ -302,11 +309,14 @@ def _train_epoch(
         steps += 1
         bar.update(1)
     loss_sum, correct, grad_sum = sums.tolist()
-    return {
+    running = {
         "running_train_acc": correct / n,
         "running_train_loss": loss_sum / n,
         "grad_norm": grad_sum / steps,
     }
+    if cfg.resample_null:
+        running["resampled_v"] = resampled  # directions redrawn this epoch
+    return running
 
 
 class NonFiniteLossError(RuntimeError):
@@ -538,6 +548,8 @@ def train_many(
     outs, device = [Path(o) for o in out_dirs], torch.device(device)
     if not cfgs or len(cfgs) != len(outs):
         raise ValueError(f"got {len(cfgs)} configs and {len(outs)} out_dirs; need as many, >= 1")
+    if any(c.resample_null for c in cfgs):
+        raise ValueError("resample_null is supported by train_run only; train those runs alone")
     for name in SHARED_FIELDS:
         if len({getattr(c, name) for c in cfgs}) > 1:
             raise ValueError(
