@@ -8,7 +8,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from dataclasses import asdict
@@ -21,7 +20,7 @@ import torch
 from qmse import runs, scale
 from qmse.cli import main
 from qmse.reproduce import grid_configs
-from qmse.train import run_name
+from qmse.train import METRIC_KEYS, TrainConfig, run_name, train_run
 
 TESTS = Path(__file__).resolve().parent
 
@@ -136,12 +135,11 @@ def ray_cluster():
 
 
 def test_ray_grid_gives_the_local_backends_files(ray_cluster, local_grid, data_dir, tmp_path):
-    tasks = grid_tasks(tmp_path, data_dir)
-    results = scale.run_tasks(scale.train_task, tasks, backend="ray", quiet=True)
-    assert [r for [r] in results] == [
-        {"out_dir": t["out_dirs"][0], "epochs": 2, "diverged": False} for t in tasks
-    ]
+    args = ["reproduce", *GRID, "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    assert main([*args, "--backend", "ray"]) == 0
     assert metrics(tmp_path) == metrics(local_grid)
+    assert report(tmp_path) == report(local_grid)
+    assert (tmp_path / "figure.png").exists()
 
 
 def test_a_group_task_trains_its_runs_together(local_grid, data_dir, tmp_path):
@@ -234,63 +232,38 @@ def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_d
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished runs: not retrained
 
 
-DDP_CHILD = textwrap.dedent(
-    """
-    import sys
-    import torch
-    import torch.nn.functional as F
-    from qmse import scale
-    from qmse.loss import qmse_loss, sample_directions
-    from qmse.models import SimpleCNN
-
-    torch.set_num_threads(1)
-    scale.init_distributed("cpu")
-    rank, size = scale.world()
-    torch.manual_seed(0)
-    model = SimpleCNN(1, 8, 3, (2, 4), 8)
-    net = scale.data_parallel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(50, 1, 8, 8, generator=g), torch.randint(0, 3, (50,), generator=g)
-    v = sample_directions(50, 3, generator=g)
-    norms = []
-    for epoch in range(3):
-        for s in range(0, 50, 15):  # batches of 15, 15, 15, 5: uneven shares
-            target = F.one_hot(y[s : s + 15], 3).float()
-            loss = qmse_loss(net(x[s : s + 15]), target, v=v[s : s + 15])
-            opt.zero_grad()
-            loss.backward()
-            norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
-            opt.step()
-    with torch.no_grad():
-        full = net(x)
-    if rank == 0:
-        torch.save({"params": list(model.parameters()), "norms": norms, "out": full}, sys.argv[1])
-    """
-)
-
-
-def test_two_gloo_processes_match_one(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(DDP_CHILD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for n in (1, 2):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={n}",
-                str(script),
-                str(tmp_path / f"{n}.pt"),
-            ],
-            env=env,
-            check=True,
-            timeout=300,
-        )
-    one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (1, 2))
-    for a, b in zip(one["params"], two["params"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.stack(one["norms"]), torch.stack(two["norms"]))
-    torch.testing.assert_close(one["out"], two["out"])
+def test_train_under_torchrun_on_two_gloo_processes_matches_one(data_dir, tmp_path):
+    """`qmse train` under torchrun, 2 CPU ranks, batches of 15 (uneven shares, a short last
+    batch): the metrics of one process to float tolerance; its checkpoint resumes in one."""
+    args = ["--dataset", "mnist", "--data-dir", str(data_dir), "--loss", "qmse", "--lr", "0.05"]
+    args += ["--momentum", "0.9", "--batch-size", "15", "--channels", "2", "4", "--hidden", "8"]
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + ["-m", "qmse.cli", "train", *args, "--epochs", "2", "--device", "cpu"]
+        + ["--out", str(out), "--quiet"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.count(f"{out}: epoch 2") == 1, done.stdout  # rank 0 alone reports
+    cfg = TrainConfig(
+        dataset="mnist",
+        data_dir=str(data_dir),
+        loss="qmse",
+        lr=0.05,
+        momentum=0.9,
+        batch_size=15,
+        epochs=3,
+        channels=(2, 4),
+        hidden=8,
+    )
+    one = train_run(cfg, tmp_path / "one", quiet=True)
+    resumed = train_run(cfg, out, resume=True, quiet=True)  # epoch 3 in one process
+    assert len(runs.read_jsonl(out / "metrics.jsonl")) == 3
+    for a, b in zip(resumed, one):
+        assert a.keys() == b.keys() == set(METRIC_KEYS) | {"wall_s"}
+        for key in METRIC_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)

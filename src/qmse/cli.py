@@ -124,6 +124,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
 
     def train(args: argparse.Namespace) -> int:
+        from qmse.scale import init_distributed, is_main
         from qmse.train import PAPER_LR, TrainConfig, resolve_device, run_name, train_run
 
         cfg = TrainConfig(
@@ -142,14 +143,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             resample_null=args.resample_null,
         )
         out = args.out or f"runs/{args.dataset}/{run_name(cfg)}"
-        rows = train_run(
-            cfg, out, device=resolve_device(args.device), resume=args.resume, quiet=args.quiet
-        )
+        device = init_distributed(resolve_device(args.device))  # under torchrun: join, pick GPU
+        rows = train_run(cfg, out, device=device, resume=args.resume, quiet=args.quiet)
         last = rows[-1]
-        print(
-            f"{out}: epoch {last['epoch']} train acc {last['train_acc']:.4f} "
-            f"test acc {last['test_acc']:.4f} train ½‖r‖² {last['train_mse']:.5f}"
-        )
+        if is_main():
+            print(
+                f"{out}: epoch {last['epoch']} train acc {last['train_acc']:.4f} "
+                f"test acc {last['test_acc']:.4f} train ½‖r‖² {last['train_mse']:.5f}"
+            )
         return 0
 
     p.set_defaults(func=train)
@@ -164,6 +165,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--with-ablation", action="store_true", help="add expected-qmse and ce")
     p.add_argument("--parallel", type=int, default=1, help="runs trained at once (vmap)")
     p.add_argument("--out", default=None, help="grid directory; default runs/reproduce-<dataset>")
+    p.add_argument(
+        "--backend",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: one Ray task per run (per group with --parallel)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster: auto, HOST:PORT; default: $RAY_ADDRESS, else a new local instance",
+    )
+    p.add_argument("--cpus-per-task", type=float, default=1, help="Ray: CPUs (threads) per task")
+    p.add_argument("--gpus-per-task", type=float, default=0, help="Ray: GPUs per task (0.25 ok)")
 
     def reproduce(args: argparse.Namespace) -> int:
         from qmse.reproduce import grid_configs, run_grid
@@ -180,7 +194,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             data_dir=args.data_dir,
         )
         out = args.out or f"runs/reproduce-{args.dataset}"
-        paths = run_grid(configs, out, device=args.device, parallel=args.parallel, quiet=args.quiet)
+        paths = run_grid(
+            configs,
+            out,
+            device=args.device,
+            parallel=args.parallel,
+            backend=args.backend,
+            address=args.address,
+            cpus_per_task=args.cpus_per_task,
+            gpus_per_task=args.gpus_per_task,
+            quiet=args.quiet,
+        )
         print(f"figure: {paths['figure']}")
         print(f"report: {paths['report']}")
         return 0

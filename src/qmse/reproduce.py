@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from qmse import runs
+from qmse.scale import run_tasks, train_task
 from qmse.stats import mean_ci, mean_std
 from qmse.train import (
     PAPER_LR,
@@ -89,10 +90,19 @@ def run_grid(
     dataset: Any = None,
     device: torch.device | str = "auto",
     parallel: int = 1,
+    backend: str = "local",
+    address: str | None = None,
+    cpus_per_task: float = 1,
+    gpus_per_task: float = 0,
     quiet: bool = False,
 ) -> dict[str, Path]:
     """Train every config into `out_dir/<run_name>` (finished runs are skipped, unfinished
     ones resumed), then write figure.png and report.md; returns their paths.
+
+    `backend="ray"` trains each group of runs as a Ray task (`qmse.scale.run_tasks`: the
+    cluster at `address`, else a local one; `cpus_per_task` CPUs and `gpus_per_task` GPUs
+    each; a task whose worker dies is retried and resumes). Its workers read the data set
+    from the configs' data_dir and resolve `device` themselves; the files are the same.
 
     `dataset` (a qmse.data.Dataset) is loaded once from configs[0] when not given.
     `parallel` > 1 trains up to that many runs at once with `train_many` (vectorised);
@@ -100,10 +110,12 @@ def run_grid(
     """
     if parallel < 1:
         raise ValueError(f"parallel={parallel}; expected a positive number of runs at once")
+    if backend != "local" and dataset is not None:
+        raise ValueError("dataset= is for backend='local'; Ray workers load it from data_dir")
     kw = {"resume": True, "quiet": quiet}
-    out = Path(out_dir)
+    out, remote_device = Path(out_dir), str(device)
     device = resolve_device(str(device))
-    if dataset is None:
+    if dataset is None and backend == "local":
         from qmse import data as qdata
 
         dataset = qdata.load(configs[0].dataset, configs[0].data_dir)
@@ -116,6 +128,25 @@ def run_grid(
         },
     )
     t0 = time.perf_counter()
+    if backend != "local":  # the loop below then finds every run finished or diverged
+        tasks = [
+            {
+                "configs": [asdict(c) for c in group],
+                "out_dirs": [str(out / run_name(c)) for c in group],
+                "device": remote_device,
+            }
+            for group in _groups(configs, out, parallel)
+        ]
+        run_tasks(
+            train_task,
+            tasks,
+            backend=backend,
+            address=address,
+            num_cpus_per_task=cpus_per_task,
+            num_gpus_per_task=gpus_per_task,
+            quiet=quiet,
+            desc="grid",
+        )
     bar = runs.progress(total=len(configs), quiet=quiet, desc="grid", unit="run")
     for group in _groups(configs, out, parallel):
         dirs = [out / run_name(c) for c in group]

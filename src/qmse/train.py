@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qmse import runs
+from qmse import runs, scale
 from qmse.loss import LOSS_NAMES, compute_loss, qmse_loss, sample_directions
 from qmse.models import SimpleCNN
 
@@ -369,7 +369,8 @@ def _open_run(
     if (out / "diverged.json").exists():
         raise NonFiniteLossError(runs.load_json(out / "diverged.json")["message"])
     if not ckpt_path.exists():
-        runs.save_json(out / "config.json", resolved)
+        if scale.is_main():
+            runs.save_json(out / "config.json", resolved)
         return None
     saved = runs.load_json(out / "config.json")
     if diff := _same_run(saved, resolved):
@@ -379,10 +380,11 @@ def _open_run(
             f"output directory or the same settings"
         )
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-    saved.setdefault("resumed", []).append(runs.provenance(device))
-    saved["epochs"] = resolved["epochs"]
-    runs.save_json(out / "config.json", saved)
-    runs.write_jsonl(out / "metrics.jsonl", ckpt["metrics"])  # heals a kill between writes
+    if scale.is_main():
+        saved.setdefault("resumed", []).append(runs.provenance(device))
+        saved["epochs"] = resolved["epochs"]
+        runs.save_json(out / "config.json", saved)
+        runs.write_jsonl(out / "metrics.jsonl", ckpt["metrics"])  # heals a kill between writes
     return ckpt
 
 
@@ -410,7 +412,8 @@ def _check_finite(row: dict, cfg: TrainConfig, out: Path) -> str | None:
         f"lr={cfg.lr}, momentum={cfg.momentum}; the last good checkpoint (epoch "
         f"{row['epoch'] - 1}) is kept. Try a smaller --lr."
     )
-    runs.save_json(out / "diverged.json", {"epoch": row["epoch"], "message": message})
+    if scale.is_main():
+        runs.save_json(out / "diverged.json", {"epoch": row["epoch"], "message": message})
     return message
 
 
@@ -422,7 +425,10 @@ def _save_epoch(
     rows: list[dict],
 ) -> None:
     """checkpoint.pt then metrics.jsonl, each atomically (resume rewrites the metrics from
-    the checkpoint, so a kill between the two writes loses nothing)."""
+    the checkpoint, so a kill between the two writes loses nothing). Under torchrun only
+    rank 0 writes."""
+    if not scale.is_main():
+        return
     runs.save_torch(
         out / "checkpoint.pt",
         {
@@ -469,15 +475,17 @@ def train_run(
         gens[1].set_state(ckpt["direction_rng"])
         rows = ckpt["metrics"]
 
+    net = scale.data_parallel(model)  # under torchrun: each rank a share of every batch
+    quiet = quiet or not scale.is_main()
     steps = math.ceil(data.x_train.size(0) / cfg.batch_size)
     label = f"{cfg.loss} m={cfg.momentum:g} seed={cfg.seed}"
     epochs = runs.progress(range(len(rows) + 1, cfg.epochs + 1), quiet=quiet, desc=label)
     for epoch in epochs:
         t0 = time.perf_counter()
         with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
-            running = _train_epoch(model, opt, data, cfg, *gens, bar)
-        train = evaluate(model, data.x_train, data.y_train, cfg.loss)
-        test = evaluate(model, data.x_test, data.y_test, cfg.loss)
+            running = _train_epoch(net, opt, data, cfg, *gens, bar)
+        train = evaluate(net, data.x_train, data.y_train, cfg.loss)
+        test = evaluate(net, data.x_test, data.y_test, cfg.loss)
         row = _metric_row(epoch, train, test, running, time.perf_counter() - t0)
         if message := _check_finite(row, cfg, out):
             raise NonFiniteLossError(message)
