@@ -459,8 +459,13 @@ def train_run(
     returns at once; a larger `epochs` extends it); without, such a directory is an error.
     Raises NonFiniteLossError if the loss becomes non-finite, leaving the last good
     checkpoint and metrics in place and a `diverged.json` that records the epoch.
+    In a process group of N ranks (torchrun; `qmse.scale.init_distributed`) every rank runs
+    this with the same arguments: each computes its 1/N of every batch (`scale.data_parallel`),
+    rank 0 alone writes, and the metrics are those of one process to float rounding.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if cfg.resample_null and scale.world()[1] > 1:
+        raise ValueError("resample_null is not supported under torchrun; train in one process")
     out, device = Path(out_dir), torch.device(device)
     data = _load_data(cfg, dataset, device)
     resolved = _resolved_config(cfg, data, device)
