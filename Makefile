@@ -1,4 +1,5 @@
 # Two commands matter: `make demo` (the main job, offline) and `make test`.
+# `make setup` installs the dev tools and the optional Ray backend (tested by `make test`).
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 # torch first, pinned: the CPU build on local disk. Any other request may pull a multi-GB CUDA build.
@@ -12,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ray]"
 	touch $(STAMP)
 
 lint: setup

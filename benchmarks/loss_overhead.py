@@ -1,6 +1,8 @@
 """QMSE step time / MSE step time, measured in one run on one device.
 
 A step is forward + loss + backward + SGD update of the paper's SimpleCNN on one batch.
+"qmse+resample" adds the paper's null-space check of v (sec. 3.1, `--resample-null`): one
+per-sample VJP of the batch before the step.
 The losses are timed interleaved (round-robin over repeats) so that drift in the machine's
 speed hits all of them alike; the median of each is reported.
 
@@ -15,7 +17,8 @@ import time
 
 import torch
 
-from qmse.loss import compute_loss
+from qmse.diagnose import resample_null_v
+from qmse.loss import compute_loss, qmse_loss, sample_directions
 from qmse.models import SimpleCNN
 
 SHAPES = {"mnist": (1, 28, 10), "cifar": (3, 32, 10), "cifar100": (3, 32, 100)}
@@ -45,7 +48,13 @@ def step_times(
             _sync(device)
             t0 = time.perf_counter()
             opts[name].zero_grad(set_to_none=True)
-            compute_loss(name, models[name](x), y, generator=g).backward()
+            if name == "qmse+resample":
+                v = sample_directions(batch, classes, generator=g, device=device)
+                v, _ = resample_null_v(models[name], x, v, generator=g)
+                loss = qmse_loss(models[name](x), y, v=v)
+            else:
+                loss = compute_loss(name, models[name](x), y, generator=g)
+            loss.backward()
             opts[name].step()
             _sync(device)
             if i >= 5:
@@ -62,7 +71,11 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     times = step_times(
-        ["mse", "qmse", "expected-qmse"], args.shape, args.batch, args.repeats, device
+        ["mse", "qmse", "expected-qmse", "qmse+resample"],
+        args.shape,
+        args.batch,
+        args.repeats,
+        device,
     )
     base = statistics.median(times["mse"])
     print(f"device {device}  shape {args.shape}  batch {args.batch}  repeats {args.repeats}")
