@@ -44,7 +44,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    """`qmse data list|download` (issue 6)."""
+    """`qmse data list|download`."""
     from qmse import data
 
     p = sub.add_parser(
@@ -213,7 +213,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_escape(sub: argparse._SubParsersAction) -> None:
-    """`qmse escape` (issue 7)."""
+    """`qmse escape`."""
     from qmse.escape import METHODS, PROTOCOLS
 
     p = sub.add_parser(
@@ -309,7 +309,7 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     """`qmse diagnose RUN_DIR`, `qmse diagnose --compare RUN_A RUN_B`, `qmse diagnose
-    convexity` (issue 4)."""
+    convexity`."""
     p = sub.add_parser(
         "diagnose",
         help="where did a run stop (paper sec. 2.2 cases, Hessian spectrum); convexity demo",
@@ -376,7 +376,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_symmetry(sub: argparse._SubParsersAction) -> None:
-    """`qmse symmetry example|match` and `qmse landscape` (issue 5)."""
+    """`qmse symmetry example|match` and `qmse landscape`."""
     sym = sub.add_parser(
         "symmetry",
         help="hidden-unit permutation symmetry: the worked example, weight matching of two runs",
