@@ -8,6 +8,23 @@ import sys
 Formatter = argparse.ArgumentDefaultsHelpFormatter
 
 
+def _add_backend_args(p: argparse.ArgumentParser, ray_unit: str) -> None:
+    """--backend/--address/--cpus-per-task/--gpus-per-task of the sweep commands."""
+    p.add_argument(
+        "--backend",
+        default="local",
+        choices=["local", "ray"],
+        help=f"local: this process; {ray_unit}",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster: auto, HOST:PORT; default: $RAY_ADDRESS, else a new local instance",
+    )
+    p.add_argument("--cpus-per-task", type=float, default=1, help="Ray: CPUs (threads) per task")
+    p.add_argument("--gpus-per-task", type=float, default=0, help="Ray: GPUs per task (0.25 ok)")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     """`qmse demo`: `qmse reproduce` on Fashion-MNIST at a budget of ~5 minutes on 2 CPU cores."""
     p = sub.add_parser(
@@ -165,19 +182,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--with-ablation", action="store_true", help="add expected-qmse and ce")
     p.add_argument("--parallel", type=int, default=1, help="runs trained at once (vmap)")
     p.add_argument("--out", default=None, help="grid directory; default runs/reproduce-<dataset>")
-    p.add_argument(
-        "--backend",
-        default="local",
-        choices=["local", "ray"],
-        help="local: this process; ray: one Ray task per run (per group with --parallel)",
-    )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster: auto, HOST:PORT; default: $RAY_ADDRESS, else a new local instance",
-    )
-    p.add_argument("--cpus-per-task", type=float, default=1, help="Ray: CPUs (threads) per task")
-    p.add_argument("--gpus-per-task", type=float, default=0, help="Ray: GPUs per task (0.25 ok)")
+    _add_backend_args(p, "ray: one Ray task per run (per group with --parallel)")
 
     def reproduce(args: argparse.Namespace) -> int:
         from qmse.reproduce import grid_configs, run_grid
@@ -247,19 +252,7 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--backend",
-        default="local",
-        choices=["local", "ray"],
-        help="local: this process; ray: the benchmark's cells as Ray tasks",
-    )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster: auto, HOST:PORT; default: $RAY_ADDRESS, else a new local instance",
-    )
-    p.add_argument("--cpus-per-task", type=float, default=1, help="Ray: CPUs (threads) per task")
-    p.add_argument("--gpus-per-task", type=float, default=0, help="Ray: GPUs per task (0.25 ok)")
+    _add_backend_args(p, "ray: the benchmark's cells as Ray tasks")
 
     def run(args: argparse.Namespace) -> int:
         import torch
