@@ -679,7 +679,8 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
         ax.set_title(f"protocol: {protocol}")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if sel:  # a protocol with no finished seeds yet has nothing to label
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
