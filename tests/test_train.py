@@ -300,8 +300,9 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_metrics(tmp_path):
     assert len(runs.load_json(run / "config.json")["resumed"]) == 1
 
 
-def test_train_many_matches_separate_runs(tmp_path):
-    """M runs vectorised with vmap give each run's metrics and weights of separate runs."""
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_train_many_matches_separate_runs(tmp_path, batching):
+    """M runs trained as one stack give each run's metrics and weights of separate runs."""
     ds = tiny_dataset()
     configs = [
         tiny_config(loss="qmse", momentum=0.9, seed=0),
@@ -309,7 +310,8 @@ def test_train_many_matches_separate_runs(tmp_path):
         tiny_config(loss="ce", momentum=0.9, seed=2),
         tiny_config(loss="qmse", momentum=0.0, seed=3),
     ]
-    many = train_many(configs, [tmp_path / f"v{m}" for m in range(4)], dataset=ds, quiet=True)
+    dirs = [tmp_path / f"v{m}" for m in range(4)]
+    many = train_many(configs, dirs, dataset=ds, quiet=True, batching=batching)
     for m, cfg in enumerate(configs):
         alone = train_run(cfg, tmp_path / f"s{m}", dataset=ds, quiet=True)
         assert [r["epoch"] for r in many[m]] == [1, 2]
@@ -343,6 +345,8 @@ def test_train_many_resumes_and_its_runs_resume_alone(tmp_path):
         )
     with pytest.raises(ValueError, match="batch_size"):
         train_many([configs[0], tiny_config(batch_size=8)], [tmp_path / "c", tmp_path / "d"])
+    with pytest.raises(ValueError, match="batching"):
+        train_many(configs, [tmp_path / "e", tmp_path / "f"], dataset=ds, batching="grouped")
 
 
 def test_train_many_stops_saving_a_diverged_run_and_goes_on(tmp_path):

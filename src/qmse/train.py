@@ -340,12 +340,27 @@ def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return [k for k in keys + ["model"] if a.get(k) != b.get(k)]
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The layout training uses for images and conv weights on `device`: channels_last on the
+    CPU, where it makes a SimpleCNN step about 1.45× faster (benchmarks/train_speed.py);
+    PyTorch's default elsewhere, where it has not been measured."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 def _load_data(cfg: TrainConfig, dataset: Any, device: torch.device) -> Data:
+    """The run's data on `device`, images in `memory_format(device)`."""
     if dataset is None:
-        return prepare_data(cfg, device)
-    if getattr(dataset, "name", cfg.dataset) != cfg.dataset:
+        data = prepare_data(cfg, device)
+    elif getattr(dataset, "name", cfg.dataset) != cfg.dataset:
         raise ValueError(f"dataset is {dataset.name!r} but config.dataset is {cfg.dataset!r}")
-    return prepare_data(dataset, device, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
+    else:
+        sub = {"train_subset": cfg.train_subset, "test_subset": cfg.test_subset}
+        data = prepare_data(dataset, device, **sub)
+    layout = memory_format(device)
+    return data._replace(
+        x_train=data.x_train.contiguous(memory_format=layout),
+        x_test=data.x_test.contiguous(memory_format=layout),
+    )
 
 
 def _generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -469,7 +484,7 @@ def train_run(
     out, device = Path(out_dir), torch.device(device)
     data = _load_data(cfg, dataset, device)
     resolved = _resolved_config(cfg, data, device)
-    model = build_model(resolved["model"], cfg.seed).to(device)
+    model = build_model(resolved["model"], cfg.seed).to(device, memory_format=memory_format(device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     gens = _generators(cfg.seed, device)
     rows: list[dict] = []
@@ -514,15 +529,23 @@ SHARED_FIELDS = (
 )  # what every run trained together by `train_many` must share
 
 
+def _loss_groups(names: Sequence[str], device: torch.device) -> list[tuple[str, Tensor]]:
+    """Each distinct loss in `names` with the indices of the models that use it, made once so
+    that the training steps copy nothing from the host."""
+    return [
+        (name, torch.tensor([m for m, n in enumerate(names) if n == name], device=device))
+        for name in dict.fromkeys(names)
+    ]
+
+
 def _grouped_losses(
-    names: Sequence[str], out: Tensor, onehot: Tensor, labels: Tensor, v: Tensor | None
+    groups: list[tuple[str, Tensor]], out: Tensor, onehot: Tensor, labels: Tensor, v: Tensor | None
 ) -> Tensor:
-    """(M, b) per-sample training losses of M models with outputs out (M, b, C), models that
-    share a loss computed together; v (M, b, C) holds QMSE's directions."""
+    """(M, b) per-sample training losses of M models with outputs out (M, b, C), the models of
+    each of `_loss_groups` computed together; v (M, b, C) holds QMSE's directions."""
     M, b, C = out.shape
     per_sample = out.new_zeros(M, b)
-    for name in dict.fromkeys(names):
-        idx = torch.tensor([m for m, n in enumerate(names) if n == name], device=out.device)
+    for name, idx in groups:
         o = out[idx].reshape(-1, C)  # (k·b, C)
         if name == "qmse":
             t = onehot[idx].reshape(-1, C)
@@ -543,17 +566,19 @@ def train_many(
     device: torch.device | str = "cpu",
     resume: bool = False,
     quiet: bool = False,
+    batching: str = "auto",
 ) -> list[list[dict]]:
-    """Train M runs at once, one vectorised model, and return each run's metric rows.
+    """Train M runs at once, as one stacked model, and return each run's metric rows.
 
-    The M SimpleCNNs are stacked (`torch.func.stack_module_state`) and called through
-    `vmap(functional_call)`; each keeps its own seed (initial weights, batch order, QMSE's
-    v), loss, lr and momentum, so run m writes the same directory, to float tolerance, as
-    `train_run(configs[m], out_dirs[m])` (tested). The SGD step is written out (PyTorch's
-    convention: buf ← momentum·buf + g, w ← w − lr·buf) so lr and momentum may differ per
-    run. The runs must share SHARED_FIELDS, and, when resumed, their epoch. A run whose loss
-    becomes non-finite gets diverged.json, keeps its last good checkpoint and stops being
-    saved; the others go on.
+    The M SimpleCNNs' parameters are stacked (`torch.func.stack_module_state`) and every
+    step is one forward, one backward and one update of the stack, run by `stacked_forwards`
+    with `batching` ("auto": "vmap" on CUDA, "loop" elsewhere). Each run keeps its own seed
+    (initial weights, batch order, QMSE's v), loss, lr and momentum, so run m writes the same
+    directory, to float tolerance, as `train_run(configs[m], out_dirs[m])` (tested). The SGD
+    step is written out (PyTorch's convention: buf ← momentum·buf + g, w ← w − lr·buf) so lr
+    and momentum may differ per run. The runs must share SHARED_FIELDS, and, when resumed,
+    their epoch. A run whose loss becomes non-finite gets diverged.json, keeps its last good
+    checkpoint and stops being saved; the others go on.
     """
     from torch.func import stack_module_state
 
@@ -563,6 +588,8 @@ def train_many(
         raise ValueError(f"got {len(cfgs)} configs and {len(outs)} out_dirs; need as many, >= 1")
     if any(c.resample_null for c in cfgs):
         raise ValueError("resample_null is supported by train_run only; train those runs alone")
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching={batching!r}; expected one of {BATCHINGS}")
     for name in SHARED_FIELDS:
         if len({getattr(c, name) for c in cfgs}) > 1:
             raise ValueError(
@@ -599,7 +626,9 @@ def train_many(
         n: torch.stack([b[n] if b else torch.zeros_like(params[n][0]) for b in momentum_bufs])
         for n in names
     }
-    train_forward, eval_forward = vmapped_forwards(resolved[0]["model"])
+    if batching == "auto":
+        batching = "vmap" if device.type == "cuda" else "loop"
+    train_forward, eval_forward = stacked_forwards(resolved[0]["model"], batching)
     losses = [c.loss for c in cfgs]
     alive = [True] * M
     steps = math.ceil(data.x_train.size(0) / cfg0.batch_size)
@@ -631,17 +660,43 @@ def train_many(
     return rows
 
 
-def vmapped_forwards(args: Mapping[str, Any]) -> tuple[Any, Any]:
+BATCHINGS = ("auto", "vmap", "loop")  # how `train_many` runs its M stacked models
+
+
+def stacked_forwards(args: Mapping[str, Any], batching: str) -> tuple[Any, Any]:
     """SimpleCNN(**args) as functions of stacked parameters {name: (M, ...)}: one for M
-    batches (M, b, Ch, H, W) and one for a shared batch (b, Ch, H, W), both → (M, b, C)."""
+    batches (M, b, Ch, H, W) and one for a shared batch (b, Ch, H, W), both → (M, b, C).
+
+    "vmap" runs the M models as one batched model (`torch.func.vmap`: grouped convolutions,
+    batched matrix products), which pays where kernel launches dominate, as on a GPU. "loop"
+    runs them one after another on views of the stack: on the CPU, where each model's
+    kernels already keep the cores busy, grouped convolutions are slower than separate ones
+    (docs/benchmarks.md). Both give the same outputs and gradients to float rounding.
+    """
     from torch.func import functional_call, vmap
 
+    if batching not in BATCHINGS[1:]:
+        raise ValueError(f"batching={batching!r}; expected one of {BATCHINGS}")
     base = build_model(args, 0).to("meta")
 
     def forward(p: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(base, p, (x,))
 
-    return vmap(forward), vmap(forward, in_dims=(0, None))
+    if batching == "vmap":
+        return vmap(forward), vmap(forward, in_dims=(0, None))
+
+    def per_model(p: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        # unbind, not p[k][m]: its backward stacks the M gradients instead of adding M
+        # zero-padded (M, ...) tensors
+        return [dict(zip(p, views)) for views in zip(*(t.unbind(0) for t in p.values()))]
+
+    def train_loop(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return torch.stack([forward(pm, xm) for pm, xm in zip(per_model(p), x)])
+
+    def eval_loop(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return torch.stack([forward(pm, x) for pm in per_model(p)])
+
+    return train_loop, eval_loop
 
 
 def _train_epoch_many(
@@ -661,6 +716,7 @@ def _train_epoch_many(
     lr = torch.tensor([c.lr for c in cfgs], device=device)  # (M,)
     mom = torch.tensor([c.momentum for c in cfgs], device=device)  # (M,)
     losses = [c.loss for c in cfgs]
+    groups = _loss_groups(losses, device)
     names = list(params)
     perms = torch.stack([torch.randperm(n, generator=g, device=device) for g, _ in gens])
     v_all = None  # (M, n, C): each QMSE run's v, in its step order (zeros for the others)
@@ -680,7 +736,7 @@ def _train_epoch_many(
         yb = y[idx]  # (M, b)
         onehot = F.one_hot(yb, C).to(out)  # (M, b, C)
         v = v_all[:, start : start + B] if v_all is not None else None
-        loss = _grouped_losses(losses, out, onehot, yb, v).mean(1)  # (M,)
+        loss = _grouped_losses(groups, out, onehot, yb, v).mean(1)  # (M,)
         grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
         with torch.no_grad():
             norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # (P, M)
