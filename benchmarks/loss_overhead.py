@@ -1,6 +1,7 @@
 """QMSE step time / MSE step time, measured in one run on one device.
 
-A step is forward + loss + backward + SGD update of the paper's SimpleCNN on one batch.
+A step is forward + loss + backward + SGD update of the paper's SimpleCNN on one batch, in
+the memory layout training uses on the device (`qmse.train.memory_format`).
 "qmse+resample" adds the paper's null-space check of v (sec. 3.1, `--resample-null`): one
 per-sample VJP of the batch before the step.
 The losses are timed interleaved (round-robin over repeats) so that drift in the machine's
@@ -20,6 +21,7 @@ import torch
 from qmse.diagnose import resample_null_v
 from qmse.loss import compute_loss, qmse_loss, sample_directions
 from qmse.models import SimpleCNN
+from qmse.train import memory_format
 
 SHAPES = {"mnist": (1, 28, 10), "cifar": (3, 32, 10), "cifar100": (3, 32, 100)}
 
@@ -35,12 +37,14 @@ def step_times(
     """Seconds per training step for each loss, `repeats` interleaved measurements each."""
     channels, side, classes = SHAPES[shape]
     g = torch.Generator(device=device).manual_seed(0)
+    layout = memory_format(device)
     x = torch.randn(batch, channels, side, side, device=device, generator=g)
+    x = x.contiguous(memory_format=layout)
     y = torch.randint(0, classes, (batch,), device=device, generator=g)
     models, opts = {}, {}
     for name in losses:
         torch.manual_seed(0)
-        models[name] = SimpleCNN(channels, side, classes).to(device)
+        models[name] = SimpleCNN(channels, side, classes).to(device, memory_format=layout)
         opts[name] = torch.optim.SGD(models[name].parameters(), lr=1e-3)
     times: dict[str, list[float]] = {name: [] for name in losses}
     for i in range(repeats + 5):  # the first 5 rounds warm up

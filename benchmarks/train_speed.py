@@ -2,13 +2,20 @@
 
 An epoch here is `--samples` random images of MNIST or CIFAR shape, batch 128, training
 steps only (no evaluation). Styles:
-  naive       DataLoader(shuffle=True) on CPU tensors, each batch copied to the device,
-              loss read with .item() every step (the usual tutorial loop)
-  resident    qmse.train's loop: data on the device, index slices of a seeded permutation,
-              metrics accumulated on the device and read once per epoch (MSE, then QMSE)
-  vmap M      qmse.train_many's loop: M MSE models stacked and trained at once
+  naive            DataLoader(shuffle=True) on CPU tensors, each batch copied to the device,
+                   loss read with .item() every step (the usual tutorial loop)
+  resident         qmse.train's loop: data on the device in `memory_format(device)`, index
+                   slices of a seeded permutation, metrics accumulated on the device and read
+                   once per epoch (MSE, then QMSE)
+  resident NCHW / resident channels_last
+                   the resident MSE loop in the other memory layout (an option measured)
+  resident compile the resident MSE loop with the model under torch.compile
+  resident tf32    (CUDA only) with TF32 matmuls and convolutions allowed
+  vmap M, loop M   qmse.train_many's loop, M MSE models stacked and trained at once, with
+                   batching="vmap" (one batched model) and "loop" (models one after another)
 Each style runs one warm-up epoch, then `--repeats` timed epochs, round-robin over the
-styles; the median is reported, with the naive loop's time divided by each (higher is faster).
+styles; the median is reported, with the naive loop's time divided by each and the resident
+MSE loop's (sequential runs: one model after another) divided by each (higher is faster).
 
     python -m benchmarks.train_speed --device cpu --shape mnist --samples 2048 --models 8 32
 """
@@ -18,6 +25,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.func import stack_module_state
@@ -30,7 +39,8 @@ from qmse.train import (
     _train_epoch,
     _train_epoch_many,
     build_model,
-    vmapped_forwards,
+    memory_format,
+    stacked_forwards,
 )
 
 SHAPES = {"mnist": (1, 28, 10), "cifar": (3, 32, 10), "cifar100": (3, 32, 100)}
@@ -69,7 +79,6 @@ def measure(
     g = torch.Generator().manual_seed(0)
     x_cpu = torch.randn(samples, channels, side, side, generator=g)
     y_cpu = torch.randint(0, classes, (samples,), generator=g)
-    data = Data(x_cpu.to(device), y_cpu.to(device), x_cpu[:1].to(device), y_cpu[:1], classes)
     args = {
         "in_channels": channels,
         "image_size": side,
@@ -77,7 +86,21 @@ def measure(
         "channels": [32, 64],
         "hidden": 128,
     }
-    epochs: dict = {}
+    layout = memory_format(device)
+    other = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
+    other_name = "NCHW" if other == torch.contiguous_format else "channels_last"
+
+    def resident(loss: str, fmt: torch.memory_format, wrap: Callable = lambda m: m) -> Callable:
+        x = x_cpu.to(device).contiguous(memory_format=fmt)
+        data = Data(x, y_cpu.to(device), x[:1], y_cpu[:1].to(device), classes)
+        model = build_model(args, 0).to(device, memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        cfg, gens, net = (
+            TrainConfig(dataset="random", loss=loss),
+            _generators(0, device),
+            wrap(model),
+        )
+        return lambda: _train_epoch(net, opt, data, cfg, *gens, _NoBar())
 
     model = build_model(args, 0).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -94,24 +117,38 @@ def measure(
             opt.step()
             loss.item()
 
-    epochs["naive"] = naive
-    for loss in ("mse", "qmse"):
-        cfg = TrainConfig(dataset="random", loss=loss)
-        gens = _generators(0, device)
-        epochs[f"resident {loss}"] = lambda cfg=cfg, gens=gens: _train_epoch(
-            model, opt, data, cfg, *gens, _NoBar()
-        )
-    train_forward, _ = vmapped_forwards(args)
+    epochs: dict[str, Callable] = {
+        "naive": naive,
+        "resident mse": resident("mse", layout),
+        "resident qmse": resident("qmse", layout),
+        f"resident {other_name}": resident("mse", other),
+        "resident compile": resident("mse", layout, torch.compile),
+    }
+    if device.type == "cuda":
+        mse = resident("mse", layout)
+
+        def tf32() -> None:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            try:
+                mse()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+        epochs["resident tf32"] = tf32
+    data = Data(*(t.to(device) for t in (x_cpu, y_cpu, x_cpu[:1], y_cpu[:1])), classes)
+    data = data._replace(x_train=data.x_train.contiguous(memory_format=layout))
     for M in models:
         cfgs = [TrainConfig(dataset="random", loss="mse", seed=s) for s in range(M)]
-        params, _ = stack_module_state([build_model(args, s).to(device) for s in range(M)])
-        bufs = {k: torch.zeros_like(p) for k, p in params.items()}
         gens = [_generators(s, device) for s in range(M)]
-        epochs[f"vmap M={M}"] = lambda cfgs=cfgs, params=params, bufs=bufs, gens=gens: (
-            _train_epoch_many(train_forward, params, bufs, cfgs, data, gens, _NoBar())
-        )
+        for batching in ("vmap", "loop"):
+            params, _ = stack_module_state([build_model(args, s).to(device) for s in range(M)])
+            bufs = {k: torch.zeros_like(p) for k, p in params.items()}
+            forward, _ = stacked_forwards(args, batching)
+            epochs[f"{batching} M={M}"] = partial(
+                _train_epoch_many, forward, params, bufs, cfgs, data, gens, _NoBar()
+            )
     times = _interleaved(epochs, repeats, device)
-    return {k: v / int(k.split("=")[1]) if k.startswith("vmap") else v for k, v in times.items()}
+    return {k: v / int(k.split("=")[1]) if "=" in k else v for k, v in times.items()}
 
 
 def main() -> None:
@@ -133,9 +170,14 @@ def main() -> None:
     times = measure(args.shape, args.samples, args.models, args.repeats, device)
     per_sample = {k: v / args.samples for k, v in times.items()}
     full = {"mnist": 60000, "cifar": 50000, "cifar100": 50000}[args.shape]
-    print(f"{'style':<16}{'s/model-epoch':>15}{'(full epoch)':>14}{'naive/this':>12}")
+    print(
+        f"{'style':<24}{'s/model-epoch':>15}{'(full epoch)':>14}{'naive/this':>12}{'seq/this':>10}"
+    )
     for k, v in times.items():
-        print(f"{k:<16}{v:>15.4f}{per_sample[k] * full:>14.3f}{times['naive'] / v:>12.2f}")
+        print(
+            f"{k:<24}{v:>15.4f}{per_sample[k] * full:>14.3f}{times['naive'] / v:>12.2f}"
+            f"{times['resident mse'] / v:>10.2f}"
+        )
     print(f"QMSE/MSE (resident): {times['resident qmse'] / times['resident mse']:.3f}")
 
 
