@@ -180,7 +180,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per setting")
     p.add_argument("--with-ablation", action="store_true", help="add expected-qmse and ce")
-    p.add_argument("--parallel", type=int, default=1, help="runs trained at once (vmap)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs trained at once as one stacked model (train_many: vmap on CUDA, a loop on CPU)",
+    )
     p.add_argument("--out", default=None, help="grid directory; default runs/reproduce-<dataset>")
     _add_backend_args(p, "ray: one Ray task per run (per group with --parallel)")
 

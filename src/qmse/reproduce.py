@@ -105,7 +105,7 @@ def run_grid(
     from the configs' data_dir and resolve `device` themselves; the files are the same.
 
     `dataset` (a qmse.data.Dataset) is loaded once from configs[0] when not given.
-    `parallel` > 1 trains up to that many runs at once with `train_many` (vectorised);
+    `parallel` > 1 trains up to that many runs at once with `train_many` (one stacked model);
     the run directories are the same either way.
     """
     if parallel < 1:

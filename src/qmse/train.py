@@ -342,7 +342,7 @@ def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 def memory_format(device: torch.device) -> torch.memory_format:
     """The layout training uses for images and conv weights on `device`: channels_last on the
-    CPU, where it makes a SimpleCNN step about 1.45× faster (benchmarks/train_speed.py);
+    CPU, where it makes a SimpleCNN epoch about 1.3× faster (benchmarks/train_speed.py);
     PyTorch's default elsewhere, where it has not been measured."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
