@@ -588,8 +588,6 @@ def train_many(
         raise ValueError(f"got {len(cfgs)} configs and {len(outs)} out_dirs; need as many, >= 1")
     if any(c.resample_null for c in cfgs):
         raise ValueError("resample_null is supported by train_run only; train those runs alone")
-    if batching not in BATCHINGS:
-        raise ValueError(f"batching={batching!r}; expected one of {BATCHINGS}")
     for name in SHARED_FIELDS:
         if len({getattr(c, name) for c in cfgs}) > 1:
             raise ValueError(
@@ -599,6 +597,9 @@ def train_many(
     cfg0, M = cfgs[0], len(cfgs)
     data = _load_data(cfg0, dataset, device)
     resolved = [_resolved_config(c, data, device) for c in cfgs]
+    if batching == "auto":
+        batching = "vmap" if device.type == "cuda" else "loop"
+    train_forward, eval_forward = stacked_forwards(resolved[0]["model"], batching)
     models = [build_model(r["model"], c.seed).to(device) for r, c in zip(resolved, cfgs)]
     gens = [_generators(c.seed, device) for c in cfgs]
     momentum_bufs: list[dict[str, Tensor] | None] = [None] * M
@@ -626,9 +627,6 @@ def train_many(
         n: torch.stack([b[n] if b else torch.zeros_like(params[n][0]) for b in momentum_bufs])
         for n in names
     }
-    if batching == "auto":
-        batching = "vmap" if device.type == "cuda" else "loop"
-    train_forward, eval_forward = stacked_forwards(resolved[0]["model"], batching)
     losses = [c.loss for c in cfgs]
     alive = [True] * M
     steps = math.ceil(data.x_train.size(0) / cfg0.batch_size)
@@ -660,7 +658,7 @@ def train_many(
     return rows
 
 
-BATCHINGS = ("auto", "vmap", "loop")  # how `train_many` runs its M stacked models
+BATCHINGS = ("vmap", "loop")  # how `train_many` runs its M stacked models
 
 
 def stacked_forwards(args: Mapping[str, Any], batching: str) -> tuple[Any, Any]:
@@ -675,8 +673,10 @@ def stacked_forwards(args: Mapping[str, Any], batching: str) -> tuple[Any, Any]:
     """
     from torch.func import functional_call, vmap
 
-    if batching not in BATCHINGS[1:]:
-        raise ValueError(f"batching={batching!r}; expected one of {BATCHINGS}")
+    if batching not in BATCHINGS:
+        raise ValueError(
+            f"batching={batching!r}; expected one of {BATCHINGS} (train_many: or 'auto')"
+        )
     base = build_model(args, 0).to("meta")
 
     def forward(p: dict[str, Tensor], x: Tensor) -> Tensor:
