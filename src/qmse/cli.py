@@ -26,7 +26,7 @@ def _add_backend_args(p: argparse.ArgumentParser, ray_unit: str) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    """`qmse demo`: `qmse reproduce` on Fashion-MNIST at a budget of ~5 minutes on 2 CPU cores."""
+    """`qmse demo`: `qmse reproduce` on Fashion-MNIST in about 4 minutes on 2 CPU cores."""
     p = sub.add_parser(
         "demo",
         help="the paper's Fashion-MNIST grid (MSE vs QMSE, momentum 0 and 0.9) at a CPU budget",
