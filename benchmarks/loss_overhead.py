@@ -26,7 +26,8 @@ from qmse.train import memory_format
 SHAPES = {"mnist": (1, 28, 10), "cifar": (3, 32, 10), "cifar100": (3, 32, 100)}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer around it measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -49,7 +50,7 @@ def step_times(
     times: dict[str, list[float]] = {name: [] for name in losses}
     for i in range(repeats + 5):  # the first 5 rounds warm up
         for name in losses:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             opts[name].zero_grad(set_to_none=True)
             if name == "qmse+resample":
@@ -60,7 +61,7 @@ def step_times(
                 loss = compute_loss(name, models[name](x), y, generator=g)
             loss.backward()
             opts[name].step()
-            _sync(device)
+            sync(device)
             if i >= 5:
                 times[name].append(time.perf_counter() - t0)
     return times

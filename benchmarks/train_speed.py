@@ -31,6 +31,7 @@ from functools import partial
 import torch
 from torch.func import stack_module_state
 
+from benchmarks.loss_overhead import SHAPES, sync
 from qmse.loss import compute_loss
 from qmse.train import (
     Data,
@@ -43,17 +44,10 @@ from qmse.train import (
     stacked_forwards,
 )
 
-SHAPES = {"mnist": (1, 28, 10), "cifar": (3, 32, 10), "cifar100": (3, 32, 100)}
-
 
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _interleaved(epochs: dict, repeats: int, device: torch.device) -> dict[str, float]:
@@ -62,10 +56,10 @@ def _interleaved(epochs: dict, repeats: int, device: torch.device) -> dict[str, 
     times: dict[str, list[float]] = {name: [] for name in epochs}
     for i in range(repeats + 1):
         for name, epoch_fn in epochs.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             epoch_fn()
-            _sync(device)
+            sync(device)
             if i:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
