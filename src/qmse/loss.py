@@ -17,13 +17,15 @@ per-sample quantity averaged over the N samples only (`reduction="mean"`), so
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 REDUCTIONS = ("mean", "sum", "none")
 SCOPES = ("sample", "batch")
-LOSS_NAMES = ("mse", "qmse", "expected-qmse", "ce")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -35,8 +37,8 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _residual(input: Tensor, target: Tensor) -> Tensor:
-    """Validate (input, target) and return r = target − input as (N, C) in ≥ float32.
+def _prepare(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate (input, target) and return both as (N, C) float tensors in ≥ float32.
 
     `input` is (N, C) or (C,); `target` has its shape, or holds int class indices of shape
     input.shape[:-1]. Only shapes and dtypes are checked, except class indices on the CPU
@@ -73,7 +75,7 @@ def _residual(input: Tensor, target: Tensor) -> Tensor:
                 f"{tuple(input.shape)}; pass one-hot/regression targets of the same shape or "
                 f"int64 class indices of shape {tuple(input.shape[:-1])}"
             )
-        return target.reshape(-1, C).to(x.dtype) - x
+        return x, target.reshape(-1, C).to(x.dtype)
     if target.shape != input.shape[:-1]:
         raise ValueError(
             f"integer target (class indices) must have shape {tuple(input.shape[:-1])} for "
@@ -93,7 +95,7 @@ def _residual(input: Tensor, target: Tensor) -> Tensor:
                 ((idx >= 0) & (idx < C)).all(), f"target class index out of range [0, {C})"
             )
     onehot = (idx.unsqueeze(-1) == torch.arange(C, device=idx.device)).to(x.dtype)  # (N, C)
-    return onehot - x
+    return x, onehot
 
 
 def _reduce(per_sample: Tensor, reduction: str, one_sample: bool) -> Tensor:
@@ -170,9 +172,10 @@ def qmse_loss(
     """
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("scope", scope, SCOPES)
-    r = _residual(input, target)  # (N, C)
-    N, C = r.shape
     if scope == "batch":
+        x, t = _prepare(input, target)
+        r = t - x  # (N, C)
+        N, C = r.shape
         if reduction == "none":
             raise ValueError('scope="batch" gives one value per batch; use reduction="sum"')
         if v is None:
@@ -183,13 +186,9 @@ def qmse_loss(
         R = r.reshape(1, N * C)
         total = 0.5 * ((R + flat).detach() * R).sum() ** 2
         return total / N if reduction == "mean" else total
-    if v is None:
-        v = sample_directions(N, C, generator=generator, device=r.device, dtype=r.dtype)
-    else:
+    if v is not None:
         _check_v(v, tuple(input.shape), per_row=True)
-        v = v.reshape(N, C).to(r)
-    a = ((r + v).detach() * r).sum(-1)  # (N,)  ⟨r + v, r⟩ with r + v constant
-    return _reduce(0.5 * a**2, reduction, input.dim() == 1)
+    return LOSSES["qmse"](input, target, noise=v, generator=generator, reduction=reduction)
 
 
 def mse_loss_half(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -197,9 +196,7 @@ def mse_loss_half(input: Tensor, target: Tensor, *, reduction: str = "mean") -> 
 
     Equals 0.5 * C * F.mse_loss(input, target) for reduction="mean".
     """
-    _check_choice("reduction", reduction, REDUCTIONS)
-    r = _residual(input, target)
-    return _reduce(0.5 * (r * r).sum(-1), reduction, input.dim() == 1)
+    return LOSSES["mse"](input, target, reduction=reduction)
 
 
 def expected_qmse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -208,34 +205,183 @@ def expected_qmse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean"
     E[v] = 0 and E[vvᵀ] = I/C give E_v[Q r] = (‖r‖² + 1/C) r, the gradient of this loss.
     Training with it keeps QMSE's reshaped landscape and removes its noise (the ablation).
     """
-    _check_choice("reduction", reduction, REDUCTIONS)
-    r = _residual(input, target)
-    s = (r * r).sum(-1)  # (N,)  ‖r‖²
-    return _reduce(0.25 * s**2 + s / (2 * r.size(-1)), reduction, input.dim() == 1)
+    return LOSSES["expected-qmse"](input, target, reduction=reduction)
+
+
+def _label_noise_draw(
+    n: int,
+    c: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    sigma: float = 0.1,
+) -> Tensor:
+    """Label noise ξ ~ N(0, σ² I_c) for n samples: (n, c), drawn on the generator's device."""
+    gen_device = generator.device if generator is not None else device
+    return (sigma * torch.randn(n, c, generator=generator, device=gen_device, dtype=dtype)).to(
+        device
+    )
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One training loss of the registry: what every module that trains or measures reads.
+
+    per_sample(input (N, C), target (N, C), noise (N, C) | None) -> (N,): the loss of each
+        sample; target is a float (one-hot or regression) target; noise is the loss's random
+        draw (QMSE's v, label noise's ξ), None for a deterministic loss.
+    draw(n, C, *, generator, device, dtype, **params) -> (n, C): that draw; None when the
+        loss is deterministic. A trainer may draw a whole epoch's noise at once and slice it.
+    mean(input, target, **params) -> (N,): the mean of per_sample over the draw (the value
+        reports show for a random loss); None for a deterministic one.
+    expectation: the registered deterministic loss whose gradient is the mean of this one's
+        gradient over the draw (docs/theory.md), or None.
+    params: the keyword parameters draw and mean accept (e.g. label noise's sigma).
+    """
+
+    name: str
+    per_sample: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    draw: Callable[..., Tensor] | None = None
+    mean: Callable[..., Tensor] | None = None
+    expectation: str | None = None
+    params: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def random(self) -> bool:
+        return self.draw is not None
+
+    def __call__(
+        self,
+        input: Tensor,
+        target: Tensor,
+        *,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+        **params: float,
+    ) -> Tensor:
+        """The loss of (input, target), reduced; a random loss draws its noise from
+        `generator` (or the global RNG) unless `noise` (N, C) is given."""
+        _check_choice("reduction", reduction, REDUCTIONS)
+        self._check_params(params)
+        x, t = _prepare(input, target)  # (N, C) each
+        if self.random and noise is None:
+            noise = self.draw(
+                *x.shape, generator=generator, device=x.device, dtype=x.dtype, **params
+            )
+        elif noise is not None:
+            if not self.random:
+                raise ValueError(f"loss {self.name!r} is deterministic; it takes no noise")
+            if tuple(noise.shape) != tuple(input.shape):
+                raise ValueError(
+                    f"noise has shape {tuple(noise.shape)}; expected input's {tuple(input.shape)}"
+                )
+            noise = noise.reshape(x.shape).to(x)
+        return _reduce(self.per_sample(x, t, noise), reduction, input.dim() == 1)
+
+    def value(self, input: Tensor, target: Tensor, **params: float) -> Tensor:
+        """(N,) per-sample value without randomness: `mean` for a random loss, else the loss."""
+        self._check_params(params)
+        x, t = _prepare(input, target)
+        if self.random:
+            return self.mean(x, t, **params)
+        return self.per_sample(x, t, None)
+
+    def _check_params(self, params: dict) -> None:
+        if unknown := set(params) - set(self.params):
+            raise TypeError(
+                f"loss {self.name!r} takes no parameter {sorted(unknown)}; it takes "
+                f"{list(self.params) or 'none'}"
+            )
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register_loss(loss: Loss) -> Loss:
+    """Add `loss` to the registry that train, diagnose, landscape, escape and the CLI read."""
+    if not isinstance(loss, Loss):
+        raise TypeError(f"register_loss takes a qmse.loss.Loss, got {type(loss).__name__}")
+    if loss.name in LOSSES and LOSSES[loss.name] is not loss:
+        raise ValueError(f"a loss named {loss.name!r} is already registered")
+    if loss.random and loss.mean is None:
+        raise ValueError(f"random loss {loss.name!r} needs `mean` (its value without noise)")
+    LOSSES[loss.name] = loss
+    return loss
+
+
+def get_loss(loss: str | Loss) -> Loss:
+    """A registered loss by name (a Loss passes through)."""
+    if isinstance(loss, Loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not registered; expected one of {tuple(LOSSES)}")
+    return LOSSES[loss]
+
+
+def _sq(r: Tensor) -> Tensor:
+    return (r * r).sum(-1)  # (N,)  ‖r‖²
+
+
+register_loss(
+    Loss(
+        "mse",
+        lambda x, t, _: 0.5 * _sq(t - x),
+        description="½‖r‖² per sample (paper eq. 3)",
+    )
+)
+register_loss(
+    Loss(
+        "qmse",
+        lambda x, t, v: 0.5 * (((t - x) + v).detach() * (t - x)).sum(-1) ** 2,
+        draw=sample_directions,
+        mean=lambda x, t: 0.5 * _sq(t - x) ** 2 + _sq(t - x) / (2 * x.size(-1)),
+        expectation="expected-qmse",
+        description="½⟨r + v, r⟩², v uniform on the unit sphere, r + v constant (eqs. 6-8)",
+    )
+)
+register_loss(
+    Loss(
+        "expected-qmse",
+        lambda x, t, _: 0.25 * _sq(t - x) ** 2 + _sq(t - x) / (2 * x.size(-1)),
+        description="¼‖r‖⁴ + ‖r‖²/(2C): QMSE's landscape without its noise",
+    )
+)
+register_loss(
+    Loss(
+        "label-noise",
+        lambda x, t, xi: 0.5 * _sq(t + xi - x),
+        draw=_label_noise_draw,
+        mean=lambda x, t, sigma=0.1: 0.5 * _sq(t - x) + 0.5 * x.size(-1) * sigma**2,
+        expectation="mse",
+        params=("sigma",),
+        description="½‖y + ξ − f‖², ξ ~ N(0, σ²I) fresh at every step",
+    )
+)
+register_loss(
+    Loss(
+        "ce",
+        lambda x, t, _: F.cross_entropy(x, t, reduction="none"),
+        description="cross-entropy on logits, the practitioner's reference",
+    )
+)
+LOSS_NAMES = tuple(LOSSES)  # the built-in losses
 
 
 def compute_loss(
-    name: str,
+    name: str | Loss,
     input: Tensor,
     target: Tensor,
     *,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    **params: float,
 ) -> Tensor:
-    """The training loss by name: "mse" (½‖r‖²), "qmse", "expected-qmse" or "ce".
-
-    "ce" is cross-entropy on logits (class indices or probability targets), for reference.
-    """
-    _check_choice("loss", name, LOSS_NAMES)
-    if name == "mse":
-        return mse_loss_half(input, target, reduction=reduction)
-    if name == "qmse":
-        return qmse_loss(input, target, reduction=reduction, generator=generator)
-    if name == "expected-qmse":
-        return expected_qmse_loss(input, target, reduction=reduction)
-    if not target.is_floating_point():
-        target = target.long()
-    return F.cross_entropy(_at_least_float32(input), target, reduction=reduction)
+    """A registered training loss by name ("mse", "qmse", "expected-qmse", "label-noise",
+    "ce", or one a user registered), reduced over samples."""
+    return get_loss(name)(input, target, generator=generator, reduction=reduction, **params)
 
 
 class QMSELoss(nn.Module):
