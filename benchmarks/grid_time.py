@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from qmse.reproduce import grid_configs, run_grid
-from qmse.train import resolve_device
+from qmse.rundir import resolve_device
 
 SHAPES = {  # dataset -> (train images, test images, channels, side, classes)
     "mnist": (60000, 10000, 1, 28, 10),

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from qmse.diagnose import resample_null_v
 from qmse.loss import compute_loss, qmse_loss, sample_directions
 from qmse.models import SimpleCNN
+from qmse.nullspace import resample_null_v
 from qmse.train import memory_format
 
 SHAPES = {"mnist": (1, 28, 10), "cifar": (3, 32, 10), "cifar100": (3, 32, 100)}

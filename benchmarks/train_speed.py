@@ -33,16 +33,8 @@ from torch.func import stack_module_state
 
 from benchmarks.loss_overhead import SHAPES, sync
 from qmse.loss import compute_loss
-from qmse.train import (
-    Data,
-    TrainConfig,
-    _generators,
-    _train_epoch,
-    _train_epoch_many,
-    build_model,
-    memory_format,
-    stacked_forwards,
-)
+from qmse.rundir import Data, TrainConfig, build_model, run_generators
+from qmse.train import _train_epoch, _train_epoch_many, memory_format, stacked_forwards
 
 
 class _NoBar:
@@ -91,7 +83,7 @@ def measure(
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         cfg, gens, net = (
             TrainConfig(dataset="random", loss=loss),
-            _generators(0, device),
+            run_generators(0, device),
             wrap(model),
         )
         return lambda: _train_epoch(net, opt, data, cfg, *gens, _NoBar())
@@ -133,7 +125,7 @@ def measure(
     data = data._replace(x_train=data.x_train.contiguous(memory_format=layout))
     for M in models:
         cfgs = [TrainConfig(dataset="random", loss="mse", seed=s) for s in range(M)]
-        gens = [_generators(s, device) for s in range(M)]
+        gens = [run_generators(s, device) for s in range(M)]
         for batching in ("vmap", "loop"):
             params, _ = stack_module_state([build_model(args, s).to(device) for s in range(M)])
             bufs = {k: torch.zeros_like(p) for k, p in params.items()}

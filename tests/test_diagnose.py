@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from qmse import curvature, nullspace
 from qmse import diagnose as dg
 from qmse.models import MLP
 
@@ -28,12 +29,12 @@ def _data(n: int = 7, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _full_hessian(model: nn.Module, x, y, loss: str) -> torch.Tensor:
-    w, loss_at = dg.loss_fn(model, (x, y), loss=loss)
+    w, loss_at = curvature.loss_fn(model, (x, y), loss=loss)
     return torch.autograd.functional.hessian(loss_at, w)  # (P, P)
 
 
 def _per_sample_jacobians(model: nn.Module, x) -> torch.Tensor:
-    w, f = dg.model_fn(model)
+    w, f = curvature.model_fn(model)
     return torch.stack(
         [torch.autograd.functional.jacobian(lambda wv, xi=xi: f(wv, xi[None])[0], w) for xi in x]
     )  # (N, C, P)
@@ -71,7 +72,7 @@ def test_hvp_matches_autograd_hessian(loss):
     if loss == "ce":
         y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
     H = _full_hessian(model, x, y, loss)
-    hvp, P = dg.hessian_operator(model, (x, y), loss=loss)
+    hvp, P = curvature.hessian_operator(model, (x, y), loss=loss)
     v = torch.randn(P, generator=torch.Generator().manual_seed(3), dtype=DT)
     torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
 
@@ -80,8 +81,8 @@ def test_hvp_over_batches_is_the_sample_weighted_mean():
     model = _mlp()
     x, y = _data(9)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
-    whole, _ = dg.hessian_operator(model, (x, y))
-    split, _ = dg.hessian_operator(model, [(x[:2], y[:2]), (x[2:], y[2:])])
+    whole, _ = curvature.hessian_operator(model, (x, y))
+    split, _ = curvature.hessian_operator(model, [(x[:2], y[:2]), (x[2:], y[2:])])
     torch.testing.assert_close(split(v), whole(v), rtol=1e-10, atol=1e-12)
 
 
@@ -89,8 +90,8 @@ def test_lanczos_full_run_gives_the_hessian_spectrum():
     model = _mlp()
     x, y = _data()
     exact = torch.linalg.eigvalsh(_full_hessian(model, x, y, "mse"))
-    hvp, P = dg.hessian_operator(model, (x, y))
-    top, bottom = dg.hessian_eigs(hvp, P, k=3, steps=P, dtype=DT)
+    hvp, P = curvature.hessian_operator(model, (x, y))
+    top, bottom = curvature.hessian_eigs(hvp, P, k=3, steps=P, dtype=DT)
     torch.testing.assert_close(top, exact.flip(0)[:3], rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(bottom, exact[:3], rtol=1e-7, atol=1e-9)
 
@@ -100,7 +101,7 @@ def test_lanczos_extremes_converge_before_the_bulk():
     eig = torch.cat([torch.tensor([-5.0, 10.0], dtype=DT), torch.rand(198, generator=g, dtype=DT)])
     U, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=DT))
     A = U @ torch.diag(eig) @ U.T
-    top, bottom = dg.hessian_eigs(lambda v: A @ v, 200, k=1, steps=30, dtype=DT)
+    top, bottom = curvature.hessian_eigs(lambda v: A @ v, 200, k=1, steps=30, dtype=DT)
     assert abs(top.item() - 10.0) < 1e-8 and abs(bottom.item() + 5.0) < 1e-8
 
 
@@ -109,7 +110,7 @@ def test_lanczos_weights_reproduce_the_rayleigh_quotient():
     M = torch.randn(30, 30, generator=g, dtype=DT)
     A = M + M.T
     q = torch.randn(30, generator=g, dtype=DT)
-    nodes, weights = dg.lanczos(lambda v: A @ v, 30, 12, dtype=DT, start=q)
+    nodes, weights = curvature.lanczos(lambda v: A @ v, 30, 12, dtype=DT, start=q)
     qn = q / q.norm()
     assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-12)
     for p in (1, 2, 3):  # m-point Gauss quadrature is exact up to degree 2m − 1
@@ -119,7 +120,7 @@ def test_lanczos_weights_reproduce_the_rayleigh_quotient():
 
 def test_lanczos_stops_when_the_krylov_space_closes():
     A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0], dtype=DT))
-    nodes, weights = dg.lanczos(lambda v: A @ v, 5, 5, generator=torch.Generator(), dtype=DT)
+    nodes, weights = curvature.lanczos(lambda v: A @ v, 5, 5, generator=torch.Generator(), dtype=DT)
     torch.testing.assert_close(nodes, torch.tensor([1.0, 2.0, 3.0], dtype=DT))
     assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-12)
 
@@ -128,27 +129,27 @@ def test_hutchinson_within_its_standard_error_and_seeded():
     model = _mlp()
     x, y = _data()
     exact = torch.trace(_full_hessian(model, x, y, "mse")).item()
-    hvp, P = dg.hessian_operator(model, (x, y))
-    est, se = dg.hutchinson_trace(hvp, P, samples=200, seed=4, dtype=DT)
+    hvp, P = curvature.hessian_operator(model, (x, y))
+    est, se = curvature.hutchinson_trace(hvp, P, samples=200, seed=4, dtype=DT)
     assert se > 0 and abs(est - exact) < 3 * se
-    assert dg.hutchinson_trace(hvp, P, samples=200, seed=4, dtype=DT) == (est, se)
+    assert curvature.hutchinson_trace(hvp, P, samples=200, seed=4, dtype=DT) == (est, se)
 
 
 def test_spectral_density_matches_the_exact_spectrum():
     model = _mlp()
     x, y = _data()
     exact = torch.linalg.eigvalsh(_full_hessian(model, x, y, "mse"))
-    hvp, P = dg.hessian_operator(model, (x, y))
-    runs = dg.spectral_density(hvp, P, steps=P, vectors=4, dtype=DT)
+    hvp, P = curvature.hessian_operator(model, (x, y))
+    runs = curvature.spectral_density(hvp, P, steps=P, vectors=4, dtype=DT)
     assert len(runs) == 4
     for nodes, weights in runs:
         assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-12)
         used = nodes[weights > 1e-10]
         assert (used[:, None] - exact[None]).abs().amin(1).max() < 1e-7  # nodes are eigenvalues
-    top, _ = dg.hessian_eigs(hvp, P, k=1, steps=P, dtype=DT)
+    top, _ = curvature.hessian_eigs(hvp, P, k=1, steps=P, dtype=DT)
     assert runs[0][0][-1] == top[0]  # same seed, same first start vector
     grid = torch.linspace(exact[0] - 1, exact[-1] + 1, 4001, dtype=DT)
-    density = dg.density_on_grid(runs, grid, sigma=0.05)
+    density = curvature.density_on_grid(runs, grid, sigma=0.05)
     assert math.isclose(torch.trapezoid(density, grid).item(), 1.0, rel_tol=1e-4)
 
 
@@ -188,8 +189,8 @@ def test_least_squares_with_residual_is_case_3_for_the_set():
     # per sample J_iᵀ r_i = x_i r_i ≠ 0: no single sample is stuck, only their sum cancels
     assert out["per_sample_counts"]["not-stationary"] == 20
     assert out["tolerances"] == {"tol_residual": 1e-6, "tol_gradient": 1e-9, "tol_ratio": 1e-8}
-    hvp, P = dg.hessian_operator(model, (X, Y))
-    top, bottom = dg.hessian_eigs(hvp, P, k=1, dtype=DT)
+    hvp, P = curvature.hessian_operator(model, (X, Y))
+    top, bottom = curvature.hessian_eigs(hvp, P, k=1, dtype=DT)
     assert dg.label_curvature(bottom.item(), top.item()) == "minimum"
 
 
@@ -220,8 +221,8 @@ def test_all_dead_relu_network_is_case_2():
 def test_product_network_origin_is_a_case_2_saddle():
     model = Product()
     x, y = torch.ones(4, 1, dtype=DT), torch.ones(4, 1, dtype=DT)
-    hvp, P = dg.hessian_operator(model, (x, y))
-    top, bottom = dg.hessian_eigs(hvp, P, k=1, dtype=DT)
+    hvp, P = curvature.hessian_operator(model, (x, y))
+    top, bottom = curvature.hessian_eigs(hvp, P, k=1, dtype=DT)
     assert math.isclose(bottom.item(), -1.0) and math.isclose(top.item(), 1.0)
     assert dg.label_curvature(bottom.item(), top.item()) == "saddle"
     assert dg.classify_stop(dg.gradient_geometry(model, x, y))["whole_set_case"] == 2
@@ -242,7 +243,7 @@ def test_null_space_mask_matches_brute_force():
     J = _per_sample_jacobians(model, x)
     norms = torch.einsum("ncp,nc->np", J, v).norm(dim=1)
     tol = norms.median().item()
-    assert dg.null_space_mask(model, x, v, tol).tolist() == (norms <= tol).tolist()
+    assert nullspace.null_space_mask(model, x, v, tol).tolist() == (norms <= tol).tolist()
 
 
 def test_resample_null_v_redraws_only_null_directions():
@@ -250,12 +251,19 @@ def test_resample_null_v_redraws_only_null_directions():
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(8), dtype=DT)
     v = torch.nn.functional.normalize(torch.randn(6, 2, dtype=DT), dim=1)
     v[[1, 4]] = torch.tensor([1.0, -1.0], dtype=DT) / math.sqrt(2)
-    assert dg.null_space_mask(model, x, v).tolist() == [False, True, False, False, True, False]
-    new, n = dg.resample_null_v(model, x, v, generator=torch.Generator().manual_seed(0))
-    assert n == 2 and not dg.null_space_mask(model, x, new).any()
+    assert nullspace.null_space_mask(model, x, v).tolist() == [
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
+    new, n = nullspace.resample_null_v(model, x, v, generator=torch.Generator().manual_seed(0))
+    assert n == 2 and not nullspace.null_space_mask(model, x, new).any()
     torch.testing.assert_close(new[[0, 2, 3, 5]], v[[0, 2, 3, 5]])
     torch.testing.assert_close(new.norm(dim=1), torch.ones(6, dtype=DT))
-    again, _ = dg.resample_null_v(model, x, v, generator=torch.Generator().manual_seed(0))
+    again, _ = nullspace.resample_null_v(model, x, v, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again, new)
 
 
@@ -263,7 +271,7 @@ def test_resample_null_v_gives_up_after_max_tries():
     model = Tied()
     x = torch.zeros(3, 3, dtype=DT)  # J_i = 0: every direction is null (case 2)
     v = torch.nn.functional.normalize(torch.ones(3, 2, dtype=DT), dim=1)
-    _, n = dg.resample_null_v(model, x, v, generator=torch.Generator(), max_tries=4)
+    _, n = nullspace.resample_null_v(model, x, v, generator=torch.Generator(), max_tries=4)
     assert n == 12
 
 
@@ -279,12 +287,12 @@ def test_model_is_left_untouched():
     geo = dg.gradient_geometry(model, x, y)
     dg.classify_stop(geo)
     v = torch.nn.functional.normalize(torch.randn(7, 2, dtype=DT), dim=1)
-    dg.resample_null_v(model, x, v, generator=torch.Generator())
-    hvp, P = dg.hessian_operator(model, (x, y))
+    nullspace.resample_null_v(model, x, v, generator=torch.Generator())
+    hvp, P = curvature.hessian_operator(model, (x, y))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == P  # the frozen bias enters as a constant
-    dg.hessian_eigs(hvp, P, k=2, dtype=DT)
-    dg.hutchinson_trace(hvp, P, samples=3, dtype=DT)
+    curvature.hessian_eigs(hvp, P, k=2, dtype=DT)
+    curvature.hutchinson_trace(hvp, P, samples=3, dtype=DT)
     for k, p in model.state_dict().items():
         assert torch.equal(p, before[k])
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -296,13 +304,13 @@ def test_bad_arguments_are_named():
     model = _mlp()
     x, y = _data()
     with pytest.raises(ValueError, match="qmse"):
-        dg.hessian_operator(model, (x, y), loss="qmse")
+        curvature.hessian_operator(model, (x, y), loss="qmse")
     with pytest.raises(ValueError, match="target shape"):
         dg.gradient_geometry(model, x, y[:, :1])
     with pytest.raises(ValueError, match="tol_ratio"):
         dg.classify_stop(dg.gradient_geometry(model, x, y), tol_ratio=-1)
     with pytest.raises(ValueError, match="steps"):
-        dg.lanczos(lambda v: v, 3, 4)
+        curvature.lanczos(lambda v: v, 3, 4)
     with torch.no_grad():
         model.layers[2].bias[0] = float("nan")
     with pytest.raises(ValueError, match=r"layers\.2\.bias.*non-finite"):
@@ -363,7 +371,8 @@ def _tiny_images(seed: int = 0):
 
 def test_diagnose_run_writes_and_reuses_its_diagnosis(tmp_path, monkeypatch):
     from qmse import data as qdata
-    from qmse.train import TrainConfig, train_run
+    from qmse.rundir import TrainConfig
+    from qmse.train import train_run
 
     monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: _tiny_images())
     cfg = TrainConfig(dataset="tiny", loss="qmse", lr=0.05, batch_size=16, epochs=1,
@@ -396,7 +405,8 @@ def test_cli_convexity_and_argument_errors(tmp_path, capsys):
 def test_cli_compare_two_runs(tmp_path, monkeypatch, capsys):
     from qmse import data as qdata
     from qmse.cli import main
-    from qmse.train import TrainConfig, train_run
+    from qmse.rundir import TrainConfig
+    from qmse.train import train_run
 
     monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: _tiny_images())
     for loss in ("mse", "qmse"):
@@ -421,4 +431,4 @@ def test_output_bias_keeps_every_direction_out_of_the_null_space():
     geo = dg.gradient_geometry(model, x, y)
     assert geo["per_sample"]["jacobian_smin"].min() >= 1 - 1e-12
     v = torch.nn.functional.normalize(torch.randn(8, 2, dtype=DT), dim=1)
-    assert not dg.null_space_mask(model, x, v, tol=0.999).any()
+    assert not nullspace.null_space_mask(model, x, v, tol=0.999).any()

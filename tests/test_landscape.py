@@ -251,7 +251,8 @@ def _tiny_images(seed: int = 0, n: int = 64, size: int = 8, classes: int = 3):
 def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch):
     from qmse import data as qdata
     from qmse.cli import main
-    from qmse.train import TrainConfig, train_run
+    from qmse.rundir import TrainConfig
+    from qmse.train import train_run
 
     monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: _tiny_images())
     for seed in (0, 1):

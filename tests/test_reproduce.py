@@ -17,7 +17,8 @@ from test_train import tiny_dataset
 from qmse import runs
 from qmse.cli import main
 from qmse.reproduce import grid_configs, load_results, run_grid, verdict, write_report
-from qmse.train import run_name, train_run
+from qmse.rundir import run_name
+from qmse.train import train_run
 
 
 def test_grid_configs_follow_the_paper():

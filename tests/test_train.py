@@ -19,20 +19,17 @@ import torch.nn.functional as F
 
 from qmse import runs
 from qmse.loss import compute_loss, qmse_loss, sample_directions
-from qmse.train import (
-    METRIC_KEYS,
+from qmse.rundir import (
     NonFiniteLossError,
     TrainConfig,
     build_model,
     channel_stats,
-    evaluate,
     load_run,
     normalize,
     prepare_data,
     subseed,
-    train_many,
-    train_run,
 )
+from qmse.train import METRIC_KEYS, evaluate, train_many, train_run
 
 TESTS = Path(__file__).resolve().parent
 

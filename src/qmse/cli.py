@@ -141,8 +141,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
 
     def train(args: argparse.Namespace) -> int:
-        from qmse.scale import init_distributed, is_main
-        from qmse.train import PAPER_LR, TrainConfig, resolve_device, run_name, train_run
+        from qmse.distributed import init_distributed, is_main
+        from qmse.rundir import TrainConfig, resolve_device, run_name
+        from qmse.train import PAPER_LR, train_run
 
         cfg = TrainConfig(
             dataset=args.dataset,

@@ -27,98 +27,34 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, jacrev, jvp, vjp, vmap
+from torch.func import grad_and_value, jacrev, jvp, vjp, vmap
 
-from qmse.loss import LOSS_NAMES, compute_loss, sample_directions
+from qmse.curvature import (
+    _eval_mode,
+    _float_targets,
+    density_on_grid,
+    hessian_operator,
+    hutchinson_trace,
+    lanczos,
+    loss_fn,
+    model_fn,
+    spectral_density,
+)
 from qmse.models import MLP
 from qmse.runs import atomic_write, load_json, progress, provenance, read_jsonl, save_json
 
 CASES = {0: "not-stationary", 1: "global-minimum", 2: "zero-jacobian", 3: "null-space"}
-HESSIAN_LOSSES = tuple(n for n in LOSS_NAMES if n != "qmse")
 _JACOBIAN_BUDGET = 2**26  # per-sample Jacobian entries held at once (256 MB in float32)
-
-Batch = tuple[Tensor, Tensor]
-MatVec = Callable[[Tensor], Tensor]
 
 
 # ---------------------------------------------------------------- model as a function of w
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run `model` in eval mode and put every module's `training` flag back afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def flat_params(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
-    """The trainable parameters as one detached flat vector w (P,) and its inverse map.
-
-    Only parameters with requires_grad=True are variables (the ones training moves); frozen
-    parameters and buffers enter `model_fn` as constants.
-    """
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("model has no parameters with requires_grad=True to diagnose")
-    names = [k for k, _ in named]
-    shapes = [p.shape for _, p in named]
-    sizes = [p.numel() for _, p in named]
-    w = torch.cat([p.detach().reshape(-1) for _, p in named])  # (P,) a copy
-    if not torch.isfinite(w).all():
-        bad = [k for k, p in named if not torch.isfinite(p).all()]
-        raise ValueError(
-            f"model parameters {bad} hold non-finite values (training diverged?); there is "
-            f"nothing to diagnose: use an earlier checkpoint or a smaller learning rate"
-        )
-
-    def unflatten(vec: Tensor) -> dict[str, Tensor]:
-        return {k: c.view(s) for k, c, s in zip(names, vec.split(sizes), shapes)}
-
-    return w, unflatten
-
-
-def model_fn(model: nn.Module) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
-    """(w, f) with f(w, x) = model(x) under weights w, a pure function of both arguments."""
-    w, unflatten = flat_params(model)
-    const = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
-    const.update({k: b.detach() for k, b in model.named_buffers()})
-
-    def f(wv: Tensor, x: Tensor) -> Tensor:
-        return functional_call(model, {**unflatten(wv), **const}, (x,))
-
-    return w, f
-
-
-def _float_targets(y: Tensor, out: Tensor) -> Tensor:
-    """Targets as floats shaped like the output: int class indices become one-hot."""
-    if y.is_floating_point():
-        if y.shape != out.shape:
-            raise ValueError(
-                f"target shape {tuple(y.shape)} does not match model output "
-                f"{tuple(out.shape)}; pass targets of the output's shape or int class indices"
-            )
-        return y.to(out.dtype)
-    if y.shape != out.shape[:1] or out.dim() != 2:
-        raise ValueError(
-            f"integer targets must be class indices of shape ({out.shape[0]},) for output "
-            f"{tuple(out.shape)}, got {tuple(y.shape)}"
-        )
-    if (y < 0).any() or (y >= out.shape[1]).any():
-        raise ValueError(f"class indices must lie in [0, {out.shape[1]}), got {y.min()}..{y.max()}")
-    return F.one_hot(y.long(), out.shape[1]).to(out.dtype)  # (N, C)
 
 
 # ---------------------------------------------------------------- first order: eqs. 4-5
@@ -268,235 +204,7 @@ def classify_stop(
 # ---------------------------------------------------------------- QMSE's null-space rule (eq. 8)
 
 
-def null_space_mask(model: nn.Module, x: Tensor, v: Tensor, tol: float = 1e-6) -> Tensor:
-    """Per sample, whether ‖J_iᵀ v_i‖ ≤ tol: the paper's "v in the null space" (after eq. 8).
-
-    x: a batch (N, ...); v: (N, C) unit directions. Returns a bool tensor (N,). One
-    per-sample VJP of the batch (vmapped over samples: a batch VJP would give only the sum
-    Σ_i J_iᵀ v_i), holding an (N, P) per-sample gradient. The tolerance is absolute; with
-    ‖v_i‖ = 1 it compares against the smallest singular value of J_i that v_i can pick out,
-    which is ≥ 1 for a model with an output bias: then nothing is ever flagged for tol < 1.
-    """
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    w, f = model_fn(model)
-    if v.dim() != 2 or v.shape[0] != x.shape[0]:
-        raise ValueError(f"v must be (N, C) with N = {x.shape[0]} rows, got {tuple(v.shape)}")
-
-    def norm_one(xi: Tensor, vi: Tensor) -> Tensor:
-        _, pull = vjp(lambda wv: f(wv, xi.unsqueeze(0)).squeeze(0), w)
-        return pull(vi.to(w.dtype))[0].norm()
-
-    with _eval_mode(model), torch.no_grad():
-        return vmap(norm_one)(x, v) <= tol  # (N,)
-
-
-def resample_null_v(
-    model: nn.Module,
-    x: Tensor,
-    v: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    tol: float = 1e-6,
-    max_tries: int = 3,
-) -> tuple[Tensor, int]:
-    """Redraw the v_i with ‖J_iᵀ v_i‖ ≤ tol, up to `max_tries` rounds: the paper's rule
-    "if the sampled vector still lies in the null space, simply resample" (sec. 3.1).
-
-    Returns (v, n_resampled): a new (N, C) tensor (the input is not modified) and the total
-    number of single-sample redraws. Only flagged samples are checked again. A sample still
-    flagged after `max_tries` rounds (e.g. J_i = 0, case 2, where every v is null) keeps its
-    last draw. Cost: one vmapped per-sample VJP of the batch, plus one per round on the
-    flagged samples only.
-    """
-    if max_tries < 0:
-        raise ValueError(f"max_tries must be >= 0, got {max_tries}")
-    v = v.clone()
-    idx = torch.nonzero(null_space_mask(model, x, v, tol)).squeeze(1)  # (k,)
-    n_resampled = 0
-    for _ in range(max_tries):
-        if idx.numel() == 0:
-            break
-        v[idx] = sample_directions(
-            idx.numel(), v.shape[1], generator=generator, device=v.device, dtype=v.dtype
-        )
-        n_resampled += idx.numel()
-        idx = idx[null_space_mask(model, x[idx], v[idx], tol)]
-    return v, n_resampled
-
-
 # ---------------------------------------------------------------- second order
-
-
-def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
-    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
-        return [batches]
-    out = list(batches)
-    if not out:
-        raise ValueError("batches is empty; pass an (x, y) pair or a list of them")
-    return out
-
-
-def loss_fn(
-    model: nn.Module, batches: Batch | Sequence[Batch], *, loss: str = "mse"
-) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """(w, L) with L(w) the mean training loss over all samples of `batches` at weights w.
-
-    `loss` is "mse" (½‖r‖²), "expected-qmse" (¼‖r‖⁴ + ‖r‖²/(2C), QMSE's expectation over v)
-    or "ce". QMSE itself is random in v; its expectation is the deterministic landscape.
-    """
-    if loss not in HESSIAN_LOSSES:
-        raise ValueError(
-            f"loss={loss!r} is not supported; expected one of {HESSIAN_LOSSES} ('qmse' is "
-            f"random: use 'expected-qmse', its mean over v)"
-        )
-    data = _as_batches(batches)
-    w, f = model_fn(model)
-    n_total = sum(x.shape[0] for x, _ in data)
-    with _eval_mode(model), torch.no_grad():
-        data = [(x, _float_targets(y, f(w, x))) for x, y in data]
-
-    def loss_at(wv: Tensor) -> Tensor:
-        return sum(compute_loss(loss, f(wv, x), y) * (x.shape[0] / n_total) for x, y in data)
-
-    return w, loss_at
-
-
-def hessian_operator(
-    model: nn.Module, batches: Batch | Sequence[Batch], *, loss: str = "mse"
-) -> tuple[MatVec, int]:
-    """(hvp, P): hvp(v) = ∇²L(w) v for the mean loss over `batches`, at the model's weights.
-
-    Reverse-over-reverse (`vjp` of `grad`; the Hessian is symmetric): the gradient graph is
-    built once and each product is one more backward pass, so keep `batches` small (a fixed
-    subset of a few hundred samples). The model is evaluated in eval mode.
-    """
-    w, loss_at = loss_fn(model, batches, loss=loss)
-    with _eval_mode(model):
-        _, pull = vjp(grad(loss_at), w)
-    return (lambda v: pull(v.to(w.dtype))[0]), w.numel()
-
-
-def lanczos(
-    matvec: MatVec,
-    dim: int,
-    steps: int,
-    *,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    start: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """`steps` Lanczos iterations with full reorthogonalisation on a symmetric operator.
-
-    Returns (nodes, weights) in float64: the Ritz values (ascending, length ≤ steps; fewer if
-    the Krylov space closes) and the squared first components of the Ritz vectors, which
-    are the quadrature weights of SLQ. Ritz values interlace the spectrum: the smallest one
-    is ≥ λ_min, so a negative one proves a negative eigenvalue; with steps = dim they are
-    the eigenvalues. The start vector is Gaussian from `generator` unless given.
-    """
-    if not 1 <= steps <= dim:
-        raise ValueError(f"steps must be in [1, dim={dim}], got {steps}")
-    device = generator.device if generator is not None else None
-    q = (
-        start
-        if start is not None
-        else torch.randn(dim, generator=generator, device=device, dtype=dtype)
-    )
-    q = q / q.norm()
-    Q = torch.zeros(steps, dim, dtype=q.dtype, device=q.device)  # Lanczos basis
-    alphas, betas = [], []
-    for j in range(steps):
-        Q[j] = q
-        z = matvec(q)
-        alpha = torch.dot(z, q)
-        alphas.append(alpha.item())
-        for _ in range(2):  # full reorthogonalisation, twice is enough
-            z = z - Q[: j + 1].T @ (Q[: j + 1] @ z)
-        beta = z.norm()
-        if j == steps - 1 or beta <= 1e-10 * max(1.0, abs(alphas[-1])):
-            break
-        betas.append(beta.item())
-        q = z / beta
-    m = len(alphas)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-    T += torch.diag(off, 1) + torch.diag(off, -1)
-    nodes, vecs = torch.linalg.eigh(T)
-    return nodes, vecs[0] ** 2
-
-
-def hessian_eigs(
-    hvp: MatVec,
-    dim: int,
-    *,
-    k: int = 5,
-    steps: int = 40,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor]:
-    """(top, bottom): the k largest (descending) and k smallest (ascending) Ritz values of
-    one Lanczos run of `steps` products (capped at dim). Extremes converge first; take
-    steps ≳ 3k, and steps = dim for the exact spectrum of a small model."""
-    steps = min(steps, dim)
-    gen = torch.Generator().manual_seed(seed)
-    nodes, _ = lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
-    k = min(k, nodes.numel())
-    return nodes.flip(0)[:k], nodes[:k]
-
-
-def hutchinson_trace(
-    hvp: MatVec,
-    dim: int,
-    *,
-    samples: int = 30,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[float, float]:
-    """Hutchinson's estimate of tr H = E[zᵀHz] with Rademacher z, and its standard error
-    (sample std / √samples)."""
-    if samples < 2:
-        raise ValueError(f"samples must be >= 2 to give a standard error, got {samples}")
-    gen = torch.Generator().manual_seed(seed)
-    vals = []
-    for _ in range(samples):
-        z = torch.randint(0, 2, (dim,), generator=gen).to(dtype) * 2 - 1
-        vals.append(torch.dot(z, hvp(z).to(dtype)).item())
-    t = torch.tensor(vals, dtype=torch.float64)
-    return t.mean().item(), (t.std() / math.sqrt(samples)).item()
-
-
-def spectral_density(
-    hvp: MatVec,
-    dim: int,
-    *,
-    steps: int = 30,
-    vectors: int = 3,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> list[tuple[Tensor, Tensor]]:
-    """Stochastic Lanczos quadrature: one (nodes, weights) pair per random start vector.
-
-    The density of the Hessian's eigenvalues (normalised to 1, each eigenvalue weighing
-    1/dim) is estimated by (1/vectors) Σ_l Σ_j weights_l[j] δ(λ − nodes_l[j]); smooth it
-    with `density_on_grid`. One Lanczos run of `steps` products per vector; the first run
-    starts where `hessian_eigs` with the same seed does, so its nodes are those Ritz values.
-    """
-    steps = min(steps, dim)
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
-        for _ in range(vectors)
-    ]
-
-
-def density_on_grid(runs: Sequence[tuple[Tensor, Tensor]], grid: Tensor, sigma: float) -> Tensor:
-    """The SLQ density of `runs` smoothed by a Gaussian of width sigma, on `grid` (G,)."""
-    g = grid.double().reshape(-1, 1)  # (G, 1)
-    out = torch.zeros(grid.numel(), dtype=torch.float64)
-    for nodes, weights in runs:
-        kern = torch.exp(-0.5 * ((g - nodes) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-        out += (kern * weights).sum(-1) / len(runs)  # (G,)
-    return out
 
 
 def label_curvature(lambda_min: float, lambda_max: float, rel_tol: float = 1e-3) -> str:
@@ -613,7 +321,7 @@ def diagnose_run(
     `out_dir` (default: the run directory) and returns the dict. A diagnosis.json with the
     same config is reused rather than recomputed. `options` go to `diagnose_model`.
     """
-    from qmse.train import load_run, prepare_data
+    from qmse.rundir import load_run, prepare_data
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir

@@ -742,7 +742,7 @@ def run_benchmark(
     results.json, table.md and figure.png. A directory keeps one configuration: rerunning
     with a different one is refused rather than mixed.
 
-    `backend="ray"` computes the cells as Ray tasks (`qmse.scale.run_tasks`: the cluster at
+    `backend="ray"` computes the cells as Ray tasks (`qmse.sweep.run_tasks`: the cluster at
     `address`, else a local one; `cpus_per_task` CPUs and `gpus_per_task` GPUs each; a task
     whose worker dies is retried) in dependency order; the same files result."""
     out = Path(out)
@@ -760,7 +760,7 @@ def run_benchmark(
     save_json(saved, config)
     save_json(out / "provenance.json", provenance(cfg.device))
     if backend != "local":  # fill the caches on Ray; the loop below then only reads them
-        from qmse.scale import ray_session, run_tasks
+        from qmse.sweep import ray_session, run_tasks
 
         kw = {"num_cpus_per_task": cpus_per_task, "num_gpus_per_task": gpus_per_task}
         with ray_session(address, quiet=quiet):

@@ -357,7 +357,7 @@ def plot_slice(result: dict, path: str | os.PathLike, title: str = "") -> None:
 
 def _training_sample(config: dict, samples: int, device: torch.device | str):
     """The first `samples` training images and labels of a run's data (as it saw them)."""
-    from qmse.train import prepare_data
+    from qmse.rundir import prepare_data
 
     if samples < 1:
         raise ValueError(f"samples={samples}; need at least one training sample")
@@ -392,14 +392,14 @@ def match_runs(
 ) -> dict:
     """Barrier on the straight path between two trained runs, before and after weight matching.
 
-    Loads both runs (`qmse.train.load_run`), evaluates on the first `samples` training images
+    Loads both runs (`qmse.rundir.load_run`), evaluates on the first `samples` training images
     of run_a's data, and writes to `out`: interpolation.npz (the arrays), interpolation.png,
     summary.json (barriers, end points, the number of permuted copies of model a, config and
     provenance). Returns the summary.
     """
+    from qmse.rundir import load_run
     from qmse.runs import provenance, save_json
     from qmse.symmetry import count_equivalent
-    from qmse.train import load_run
 
     model_a, config_a = load_run(run_a, device)
     model_b, config_b = load_run(run_b, device)
@@ -474,8 +474,8 @@ def landscape_of_run(
     summary.json (settings, the evaluation's wall time, config, provenance). Returns the summary.
     Resumable: partial sums live in `out`/partial-{dims}d.npz until the slice is complete.
     """
+    from qmse.rundir import load_run
     from qmse.runs import provenance, save_json
-    from qmse.train import load_run
 
     model, config = load_run(run_dir, device)
     x, y = _training_sample(config, samples, device)

@@ -20,17 +20,10 @@ import numpy as np
 import torch
 
 from qmse import runs
-from qmse.scale import run_tasks, train_task
+from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device, run_name
 from qmse.stats import mean_ci, mean_std
-from qmse.train import (
-    PAPER_LR,
-    NonFiniteLossError,
-    TrainConfig,
-    resolve_device,
-    run_name,
-    train_many,
-    train_run,
-)
+from qmse.sweep import run_tasks, train_task
+from qmse.train import PAPER_LR, train_many, train_run
 
 LOSSES = ("mse", "qmse")
 ABLATION = ("expected-qmse", "ce")
@@ -99,7 +92,7 @@ def run_grid(
     """Train every config into `out_dir/<run_name>` (finished runs are skipped, unfinished
     ones resumed), then write figure.png and report.md; returns their paths.
 
-    `backend="ray"` trains each group of runs as a Ray task (`qmse.scale.run_tasks`: the
+    `backend="ray"` trains each group of runs as a Ray task (`qmse.sweep.run_tasks`: the
     cluster at `address`, else a local one; `cpus_per_task` CPUs and `gpus_per_task` GPUs
     each; a task whose worker dies is retried and resumes). Its workers read the data set
     from the configs' data_dir and resolve `device` themselves; the files are the same.

@@ -19,17 +19,13 @@ floating-point sums, whatever N is.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
 
 from qmse import runs
 
@@ -144,7 +140,8 @@ def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
     configs' data_dir on the worker's own machine. Returns, per run, its directory, the
     epochs it holds and whether its loss became non-finite (diverged runs do not raise).
     """
-    from qmse.train import NonFiniteLossError, TrainConfig, resolve_device, train_many, train_run
+    from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device
+    from qmse.train import train_many, train_run
 
     cfgs = [TrainConfig.from_dict(c) for c in task["configs"]]
     dirs = [str(d) for d in task["out_dirs"]]
@@ -176,90 +173,3 @@ def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---- data parallel (torchrun) ----------------------------------------------------------------
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    """True on rank 0 (and outside a process group): the process that writes files."""
-    return world()[0] == 0
-
-
-def init_distributed(device: torch.device | str) -> torch.device:
-    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and return this rank's device.
-
-    nccl on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Without torchrun's environment, or
-    with WORLD_SIZE=1, nothing is initialised and `device` is returned as it is.
-    """
-    device = torch.device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"device={device}; data-parallel runs need cpu (gloo) or cuda (nccl)")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
-    return device
-
-
-def data_parallel(model: nn.Module) -> nn.Module:
-    """`model` itself outside a process group of several ranks, else a ShardedForward
-    around it (same parameters: optimise and checkpoint `model` as usual)."""
-    return ShardedForward(model) if world()[1] > 1 else model
-
-
-class _GatherRows(torch.autograd.Function):
-    """(per, C) on each rank → (world·per, C), rank-major, on every rank.
-
-    Backward: every rank computes the same loss from the same gathered output, so each holds
-    the whole gradient; a rank keeps its own rows, times the world size because
-    DistributedDataParallel averages (not sums) the ranks' parameter gradients.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, local: Tensor) -> Tensor:
-        rank, size = world()
-        parts = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(parts, local.contiguous())
-        ctx.rows, ctx.rank, ctx.size = local.size(0), rank, size
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows] * ctx.size
-
-
-class ShardedForward(nn.Module):
-    """Data-parallel forward of a whole batch: rank r runs `module` (wrapped in
-    DistributedDataParallel) on rows [r·per, (r+1)·per) of the batch, per = ⌈B/N⌉, zero-padded
-    to `per` rows when the batch runs short, and every rank gets the whole (B, C) output.
-
-    The caller's loss over the whole batch then has the gradient of one process; the only
-    difference is the order of floating-point sums.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        device = next(module.parameters()).device
-        ids = [device.index] if device.type == "cuda" else None
-        self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-    def forward(self, x: Tensor) -> Tensor:
-        rank, size = world()
-        b = x.size(0)
-        per = -(-b // size)
-        local = x[rank * per : (rank + 1) * per]  # (≤ per, ...)
-        if local.size(0) < per:
-            pad = local.new_zeros((per - local.size(0), *x.shape[1:]))
-            local = torch.cat([local, pad])  # (per, ...)
-        return _GatherRows.apply(self.ddp(local))[:b]  # (b, C)

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from qmse import runs, scale
+from qmse import distributed, runs, sweep
 from qmse.cli import main
 from qmse.reproduce import grid_configs
-from qmse.train import METRIC_KEYS, TrainConfig, run_name, train_run
+from qmse.rundir import TrainConfig, run_name
+from qmse.train import METRIC_KEYS, train_run
 
 TESTS = Path(__file__).resolve().parent
 
@@ -48,7 +49,7 @@ GRID += ["--batch-size", "16", "--device", "cpu", "--quiet"]  # 8 runs
 
 
 def grid_tasks(out: Path, data_dir: Path) -> list[dict]:
-    """GRID's runs as scale.train_task tasks, one run each."""
+    """GRID's runs as sweep.train_task tasks, one run each."""
     configs = grid_configs(
         "mnist", seeds=2, epochs=2, lr=0.05, batch_size=16, data_dir=str(data_dir)
     )
@@ -69,7 +70,7 @@ def report(out: Path) -> str:
 
 
 def test_local_backend_runs_in_order_and_checks_its_arguments():
-    assert scale.run_tasks(lambda t: t * t, range(5), quiet=True) == [0, 1, 4, 9, 16]
+    assert sweep.run_tasks(lambda t: t * t, range(5), quiet=True) == [0, 1, 4, 9, 16]
     for bad, match in (
         (dict(backend="dask"), "backend"),
         (dict(address="auto"), "address"),
@@ -78,20 +79,20 @@ def test_local_backend_runs_in_order_and_checks_its_arguments():
         (dict(max_retries=-1), "max_retries"),
     ):
         with pytest.raises(ValueError, match=match):
-            scale.run_tasks(abs, [1], **bad)
+            sweep.run_tasks(abs, [1], **bad)
 
 
 def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
     with pytest.raises(ImportError, match=r"qmse\[ray\]"):
-        scale.run_tasks(abs, [1], backend="ray")
+        sweep.run_tasks(abs, [1], backend="ray")
 
 
 def test_outside_a_process_group_data_parallel_is_the_model_itself():
     model = torch.nn.Linear(2, 3)
-    assert scale.world() == (0, 1)
-    assert scale.data_parallel(model) is model
-    assert scale.init_distributed("cpu") == torch.device("cpu")  # no WORLD_SIZE: nothing
+    assert distributed.world() == (0, 1)
+    assert distributed.data_parallel(model) is model
+    assert distributed.init_distributed("cpu") == torch.device("cpu")  # no WORLD_SIZE: nothing
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_a_group_task_trains_its_runs_together(local_grid, data_dir, tmp_path):
         "configs": [t["configs"][0] for t in tasks],
         "out_dirs": [t["out_dirs"][0] for t in tasks],
     }
-    assert scale.train_task({**group, "device": "cpu"}) == [
+    assert sweep.train_task({**group, "device": "cpu"}) == [
         {"out_dir": d, "epochs": 2, "diverged": False} for d in group["out_dirs"]
     ]
     for name, rows in metrics(tmp_path).items():
@@ -183,7 +184,7 @@ def test_ray_escape_benchmark_gives_the_local_files(ray_cluster, tmp_path):
 
 
 def trapped_train_task(task: dict) -> dict:
-    """scale.train_task, except that the first attempt at a task with a "trap" path writes
+    """sweep.train_task, except that the first attempt at a task with a "trap" path writes
     its pid there after saving its epoch-1 checkpoint (before metrics.jsonl) and waits to be
     killed. A retry finds the trap file and runs normally: it must resume from epoch 1."""
     trap = Path(task.pop("trap", os.devnull))
@@ -196,7 +197,7 @@ def trapped_train_task(task: dict) -> dict:
             time.sleep(600)
 
         runs.save_torch = save_then_wait  # this worker process is about to die with it
-    return scale.train_task(task)
+    return sweep.train_task(task)
 
 
 def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_dir, tmp_path):
@@ -218,7 +219,7 @@ def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_d
 
     killer = threading.Thread(target=kill_when_trapped, daemon=True)
     killer.start()
-    results = scale.run_tasks(trapped_train_task, tasks, backend="ray", max_retries=2, quiet=True)
+    results = sweep.run_tasks(trapped_train_task, tasks, backend="ray", max_retries=2, quiet=True)
     killer.join(timeout=1)
     assert killed, "the trapped task never reached its epoch-1 checkpoint"
     assert [r["epochs"] for [r] in results] == [2] * 8
@@ -227,7 +228,7 @@ def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_d
     assert len(runs.load_json(run / "config.json")["resumed"]) == 1  # resumed, not restarted
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
-    again = scale.run_tasks(scale.train_task, grid_tasks(out, data_dir), backend="ray", quiet=True)
+    again = sweep.run_tasks(sweep.train_task, grid_tasks(out, data_dir), backend="ray", quiet=True)
     assert [r["epochs"] for [r] in again] == [2] * 8
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished runs: not retrained
 

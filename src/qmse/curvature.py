@@ -1,0 +1,271 @@
+"""The model as a function of its weights, and its curvature: HVPs, Lanczos, Hutchinson, SLQ.
+
+Every function reads the model through `torch.func.functional_call` on detached copies of
+its parameters and runs it in eval mode, restoring every module's `training` flag afterwards:
+the model's parameters, `requires_grad` flags and mode are the same before and after.
+
+Second order: Hessian-vector products (reverse-over-reverse, `torch.func.vjp` of
+`torch.func.grad`), Lanczos with full reorthogonalisation for the extreme eigenvalues,
+Hutchinson's trace estimate and stochastic Lanczos quadrature (SLQ) for the spectral density.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vjp
+
+from qmse.loss import LOSSES, compute_loss
+
+HESSIAN_LOSSES = tuple(n for n, spec in LOSSES.items() if not spec.random)
+
+
+Batch = tuple[Tensor, Tensor]
+
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode and put every module's `training` flag back afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def flat_params(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+    """The trainable parameters as one detached flat vector w (P,) and its inverse map.
+
+    Only parameters with requires_grad=True are variables (the ones training moves); frozen
+    parameters and buffers enter `model_fn` as constants.
+    """
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameters with requires_grad=True to diagnose")
+    names = [k for k, _ in named]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    w = torch.cat([p.detach().reshape(-1) for _, p in named])  # (P,) a copy
+    if not torch.isfinite(w).all():
+        bad = [k for k, p in named if not torch.isfinite(p).all()]
+        raise ValueError(
+            f"model parameters {bad} hold non-finite values (training diverged?); there is "
+            f"nothing to diagnose: use an earlier checkpoint or a smaller learning rate"
+        )
+
+    def unflatten(vec: Tensor) -> dict[str, Tensor]:
+        return {k: c.view(s) for k, c, s in zip(names, vec.split(sizes), shapes)}
+
+    return w, unflatten
+
+
+def model_fn(model: nn.Module) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+    """(w, f) with f(w, x) = model(x) under weights w, a pure function of both arguments."""
+    w, unflatten = flat_params(model)
+    const = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+    const.update({k: b.detach() for k, b in model.named_buffers()})
+
+    def f(wv: Tensor, x: Tensor) -> Tensor:
+        return functional_call(model, {**unflatten(wv), **const}, (x,))
+
+    return w, f
+
+
+def _float_targets(y: Tensor, out: Tensor) -> Tensor:
+    """Targets as floats shaped like the output: int class indices become one-hot."""
+    if y.is_floating_point():
+        if y.shape != out.shape:
+            raise ValueError(
+                f"target shape {tuple(y.shape)} does not match model output "
+                f"{tuple(out.shape)}; pass targets of the output's shape or int class indices"
+            )
+        return y.to(out.dtype)
+    if y.shape != out.shape[:1] or out.dim() != 2:
+        raise ValueError(
+            f"integer targets must be class indices of shape ({out.shape[0]},) for output "
+            f"{tuple(out.shape)}, got {tuple(y.shape)}"
+        )
+    if (y < 0).any() or (y >= out.shape[1]).any():
+        raise ValueError(f"class indices must lie in [0, {out.shape[1]}), got {y.min()}..{y.max()}")
+    return F.one_hot(y.long(), out.shape[1]).to(out.dtype)  # (N, C)
+
+
+def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
+    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
+        return [batches]
+    out = list(batches)
+    if not out:
+        raise ValueError("batches is empty; pass an (x, y) pair or a list of them")
+    return out
+
+
+def loss_fn(
+    model: nn.Module, batches: Batch | Sequence[Batch], *, loss: str = "mse"
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """(w, L) with L(w) the mean training loss over all samples of `batches` at weights w.
+
+    `loss` is "mse" (½‖r‖²), "expected-qmse" (¼‖r‖⁴ + ‖r‖²/(2C), QMSE's expectation over v)
+    or "ce". QMSE itself is random in v; its expectation is the deterministic landscape.
+    """
+    if loss not in HESSIAN_LOSSES:
+        raise ValueError(
+            f"loss={loss!r} is not supported; expected one of {HESSIAN_LOSSES} ('qmse' is "
+            f"random: use 'expected-qmse', its mean over v)"
+        )
+    data = _as_batches(batches)
+    w, f = model_fn(model)
+    n_total = sum(x.shape[0] for x, _ in data)
+    with _eval_mode(model), torch.no_grad():
+        data = [(x, _float_targets(y, f(w, x))) for x, y in data]
+
+    def loss_at(wv: Tensor) -> Tensor:
+        return sum(compute_loss(loss, f(wv, x), y) * (x.shape[0] / n_total) for x, y in data)
+
+    return w, loss_at
+
+
+def hessian_operator(
+    model: nn.Module, batches: Batch | Sequence[Batch], *, loss: str = "mse"
+) -> tuple[MatVec, int]:
+    """(hvp, P): hvp(v) = ∇²L(w) v for the mean loss over `batches`, at the model's weights.
+
+    Reverse-over-reverse (`vjp` of `grad`; the Hessian is symmetric): the gradient graph is
+    built once and each product is one more backward pass, so keep `batches` small (a fixed
+    subset of a few hundred samples). The model is evaluated in eval mode.
+    """
+    w, loss_at = loss_fn(model, batches, loss=loss)
+    with _eval_mode(model):
+        _, pull = vjp(grad(loss_at), w)
+    return (lambda v: pull(v.to(w.dtype))[0]), w.numel()
+
+
+def lanczos(
+    matvec: MatVec,
+    dim: int,
+    steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    start: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`steps` Lanczos iterations with full reorthogonalisation on a symmetric operator.
+
+    Returns (nodes, weights) in float64: the Ritz values (ascending, length ≤ steps; fewer if
+    the Krylov space closes) and the squared first components of the Ritz vectors, which
+    are the quadrature weights of SLQ. Ritz values interlace the spectrum: the smallest one
+    is ≥ λ_min, so a negative one proves a negative eigenvalue; with steps = dim they are
+    the eigenvalues. The start vector is Gaussian from `generator` unless given.
+    """
+    if not 1 <= steps <= dim:
+        raise ValueError(f"steps must be in [1, dim={dim}], got {steps}")
+    device = generator.device if generator is not None else None
+    q = (
+        start
+        if start is not None
+        else torch.randn(dim, generator=generator, device=device, dtype=dtype)
+    )
+    q = q / q.norm()
+    Q = torch.zeros(steps, dim, dtype=q.dtype, device=q.device)  # Lanczos basis
+    alphas, betas = [], []
+    for j in range(steps):
+        Q[j] = q
+        z = matvec(q)
+        alpha = torch.dot(z, q)
+        alphas.append(alpha.item())
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            z = z - Q[: j + 1].T @ (Q[: j + 1] @ z)
+        beta = z.norm()
+        if j == steps - 1 or beta <= 1e-10 * max(1.0, abs(alphas[-1])):
+            break
+        betas.append(beta.item())
+        q = z / beta
+    m = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+    T += torch.diag(off, 1) + torch.diag(off, -1)
+    nodes, vecs = torch.linalg.eigh(T)
+    return nodes, vecs[0] ** 2
+
+
+def hessian_eigs(
+    hvp: MatVec,
+    dim: int,
+    *,
+    k: int = 5,
+    steps: int = 40,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """(top, bottom): the k largest (descending) and k smallest (ascending) Ritz values of
+    one Lanczos run of `steps` products (capped at dim). Extremes converge first; take
+    steps ≳ 3k, and steps = dim for the exact spectrum of a small model."""
+    steps = min(steps, dim)
+    gen = torch.Generator().manual_seed(seed)
+    nodes, _ = lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
+    k = min(k, nodes.numel())
+    return nodes.flip(0)[:k], nodes[:k]
+
+
+def hutchinson_trace(
+    hvp: MatVec,
+    dim: int,
+    *,
+    samples: int = 30,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, float]:
+    """Hutchinson's estimate of tr H = E[zᵀHz] with Rademacher z, and its standard error
+    (sample std / √samples)."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 to give a standard error, got {samples}")
+    gen = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(samples):
+        z = torch.randint(0, 2, (dim,), generator=gen).to(dtype) * 2 - 1
+        vals.append(torch.dot(z, hvp(z).to(dtype)).item())
+    t = torch.tensor(vals, dtype=torch.float64)
+    return t.mean().item(), (t.std() / math.sqrt(samples)).item()
+
+
+def spectral_density(
+    hvp: MatVec,
+    dim: int,
+    *,
+    steps: int = 30,
+    vectors: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[Tensor, Tensor]]:
+    """Stochastic Lanczos quadrature: one (nodes, weights) pair per random start vector.
+
+    The density of the Hessian's eigenvalues (normalised to 1, each eigenvalue weighing
+    1/dim) is estimated by (1/vectors) Σ_l Σ_j weights_l[j] δ(λ − nodes_l[j]); smooth it
+    with `density_on_grid`. One Lanczos run of `steps` products per vector; the first run
+    starts where `hessian_eigs` with the same seed does, so its nodes are those Ritz values.
+    """
+    steps = min(steps, dim)
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
+        for _ in range(vectors)
+    ]
+
+
+def density_on_grid(runs: Sequence[tuple[Tensor, Tensor]], grid: Tensor, sigma: float) -> Tensor:
+    """The SLQ density of `runs` smoothed by a Gaussian of width sigma, on `grid` (G,)."""
+    g = grid.double().reshape(-1, 1)  # (G, 1)
+    out = torch.zeros(grid.numel(), dtype=torch.float64)
+    for nodes, weights in runs:
+        kern = torch.exp(-0.5 * ((g - nodes) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        out += (kern * weights).sum(-1) / len(runs)  # (G,)
+    return out

@@ -1,0 +1,71 @@
+"""QMSE's null-space rule (sec. 3.1): a direction v_i with ‖J_iᵀ v_i‖ ≈ 0 moves nothing; redraw it.
+
+Training with `resample_null` calls `resample_null_v` every step; `null_space_mask` is the
+test it applies, usable on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+
+from qmse.curvature import _eval_mode, model_fn
+from qmse.loss import sample_directions
+
+
+def null_space_mask(model: nn.Module, x: Tensor, v: Tensor, tol: float = 1e-6) -> Tensor:
+    """Per sample, whether ‖J_iᵀ v_i‖ ≤ tol: the paper's "v in the null space" (after eq. 8).
+
+    x: a batch (N, ...); v: (N, C) unit directions. Returns a bool tensor (N,). One
+    per-sample VJP of the batch (vmapped over samples: a batch VJP would give only the sum
+    Σ_i J_iᵀ v_i), holding an (N, P) per-sample gradient. The tolerance is absolute; with
+    ‖v_i‖ = 1 it compares against the smallest singular value of J_i that v_i can pick out,
+    which is ≥ 1 for a model with an output bias: then nothing is ever flagged for tol < 1.
+    """
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    w, f = model_fn(model)
+    if v.dim() != 2 or v.shape[0] != x.shape[0]:
+        raise ValueError(f"v must be (N, C) with N = {x.shape[0]} rows, got {tuple(v.shape)}")
+
+    def norm_one(xi: Tensor, vi: Tensor) -> Tensor:
+        _, pull = vjp(lambda wv: f(wv, xi.unsqueeze(0)).squeeze(0), w)
+        return pull(vi.to(w.dtype))[0].norm()
+
+    with _eval_mode(model), torch.no_grad():
+        return vmap(norm_one)(x, v) <= tol  # (N,)
+
+
+def resample_null_v(
+    model: nn.Module,
+    x: Tensor,
+    v: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-6,
+    max_tries: int = 3,
+) -> tuple[Tensor, int]:
+    """Redraw the v_i with ‖J_iᵀ v_i‖ ≤ tol, up to `max_tries` rounds: the paper's rule
+    "if the sampled vector still lies in the null space, simply resample" (sec. 3.1).
+
+    Returns (v, n_resampled): a new (N, C) tensor (the input is not modified) and the total
+    number of single-sample redraws. Only flagged samples are checked again. A sample still
+    flagged after `max_tries` rounds (e.g. J_i = 0, case 2, where every v is null) keeps its
+    last draw. Cost: one vmapped per-sample VJP of the batch, plus one per round on the
+    flagged samples only.
+    """
+    if max_tries < 0:
+        raise ValueError(f"max_tries must be >= 0, got {max_tries}")
+    v = v.clone()
+    idx = torch.nonzero(null_space_mask(model, x, v, tol)).squeeze(1)  # (k,)
+    n_resampled = 0
+    for _ in range(max_tries):
+        if idx.numel() == 0:
+            break
+        v[idx] = sample_directions(
+            idx.numel(), v.shape[1], generator=generator, device=v.device, dtype=v.dtype
+        )
+        n_resampled += idx.numel()
+        idx = idx[null_space_mask(model, x[idx], v[idx], tol)]
+    return v, n_resampled
