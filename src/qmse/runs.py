@@ -18,8 +18,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
+
+from qmse import __version__
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -53,6 +57,15 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     """Atomically `torch.save` `obj` (checkpoints survive a kill mid-write)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def save_figure(path: str | os.PathLike, fig: Figure, *, dpi: int = 120) -> None:
+    """Atomically save a matplotlib `Figure` (made with the object API, no pyplot, so the
+    caller's backend is never switched); the format follows the file's suffix."""
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     atomic_write(path, buf.getvalue())
 
 
@@ -98,10 +111,6 @@ def device_name(device: torch.device | str) -> str:
 
 def provenance(device: torch.device | str = "cpu") -> dict:
     """Versions, device, host and commit: recorded in every output directory."""
-    import numpy
-
-    from qmse import __version__
-
     return {
         "qmse": __version__,
         "git_commit": git_commit(),
