@@ -10,11 +10,15 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 from qmse.loss import (
+    LOSSES,
+    Loss,
     QMSELoss,
     compute_loss,
     expected_qmse_loss,
+    get_loss,
     mse_loss_half,
     qmse_loss,
+    register_loss,
     sample_directions,
 )
 from qmse.models import MLP
@@ -204,6 +208,69 @@ def test_compute_loss_names():
     torch.testing.assert_close(
         compute_loss("expected-qmse", out, idx), expected_qmse_loss(out, idx)
     )
+
+
+def test_registry_mean_values_and_expectations_against_monte_carlo():
+    """Each random loss's `mean` is the Monte Carlo mean of its value over its draw, and the
+    gradient of its `expectation` is the Monte Carlo mean of its gradient (docs/theory.md)."""
+    g = torch.Generator().manual_seed(10)
+    out, y = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    draws, params = 40_000, {"qmse": {}, "label-noise": {"sigma": 0.3}}
+    for name, kw in params.items():
+        spec = get_loss(name)
+        assert spec.random
+        f = out.unsqueeze(0).expand(draws, -1, -1).reshape(-1, 4).clone().requires_grad_()
+        t = y.repeat(draws, 1)
+        values = spec(f, t, generator=g, reduction="none", **kw).reshape(draws, 3)
+        mc, se = values.mean(0), values.std(0) / draws**0.5
+        assert ((mc - spec.value(out, y, **kw)).abs() <= 4 * se).all(), name
+        (grad,) = torch.autograd.grad(values.sum() / draws, f)
+        per_draw = grad.reshape(draws, 3, 4) * draws  # (draws, 3, 4) gradient of each draw
+        mc_grad, se_grad = per_draw.mean(0), per_draw.std(0) / draws**0.5
+        o = out.clone().requires_grad_()
+        (exact,) = torch.autograd.grad(compute_loss(spec.expectation, o, y, reduction="sum"), o)
+        assert ((mc_grad - exact).abs() <= 4 * se_grad).all(), name
+
+
+def test_label_noise_is_mse_on_noisy_targets():
+    """½‖y + ξ − f‖² with the given ξ, and with ξ drawn as σ·N(0, I) from the generator."""
+    g = torch.Generator().manual_seed(11)
+    out, y = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    xi = 0.2 * torch.randn(5, 2, generator=torch.Generator().manual_seed(3))
+    expected = mse_loss_half(out, y + xi, reduction="none")
+    given = LOSSES["label-noise"](out, y, noise=xi, reduction="none")
+    drawn = compute_loss(
+        "label-noise",
+        out,
+        y,
+        reduction="none",
+        sigma=0.2,
+        generator=torch.Generator().manual_seed(3),
+    )
+    torch.testing.assert_close(given, expected)
+    torch.testing.assert_close(drawn, expected)
+
+
+def test_register_a_user_loss_and_refuse_bad_ones():
+    huber = Loss("huber-test", lambda x, t, _: F.huber_loss(x, t, reduction="none").sum(-1))
+    try:
+        register_loss(huber)
+        out, y = torch.randn(4, 3), torch.randn(4, 3)
+        torch.testing.assert_close(
+            compute_loss("huber-test", out, y), F.huber_loss(out, y, reduction="sum") / 4
+        )
+        with pytest.raises(ValueError, match="already registered"):
+            register_loss(Loss("huber-test", lambda x, t, _: (t - x).sum(-1)))
+    finally:
+        LOSSES.pop("huber-test", None)
+    with pytest.raises(ValueError, match="needs `mean`"):
+        register_loss(Loss("noisy", lambda x, t, n: (t - x + n).sum(-1), draw=sample_directions))
+    with pytest.raises(ValueError, match="not registered"):
+        get_loss("hinge")
+    with pytest.raises(TypeError, match="takes no parameter"):
+        compute_loss("mse", torch.randn(2, 2), torch.randn(2, 2), sigma=1.0)
+    with pytest.raises(ValueError, match="deterministic"):
+        LOSSES["mse"](torch.randn(2, 2), torch.randn(2, 2), noise=torch.zeros(2, 2))
 
 
 def test_reduced_precision_is_computed_in_float32():
