@@ -4,8 +4,12 @@ Every function reads the model through `torch.func.functional_call` on detached 
 its parameters and runs it in eval mode, restoring every module's `training` flag afterwards:
 the model's parameters, `requires_grad` flags and mode are the same before and after.
 
+The loss is a `criterion`: a deterministic loss of the registry `qmse.loss.LOSSES` by name,
+or any callable (output, target) -> scalar mean loss, as in PyHessian's
+`hessian(model, criterion, data)`; see `criterion_fn`.
+
 Second order: Hessian-vector products (reverse-over-reverse, `torch.func.vjp` of
-`torch.func.grad`), Lanczos with full reorthogonalisation for the extreme eigenvalues,
+`torch.func.grad_and_value`), Lanczos with full reorthogonalisation for the extreme eigenvalues,
 Hutchinson's trace estimate and stochastic Lanczos quadrature (SLQ) for the spectral density.
 """
 
@@ -16,23 +20,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp
+from torch.func import functional_call, grad_and_value, vjp
 
-from qmse.loss import LOSSES, compute_loss
-
-HESSIAN_LOSSES = tuple(n for n, spec in LOSSES.items() if not spec.random)
-
+from qmse.loss import get_loss
 
 Batch = tuple[Tensor, Tensor]
-
-
 MatVec = Callable[[Tensor], Tensor]
+Criterion = str | Callable[[Tensor, Tensor], Tensor]
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run `model` in eval mode and put every module's `training` flag back afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -41,6 +40,47 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def criterion_fn(criterion: Criterion) -> Callable[[Tensor, Tensor], Tensor]:
+    """`criterion` as a function (output, target) -> scalar mean loss over the samples.
+
+    A string names a loss of the registry `qmse.loss.LOSSES` (the shortcut); it must be
+    deterministic, because a random loss (QMSE's v, label noise's ξ) has no fixed value or
+    Hessian at a point: its registered `expectation`, the deterministic loss with the same
+    mean gradient, is the landscape to measure instead. Any other callable is used as it is,
+    like `torch.nn.HuberLoss()` or a user function; it must return the mean over the samples
+    of the batch, so that batches of different sizes combine into the mean over all of them.
+    """
+    if isinstance(criterion, str):
+        spec = get_loss(criterion)
+        if spec.random:
+            instead = (
+                f'use "{spec.expectation}", its expectation (the deterministic loss with the '
+                f"same mean gradient)"
+                if spec.expectation is not None
+                else "register a deterministic loss for its mean and use that"
+            )
+            raise ValueError(
+                f"loss {criterion!r} is random (it draws new noise at every call), so it has "
+                f"no fixed value or curvature at a point; {instead}"
+            )
+        return lambda output, target: spec(output, target)
+    if not callable(criterion):
+        raise TypeError(
+            f"criterion must be a registered loss name or a callable (output, target) -> "
+            f"scalar, got {type(criterion).__name__}"
+        )
+    return criterion
+
+
+def criterion_name(criterion: Criterion) -> str:
+    """A label for reports: the registered name, a module's repr, or a function's name."""
+    if isinstance(criterion, str):
+        return criterion
+    if isinstance(criterion, nn.Module):
+        return repr(criterion)
+    return getattr(criterion, "__name__", type(criterion).__name__)
 
 
 def flat_params(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
@@ -81,25 +121,6 @@ def model_fn(model: nn.Module) -> tuple[Tensor, Callable[[Tensor, Tensor], Tenso
     return w, f
 
 
-def _float_targets(y: Tensor, out: Tensor) -> Tensor:
-    """Targets as floats shaped like the output: int class indices become one-hot."""
-    if y.is_floating_point():
-        if y.shape != out.shape:
-            raise ValueError(
-                f"target shape {tuple(y.shape)} does not match model output "
-                f"{tuple(out.shape)}; pass targets of the output's shape or int class indices"
-            )
-        return y.to(out.dtype)
-    if y.shape != out.shape[:1] or out.dim() != 2:
-        raise ValueError(
-            f"integer targets must be class indices of shape ({out.shape[0]},) for output "
-            f"{tuple(out.shape)}, got {tuple(y.shape)}"
-        )
-    if (y < 0).any() or (y >= out.shape[1]).any():
-        raise ValueError(f"class indices must lie in [0, {out.shape[1]}), got {y.min()}..{y.max()}")
-    return F.one_hot(y.long(), out.shape[1]).to(out.dtype)  # (N, C)
-
-
 def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
     if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
         return [batches]
@@ -110,43 +131,48 @@ def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
 
 
 def loss_fn(
-    model: nn.Module, batches: Batch | Sequence[Batch], *, loss: str = "mse"
+    model: nn.Module, criterion: Criterion, batches: Batch | Sequence[Batch]
 ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """(w, L) with L(w) the mean training loss over all samples of `batches` at weights w.
+    """(w, L) with L(w) the mean of `criterion` over all samples of `batches` at weights w.
 
-    `loss` is "mse" (½‖r‖²), "expected-qmse" (¼‖r‖⁴ + ‖r‖²/(2C), QMSE's expectation over v)
-    or "ce". QMSE itself is random in v; its expectation is the deterministic landscape.
+    `criterion`: a deterministic registered loss name ("mse" is ½‖r‖² per sample, eq. 3) or a
+    callable (output, target) -> scalar mean loss (`criterion_fn`). `batches`: one (x, y)
+    pair or a list of them; each batch's mean is weighted by its share of the samples.
     """
-    if loss not in HESSIAN_LOSSES:
-        raise ValueError(
-            f"loss={loss!r} is not supported; expected one of {HESSIAN_LOSSES} ('qmse' is "
-            f"random: use 'expected-qmse', its mean over v)"
-        )
+    crit = criterion_fn(criterion)
     data = _as_batches(batches)
     w, f = model_fn(model)
     n_total = sum(x.shape[0] for x, _ in data)
-    with _eval_mode(model), torch.no_grad():
-        data = [(x, _float_targets(y, f(w, x))) for x, y in data]
 
     def loss_at(wv: Tensor) -> Tensor:
-        return sum(compute_loss(loss, f(wv, x), y) * (x.shape[0] / n_total) for x, y in data)
+        return sum(crit(f(wv, x), y) * (x.shape[0] / n_total) for x, y in data)
 
     return w, loss_at
 
 
-def hessian_operator(
-    model: nn.Module, batches: Batch | Sequence[Batch], *, loss: str = "mse"
-) -> tuple[MatVec, int]:
-    """(hvp, P): hvp(v) = ∇²L(w) v for the mean loss over `batches`, at the model's weights.
+def loss_gradient_hessian(
+    model: nn.Module, criterion: Criterion, batches: Batch | Sequence[Batch]
+) -> tuple[Tensor, Tensor, MatVec]:
+    """(L, ∇L, hvp) at the model's weights, for the mean loss of `loss_fn`: the value, the
+    gradient (P,) and hvp(v) = ∇²L v, all from one forward and backward pass.
 
-    Reverse-over-reverse (`vjp` of `grad`; the Hessian is symmetric): the gradient graph is
-    built once and each product is one more backward pass, so keep `batches` small (a fixed
-    subset of a few hundred samples). The model is evaluated in eval mode.
+    Reverse-over-reverse (`vjp` of `grad_and_value`; the Hessian is symmetric): the gradient
+    graph is built once and each product is one more backward pass, so keep `batches` small
+    (a fixed subset of a few hundred samples). The model is evaluated in eval mode.
     """
-    w, loss_at = loss_fn(model, batches, loss=loss)
-    with _eval_mode(model):
-        _, pull = vjp(grad(loss_at), w)
-    return (lambda v: pull(v.to(w.dtype))[0]), w.numel()
+    w, loss_at = loss_fn(model, criterion, batches)
+    with eval_mode(model):
+        g, pull, value = vjp(grad_and_value(loss_at), w, has_aux=True)
+    return value.detach(), g.detach(), lambda v: pull(v.to(w.dtype))[0]
+
+
+def hessian_operator(
+    model: nn.Module, criterion: Criterion, batches: Batch | Sequence[Batch]
+) -> tuple[MatVec, int]:
+    """(hvp, P): hvp(v) = ∇²L(w) v for the mean `criterion` over `batches` at the model's
+    weights, P the number of trainable weights (see `loss_gradient_hessian`)."""
+    _, g, hvp = loss_gradient_hessian(model, criterion, batches)
+    return hvp, g.numel()
 
 
 def lanczos(
@@ -197,6 +223,13 @@ def lanczos(
     return nodes, vecs[0] ** 2
 
 
+def ritz_extremes(nodes: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(top, bottom): the k largest (descending) and k smallest (ascending) of the ascending
+    Ritz values `nodes` of one Lanczos run (fewer if the run has fewer)."""
+    k = min(k, nodes.numel())
+    return nodes.flip(0)[:k], nodes[:k]
+
+
 def hessian_eigs(
     hvp: MatVec,
     dim: int,
@@ -212,8 +245,7 @@ def hessian_eigs(
     steps = min(steps, dim)
     gen = torch.Generator().manual_seed(seed)
     nodes, _ = lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
-    k = min(k, nodes.numel())
-    return nodes.flip(0)[:k], nodes[:k]
+    return ritz_extremes(nodes, k)
 
 
 def hutchinson_trace(

@@ -11,53 +11,76 @@ needs no single J_iᵀ r_i to be zero. With P ≫ C a per-sample J_i generically
 space, and with an output bias it never has one (∂f/∂b = I_C is a block of J_i, so
 ‖J_iᵀu‖ ≥ ‖u‖ for every u): no r_i ≠ 0 and no v_i lies in the null space of J_iᵀ.
 𝐉 (N·C rows) has a left null space as soon as N·C > rank 𝐉: whole-set case 3 is where
-least squares with a nonzero residual ends.
+least squares with a nonzero residual ends (docs/theory.md, "Where MSE stops").
 
-Second order: Hessian-vector products (reverse-over-reverse, `torch.func.vjp` of
-`torch.func.grad`), Lanczos with full reorthogonalisation for the extreme eigenvalues,
-Hutchinson's trace estimate and stochastic Lanczos quadrature (SLQ) for the spectral density.
-
-Every function reads the model through `torch.func.functional_call` on detached copies of
-its parameters and runs it in eval mode, restoring every module's `training` flag afterwards:
-the model's parameters, `requires_grad` flags and mode are the same before and after.
+These stopping cases are MSE's; the curvature around the point is measured for any loss
+(`qmse.curvature`): a registered deterministic loss by name or the user's own callable.
+The model is read as `qmse.curvature` reads it: parameters, `requires_grad` flags and
+every module's mode are the same before and after.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torch.func import grad_and_value, jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
 from qmse.curvature import (
-    _eval_mode,
-    _float_targets,
+    Criterion,
+    criterion_name,
     density_on_grid,
-    hessian_operator,
+    eval_mode,
     hutchinson_trace,
     lanczos,
-    loss_fn,
+    loss_gradient_hessian,
     model_fn,
+    ritz_extremes,
     spectral_density,
 )
-from qmse.models import MLP
-from qmse.runs import atomic_write, load_json, progress, provenance, read_jsonl, save_json
+from qmse.loss import get_loss
+from qmse.rundir import load_run, prepare_data
+from qmse.runs import (
+    atomic_write,
+    load_json,
+    progress,
+    provenance,
+    read_jsonl,
+    save_figure,
+    save_json,
+)
 
 CASES = {0: "not-stationary", 1: "global-minimum", 2: "zero-jacobian", 3: "null-space"}
 _JACOBIAN_BUDGET = 2**26  # per-sample Jacobian entries held at once (256 MB in float32)
 
 
-# ---------------------------------------------------------------- model as a function of w
-
-
 # ---------------------------------------------------------------- first order: eqs. 4-5
+
+
+def _float_targets(y: Tensor, out: Tensor) -> Tensor:
+    """Targets as floats shaped like the output: int class indices become one-hot."""
+    if y.is_floating_point():
+        if y.shape != out.shape:
+            raise ValueError(
+                f"target shape {tuple(y.shape)} does not match model output "
+                f"{tuple(out.shape)}; pass targets of the output's shape or int class indices"
+            )
+        return y.to(out.dtype)
+    if y.shape != out.shape[:1] or out.dim() != 2:
+        raise ValueError(
+            f"integer targets must be class indices of shape ({out.shape[0]},) for output "
+            f"{tuple(out.shape)}, got {tuple(y.shape)}"
+        )
+    if (y < 0).any() or (y >= out.shape[1]).any():
+        raise ValueError(f"class indices must lie in [0, {out.shape[1]}), got {y.min()}..{y.max()}")
+    return F.one_hot(y.long(), out.shape[1]).to(out.dtype)  # (N, C)
 
 
 def gradient_geometry(
@@ -81,7 +104,7 @@ def gradient_geometry(
     most 2²⁶ Jacobian entries) plus one VJP and `gauss_newton_steps` JVP+VJP on the batch.
     """
     w, f = model_fn(model)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         out = f(w, x)  # (N, C)
         if out.dim() != 2:
             raise ValueError(f"model output must be (N, C), got {tuple(out.shape)}")
@@ -201,9 +224,6 @@ def classify_stop(
     }
 
 
-# ---------------------------------------------------------------- QMSE's null-space rule (eq. 8)
-
-
 # ---------------------------------------------------------------- second order
 
 
@@ -225,12 +245,25 @@ def label_curvature(lambda_min: float, lambda_max: float, rel_tol: float = 1e-3)
 # ---------------------------------------------------------------- one model, one run, two runs
 
 
+def _criteria(criterion: Criterion | Sequence[Criterion]) -> dict[str, Criterion]:
+    """One criterion or a list of them, keyed by their report labels (`criterion_name`)."""
+    many = list(criterion) if isinstance(criterion, (list, tuple)) else [criterion]
+    if not many:
+        raise ValueError("criterion is an empty list; give at least one loss")
+    named = {criterion_name(c): c for c in many}
+    if len(named) != len(many):
+        raise ValueError(
+            f"criteria {[criterion_name(c) for c in many]} share a label; give each its own "
+            f"name (e.g. a def instead of two lambdas)"
+        )
+    return named
+
+
 def diagnose_model(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    criterion: Criterion | Sequence[Criterion],
+    data: tuple[Tensor, Tensor],
     *,
-    losses: Sequence[str] = ("mse",),
     k: int = 5,
     lanczos_steps: int = 30,
     slq_vectors: int = 2,
@@ -242,13 +275,21 @@ def diagnose_model(
     curvature_tol: float = 1e-3,
     quiet: bool = False,
 ) -> dict:
-    """Everything above on one batch, as a JSON-ready dict: the stopping case with its
-    tolerances, the gradient geometry (whole set, and per-sample quantiles), and for each
-    loss in `losses` its value and gradient norm, the top-k/bottom-k Hessian Ritz values,
+    """Where `model` stands on the batch `data` = (x, y), as a JSON-ready dict.
+
+    The stopping case (sec. 2.2) with its tolerances and the gradient geometry (whole set,
+    and per-sample quantiles) are those of MSE's optimality condition (eqs. 4-5), whatever
+    the criterion: they need targets of the output's shape or int class indices. For each
+    `criterion` (a deterministic registered loss name, a callable (output, target) -> scalar
+    mean loss, or a list of them; see `qmse.curvature.criterion_fn`), under its label
+    (`criterion_name`): its value and gradient norm, the top-k/bottom-k Hessian Ritz values,
     the curvature label (meaningful where that gradient is ~0), the Hutchinson trace ±
     standard error and the SLQ nodes/weights (`slq_vectors` Lanczos runs of
-    `lanczos_steps` products; the extremes come from the first)."""
-    bar = progress(total=1 + 2 * len(losses), quiet=quiet, desc="diagnose")
+    `lanczos_steps` products; the extremes are the first run's Ritz values).
+    """
+    named = _criteria(criterion)
+    x, y = data
+    bar = progress(total=1 + 2 * len(named), quiet=quiet, desc="diagnose")
     geo = gradient_geometry(model, x, y, seed=seed)
     stop = classify_stop(
         geo, tol_residual=tol_residual, tol_gradient=tol_gradient, tol_ratio=tol_ratio
@@ -269,18 +310,15 @@ def diagnose_model(
         "geometry": {"whole_set": whole, "per_sample": quantiles},
         "hessian": {},
     }
-    for loss in losses:
-        w, loss_at = loss_fn(model, (x, y), loss=loss)
-        with _eval_mode(model):
-            g, value = grad_and_value(loss_at)(w)
-        hvp, P = hessian_operator(model, (x, y), loss=loss)
+    P = geo["n_params"]
+    for label, crit in named.items():
+        value, g, hvp = loss_gradient_hessian(model, crit, (x, y))
         runs = spectral_density(hvp, P, steps=lanczos_steps, vectors=slq_vectors, seed=seed)
         bar.update()
         trace, trace_se = hutchinson_trace(hvp, P, samples=trace_samples, seed=seed)
         bar.update()
-        nodes = runs[0][0]
-        top, bottom = nodes.flip(0)[:k], nodes[:k]
-        out["hessian"][loss] = {
+        top, bottom = ritz_extremes(runs[0][0], k)  # spectral_density's first run = hessian_eigs
+        out["hessian"][label] = {
             "loss": value.item(),
             "grad_norm": g.norm().item(),
             "top": top.tolist(),
@@ -296,10 +334,14 @@ def diagnose_model(
     return out
 
 
-def run_losses(run_loss: str) -> tuple[str, ...]:
-    """Hessian losses for a run: MSE (the yardstick of sec. 2.2) and the run's own loss
-    (QMSE as its expectation over v, note 2 of the project README)."""
-    own = "expected-qmse" if run_loss == "qmse" else run_loss
+def run_criteria(run_loss: str) -> tuple[str, ...]:
+    """The Hessian losses of a run trained with `run_loss`: MSE (the yardstick of sec. 2.2)
+    and the run's own loss, or for a random one its registered expectation (QMSE's is
+    expected-QMSE, docs/theory.md "Its expectation over v")."""
+    spec = get_loss(run_loss)
+    own = spec.expectation if spec.random else spec.name
+    if own is None:
+        raise ValueError(f"loss {run_loss!r} is random and registers no expectation to diagnose")
     return ("mse",) if own == "mse" else ("mse", own)
 
 
@@ -316,13 +358,12 @@ def diagnose_run(
     """Diagnose a finished `qmse train` run on a fixed subset of its training set.
 
     The subset is `n_samples` training images drawn without replacement by a generator
-    seeded with `seed` (the same images for every run of the same data: comparable).
-    Writes diagnosis.json (with the diagnosis config and provenance) and diagnosis.txt to
-    `out_dir` (default: the run directory) and returns the dict. A diagnosis.json with the
-    same config is reused rather than recomputed. `options` go to `diagnose_model`.
+    seeded with `seed` (the same images for every run of the same data: comparable). The
+    Hessian losses are `run_criteria` of the run's loss. Writes diagnosis.json (with the
+    diagnosis config and provenance) and diagnosis.txt to `out_dir` (default: the run
+    directory) and returns the dict. A diagnosis.json with the same config is reused rather
+    than recomputed. `options` go to `diagnose_model`.
     """
-    from qmse.rundir import load_run, prepare_data
-
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     config = {"run_dir": str(run_dir), "n_samples": n_samples, "seed": seed, **options}
@@ -338,12 +379,10 @@ def diagnose_run(
         raise ValueError(f"n_samples={n_samples}; the run's training set has {n_train} images")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n_train, generator=gen)[:n_samples].sort().values.to(data.x_train.device)
-    losses = run_losses(run_config["loss"])
     result = diagnose_model(
         model,
-        data.x_train[idx],
-        data.y_train[idx],
-        losses=losses,
+        run_criteria(run_config["loss"]),
+        (data.x_train[idx], data.y_train[idx]),
         seed=seed,
         quiet=quiet,
         **options,
@@ -443,20 +482,13 @@ def compare_runs(
                   {"runs": [str(run_a), str(run_b)], "diagnoses": [a, b],
                    "provenance": provenance(device)})  # fmt: skip
         atomic_write(Path(out_dir) / "comparison.txt", text)
-        plot_spectra(dict(zip(names, (a, b))), Path(out_dir) / "diagnose-spectra.png")
+        save_figure(Path(out_dir) / "diagnose-spectra.png", plot_spectra(dict(zip(names, (a, b)))))
     return text
 
 
-def plot_spectra(
-    diagnoses: dict[str, dict], path: str | os.PathLike, *, loss: str = "mse", sigma: float = 0.0
-) -> None:
+def plot_spectra(diagnoses: dict[str, dict], *, loss: str = "mse", sigma: float = 0.0) -> Figure:
     """The SLQ spectral density of the `loss` Hessian of each named diagnosis, on one
-    log-scale plot (PNG at `path`). sigma = 0 picks 1% of the widest spectrum's range."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    log-scale plot. sigma = 0 picks 1% of the widest spectrum's range."""
     runs = {name: [(torch.tensor(r["nodes"]), torch.tensor(r["weights"]))
                    for r in d["hessian"][loss]["slq"]]
             for name, d in diagnoses.items()}  # fmt: skip
@@ -465,136 +497,11 @@ def plot_spectra(
     pad = 0.05 * (hi - lo)
     sigma = sigma or 0.01 * (hi - lo)
     grid = torch.linspace(lo - pad, hi + pad, 2000, dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3), layout="tight")
+    ax = fig.subplots()
     for name, rs in runs.items():
         ax.semilogy(grid, density_on_grid(rs, grid, sigma).clamp_min(1e-8), label=name)
     ax.set_xlabel(f"eigenvalue of the {loss} Hessian")
     ax.set_ylabel("density (SLQ)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-# ---------------------------------------------------------------- convexity demonstration
-
-
-def segment_losses(
-    loss_at: Callable[[Tensor], Tensor], w_a: Tensor, w_b: Tensor, points: int = 21
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(t, loss, chord) along w(t) = (1 − t) w_a + t w_b: the loss and the straight line
-    between its end values. A convex loss never rises above the chord."""
-    t = torch.linspace(0, 1, points, dtype=w_a.dtype)
-    ws = (1 - t)[:, None] * w_a + t[:, None] * w_b  # (points, P)
-    loss = vmap(loss_at)(ws).detach()  # (points,)
-    chord = (1 - t) * loss[0] + t * loss[-1]
-    return t, loss, chord
-
-
-def convexity_check(
-    loss_at: Callable[[Tensor], Tensor],
-    dim: int,
-    *,
-    segments: int = 200,
-    points: int = 21,
-    scale: float = 3.0,
-    generator: torch.Generator,
-    dtype: torch.dtype = torch.float64,
-) -> dict:
-    """Loss against chord on `segments` random segments between N(0, scale²·I) weights.
-
-    A point violates convexity when loss − chord > 1e-9·max(1, |chord|) (float64 rounding
-    stays far below). Returns the count of violating segments, the largest interior gap
-    seen (≤ 0 for a convex loss: how close it came to the chord) and its segment.
-    """
-    worst, worst_gap, violating = None, -math.inf, 0
-    for _ in range(segments):
-        w_a = scale * torch.randn(dim, generator=generator, dtype=dtype)
-        w_b = scale * torch.randn(dim, generator=generator, dtype=dtype)
-        t, loss, chord = segment_losses(loss_at, w_a, w_b, points)
-        gap = (loss - chord)[1:-1]  # interior points; the ends are 0 by construction
-        violating += bool((gap > 1e-9 * chord[1:-1].abs().clamp_min(1)).any())
-        if gap.max().item() > worst_gap:
-            worst_gap = gap.max().item()
-            worst = {"t": t.tolist(), "loss": loss.tolist(), "chord": chord.tolist()}
-    return {
-        "segments": segments,
-        "violating_segments": violating,
-        "max_gap": worst_gap,
-        "worst_segment": worst,
-        "scale": scale,
-        "points": points,
-    }
-
-
-def convexity_demo(*, segments: int = 200, points: int = 21, seed: int = 0) -> dict:
-    """The Q&A thread's claim checked numerically: ½‖Xw − y‖² (linear regression) and the
-    logistic loss are convex in w, a 1-hidden-layer tanh MLP's MSE is not.
-
-    Data: 100 samples, 5 features, drawn from `seed`; the MLP has 8 hidden units. Returns
-    one `convexity_check` per model."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(100, 5, generator=g, dtype=torch.float64)  # (N, 5)
-    w_true = torch.randn(5, 1, generator=g, dtype=torch.float64)
-    y_reg = X @ w_true + 0.5 * torch.randn(100, 1, generator=g, dtype=torch.float64)
-    y_cls = torch.rand(100, 1, generator=g, dtype=torch.float64) < torch.sigmoid(X @ w_true)
-    y_cls = y_cls.to(torch.float64)
-
-    def problem(hidden: list[int], loss: Callable[[Tensor], Tensor]) -> tuple[Callable, int]:
-        with torch.random.fork_rng(devices=[]):
-            model = MLP(5, hidden, 1, activation="tanh").to(torch.float64)
-        w, f = model_fn(model)
-        return (lambda wv: loss(f(wv, X))), w.numel()
-
-    problems = {
-        "linear-regression": problem([], lambda out: 0.5 * ((out - y_reg) ** 2).mean()),
-        "logistic-regression": problem(
-            [], lambda out: F.binary_cross_entropy_with_logits(out, y_cls)
-        ),
-        "mlp-1-hidden": problem([8], lambda out: 0.5 * ((out - y_reg) ** 2).mean()),
-    }
-    return {
-        name: convexity_check(loss_at, dim, segments=segments, points=points, generator=g)
-        for name, (loss_at, dim) in problems.items()
-    }
-
-
-def plot_convexity(result: dict, path: str | os.PathLike) -> None:
-    """One panel per model: the loss along its worst segment and the chord (PNG at `path`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(result), figsize=(3.3 * len(result), 2.8))
-    for ax, (name, r) in zip(axes, result.items()):
-        seg = r["worst_segment"]
-        ax.plot(seg["t"], seg["loss"], label="loss")
-        ax.plot(seg["t"], seg["chord"], "--", label="chord")
-        ax.set_title(
-            f"{name}\n{r['violating_segments']}/{r['segments']} segments above chord", fontsize=8
-        )
-        ax.set_xlabel("t")
-    axes[0].set_ylabel("loss along (1−t)w_a + t w_b")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def convexity_report(
-    out_dir: str | os.PathLike, *, segments: int = 200, points: int = 21, seed: int = 0
-) -> dict:
-    """Run `convexity_demo` and write convexity.json (config, results, provenance) and the
-    figure diagnose-convexity.png to `out_dir`; return the results."""
-    result = convexity_demo(segments=segments, points=points, seed=seed)
-    out = Path(out_dir)
-    save_json(out / "convexity.json",
-              {"config": {"segments": segments, "points": points, "seed": seed},
-               "results": result, "provenance": provenance("cpu")})  # fmt: skip
-    plot_convexity(result, out / "diagnose-convexity.png")
-    return result
+    return fig

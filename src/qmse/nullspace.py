@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from qmse.curvature import _eval_mode, model_fn
+from qmse.curvature import eval_mode, model_fn
 from qmse.loss import sample_directions
 
 
@@ -33,7 +33,7 @@ def null_space_mask(model: nn.Module, x: Tensor, v: Tensor, tol: float = 1e-6) -
         _, pull = vjp(lambda wv: f(wv, xi.unsqueeze(0)).squeeze(0), w)
         return pull(vi.to(w.dtype))[0].norm()
 
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         return vmap(norm_one)(x, v) <= tol  # (N,)
 
 

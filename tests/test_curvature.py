@@ -1,0 +1,231 @@
+"""qmse.curvature against dense references: torch.func.hessian / autograd Hessians of the
+same loss, eigvalsh of known matrices, Gauss quadrature identities; registered losses,
+torch's own criteria and user functions, on qmse's MLP and on models qmse does not define."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from qmse import curvature
+from qmse.loss import LOSSES, get_loss
+from qmse.models import MLP
+
+DT = torch.float64
+
+
+def _mlp(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(3, [4], 2, activation="tanh").to(DT)
+
+
+def _data(n: int = 7, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=DT), torch.randn(n, 2, generator=g, dtype=DT)
+
+
+def _conv_net(seed: int = 0) -> nn.Sequential:
+    """A user's model: Conv2d → ReLU → Flatten → Linear, nothing from qmse.models."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).to(DT)
+
+
+def _dense_hessian(model: nn.Module, criterion, x, y) -> torch.Tensor:
+    """∇² of criterion(model(x), y) in the flat trainable weights, by torch.func.hessian on
+    a function written here (not curvature.loss_fn): the independent reference."""
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for k, p in model.named_parameters() if p.requires_grad]
+    w = torch.cat([p.detach().reshape(-1) for k, p in model.named_parameters() if p.requires_grad])
+
+    def loss(wv):
+        chunks = wv.split([math.prod(s) for s in shapes])
+        params = {k: c.view(s) for k, c, s in zip(names, chunks, shapes)}
+        return criterion(functional_call(model, params, (x,)), y)
+
+    return torch.func.hessian(loss)(w)  # (P, P)
+
+
+def _half_sq(out, y):
+    """A user function: ½‖r‖² summed over outputs, mean over samples (the registry's 'mse')."""
+    return 0.5 * ((out - y) ** 2).sum(-1).mean()
+
+
+@pytest.mark.parametrize("criterion", ["mse", "expected-qmse", "ce", "huber", "lambda"])
+def test_hvp_matches_the_dense_hessian(criterion):
+    model = _mlp()
+    x, y = _data()
+    if criterion == "ce":
+        y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    crit = {
+        "huber": nn.HuberLoss(delta=0.5),
+        "lambda": lambda out, t: (out - t).abs().pow(3).mean(),
+    }
+    crit = crit.get(criterion, criterion)
+    reference = crit if callable(crit) else (lambda out, t: get_loss(criterion)(out, t))
+    H = _dense_hessian(model, reference, x, y)
+    hvp, P = curvature.hessian_operator(model, crit, (x, y))
+    assert H.shape[0] == P
+    v = torch.randn(P, generator=torch.Generator().manual_seed(3), dtype=DT)
+    torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_user_conv_model_and_huber_loss_eigenvalues():
+    """A Sequential the project does not define, a torch criterion: exact spectrum by Lanczos."""
+    model = _conv_net()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 1, 4, 4, generator=g, dtype=DT), torch.randn(5, 3, generator=g, dtype=DT)
+    crit = nn.HuberLoss(delta=0.3)
+    H = _dense_hessian(model, crit, x, y)
+    exact = torch.linalg.eigvalsh(H)
+    hvp, P = curvature.hessian_operator(model, crit, (x, y))
+    top, bottom = curvature.hessian_eigs(hvp, P, k=3, steps=P, dtype=DT)
+    torch.testing.assert_close(top, exact.flip(0)[:3], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(bottom, exact[:3], rtol=1e-7, atol=1e-9)
+    value, grad, _ = curvature.loss_gradient_hessian(model, crit, (x, y))
+    with torch.no_grad():
+        assert math.isclose(value.item(), crit(model(x), y).item(), rel_tol=1e-12)
+    model.zero_grad()
+    crit(model(x), y).backward()
+    torch.testing.assert_close(grad, torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+
+
+def test_random_losses_are_refused_with_their_registered_expectation():
+    model = _mlp()
+    x, y = _data()
+    random = [name for name, spec in LOSSES.items() if spec.random]
+    assert random  # qmse and label-noise at least
+    for name in random:
+        expectation = LOSSES[name].expectation
+        with pytest.raises(ValueError, match=f'random.*use "{expectation}"'):
+            curvature.hessian_operator(model, name, (x, y))
+    with pytest.raises(ValueError, match="not registered"):
+        curvature.loss_fn(model, "no-such-loss", (x, y))
+    with pytest.raises(TypeError, match="callable"):
+        curvature.loss_fn(model, 3.0, (x, y))
+
+
+def test_criterion_names():
+    assert curvature.criterion_name("mse") == "mse"
+    assert curvature.criterion_name(nn.HuberLoss(delta=0.5)) == "HuberLoss()"
+    assert curvature.criterion_name(_half_sq) == "_half_sq"
+
+
+def test_hvp_over_batches_is_the_sample_weighted_mean():
+    model = _mlp()
+    x, y = _data(9)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
+    whole, _ = curvature.hessian_operator(model, _half_sq, (x, y))
+    split, _ = curvature.hessian_operator(model, _half_sq, [(x[:2], y[:2]), (x[2:], y[2:])])
+    torch.testing.assert_close(split(v), whole(v), rtol=1e-10, atol=1e-12)
+    registered, _ = curvature.hessian_operator(model, "mse", (x, y))  # the same loss by name
+    torch.testing.assert_close(registered(v), whole(v), rtol=1e-10, atol=1e-12)
+
+
+def test_lanczos_full_run_gives_the_hessian_spectrum():
+    model = _mlp()
+    x, y = _data()
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, _half_sq, x, y))
+    hvp, P = curvature.hessian_operator(model, "mse", (x, y))
+    top, bottom = curvature.hessian_eigs(hvp, P, k=3, steps=P, dtype=DT)
+    torch.testing.assert_close(top, exact.flip(0)[:3], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(bottom, exact[:3], rtol=1e-7, atol=1e-9)
+
+
+def test_lanczos_extremes_converge_before_the_bulk():
+    g = torch.Generator().manual_seed(0)
+    eig = torch.cat([torch.tensor([-5.0, 10.0], dtype=DT), torch.rand(198, generator=g, dtype=DT)])
+    U, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=DT))
+    A = U @ torch.diag(eig) @ U.T
+    top, bottom = curvature.hessian_eigs(lambda v: A @ v, 200, k=1, steps=30, dtype=DT)
+    assert abs(top.item() - 10.0) < 1e-8 and abs(bottom.item() + 5.0) < 1e-8
+
+
+def test_lanczos_weights_reproduce_the_rayleigh_quotient():
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(30, 30, generator=g, dtype=DT)
+    A = M + M.T
+    q = torch.randn(30, generator=g, dtype=DT)
+    nodes, weights = curvature.lanczos(lambda v: A @ v, 30, 12, dtype=DT, start=q)
+    qn = q / q.norm()
+    assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-12)
+    for p in (1, 2, 3):  # m-point Gauss quadrature is exact up to degree 2m − 1
+        expect = qn @ torch.linalg.matrix_power(A, p) @ qn
+        assert math.isclose((weights * nodes**p).sum().item(), expect.item(), rel_tol=1e-9)
+
+
+def test_lanczos_stops_when_the_krylov_space_closes():
+    A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0], dtype=DT))
+    nodes, weights = curvature.lanczos(lambda v: A @ v, 5, 5, generator=torch.Generator(), dtype=DT)
+    torch.testing.assert_close(nodes, torch.tensor([1.0, 2.0, 3.0], dtype=DT))
+    assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-12)
+
+
+def test_hutchinson_within_its_standard_error_and_seeded():
+    model = _mlp()
+    x, y = _data()
+    exact = torch.trace(_dense_hessian(model, _half_sq, x, y)).item()
+    hvp, P = curvature.hessian_operator(model, "mse", (x, y))
+    est, se = curvature.hutchinson_trace(hvp, P, samples=200, seed=4, dtype=DT)
+    assert se > 0 and abs(est - exact) < 3 * se
+    assert curvature.hutchinson_trace(hvp, P, samples=200, seed=4, dtype=DT) == (est, se)
+
+
+def test_spectral_density_matches_the_exact_spectrum():
+    model = _mlp()
+    x, y = _data()
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, _half_sq, x, y))
+    hvp, P = curvature.hessian_operator(model, "mse", (x, y))
+    runs = curvature.spectral_density(hvp, P, steps=P, vectors=4, dtype=DT)
+    assert len(runs) == 4
+    for nodes, weights in runs:
+        assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-12)
+        used = nodes[weights > 1e-10]
+        assert (used[:, None] - exact[None]).abs().amin(1).max() < 1e-7  # nodes are eigenvalues
+    top, bottom = curvature.hessian_eigs(hvp, P, k=2, steps=P, dtype=DT)
+    first = curvature.ritz_extremes(runs[0][0], 2)  # same seed, same first start vector
+    assert torch.equal(first[0], top) and torch.equal(first[1], bottom)
+    grid = torch.linspace(exact[0] - 1, exact[-1] + 1, 4001, dtype=DT)
+    density = curvature.density_on_grid(runs, grid, sigma=0.05)
+    assert math.isclose(torch.trapezoid(density, grid).item(), 1.0, rel_tol=1e-4)
+
+
+def test_model_is_left_untouched():
+    model = _mlp()
+    model.layers[0].bias.requires_grad_(False)
+    model.train()
+    model.layers[1].eval()  # a mixed state must be restored exactly
+    before = {k: p.clone() for k, p in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    x, y = _data()
+    hvp, P = curvature.hessian_operator(model, nn.MSELoss(), (x, y))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == P  # the frozen bias enters as a constant
+    curvature.hessian_eigs(hvp, P, k=2, dtype=DT)
+    curvature.hutchinson_trace(hvp, P, samples=3, dtype=DT)
+    for k, p in model.state_dict().items():
+        assert torch.equal(p, before[k])
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_arguments_are_named():
+    model = _mlp()
+    x, y = _data()
+    with pytest.raises(ValueError, match="target shape"):
+        curvature.hessian_operator(model, "mse", (x, y[:, :1]))
+    with pytest.raises(ValueError, match="steps"):
+        curvature.lanczos(lambda v: v, 3, 4)
+    with pytest.raises(ValueError, match="empty"):
+        curvature.loss_fn(model, "mse", [])
+    with torch.no_grad():
+        model.layers[2].bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\.2\.bias.*non-finite"):
+        curvature.hessian_operator(model, "mse", (x, y))
