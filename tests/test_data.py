@@ -18,35 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import idx_bytes, write_mnist
 
-from qmse import data
+from qmse import data, download, sources
 from qmse.cli import main
 
 # ---- fixture files ---------------------------------------------------------------------------
-
-
-def idx_bytes(magic: int, array: np.ndarray) -> bytes:
-    """An IDX file: big-endian int32 magic and sizes, then the uint8 data."""
-    return struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.tobytes()
-
-
-def write_mnist(folder: Path, *, gz: bool = True, seed: int = 0, n_train: int = 7, n_test: int = 4):
-    """The four MNIST files with random content; returns the arrays written."""
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    for base, array in arrays.items():
-        payload = idx_bytes(2051 if array.ndim == 3 else 2049, array)
-        if gz:
-            (folder / f"{base}.gz").write_bytes(gzip.compress(payload))
-        else:
-            (folder / base).write_bytes(payload)
-    return arrays
 
 
 def _py2_str(b: bytes) -> bytes:
@@ -143,7 +120,7 @@ def write_cifar(root: Path, name: str, *, archive: bool = True, members: dict | 
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     if archive:
-        (archive_name,) = data.SOURCES[name].files
+        (archive_name,) = sources.SOURCES[name].files
         (folder / archive_name).write_bytes(tar_gz(members))
     else:
         for member, blob in members.items():
@@ -157,7 +134,7 @@ def _isolated(monkeypatch):
     """No test sees the real data dir, Debian's folder, or waits between retries."""
     monkeypatch.delenv("QMSE_DATA", raising=False)
     monkeypatch.setattr(data, "SYSTEM_DIRS", {})
-    monkeypatch.setattr(data, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(download, "RETRY_WAIT_S", 0.0)
 
 
 # ---- locations -------------------------------------------------------------------------------
@@ -377,8 +354,8 @@ def _patch_mnist_md5(monkeypatch, folder: Path, mirrors=("http://unused/",)) -> 
     blobs = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
     files = {name: _md5(blob) for name, blob in blobs.items()}
     contents = {n.removesuffix(".gz"): _md5(gzip.decompress(b)) for n, b in blobs.items()}
-    monkeypatch.setitem(data.SOURCES, "mnist", data.Source(files, tuple(mirrors), 10))
-    monkeypatch.setitem(data.IDX_CONTENT_MD5, "mnist", contents)
+    monkeypatch.setitem(sources.SOURCES, "mnist", sources.Source(files, tuple(mirrors), 10))
+    monkeypatch.setitem(sources.IDX_CONTENT_MD5, "mnist", contents)
     return blobs
 
 
@@ -391,13 +368,13 @@ def test_status_reports_present_verified_and_mismatch(tmp_path, monkeypatch):
         (root / "mnist" / p.name.removesuffix(".gz")).write_bytes(gzip.decompress(p.read_bytes()))
     write_cifar(root, "cifar10", archive=False)
     write_cifar(root, "cifar100")  # its MD5 is not the published one
-    rows = {r["name"]: r for r in data.status(root)}
+    rows = {r["name"]: r for r in download.status(root)}
     assert rows["mnist"]["present"] and rows["mnist"]["verified"] is True
     assert rows["fashion-mnist"]["present"] is False
     assert rows["cifar10"]["present"] and rows["cifar10"]["verified"] is None
     assert rows["cifar100"]["verified"] is False and "MD5 mismatch" in rows["cifar100"]["detail"]
     (root / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(2049, np.ones(4, np.uint8)))
-    mnist = next(r for r in data.status(root) if r["name"] == "mnist")
+    mnist = next(r for r in download.status(root) if r["name"] == "mnist")
     assert mnist["verified"] is False and "t10k-labels-idx1-ubyte" in mnist["detail"]
 
 
@@ -478,12 +455,12 @@ def _assert_downloaded(folder: Path, blobs: dict[str, bytes]):
 
 def test_download_then_load(tmp_path, published):
     server, blobs = published
-    folder = data.download("mnist", tmp_path / "data")
+    folder = download.download("mnist", tmp_path / "data")
     assert folder == tmp_path / "data" / "mnist"
     _assert_downloaded(folder, blobs)
     assert data.load("mnist", tmp_path / "data").train_images.shape == (7, 1, 28, 28)
     assert len(server.log) == 4
-    data.download("mnist", tmp_path / "data")  # verified files are kept, not fetched again
+    download.download("mnist", tmp_path / "data")  # verified files are kept, not fetched again
     assert len(server.log) == 4
 
 
@@ -491,7 +468,7 @@ def test_download_checksum_mismatch_keeps_nothing(tmp_path, published):
     server, blobs = published
     server.files["train-labels-idx1-ubyte.gz"] = b"not the published bytes"
     with pytest.raises(RuntimeError, match="MD5 .*expected") as e:
-        data.download("mnist", tmp_path / "data", retries=1)
+        download.download("mnist", tmp_path / "data", retries=1)
     assert "by hand" in str(e.value) and str(tmp_path / "data" / "mnist") in str(e.value)
     folder = tmp_path / "data" / "mnist"
     assert not (folder / "train-labels-idx1-ubyte.gz").exists()
@@ -504,7 +481,7 @@ def test_download_resumes_a_truncated_transfer_with_range(tmp_path, published):
     server, blobs = published
     name = "train-images-idx3-ubyte.gz"
     server.plan[name] = ["truncate"]
-    data.download("mnist", tmp_path / "data")
+    download.download("mnist", tmp_path / "data")
     _assert_downloaded(tmp_path / "data" / "mnist", blobs)
     ranges = [r for p, r in server.log if p.endswith(name)]
     assert ranges == [None, f"bytes={len(blobs[name]) // 2}-"]
@@ -514,7 +491,7 @@ def test_download_restarts_when_the_server_ignores_range(tmp_path, published):
     server, blobs = published
     name = "t10k-images-idx3-ubyte.gz"
     server.plan[name] = ["truncate", "no-range"]
-    data.download("mnist", tmp_path / "data")
+    download.download("mnist", tmp_path / "data")
     _assert_downloaded(tmp_path / "data" / "mnist", blobs)
     assert len([p for p, _ in server.log if p.endswith(name)]) == 2
 
@@ -525,7 +502,7 @@ def test_download_resumes_a_part_left_by_a_killed_run(tmp_path, published):
     folder = tmp_path / "data" / "mnist"
     folder.mkdir(parents=True)
     (folder / f".{name}.part").write_bytes(blobs[name][:100])
-    data.download("mnist", tmp_path / "data")
+    download.download("mnist", tmp_path / "data")
     _assert_downloaded(folder, blobs)
     assert (f"/m/{name}", "bytes=100-") in server.log
 
@@ -536,7 +513,7 @@ def test_download_restarts_a_stale_part_longer_than_the_file(tmp_path, published
     folder = tmp_path / "data" / "mnist"
     folder.mkdir(parents=True)
     (folder / f".{name}.part").write_bytes(bytes(len(blobs[name]) + 10))
-    data.download("mnist", tmp_path / "data")  # HTTP 416 for the Range: start over
+    download.download("mnist", tmp_path / "data")  # HTTP 416 for the Range: start over
     _assert_downloaded(folder, blobs)
     assert [r for p, r in server.log if p.endswith(name)] == [
         f"bytes={len(blobs[name]) + 10}-",
@@ -549,21 +526,21 @@ def test_download_cifar_archive_then_load(tmp_path, monkeypatch):
     blob = tar_gz(members)
     server = _Server({"cifar-100-python.tar.gz": blob}, {"cifar-100-python.tar.gz": ["truncate"]})
     try:
-        source = data.Source({"cifar-100-python.tar.gz": _md5(blob)}, (server.url,), 100)
-        monkeypatch.setitem(data.SOURCES, "cifar100", source)
-        data.download("cifar100", tmp_path)
+        source = sources.Source({"cifar-100-python.tar.gz": _md5(blob)}, (server.url,), 100)
+        monkeypatch.setitem(sources.SOURCES, "cifar100", source)
+        download.download("cifar100", tmp_path)
     finally:
         server.close()
     ds = data.load("cifar100", tmp_path)
     assert ds.train_labels.tolist() == arrays["train"][1]
-    assert next(r for r in data.status(tmp_path) if r["name"] == "cifar100")["verified"] is True
+    assert next(r for r in download.status(tmp_path) if r["name"] == "cifar100")["verified"] is True
 
 
 def test_download_retries_server_errors_and_falls_back_to_the_next_mirror(tmp_path, published):
     server, blobs = published
     server.plan["train-labels-idx1-ubyte.gz"] = ["500"]
     server.plan["t10k-labels-idx1-ubyte.gz"] = ["404"]  # permanent: go to the next mirror
-    data.download("mnist", tmp_path / "data", mirrors=[f"{server.url}/a", f"{server.url}/b/"])
+    download.download("mnist", tmp_path / "data", mirrors=[f"{server.url}/a", f"{server.url}/b/"])
     _assert_downloaded(tmp_path / "data" / "mnist", blobs)
     paths = [p for p, _ in server.log]
     assert paths.count("/a/train-labels-idx1-ubyte.gz") == 2
@@ -579,11 +556,11 @@ def _closed_port() -> int:
 
 def test_download_without_network_fails_fast_with_instructions(tmp_path, monkeypatch):
     waits = []
-    monkeypatch.setattr(data.time, "sleep", waits.append)
+    monkeypatch.setattr(download.time, "sleep", waits.append)
     port = _closed_port()
     mirrors = [f"http://127.0.0.1:{port}/a/", f"http://127.0.0.1:{port}/b/"]
     with pytest.raises(RuntimeError, match="unreachable") as e:
-        data.download("cifar10", tmp_path, mirrors=mirrors, retries=5)
+        download.download("cifar10", tmp_path, mirrors=mirrors, retries=5)
     msg = str(e.value)
     assert msg.count("unreachable") == 2  # each mirror tried once, no retries
     assert waits == []
@@ -593,9 +570,9 @@ def test_download_without_network_fails_fast_with_instructions(tmp_path, monkeyp
 
 def test_download_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="retries=-1"):
-        data.download("mnist", tmp_path, retries=-1)
+        download.download("mnist", tmp_path, retries=-1)
     with pytest.raises(ValueError, match="timeout=0"):
-        data.download("mnist", tmp_path, timeout=0)
+        download.download("mnist", tmp_path, timeout=0)
 
 
 # ---- CLI -----------------------------------------------------------------------------------
@@ -638,5 +615,5 @@ def test_real_fashion_mnist(tmp_path, monkeypatch):
     assert torch.equal(ds.train_labels.bincount(), torch.full((10,), 6000))
     assert torch.equal(ds.test_labels.bincount(), torch.full((10,), 1000))
     assert ds.train_images.max() == 255 and ds.train_images.min() == 0
-    row = next(r for r in data.status(tmp_path) if r["name"] == "fashion-mnist")
+    row = next(r for r in download.status(tmp_path) if r["name"] == "fashion-mnist")
     assert row["present"] and row["verified"] is True, row  # Debian re-gzipped: content MD5

@@ -2,17 +2,16 @@
 grid end to end (figure, report numbers recomputed from the metrics, skip, divergence, CLI)."""
 
 import dataclasses
-import gzip
 import math
 import re
-import struct
 
 import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_images as tiny_dataset
+from conftest import write_mnist
 from scipy import stats
-from test_train import tiny_dataset
 
 from qmse import runs
 from qmse.cli import main
@@ -112,20 +111,8 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert _table_rows(text, "0.9", "mse")[0][2] == "1"
 
 
-def _write_idx(path, array: np.ndarray, magic: int) -> None:
-    header = struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
 def test_cli_reproduce_on_idx_fixture_files(tmp_path, capsys):
-    folder = tmp_path / "data" / "fashion-mnist"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("t10k", 24)):
-        _write_idx(
-            folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 2051
-        )
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
+    write_mnist(tmp_path / "data" / "fashion-mnist", n_train=48, n_test=24)
     out = tmp_path / "grid"
     argv = ["reproduce", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--quiet"]
     argv += ["--seeds", "2", "--epochs", "1", "--train-subset", "32", "--test-subset", "16"]

@@ -1,11 +1,9 @@
 """qmse.scale: Ray sweeps give the local backend's files, also when a worker is SIGKILLed
 mid-run; a run under torchrun on 2 gloo processes gives the metrics of 1 process."""
 
-import gzip
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -13,36 +11,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import TESTS, write_tiny_mnist
 
 from qmse import distributed, runs, sweep
 from qmse.cli import main
 from qmse.reproduce import grid_configs
 from qmse.rundir import TrainConfig, run_name
 from qmse.train import METRIC_KEYS, train_run
-
-TESTS = Path(__file__).resolve().parent
-
-
-def write_tiny_mnist(root: Path, n_train: int = 48, n_test: int = 24, size: int = 8) -> Path:
-    """IDX files of a learnable 8×8 'mnist' in root/mnist: class k is brighter in band k."""
-    rng = np.random.default_rng(0)
-    folder = root / "mnist"
-    folder.mkdir(parents=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 120, (n, size, size)).astype(np.uint8)
-        for i, k in enumerate(labels):
-            images[i, (k * size) // 10] += 120
-        for kind, magic, array in (("images-idx3", 2051, images), ("labels-idx1", 2049, labels)):
-            header = struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
-            (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(
-                gzip.compress(header + array.tobytes())
-            )
-    return root
-
 
 GRID = ["--dataset", "mnist", "--seeds", "2", "--epochs", "2", "--lr", "0.05"]
 GRID += ["--batch-size", "16", "--device", "cpu", "--quiet"]  # 8 runs

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qmse.data import DATASETS
+from qmse.download import download, status
+
 Formatter = argparse.ArgumentDefaultsHelpFormatter
 
 
@@ -62,8 +65,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
     """`qmse data list|download`."""
-    from qmse import data
-
     p = sub.add_parser(
         "data",
         help="list or download MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100",
@@ -80,7 +81,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         help="fetch a dataset's official files, verify their MD5, resume/retry",
         formatter_class=Formatter,
     )
-    fetch.add_argument("name", choices=data.DATASETS, help="dataset to fetch")
+    fetch.add_argument("name", choices=DATASETS, help="dataset to fetch")
     fetch.add_argument("--data-dir", default=None, help=data_dir_help)
     fetch.add_argument(
         "--mirror",
@@ -93,13 +94,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     def run_list(args: argparse.Namespace) -> int:
         words = {True: "verified", None: "present", False: "MD5 MISMATCH"}
         print(f"{'dataset':<14s} {'status':<13s} location")
-        for row in data.status(args.data_dir):
+        for row in status(args.data_dir):
             word = words[row["verified"]] if row["present"] else "missing"
             print(f"{row['name']:<14s} {word:<13s} {row['location']}  ({row['detail']})")
         return 0
 
     def run_download(args: argparse.Namespace) -> int:
-        folder = data.download(args.name, args.data_dir, mirrors=args.mirror)
+        folder = download(args.name, args.data_dir, mirrors=args.mirror)
         print(f"{args.name}: verified files in {folder}")
         return 0
 

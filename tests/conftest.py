@@ -1,0 +1,137 @@
+"""Fixtures shared by the test modules: a tiny learnable image set, IDX files of it in the
+official MNIST format, small models and a small training config.
+
+The helpers are plain functions (importable as `from conftest import ...`, also from the
+subprocesses some tests start) with pytest fixtures around the common cases.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from qmse.models import MLP, SimpleCNN
+from qmse.rundir import TrainConfig
+
+TESTS = Path(__file__).resolve().parent
+IDX_IMAGES, IDX_LABELS = 2051, 2049  # IDX magic numbers: uint8 3-D images, uint8 1-D labels
+IDX_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def tiny_images(
+    seed: int = 0, n_train: int = 96, n_test: int = 40, size: int = 8, classes: int = 3
+) -> SimpleNamespace:
+    """A learnable image set in qmse.data.Dataset's layout (uint8 (N, 1, size, size), int64
+    labels): class k images are brighter in a k-dependent band of rows."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, classes, (n,), generator=g)
+        noise = torch.randint(0, 120, (n, 1, size, size), generator=g)
+        rows = torch.arange(size).view(1, 1, size, 1)
+        band = (rows * classes // size) == labels.view(n, 1, 1, 1)  # (n, 1, size, 1)
+        return (noise + 120 * band).to(torch.uint8), labels
+
+    train_images, train_labels = make(n_train)
+    test_images, test_labels = make(n_test)
+    return SimpleNamespace(
+        name="tiny",
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        num_classes=classes,
+    )
+
+
+def tiny_config(**kw) -> TrainConfig:
+    """A TrainConfig for `tiny_images` (a SimpleCNN with 2 and 4 channels, 8 hidden units)."""
+    base = dict(dataset="tiny", loss="qmse", lr=0.05, momentum=0.9, batch_size=16, epochs=2)
+    return TrainConfig(**{**base, "channels": (2, 4), "hidden": 8, **kw})
+
+
+def tiny_cnn(seed: int = 0, classes: int = 3, size: int = 8) -> SimpleCNN:
+    """The SimpleCNN of `tiny_config` for `tiny_images`, initialised from `seed`."""
+    torch.manual_seed(seed)
+    return SimpleCNN(1, size, num_classes=classes, channels=(2, 4), hidden=8)
+
+
+def tiny_mlp(seed: int = 0, d: int = 4, h: int = 6, c: int = 3) -> MLP:
+    """A float64 tanh MLP d → h → c, initialised from `seed`."""
+    torch.manual_seed(seed)
+    return MLP(d, [h], c, activation="tanh").double()
+
+
+def idx_bytes(magic: int, array: np.ndarray) -> bytes:
+    """An IDX file: big-endian int32 magic and sizes, then the uint8 data."""
+    return struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.tobytes()
+
+
+def write_idx_set(folder: Path, arrays: dict[str, np.ndarray], *, gz: bool = True) -> None:
+    """Write {IDX base name: uint8 array} into `folder` as the official files (gzipped or not)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for base, array in arrays.items():
+        payload = idx_bytes(IDX_IMAGES if array.ndim == 3 else IDX_LABELS, array)
+        if gz:
+            (folder / f"{base}.gz").write_bytes(gzip.compress(payload, mtime=0))
+        else:
+            (folder / base).write_bytes(payload)
+
+
+def write_mnist(
+    folder: Path,
+    *,
+    gz: bool = True,
+    seed: int = 0,
+    n_train: int = 7,
+    n_test: int = 4,
+    size: int = 28,
+    learnable: bool = False,
+) -> dict[str, np.ndarray]:
+    """The four MNIST files in `folder` with random content (`learnable`: class k brighter
+    in row band k, as `tiny_images`); returns the arrays written, by IDX base name."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        images = rng.integers(0, 120 if learnable else 256, (n, size, size), dtype=np.uint8)
+        if learnable:
+            for i, k in enumerate(labels):
+                images[i, (k * size) // 10] += 120
+        arrays[f"{prefix}-images-idx3-ubyte"] = images
+        arrays[f"{prefix}-labels-idx1-ubyte"] = labels
+    write_idx_set(folder, arrays, gz=gz)
+    return arrays
+
+
+def write_tiny_mnist(root: Path, n_train: int = 48, n_test: int = 24, size: int = 8) -> Path:
+    """A learnable 8×8 'mnist' in root/mnist (IDX .gz files); returns root, a data dir.
+    Its MD5s are not the published ones: load it with allow_unverified=True."""
+    write_mnist(root / "mnist", n_train=n_train, n_test=n_test, size=size, learnable=True)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset() -> SimpleNamespace:
+    """`tiny_images()`: 96 training and 40 test images of 8×8, 3 classes."""
+    return tiny_images()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """qmse's caches (the data files' MD5s) in a folder of the test session, never the
+    user's ~/.cache; subprocesses inherit it through the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
