@@ -11,7 +11,7 @@ steps only (no evaluation). Styles:
                    the resident MSE loop in the other memory layout (an option measured)
   resident compile the resident MSE loop with the model under torch.compile
   resident tf32    (CUDA only) with TF32 matmuls and convolutions allowed
-  vmap M, loop M   qmse.train_many's loop, M MSE models stacked and trained at once, with
+  vmap M, loop M   qmse.stacked.train_many's loop, M MSE models stacked and trained at once, with
                    batching="vmap" (one batched model) and "loop" (models one after another)
 Each style runs one warm-up epoch, then `--repeats` timed epochs, round-robin over the
 styles; the median is reported, with the naive loop's time divided by each and the resident
@@ -34,7 +34,8 @@ from torch.func import stack_module_state
 from benchmarks.loss_overhead import SHAPES, sync
 from qmse.loss import compute_loss
 from qmse.rundir import Data, TrainConfig, build_model, run_generators
-from qmse.train import _train_epoch, _train_epoch_many, memory_format, stacked_forwards
+from qmse.stacked import _train_epoch_many, stacked_forwards
+from qmse.train import _train_epoch, memory_format
 
 
 class _NoBar:

@@ -10,12 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TESTS, tiny_config
+from conftest import tiny_images as tiny_dataset
 
 from qmse import runs
 from qmse.loss import compute_loss, qmse_loss, sample_directions
@@ -29,39 +29,8 @@ from qmse.rundir import (
     prepare_data,
     subseed,
 )
-from qmse.train import METRIC_KEYS, evaluate, train_many, train_run
-
-TESTS = Path(__file__).resolve().parent
-
-
-def tiny_dataset(
-    seed: int = 0, n_train: int = 96, n_test: int = 40, size: int = 8, classes: int = 3
-):
-    """A learnable synthetic image set: class k images are brighter in a k-dependent band."""
-    g = torch.Generator().manual_seed(seed)
-
-    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.randint(0, classes, (n,), generator=g)
-        noise = torch.randint(0, 120, (n, 1, size, size), generator=g)
-        rows = torch.arange(size).view(1, 1, size, 1)
-        band = (rows * classes // size) == labels.view(n, 1, 1, 1)  # (n, 1, size, 1)
-        return (noise + 120 * band).to(torch.uint8), labels
-
-    train_images, train_labels = make(n_train)
-    test_images, test_labels = make(n_test)
-    return SimpleNamespace(
-        name="tiny",
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=classes,
-    )
-
-
-def tiny_config(**kw) -> TrainConfig:
-    base = dict(dataset="tiny", loss="qmse", lr=0.05, momentum=0.9, batch_size=16, epochs=2)
-    return TrainConfig(**{**base, "channels": (2, 4), "hidden": 8, **kw})
+from qmse.stacked import train_many
+from qmse.train import METRIC_KEYS, evaluate, train_run
 
 
 def without_wall(rows: list[dict]) -> list[dict]:
@@ -122,14 +91,15 @@ def test_build_model_is_seeded_and_float32_whatever_the_default_dtype():
         assert p.dtype == torch.float32 and torch.equal(p, q) and not torch.equal(p, r)
 
 
-@pytest.mark.parametrize("loss", ["mse", "qmse", "expected-qmse", "ce"])
+@pytest.mark.parametrize("loss", ["mse", "qmse", "expected-qmse", "ce", "label-noise"])
 def test_evaluate_matches_per_sample_reference(loss):
     ds = tiny_dataset()
     d = prepare_data(ds)
     model = build_model(
         {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": [2, 4], "hidden": 8}, 0
     )
-    got = evaluate(model, d.x_test, d.y_test, loss)
+    params = {"sigma": 0.3} if loss == "label-noise" else {}
+    got = evaluate(model, d.x_test, d.y_test, loss, **params)
     out = model(d.x_test).detach().double()  # (M, C)
     onehot = F.one_hot(d.y_test, 3).double()
     r2 = ((onehot - out) ** 2).sum(-1)
@@ -147,16 +117,21 @@ def test_evaluate_matches_per_sample_reference(loss):
         )
         se = draws.std().item() / math.sqrt(len(draws))
         assert abs(got["loss"] - draws.mean().item()) < 5 * se
+    elif loss == "label-noise":  # E ½‖r + ξ‖² = ½‖r‖² + Cσ²/2 (E ξ = 0, E ξξᵀ = σ²I)
+        assert math.isclose(got["loss"], 0.5 * r2.mean().item() + 3 * 0.3**2 / 2, rel_tol=1e-5)
     else:
         target = d.y_test if loss == "ce" else onehot
         assert math.isclose(got["loss"], compute_loss(loss, out, target).item(), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["mse", "qmse", "ce"])
+@pytest.mark.parametrize("loss", ["mse", "qmse", "ce", "label-noise"])
 def test_first_epoch_matches_a_hand_written_loop(tmp_path, loss):
-    """Same seeds, same permutation and v, written out by hand with the losses' formulas."""
+    """Same seeds, same permutation and noise (QMSE's v, label noise's ξ), written out by hand
+    with the losses' formulas."""
     ds = tiny_dataset()
-    cfg = tiny_config(loss=loss, epochs=1)
+    sigma = 0.3
+    params = {"sigma": sigma} if loss == "label-noise" else {}
+    cfg = tiny_config(loss=loss, epochs=1, loss_params=params)
     rows = train_run(cfg, tmp_path, dataset=ds, quiet=True)
     model, config = load_run(tmp_path)
 
@@ -165,7 +140,8 @@ def test_first_epoch_matches_a_hand_written_loop(tmp_path, loss):
     opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     perm = torch.randperm(96, generator=torch.Generator().manual_seed(subseed(cfg.seed, 1)))
     gv = torch.Generator().manual_seed(subseed(cfg.seed, 2))
-    v = F.normalize(torch.randn(96, 3, generator=gv, dtype=torch.float32), dim=-1)
+    z = torch.randn(96, 3, generator=gv, dtype=torch.float32)
+    v, xi = F.normalize(z, dim=-1), sigma * z
     correct, norms, loss_sum = 0, [], 0.0
     for s in range(0, 96, 16):
         idx = perm[s : s + 16]
@@ -175,6 +151,8 @@ def test_first_epoch_matches_a_hand_written_loop(tmp_path, loss):
             batch_loss = 0.5 * (r * r).sum(-1).mean()
         elif loss == "qmse":
             batch_loss = 0.5 * (((r + v[s : s + 16]).detach() * r).sum(-1) ** 2).mean()
+        elif loss == "label-noise":
+            batch_loss = 0.5 * ((r + xi[s : s + 16]) ** 2).sum(-1).mean()
         else:
             batch_loss = -F.log_softmax(out, -1)[torch.arange(16), d.y_train[idx]].mean()
         opt.zero_grad()
@@ -190,8 +168,37 @@ def test_first_epoch_matches_a_hand_written_loop(tmp_path, loss):
     assert row["running_train_acc"] == correct / 96
     assert math.isclose(row["grad_norm"], sum(norms) / len(norms), rel_tol=1e-5)
     assert math.isclose(row["running_train_loss"], loss_sum / 96, rel_tol=1e-5)
-    assert row["train_acc"] == evaluate(ref, d.x_train, d.y_train, loss)["acc"]
+    assert row["train_acc"] == evaluate(ref, d.x_train, d.y_train, loss, **params)["acc"]
     assert runs.read_jsonl(tmp_path / "metrics.jsonl") == rows
+
+
+# Metrics of train_run(tiny_config(loss="qmse", epochs=2), dataset=tiny_images()) recorded
+# before training read the loss registry: (train_loss, running_train_loss) per epoch. The
+# running loss depends on every v drawn, so any change in the draw order shows here.
+RECORDED_QMSE = [
+    (0.3114614089330037, 0.548848882317543),
+    (0.13654731710751852, 0.2996581196784973),
+]
+
+
+def test_qmse_run_reproduces_the_numbers_recorded_before_the_registry(tmp_path):
+    rows = train_run(tiny_config(loss="qmse"), tmp_path, dataset=tiny_dataset(), quiet=True)
+    got = [(r["train_loss"], r["running_train_loss"]) for r in rows]
+    assert got == [pytest.approx(pair, rel=1e-6) for pair in RECORDED_QMSE]
+
+
+def test_loss_params_are_checked_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="needs sigma"):
+        tiny_config(loss="label-noise")
+    with pytest.raises(ValueError, match="takes no parameters; got sigma"):
+        tiny_config(loss="mse", loss_params={"sigma": 0.1})
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        tiny_config(loss="label-noise", loss_params={"sigma": -1.0})
+    with pytest.raises(ValueError, match="unit sphere"):
+        tiny_config(loss="label-noise", loss_params={"sigma": 0.1}, resample_null=True)
+    cfg = tiny_config(loss="label-noise", loss_params={"sigma": 0.2}, epochs=1)
+    train_run(cfg, tmp_path, dataset=tiny_dataset(), quiet=True)
+    assert runs.load_json(tmp_path / "config.json")["loss_params"] == {"sigma": 0.2}
 
 
 def test_run_directory_contract(tmp_path):
@@ -246,7 +253,7 @@ CHILD = textwrap.dedent(
     import torch
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
-    from test_train import tiny_config, tiny_dataset
+    from conftest import tiny_config, tiny_images as tiny_dataset
     from qmse import runs, train
 
     mode, out, marker = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -306,8 +313,9 @@ def test_train_many_matches_separate_runs(tmp_path, batching):
         tiny_config(loss="mse", momentum=0.0, seed=1, lr=0.1),
         tiny_config(loss="ce", momentum=0.9, seed=2),
         tiny_config(loss="qmse", momentum=0.0, seed=3),
+        tiny_config(loss="label-noise", loss_params={"sigma": 0.3}, seed=4),
     ]
-    dirs = [tmp_path / f"v{m}" for m in range(4)]
+    dirs = [tmp_path / f"v{m}" for m in range(len(configs))]
     many = train_many(configs, dirs, dataset=ds, quiet=True, batching=batching)
     for m, cfg in enumerate(configs):
         alone = train_run(cfg, tmp_path / f"s{m}", dataset=ds, quiet=True)

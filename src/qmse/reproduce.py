@@ -18,12 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
+from qmse import data as qdata
 from qmse import runs
 from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device, run_name
+from qmse.stacked import train_many
 from qmse.stats import mean_ci, mean_std
 from qmse.sweep import run_tasks, train_task
-from qmse.train import PAPER_LR, train_many, train_run
+from qmse.train import PAPER_LR, train_run
 
 LOSSES = ("mse", "qmse")
 ABLATION = ("expected-qmse", "ce")
@@ -109,8 +113,6 @@ def run_grid(
     out, remote_device = Path(out_dir), str(device)
     device = resolve_device(str(device))
     if dataset is None and backend == "local":
-        from qmse import data as qdata
-
         dataset = qdata.load(configs[0].dataset, configs[0].data_dir)
     runs.save_json(
         out / "grid.json",
@@ -229,22 +231,11 @@ def write_figure(results: list[dict], path: str | Path) -> Path:
     """The paper's layout: one row per momentum (top 0, bottom 0.9), train (solid) and test
     (dashed) accuracy per epoch for each loss, mean over seeds with a min–max band; beside
     each panel a zoom on the last 20 % of epochs (shaded in the panel)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     path = Path(path)
     losses = [loss for loss in _STYLE if any(r["config"].loss == loss for r in results)]
     momenta = sorted({r["config"].momentum for r in results})
-    fig, axes = plt.subplots(
-        len(momenta),
-        2,
-        figsize=(11, 3.8 * len(momenta) + 0.8),
-        gridspec_kw={"width_ratios": [3, 1]},
-        squeeze=False,
-    )
+    fig = Figure(figsize=(11, 3.8 * len(momenta) + 0.8))
+    axes = fig.subplots(len(momenta), 2, gridspec_kw={"width_ratios": [3, 1]}, squeeze=False)
     for (ax, zoom), momentum in zip(axes, momenta):
         last = 0
         for loss in losses:
@@ -289,11 +280,7 @@ def write_figure(results: list[dict], path: str | Path) -> Path:
     )
     rows_of_legend = math.ceil(len(labels) / 4)
     fig.tight_layout(rect=(0, 0.03 * rows_of_legend + 0.01, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    runs.save_figure(path, fig)
     return path
 
 

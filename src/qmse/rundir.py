@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from qmse import data as qdata
 from qmse import runs
 from qmse.distributed import is_main
-from qmse.loss import LOSSES
+from qmse.loss import LOSSES, Loss, sample_directions
 from qmse.models import SimpleCNN
 
 _INIT, _ORDER, _DIRECTIONS = 0, 1, 2  # sub-seed streams derived from the run's seed
@@ -39,7 +39,8 @@ class TrainConfig:
     data_dir: str | None = None  # None: qmse.data's default search
     train_subset: int | None = None  # train on the first n training images (None: all)
     test_subset: int | None = None  # measure test metrics on the first n test images
-    loss: str = "qmse"  # one of qmse.loss.LOSS_NAMES
+    loss: str = "qmse"  # a name in the registry qmse.loss.LOSSES
+    loss_params: dict[str, float] = field(default_factory=dict)  # the loss's, e.g. {"sigma": 0.1}
     lr: float = 0.01  # SGD step size
     momentum: float = 0.0  # SGD momentum (PyTorch's convention)
     batch_size: int = 128
@@ -52,6 +53,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}; expected one of {tuple(LOSSES)}")
+        self.loss_params = _check_loss_params(LOSSES[self.loss], self.loss_params)
+        if self.resample_null and LOSSES[self.loss].draw is not sample_directions:
+            raise ValueError(
+                f"resample_null redraws directions on the unit sphere; loss {self.loss!r} draws "
+                f"no such directions (it applies to losses drawn by qmse.loss.sample_directions)"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr}; the learning rate must be a positive number")
         if not 0 <= self.momentum < 1:
@@ -73,6 +80,30 @@ class TrainConfig:
         """The TrainConfig stored in a config.json (extra keys such as provenance ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _check_loss_params(spec: Loss, params: Mapping[str, Any]) -> dict[str, float]:
+    """`params` as floats, exactly the parameters `spec` takes (each required), each a finite
+    number >= 0 (the registered ones are scales, e.g. label noise's σ)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"loss_params must be a dict of numbers, got {type(params).__name__}")
+    if missing := [p for p in spec.params if p not in params]:
+        raise ValueError(
+            f"loss {spec.name!r} needs {', '.join(missing)} in loss_params (qmse train: "
+            f"{' '.join(f'--{p}' for p in missing)})"
+        )
+    if extra := sorted(set(params) - set(spec.params)):
+        takes = f"takes only {list(spec.params)}" if spec.params else "takes no parameters"
+        raise ValueError(f"loss {spec.name!r} {takes}; got {', '.join(extra)}")
+    out = {}
+    for name in spec.params:
+        value = params[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"loss parameter {name}={value!r}; expected a number")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"loss parameter {name}={value}; expected a finite number >= 0")
+        out[name] = float(value)
+    return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -207,9 +238,17 @@ def resolved_config(cfg: TrainConfig, data: Data, device: torch.device) -> dict[
 
 
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Config fields that differ between two runs (epochs and data_dir may change on resume)."""
-    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("epochs", "data_dir")]
-    return [k for k in keys + ["model"] if a.get(k) != b.get(k)]
+    """Config fields that differ between two runs (epochs and data_dir may change on resume);
+    a field missing from an older config.json counts as its default."""
+    defaults = {f.name: _default(f) for f in dataclasses.fields(TrainConfig)}
+    keys = [k for k in defaults if k not in ("epochs", "data_dir")]
+    return [k for k in keys + ["model"] if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def open_run(

@@ -1,33 +1,27 @@
-"""Scaling out on existing engines: sweeps as Ray tasks, one run data-parallel under torchrun.
+"""Sweeps on existing engines: a grid's independent tasks in this process or as Ray tasks.
 
-Sweeps. A grid (the paper's, issue 6; the escape benchmark, issue 7) is a list of
-independent tasks, each writing its own output directory, resuming from its checkpoint and
-returning at once when it is finished. `run_tasks` runs such tasks in this process
-(`backend="local"`, no dependency) or as Ray tasks (`backend="ray"`, `pip install qmse[ray]`),
-one task per run, each asking for `num_cpus`/`num_gpus`. A task whose worker dies is retried
-by Ray and resumes from its last checkpoint, so both backends leave the same files.
-
-Data parallel. Under `torchrun --nproc-per-node N` every rank holds the whole data set and
-the same generators, so every rank draws the same epoch permutation and the same QMSE
-directions v (one per sample, in step order; README note 5): v is a function of
-(seed, epoch, position in the epoch), never of the rank. `data_parallel` wraps the model so
-that each rank runs the forward and backward pass on its 1/N share of every batch
-(DistributedDataParallel averages the gradients) and every rank sees the whole batch's output.
-The loss, the metrics and the update are then those of one process, up to the order of
-floating-point sums, whatever N is.
+A grid (the paper's runs; the escape benchmark's cells) is a list of independent tasks, each
+writing its own output directory, resuming from its checkpoint and returning at once when it
+is finished. `run_tasks` runs such tasks in this process (`backend="local"`, no dependency)
+or as Ray tasks (`backend="ray"`, `pip install qmse[ray]`), one task per run, each asking for
+`num_cpus`/`num_gpus`. A task whose worker dies is retried by Ray and resumes from its last
+checkpoint, so both backends leave the same files. One run over several processes
+(torchrun) is `qmse.distributed`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qmse import runs
+from qmse import data, runs
+from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device
+from qmse.stacked import train_many
+from qmse.train import train_run
 
 BACKENDS = ("local", "ray")
 
@@ -123,26 +117,16 @@ def import_ray() -> Any:
     return ray
 
 
-@functools.lru_cache(maxsize=2)
-def _dataset(name: str, data_dir: str | None) -> Any:
-    """qmse.data.load, once per worker process (Ray reuses workers across tasks)."""
-    from qmse import data
-
-    return data.load(name, data_dir)
-
-
 def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Runs of a training grid, the unit of a sweep: {"configs": [TrainConfig fields, ...],
     "out_dirs": [run directory, ...], "device": "auto" | "cpu" | "cuda" ...}.
 
     One config is trained by `train_run`, several together by `train_many` (vectorised);
     unfinished runs resume, finished ones return at once. The data set is read from the
-    configs' data_dir on the worker's own machine. Returns, per run, its directory, the
-    epochs it holds and whether its loss became non-finite (diverged runs do not raise).
+    configs' data_dir on the worker's own machine, once per task. Returns, per run, its
+    directory, the epochs it holds and whether its loss became non-finite (diverged runs do
+    not raise).
     """
-    from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device
-    from qmse.train import train_many, train_run
-
     cfgs = [TrainConfig.from_dict(c) for c in task["configs"]]
     dirs = [str(d) for d in task["out_dirs"]]
     if not cfgs or len(cfgs) != len(dirs):
@@ -150,7 +134,7 @@ def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
             f"task has {len(cfgs)} configs and {len(dirs)} out_dirs; expected n ≥ 1 each"
         )
     kw = {
-        "dataset": _dataset(cfgs[0].dataset, cfgs[0].data_dir),
+        "dataset": data.load(cfgs[0].dataset, cfgs[0].data_dir),
         "device": resolve_device(str(task.get("device", "auto"))),
         "resume": True,
         "quiet": True,
@@ -170,6 +154,3 @@ def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
         }
         for d in dirs
     ]
-
-
-# ---- data parallel (torchrun) ----------------------------------------------------------------
