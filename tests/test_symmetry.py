@@ -5,16 +5,20 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from qmse.loss import mse_loss_half
 from qmse.models import MLP, SimpleCNN
 from qmse.symmetry import (
+    PermutationSpec,
     count_equivalent,
     identity_permutation,
     inverse_permutation,
     permutation_spec,
     permute,
+    probe_input,
     random_permutation,
+    sequential_spec,
     weight_matching,
     worked_example,
 )
@@ -53,7 +57,7 @@ def test_worked_example_same_function_different_weights(activation):
     assert count_equivalent(a) == 2
 
 
-def test_worked_example_weights_match_the_thread():
+def test_worked_example_weights():
     a, b = worked_example()
     assert a.layers[0].weight.tolist() == [[-1.5, 2.0], [1.7, 0.4]]
     assert a.layers[2].weight.tolist() == [[2.3, 0.8]]
@@ -61,14 +65,18 @@ def test_worked_example_weights_match_the_thread():
     assert b.layers[2].weight.tolist() == [[0.8, 2.3]]
 
 
+def _sizes(model) -> dict[str, int]:
+    return permutation_spec(model).sizes(model.state_dict())
+
+
 def test_spec_names_and_sizes():
-    assert permutation_spec(_mlp(0)).sizes == {"layers.0": 5, "layers.2": 4, "layers.4": 3}
+    assert _sizes(_mlp(0)) == {"layers.0": 5, "layers.2": 4, "layers.4": 3}
     spec = permutation_spec(_cnn(0))
-    assert spec.sizes == {"conv1": 4, "conv2": 5, "fc1": 6}
+    assert _sizes(_cnn(0)) == {"conv1": 4, "conv2": 5, "fc1": 6}
     assert ("fc1.weight", 1, 9) in spec.axes["conv2"]
-    assert permutation_spec(MLP(3, [], 2)).sizes == {}
-    with pytest.raises(TypeError, match="MLP"):
-        permutation_spec(torch.nn.Linear(2, 2))
+    assert _sizes(MLP(3, [], 2)) == {}
+    with pytest.raises(TypeError, match="PermutationSpec"):
+        permutation_spec(nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize(
@@ -126,7 +134,7 @@ def test_bad_perms_are_refused():
 
 
 def _all_perms(model):
-    sizes = permutation_spec(model).sizes
+    sizes = _sizes(model)
     for choice in itertools.product(*(itertools.permutations(range(n)) for n in sizes.values())):
         yield dict(zip(sizes, (torch.tensor(c) for c in choice)))
 
@@ -241,3 +249,114 @@ def test_weight_matching_one_hidden_layer_is_the_brute_force_optimum():
 def test_weight_matching_refuses_different_shapes():
     with pytest.raises(ValueError, match="architectures"):
         weight_matching(_mlp(0), _mlp(0, hidden=(5, 4, 2)))
+
+
+# ------------------------------------------------------------- models qmse does not define
+
+
+def _conv_seq(seed: int) -> nn.Sequential:
+    """A user's Sequential: two convs, pooling, a Flatten of 3 channels × 3 × 3, two Linears."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(3 * 6 * 6, 7), nn.Tanh(), nn.Linear(7, 2), nn.Softmax(-1),
+    ).double()  # fmt: skip
+
+
+class TwoPath(nn.Module):
+    """Not a Sequential: h = tanh(A x) feeds both a hidden layer and a skip to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        self.mid = nn.Linear(5, 4)
+        self.out = nn.Linear(4, 2)
+        self.skip = nn.Linear(5, 2, bias=False)
+
+    def forward(self, x):  # (N, 3) -> (N, 2)
+        h = torch.tanh(self.inp(x))  # (N, 5)
+        return self.out(torch.relu(self.mid(h))) + self.skip(h)
+
+
+TWO_PATH_SPEC = PermutationSpec(
+    {
+        "h": [("inp.weight", 0), ("inp.bias", 0), ("mid.weight", 1), ("skip.weight", 1)],
+        "m": [("mid.weight", 0), ("mid.bias", 0), ("out.weight", 1)],
+    }
+)
+
+
+def _two_path(seed: int) -> TwoPath:
+    torch.manual_seed(seed)
+    return TwoPath().double()
+
+
+def test_sequential_spec_is_derived_with_the_flatten_block():
+    model = _conv_seq(0)
+    spec = permutation_spec(model)
+    assert spec.axes == {
+        "0": (("0.weight", 0, 1), ("0.bias", 0, 1), ("3.weight", 1, 1)),
+        "3": (("3.weight", 0, 1), ("3.bias", 0, 1), ("6.weight", 1, 36)),
+        "6": (("6.weight", 0, 1), ("6.bias", 0, 1), ("8.weight", 1, 1)),
+    }
+    assert probe_input(model).shape == (4, 2, 12, 12)  # the smallest side that runs
+    assert sequential_spec(MLP(3, [4], 2).layers, prefix="layers.") == permutation_spec(
+        MLP(3, [4], 2)
+    )
+    with pytest.raises(TypeError, match="LayerNorm"):
+        permutation_spec(nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1)))
+    with pytest.raises(TypeError, match="Flatten"):
+        permutation_spec(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Linear(4, 3)))
+
+
+@pytest.mark.parametrize("make, spec", [(_conv_seq, None), (_two_path, TWO_PATH_SPEC)])
+def test_user_models_permute_and_match(make, spec):
+    """permute keeps the function (against a direct evaluation), and weight matching finds
+    the inverse of a random permutation exactly."""
+    a = make(20)
+    perms = random_permutation(a, torch.Generator().manual_seed(21), spec=spec)
+    b = permute(a, perms, spec=spec)
+    x = probe_input(a, n=16) if spec is None else torch.randn(16, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-12)
+    assert not torch.equal(_flat(a), _flat(b))
+    found, aligned = weight_matching(a, b, spec=spec)
+    inverse = inverse_permutation(perms)
+    assert all(torch.equal(found[k], inverse[k]) for k in perms)
+    assert _same_weights(aligned, a)
+    n = count_equivalent(a, spec=spec)
+    sizes = (spec or permutation_spec(a)).sizes(a.state_dict())
+    assert n == math.prod(math.factorial(k) for k in sizes.values())
+
+
+def test_a_wrong_spec_makes_permute_raise():
+    model = _two_path(22)
+    wrong = PermutationSpec(  # forgets that h also feeds the skip connection
+        {
+            "h": [("inp.weight", 0), ("inp.bias", 0), ("mid.weight", 1)],
+            "m": [("mid.weight", 0), ("mid.bias", 0), ("out.weight", 1)],
+        }
+    )
+    perms = random_permutation(model, torch.Generator().manual_seed(23), spec=wrong)
+    with pytest.raises(ValueError, match="not a symmetry"):
+        permute(model, perms, spec=wrong)
+    with pytest.raises(ValueError, match="probe"):
+        probe_input(nn.Sequential(nn.Embedding(3, 2)))
+    a = _conv_seq(0)
+    bad_block = PermutationSpec({**permutation_spec(a).axes, "3": (("3.weight", 0), ("3.bias", 0),
+                                                                   ("6.weight", 1))})  # fmt: skip
+    with pytest.raises(ValueError, match="same units"):
+        random_permutation(a, torch.Generator(), spec=bad_block)
+
+
+def test_spec_validation_names_the_problem():
+    model = _two_path(0)
+    with pytest.raises(ValueError, match="does not have"):
+        permute(model, {"h": torch.arange(5)}, spec=PermutationSpec({"h": [("nope.weight", 0)]}))
+    with pytest.raises(ValueError, match="claimed by both"):
+        PermutationSpec({"a": [("inp.weight", 0)], "b": [("inp.weight", 0)]})
+    with pytest.raises(ValueError, match="no axis"):
+        identity_permutation(model, spec=PermutationSpec({"h": [("inp.bias", 1)]}))
+    with pytest.raises(ValueError, match=r"\(name, axis\)"):
+        PermutationSpec({"h": ["inp.weight"]})

@@ -6,10 +6,21 @@ acts elementwise (and max-pooling per channel). So every minimum of an MSE loss 
 comes with up to ∏ₗ nₗ! copies at the same height: the loss is not convex in the weights, and
 the straight line between two copies usually climbs over a barrier (`qmse.landscape`).
 
-A network's symmetry is declared once, as a `PermutationSpec`: for each hidden permutation,
-the (parameter name, axis, block) triples it acts on (git-re-basin's spec). `block` > 1 is
-the flatten between a convolution and a linear layer: channel c of `conv2` feeds the `block`
-consecutive input columns c·block … (c+1)·block − 1 of `fc1`.
+A network's symmetry is declared once, from the parameters' side, as a `PermutationSpec`
+(Git Re-Basin's permutation spec): for each hidden permutation, the state-dict entries it
+acts on, each as (name, axis) or (name, axis, block). `block` > 1 is a flatten between a
+convolution and a linear layer: channel c feeds the `block` consecutive input columns
+c·block … (c+1)·block − 1 of the linear weight. For your own model:
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    spec = PermutationSpec({"hidden": [("0.weight", 0), ("0.bias", 0), ("2.weight", 1)]})
+    twin = permute(model, random_permutation(model, torch.Generator(), spec=spec), spec=spec)
+
+Specs are derived automatically for an nn.Sequential of Linear/Conv2d layers with elementwise
+activations, channel-wise pooling and a Flatten between convolutions and linear layers
+(`sequential_spec`), and written out for `qmse.models.MLP` and `SimpleCNN`
+(`permutation_spec`). `permute` checks on a probe input that the permuted model computes the
+same outputs, so a spec that is not a symmetry of the model is refused, not silently used.
 
 Convention: a permutation `p` of a layer with n units is an int64 tensor of shape (n,); the
 permuted network's unit j is the original network's unit p[j].
@@ -20,61 +31,196 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from qmse.curvature import eval_mode
 from qmse.models import MLP, SimpleCNN
 
 Perms = dict[str, Tensor]
+ELEMENTWISE = (
+    nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
+    nn.Identity, nn.Dropout,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)  # fmt: skip  # per unit (or per channel): they commute with a permutation of the units
 
 
 @dataclass(frozen=True)
 class PermutationSpec:
-    """Which axes of which parameters each hidden permutation acts on.
+    """Which axes of which state-dict entries each hidden permutation acts on.
 
-    sizes: permutation name -> number of units n.
-    axes: permutation name -> ((parameter name, axis, block), …); along `axis` the parameter
-        has n·block entries, unit c owning the `block` consecutive ones from c·block.
+    axes: permutation name -> [(entry name, axis) or (entry name, axis, block), …]. Along
+    `axis` the entry has n·block elements, unit c owning the `block` consecutive ones from
+    c·block (block 1 if omitted); n, the permutation's number of units, is read from the
+    shapes (`sizes`). Stored normalised: every entry as a (name, axis, block) triple.
     """
 
-    sizes: dict[str, int]
-    axes: dict[str, tuple[tuple[str, int, int], ...]]
+    axes: Mapping[str, Sequence[tuple]]
+
+    def __post_init__(self) -> None:
+        normal, owner = {}, {}
+        for name, entries in dict(self.axes).items():
+            triples = []
+            for entry in entries:
+                if not isinstance(entry, tuple) or len(entry) not in (2, 3):
+                    raise ValueError(
+                        f"permutation {name!r}: {entry!r} is not (name, axis) or "
+                        f"(name, axis, block)"
+                    )
+                key, axis, block = (*entry, 1) if len(entry) == 2 else entry
+                if not (isinstance(key, str) and isinstance(axis, int) and isinstance(block, int)):
+                    raise TypeError(f"permutation {name!r}: {entry!r} must be (str, int[, int])")
+                if block < 1:
+                    raise ValueError(f"permutation {name!r}: block of {key!r} must be >= 1")
+                if (key, axis) in owner:
+                    raise ValueError(
+                        f"axis {axis} of {key!r} is claimed by both {owner[key, axis]!r} and "
+                        f"{name!r}; one axis carries one permutation"
+                    )
+                owner[key, axis] = name
+                triples.append((key, axis, block))
+            if not triples:
+                raise ValueError(f"permutation {name!r} acts on nothing")
+            normal[name] = tuple(triples)
+        object.__setattr__(self, "axes", normal)
+
+    def sizes(self, params: Mapping[str, Tensor]) -> dict[str, int]:
+        """Units per permutation, read from the shapes of `params` (a state dict); a clear
+        error if an entry is missing or the entries of one permutation disagree."""
+        out = {}
+        for name, triples in self.axes.items():
+            for key, axis, block in triples:
+                if key not in params:
+                    raise ValueError(
+                        f"permutation {name!r} acts on {key!r}, which the model does not have; "
+                        f"its entries are {list(params)}"
+                    )
+                shape = params[key].shape
+                if not -len(shape) <= axis < len(shape) or shape[axis] % block:
+                    raise ValueError(
+                        f"permutation {name!r}: {key!r} of shape {tuple(shape)} has no axis "
+                        f"{axis} made of blocks of {block}"
+                    )
+                n = shape[axis] // block
+                if out.setdefault(name, n) != n:
+                    raise ValueError(
+                        f"permutation {name!r} moves {out[name]} units on {triples[0][0]!r} "
+                        f"but {n} on axis {axis} of {key!r} (block {block}); every entry of a "
+                        f"permutation must hold the same units"
+                    )
+        return out
+
+
+def sequential_spec(model: nn.Sequential, prefix: str = "") -> PermutationSpec:
+    """The hidden-unit symmetry of an nn.Sequential of Linear and Conv2d layers.
+
+    One permutation per weight layer but the last, named after its key in the Sequential
+    ("0", "2", …, with `prefix` in front of the entry names): its output rows (and bias)
+    and the next weight layer's input axis, in blocks of in_features / channels across a
+    Flatten. Between weight layers only `ELEMENTWISE` modules and one Flatten may sit; after
+    the last one anything may (the outputs are not permuted).
+    """
+    axes: dict[str, list[tuple]] = {}
+    prev: tuple[str, nn.Module] | None = None  # the weight layer whose outputs are permuted
+    flattened, other = False, None  # other: the first unknown module, fine after the last layer
+    for name, m in model.named_children():
+        key = prefix + name
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if other is not None:
+                raise TypeError(
+                    f"layer {other[0]!r} is a {other[1]}; a spec is derived only across "
+                    f"elementwise activations, pooling and Flatten: write a PermutationSpec "
+                    f"for this model (see qmse.symmetry)"
+                )
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                raise TypeError(f"layer {key!r} is a grouped Conv2d; write its spec by hand")
+            if prev is not None:
+                pname, p = prev
+                n = p.out_features if isinstance(p, nn.Linear) else p.out_channels
+                block = 1
+                if isinstance(p, nn.Conv2d) and isinstance(m, nn.Linear):
+                    if not flattened or m.in_features % n:
+                        raise TypeError(
+                            f"layer {key!r} (Linear, {m.in_features} inputs) follows Conv2d "
+                            f"{pname!r} ({n} channels) without a Flatten of whole channels"
+                        )
+                    block = m.in_features // n
+                elif isinstance(p, nn.Linear) and isinstance(m, nn.Conv2d):
+                    raise TypeError(f"Conv2d {key!r} after Linear {pname!r}: no derived spec")
+                axes[pname].append((f"{key}.weight", 1, block))
+            axes[key] = [(f"{key}.weight", 0)] + (
+                [(f"{key}.bias", 0)] if m.bias is not None else []
+            )
+            prev, flattened = (key, m), False
+        elif isinstance(m, nn.Flatten):
+            if (m.start_dim, m.end_dim) != (1, -1):
+                raise TypeError(f"Flatten {key!r} must flatten dims 1..-1 (channel-major)")
+            flattened = True
+        elif not isinstance(m, ELEMENTWISE) and other is None:
+            other = (key, type(m).__name__)
+    if prev is not None:
+        del axes[prev[0]]  # the last layer's outputs are the model's
+    return PermutationSpec(axes)
+
+
+def simple_cnn_spec(model: SimpleCNN) -> PermutationSpec:
+    """SimpleCNN's symmetry: "conv1" and "conv2" (channels), "fc1" (hidden units); conv2's
+    channel c owns fc1's input columns c·side² … (c+1)·side² − 1 after the flatten."""
+    block = model.fc1.in_features // model.conv2.out_channels  # side·side pixels per channel
+    return PermutationSpec(
+        {
+            "conv1": [("conv1.weight", 0), ("conv1.bias", 0), ("conv2.weight", 1)],
+            "conv2": [("conv2.weight", 0), ("conv2.bias", 0), ("fc1.weight", 1, block)],
+            "fc1": [("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)],
+        }
+    )
 
 
 def permutation_spec(model: nn.Module) -> PermutationSpec:
-    """The hidden-unit symmetry of a `qmse.models.MLP` (any depth) or `SimpleCNN`.
-
-    MLP: one permutation per hidden layer, named after the Linear producing it
-    ("layers.0", "layers.2", …). SimpleCNN: "conv1" and "conv2" (channels) and "fc1" (units).
-    """
+    """The hidden-unit symmetry of a `qmse.models.MLP` (its Sequential: "layers.0",
+    "layers.2", …), a `SimpleCNN` (`simple_cnn_spec`) or an nn.Sequential
+    (`sequential_spec`). Any other model: write a `PermutationSpec` and pass it as `spec`."""
     if isinstance(model, MLP):
-        names = [f"layers.{i}" for i, m in enumerate(model.layers) if isinstance(m, nn.Linear)]
-        sizes, axes = {}, {}
-        for name, nxt in zip(names[:-1], names[1:]):
-            layer = model.get_submodule(name)
-            sizes[name] = layer.out_features
-            touched = [(f"{name}.weight", 0, 1), (f"{nxt}.weight", 1, 1)]
-            if layer.bias is not None:
-                touched.insert(1, (f"{name}.bias", 0, 1))
-            axes[name] = tuple(touched)
-        return PermutationSpec(sizes, axes)
+        return sequential_spec(model.layers, prefix="layers.")
     if isinstance(model, SimpleCNN):
-        c1, c2, hidden = model.conv1.out_channels, model.conv2.out_channels, model.fc1.out_features
-        block = model.fc1.in_features // c2  # side·side pixels per conv2 channel after flatten
-        return PermutationSpec(
-            {"conv1": c1, "conv2": c2, "fc1": hidden},
-            {
-                "conv1": (("conv1.weight", 0, 1), ("conv1.bias", 0, 1), ("conv2.weight", 1, 1)),
-                "conv2": (("conv2.weight", 0, 1), ("conv2.bias", 0, 1), ("fc1.weight", 1, block)),
-                "fc1": (("fc1.weight", 0, 1), ("fc1.bias", 0, 1), ("fc2.weight", 1, 1)),
-            },
-        )
+        return simple_cnn_spec(model)
+    if isinstance(model, nn.Sequential):
+        return sequential_spec(model)
     raise TypeError(
-        f"model is a {type(model).__name__}; permutation specs exist for qmse.models.MLP and "
-        f"qmse.models.SimpleCNN only"
+        f"no permutation spec is known for a {type(model).__name__}; pass spec=PermutationSpec"
+        f"({{name: [(entry, axis[, block]), …]}}) (see qmse.symmetry)"
+    )
+
+
+def probe_input(model: nn.Module, n: int = 4) -> Tensor:
+    """A small seeded random batch the model accepts, shaped from its first Linear
+    (n, in_features) or Conv2d (n, in_channels, s, s), s the smallest side in 1..128 that
+    runs through the model. Other models: pass your own probe."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    if first is not None:
+        like = first.weight
+        gen = torch.Generator().manual_seed(0)
+
+        def draw(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen, dtype=like.dtype).to(like.device)
+
+        if isinstance(first, nn.Linear):
+            return draw(n, first.in_features)
+        with eval_mode(model), torch.no_grad():
+            for side in range(1, 129):
+                x = draw(n, first.in_channels, side, side)
+                try:
+                    model(x)
+                except RuntimeError:  # a shape mismatch further down: try the next size
+                    continue
+                return x
+    raise ValueError(
+        f"cannot build a probe input for a {type(model).__name__}; pass probe=, a small batch "
+        f"of inputs"
     )
 
 
@@ -93,23 +239,27 @@ def _apply(w: Tensor, axis: int, n: int, block: int, perm: Tensor) -> Tensor:
 
 
 def _permuted_params(
-    spec: PermutationSpec, params: dict[str, Tensor], perms: Perms, skip: str | None = None
+    spec: PermutationSpec,
+    sizes: dict[str, int],
+    params: dict[str, Tensor],
+    perms: Perms,
+    skip: str | None = None,
 ) -> dict[str, Tensor]:
-    """Every parameter with all permutations applied (except `skip`'s, for weight matching)."""
+    """Every entry with all permutations applied (except `skip`'s, for weight matching)."""
     out = dict(params)
     for name, touched in spec.axes.items():
         if name == skip:
             continue
         for key, axis, block in touched:
-            out[key] = _apply(out[key], axis, spec.sizes[name], block, perms[name])
+            out[key] = _apply(out[key], axis % out[key].dim(), sizes[name], block, perms[name])
     return out
 
 
-def _check_perms(spec: PermutationSpec, perms: Perms) -> None:
-    if not isinstance(perms, dict) or set(perms) != set(spec.sizes):
+def _check_perms(sizes: dict[str, int], perms: Perms) -> None:
+    if not isinstance(perms, dict) or set(perms) != set(sizes):
         got = sorted(perms) if isinstance(perms, dict) else type(perms).__name__
-        raise ValueError(f"perms must have the keys {sorted(spec.sizes)}, got {got}")
-    for name, n in spec.sizes.items():
+        raise ValueError(f"perms must have the keys {sorted(sizes)}, got {got}")
+    for name, n in sizes.items():
         p = perms[name]
         if not isinstance(p, Tensor) or p.dtype != torch.int64:
             raise TypeError(f"perms[{name!r}] must be an int64 tensor, got {p!r}")
@@ -119,28 +269,53 @@ def _check_perms(spec: PermutationSpec, perms: Perms) -> None:
             )
 
 
-def permute(model: nn.Module, perms: Perms) -> nn.Module:
-    """A new model computing exactly the same function, its hidden units reordered by `perms`.
+def permute(
+    model: nn.Module,
+    perms: Perms,
+    *,
+    spec: PermutationSpec | None = None,
+    probe: Tensor | None = None,
+) -> nn.Module:
+    """A new model computing the same function, its hidden units reordered by `perms`.
 
-    perms: permutation name (see `permutation_spec`) -> int64 (n,), new unit j = old unit p[j].
-    The input model is left untouched.
+    perms: permutation name -> int64 (n,), new unit j = old unit p[j]. spec: the model's
+    symmetry (default `permutation_spec(model)`). The permuted copy is run against the
+    original on `probe` (default `probe_input(model)`) in eval mode; outputs that differ by
+    more than rounding (10⁴ machine epsilons of the output's scale) raise a ValueError: the
+    spec is not a symmetry of this model. The input model is left untouched.
     """
-    spec = permutation_spec(model)
-    _check_perms(spec, perms)
+    spec = spec if spec is not None else permutation_spec(model)
     params = {k: v.detach() for k, v in model.state_dict().items()}
+    sizes = spec.sizes(params)
+    _check_perms(sizes, perms)
     out = copy.deepcopy(model)
-    out.load_state_dict(_permuted_params(spec, params, perms))
+    out.load_state_dict(_permuted_params(spec, sizes, params, perms))
+    x = probe if probe is not None else probe_input(model)
+    with eval_mode(model), eval_mode(out), torch.no_grad():
+        want, got = model(x), out(x)
+    scale = want.abs().max().clamp_min(1).item()
+    err = (got - want).abs().max().item()
+    if not err <= 1e4 * torch.finfo(want.dtype).eps * scale:
+        raise ValueError(
+            f"the permuted model's outputs differ from the original's by up to {err:.3g} (output "
+            f"scale {scale:.3g}) on a probe input: the PermutationSpec is not a symmetry of this "
+            f"model; check which axes each permutation acts on, and the block after a flatten"
+        )
     return out
 
 
-def identity_permutation(model: nn.Module) -> Perms:
+def identity_permutation(model: nn.Module, *, spec: PermutationSpec | None = None) -> Perms:
     """The permutations that leave `model` as it is."""
-    return {name: torch.arange(n) for name, n in permutation_spec(model).sizes.items()}
+    spec = spec if spec is not None else permutation_spec(model)
+    return {name: torch.arange(n) for name, n in spec.sizes(model.state_dict()).items()}
 
 
-def random_permutation(model: nn.Module, generator: torch.Generator) -> Perms:
+def random_permutation(
+    model: nn.Module, generator: torch.Generator, *, spec: PermutationSpec | None = None
+) -> Perms:
     """Independent uniform permutations of every hidden layer, drawn from `generator`."""
-    sizes = permutation_spec(model).sizes
+    spec = spec if spec is not None else permutation_spec(model)
+    sizes = spec.sizes(model.state_dict())
     return {name: torch.randperm(n, generator=generator) for name, n in sizes.items()}
 
 
@@ -149,18 +324,21 @@ def inverse_permutation(perms: Perms) -> Perms:
     return {name: torch.argsort(p) for name, p in perms.items()}
 
 
-def _unit_signatures(spec: PermutationSpec, params: dict[str, Tensor], name: str) -> list[bytes]:
+def _unit_signatures(
+    spec: PermutationSpec, n: int, params: dict[str, Tensor], name: str
+) -> list[bytes]:
     """One byte string per unit of permutation `name`: all weights touching that unit."""
-    n = spec.sizes[name]
     rows = [
-        _unit_axis(params[key].detach().cpu().double(), axis, n, block).reshape(n, -1)
+        _unit_axis(params[key].detach().cpu().double(), axis % params[key].dim(), n, block).reshape(
+            n, -1
+        )
         for key, axis, block in spec.axes[name]
     ]
     sig = torch.cat(rows, dim=1)  # (n, all weights of the unit)
     return [row.numpy().tobytes() for row in sig]
 
 
-def count_equivalent(model: nn.Module) -> int:
+def count_equivalent(model: nn.Module, *, spec: PermutationSpec | None = None) -> int:
     """How many distinct weight vectors compute `model`'s function by hidden-unit permutation.
 
     Counts ∏ₗ nₗ! / ∏ⱼ mⱼ!, where the mⱼ are the sizes of the groups of identical units of a
@@ -172,12 +350,12 @@ def count_equivalent(model: nn.Module) -> int:
     identical units). That holds for generic trained networks (all mⱼ = 1: ∏ nₗ!) and for
     duplicated units. Returned as an exact Python int (it overflows floats for SimpleCNN).
     """
-    spec = permutation_spec(model)
+    spec = spec if spec is not None else permutation_spec(model)
     params = model.state_dict()
     count = 1
-    for name, n in spec.sizes.items():
+    for name, n in spec.sizes(params).items():
         count *= math.factorial(n)
-        for m in Counter(_unit_signatures(spec, params, name)).values():
+        for m in Counter(_unit_signatures(spec, n, params, name)).values():
             count //= math.factorial(m)
     return count
 
@@ -186,38 +364,44 @@ def weight_matching(
     model_a: nn.Module,
     model_b: nn.Module,
     *,
+    spec: PermutationSpec | None = None,
+    probe: Tensor | None = None,
     seed: int = 0,
     max_iter: int = 100,
 ) -> tuple[Perms, nn.Module]:
     """Permute `model_b`'s hidden units to bring its weights closest to `model_a`'s.
 
-    Git Re-Basin's weight matching (Ainsworth et al. 2022, alg. 1): maximise
+    Git Re-Basin's weight matching (Ainsworth et al. 2023, alg. 1): maximise
     Σ_w ⟨W_a, π(W_b)⟩ over the permutations π by coordinate descent. Each step fixes every
     permutation but one, whose objective is then linear, ⟨A, P⟩ with A[i, k] the inner product
     of a's unit i and b's unit k over every weight that permutation touches (the other
     permutations applied); `scipy.optimize.linear_sum_assignment` solves it exactly. Layers are
     visited in a random order (seeded by `seed` and the sweep number) until a full sweep
-    improves nothing, or `max_iter` sweeps. Returns (perms, aligned copy of model_b);
-    neither input is changed, and the aligned model computes model_b's function exactly.
+    improves nothing, or `max_iter` sweeps. `spec` (default `permutation_spec(model_a)`) and
+    `probe` are those of `permute`. Returns (perms, aligned copy of model_b); neither input is
+    changed, and the aligned model computes model_b's function (checked by `permute`).
     """
-    spec = permutation_spec(model_a)
-    if permutation_spec(model_b) != spec:
-        raise ValueError(
-            f"model_a and model_b have different architectures ({spec.sizes} vs "
-            f"{permutation_spec(model_b).sizes}); weight matching needs the same shapes"
-        )
+    spec = spec if spec is not None else permutation_spec(model_a)
     params_a = {k: v.detach().cpu().double() for k, v in model_a.state_dict().items()}
     params_b = {k: v.detach().cpu().double() for k, v in model_b.state_dict().items()}
-    perms = identity_permutation(model_a)
-    names = list(spec.sizes)
+    shapes_a = {k: v.shape for k, v in params_a.items()}
+    if shapes_a != {k: v.shape for k, v in params_b.items()}:
+        raise ValueError(
+            "model_a and model_b have different architectures (state-dict names or shapes "
+            "differ); weight matching needs the same shapes"
+        )
+    sizes = spec.sizes(params_a)
+    perms = {name: torch.arange(n) for name, n in sizes.items()}
+    names = list(sizes)
     for sweep in range(max_iter):
         order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed + sweep))
         progress = False
         for name in (names[i] for i in order.tolist()):
-            n = spec.sizes[name]
-            others = _permuted_params(spec, params_b, perms, skip=name)
+            n = sizes[name]
+            others = _permuted_params(spec, sizes, params_b, perms, skip=name)
             A = torch.zeros(n, n, dtype=torch.float64)
             for key, axis, block in spec.axes[name]:
+                axis %= params_a[key].dim()
                 wa = _unit_axis(params_a[key], axis, n, block).reshape(n, -1)  # (n, rest)
                 wb = _unit_axis(others[key], axis, n, block).reshape(n, -1)  # (n, rest)
                 A += wa @ wb.T  # (n, n)
@@ -230,11 +414,11 @@ def weight_matching(
                 perms[name] = new
         if not progress:
             break
-    return perms, permute(model_b, perms)
+    return perms, permute(model_b, perms, spec=spec, probe=probe)
 
 
 def worked_example(activation: str = "sigmoid") -> tuple[MLP, MLP]:
-    """The 2-2-1 networks of the seeds' Q&A thread (no biases), as two `MLP`s.
+    """Two 2-2-1 networks (no biases) that differ by a swap of their hidden units, as `MLP`s.
 
     a: W1 = [[-1.5, 2.0], [1.7, 0.4]], W2 = [2.3, 0.8];
     b: W1 = [[1.7, 0.4], [-1.5, 2.0]], W2 = [0.8, 2.3] (hidden units swapped).
