@@ -1,9 +1,17 @@
-"""qmse.landscape against one-model-at-a-time references, closed forms and known permutations."""
+"""qmse.landscape against one-model-at-a-time references, closed forms and known permutations,
+on qmse's models and on a model and criterion qmse does not define."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, tiny_images
+from torch import nn
 
+import qmse.landscape as landscape
+from qmse import data as qdata
+from qmse.cli import main
 from qmse.landscape import (
     barrier,
     evaluate_points,
@@ -12,12 +20,14 @@ from qmse.landscape import (
     interpolation_barriers,
     parameters_of,
     plot_interpolation,
-    plot_slice,
+    plot_slices,
     random_slice,
 )
 from qmse.loss import compute_loss, expected_qmse_loss, mse_loss_half
 from qmse.models import MLP, SimpleCNN
+from qmse.runs import save_figure
 from qmse.symmetry import permute, random_permutation
+from qmse.train import train_run
 
 
 def _mlp(seed: int) -> MLP:
@@ -63,7 +73,7 @@ def test_evaluate_points_matches_one_model_at_a_time(make, loss):
     coeffs = torch.randn(7, 2, generator=g, dtype=torch.float64)
     # 7 points in groups of 3 and 37 samples in batches of 10: both remainders are exercised
     got = evaluate_points(
-        model, parameters_of(model), dirs, coeffs, x, y, loss=loss, group_size=3, batch_size=10
+        model, loss, (x, y), parameters_of(model), dirs, coeffs, group_size=3, batch_size=10
     )
     want = _reference(model, parameters_of(model), dirs, coeffs, x, y, loss)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
@@ -79,7 +89,7 @@ def test_evaluate_points_one_hot_targets_and_closed_forms():
     with torch.no_grad():
         out = model(x)
     for loss, ref in (("mse", mse_loss_half), ("expected-qmse", expected_qmse_loss)):
-        got, acc = evaluate_points(model, base, zero, torch.zeros(1, 1), x, onehot, loss=loss)
+        got, acc = evaluate_points(model, loss, (x, onehot), base, zero, torch.zeros(1, 1))
         torch.testing.assert_close(got[0], ref(out, onehot).item(), rtol=1e-12, atol=0)
         assert acc[0] == (out.argmax(-1) == labels).double().mean().item()
 
@@ -88,12 +98,12 @@ def test_evaluate_points_refuses_bad_input():
     model = _mlp(0)
     x, y = _data(model)
     base = parameters_of(model)
-    with pytest.raises(ValueError, match="deterministic"):
-        evaluate_points(model, base, [base], torch.zeros(1, 1), x, y, loss="qmse")
+    with pytest.raises(ValueError, match='random.*"expected-qmse"'):
+        evaluate_points(model, "qmse", (x, y), base, [base], torch.zeros(1, 1))
     with pytest.raises(ValueError, match="coeffs"):
-        evaluate_points(model, base, [base], torch.zeros(2, 2), x, y)
+        evaluate_points(model, "mse", (x, y), base, [base], torch.zeros(2, 2))
     with pytest.raises(ValueError, match="same N"):
-        evaluate_points(model, base, [base], torch.zeros(1, 1), x, y[:3])
+        evaluate_points(model, "mse", (x, y[:3]), base, [base], torch.zeros(1, 1))
 
 
 def test_filter_normalized_direction():
@@ -130,12 +140,12 @@ def test_interpolation_ends_and_permuted_copy():
     """a → permuted a climbs over a barrier; after weight matching the path is a single point."""
     a, x, y = _trained_mlp(6)
     b = permute(a, random_permutation(a, torch.Generator().manual_seed(7)))
-    naive = interpolate(a, b, x, y, points=11)
+    naive = interpolate(a, b, "mse", (x, y), points=11)
     with torch.no_grad():
         end_loss = mse_loss_half(a(x), y).item()
     np.testing.assert_allclose(naive["loss"][[0, -1]], end_loss, rtol=1e-12)
     np.testing.assert_allclose(naive["alphas"], np.linspace(0, 1, 11))
-    res = interpolation_barriers(a, b, x, y, points=11)
+    res = interpolation_barriers(a, b, "mse", (x, y), points=11)
     np.testing.assert_allclose(res["naive_loss"], naive["loss"], rtol=1e-12)
     np.testing.assert_allclose(res["aligned_loss"], end_loss, rtol=1e-12)  # constant path
     assert abs(res["aligned_barrier"]) < 1e-12
@@ -143,10 +153,19 @@ def test_interpolation_ends_and_permuted_copy():
     assert res["naive_barrier"] == barrier(naive["loss"])
 
 
-def test_barrier_closed_form():
-    assert barrier(np.array([1.0, 3.0, 2.0])) == 1.5
-    assert barrier(np.array([2.0, 1.0, 0.0])) == 1.0  # max is an end: the path is not above it
-    assert barrier(np.array([1.0, 0.5, 1.0])) == 0.0
+def test_barrier_is_the_height_above_the_line_between_the_ends():
+    alphas = np.linspace(0, 1, 25)
+    for monotone in (np.exp(-3 * alphas), alphas**2, 1 + (1 - alphas) ** 3):  # convex: ≤ chord
+        assert barrier(monotone) == 0.0
+    for h in (0.0, 0.01, 0.7):  # L(α) = α + 4hα(1 − α): a bump of height h over the chord α
+        assert barrier(alphas + 4 * h * alphas * (1 - alphas)) == pytest.approx(h, abs=1e-15)
+        even = np.linspace(0, 1, 24)  # α = ½ is not on this grid: h(1 − (1/23)²) at α = 11/23
+        bump = barrier(even + 4 * h * even * (1 - even))
+        assert bump == pytest.approx(h * (1 - 1 / 23**2), abs=1e-15) and bump <= h
+    assert barrier(np.array([1.0, 3.0, 2.0])) == 1.5  # chord 1.5 at the middle
+    assert barrier(np.array([2.0, 1.0, 0.0])) == 0.0  # a straight line
+    with pytest.raises(ValueError, match="path"):
+        barrier(np.array([1.0]))
 
 
 @pytest.mark.parametrize("make", [_mlp, _cnn])
@@ -154,8 +173,8 @@ def test_random_slice_shapes_centre_and_consistency(make):
     model = make(8)
     x, y = _data(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    one = random_slice(model, x, y, dims=1, points=5, span=0.5, seed=9)
-    two = random_slice(model, x, y, dims=2, points=5, span=0.5, seed=9, group_size=4)
+    one = random_slice(model, "mse", (x, y), dims=1, points=5, span=0.5, seed=9)
+    two = random_slice(model, "mse", (x, y), dims=2, points=5, span=0.5, seed=9, group_size=4)
     assert one["loss"].shape == (5,) and two["loss"].shape == (5, 5)
     np.testing.assert_allclose(one["coords"], [-0.5, -0.25, 0, 0.25, 0.5])
     with torch.no_grad():
@@ -167,30 +186,35 @@ def test_random_slice_shapes_centre_and_consistency(make):
     assert not np.allclose(two["loss"][2, :], one["loss"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="dims"):
-        random_slice(model, x, y, dims=3)
+        random_slice(model, "mse", (x, y), dims=3)
 
 
 def test_plots_write_files(tmp_path):
     model = _mlp(10)
     x, y = _data(model)
-    res = interpolation_barriers(model, _mlp(11), x, y, points=4)
-    plot_interpolation(res, tmp_path / "interp.png", title="t")
+    res = interpolation_barriers(model, _mlp(11), "mse", (x, y), points=4)
+    save_figure(tmp_path / "interp.png", plot_interpolation(res, title="t"))
     for dims in (1, 2):
-        plot_slice(random_slice(model, x, y, dims=dims, points=4), tmp_path / f"s{dims}.png")
+        slices = {
+            name: random_slice(m, "mse", (x, y), dims=dims, points=4)
+            for name, m in (("a", model), ("b", _mlp(12)))
+        }
+        fig = plot_slices(slices, title="two")
+        if dims == 2:  # one contour panel per slice, one colour bar
+            assert len(fig.axes) == 3 and fig.axes[-1].get_ylabel() == "loss"
+        save_figure(tmp_path / f"s{dims}.png", fig)
     for name in ("interp.png", "s1.png", "s2.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_points_resumes_after_an_interruption(tmp_path, monkeypatch):
-    import qmse.landscape as landscape
-
     model = _cnn(12)
     x, y = _data(model)
     g = torch.Generator().manual_seed(13)
     dirs = [filter_normalized_direction(model, g)]
     coeffs = torch.linspace(-1, 1, 7, dtype=torch.float64).unsqueeze(1)
     kw = dict(group_size=3, batch_size=16)
-    want = evaluate_points(model, parameters_of(model), dirs, coeffs, x, y, **kw)
+    want = evaluate_points(model, "mse", (x, y), parameters_of(model), dirs, coeffs, **kw)
 
     def interrupted(groups, **_):
         it = iter(groups)
@@ -200,14 +224,19 @@ def test_evaluate_points_resumes_after_an_interruption(tmp_path, monkeypatch):
     resume = tmp_path / "partial.npz"
     monkeypatch.setattr(landscape, "progress", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_points(model, parameters_of(model), dirs, coeffs, x, y, resume_file=resume, **kw)
+        evaluate_points(model, "mse", (x, y), parameters_of(model), dirs, coeffs,
+                        resume_file=resume, **kw)  # fmt: skip
     assert int(np.load(resume)["done"]) == 3
     monkeypatch.undo()
-    got = evaluate_points(model, parameters_of(model), dirs, coeffs, x, y, resume_file=resume, **kw)
+    got = evaluate_points(
+        model, "mse", (x, y), parameters_of(model), dirs, coeffs, resume_file=resume, **kw
+    )
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     np.testing.assert_array_equal(got[1], want[1])
     with pytest.raises(ValueError, match="different evaluation"):
-        evaluate_points(model, parameters_of(model), dirs, 2 * coeffs, x, y, resume_file=resume)
+        evaluate_points(
+            model, "mse", (x, y), parameters_of(model), dirs, 2 * coeffs, resume_file=resume
+        )
 
 
 @pytest.mark.slow
@@ -217,57 +246,61 @@ def test_compiled_evaluation_matches_eager():
     x = x.float()
     dirs = [filter_normalized_direction(model, torch.Generator().manual_seed(15))]
     coeffs = torch.linspace(-1, 1, 6).unsqueeze(1)
-    eager = evaluate_points(model, parameters_of(model), dirs, coeffs, x, y, group_size=3)
-    compiled = evaluate_points(
-        model, parameters_of(model), dirs, coeffs, x, y, group_size=3, compile=True
-    )
+    base = parameters_of(model)
+    eager = evaluate_points(model, "mse", (x, y), base, dirs, coeffs, group_size=3)
+    compiled = evaluate_points(model, "mse", (x, y), base, dirs, coeffs, group_size=3, compile=True)
     np.testing.assert_allclose(compiled[0], eager[0], rtol=1e-5)
 
 
-def _tiny_images(seed: int = 0, n: int = 64, size: int = 8, classes: int = 3):
-    """A learnable image set in qmse.data.Dataset's layout: class k is bright in band k."""
-    from types import SimpleNamespace
+def _user_model(seed: int) -> nn.Sequential:
+    """A model qmse does not define: Conv2d → ReLU → Flatten → Linear, 1 × 6 × 6 → 1 output."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 1)
+    ).double()
 
-    g = torch.Generator().manual_seed(seed)
 
-    def make(m: int):
-        labels = torch.randint(0, classes, (m,), generator=g)
-        rows = torch.arange(size).view(1, 1, size, 1)
-        band = (rows * classes // size) == labels.view(m, 1, 1, 1)  # (m, 1, size, 1)
-        noise = torch.randint(0, 120, (m, 1, size, size), generator=g)
-        return (noise + 120 * band).to(torch.uint8), labels
-
-    (xtr, ytr), (xte, yte) = make(n), make(16)
-    return SimpleNamespace(
-        name="tiny",
-        train_images=xtr,
-        train_labels=ytr,
-        test_images=xte,
-        test_labels=yte,
-        num_classes=classes,
+def test_user_model_and_criterion_against_direct_evaluation():
+    """interpolate, barrier, random_slice on a user's Sequential with torch's HuberLoss on
+    regression targets (accuracy then NaN), against models built and run one by one."""
+    a, b = _user_model(30), _user_model(31)
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn(23, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(23, 1, generator=g, dtype=torch.float64)
+    huber = nn.HuberLoss(delta=0.5)
+    res = interpolate(a, b, huber, (x, y), points=6, batch_size=7)
+    want = []
+    for alpha in np.linspace(0, 1, 6):
+        net = _user_model(0)
+        pa, pb = a.state_dict(), b.state_dict()
+        net.load_state_dict({k: (1 - alpha) * pa[k] + alpha * pb[k] for k in pa})
+        with torch.no_grad():
+            want.append(huber(net(x), y).item())
+    np.testing.assert_allclose(res["loss"], want, rtol=1e-12)
+    assert barrier(res["loss"]) == pytest.approx(
+        max(w - ((1 - t) * want[0] + t * want[-1]) for t, w in zip(np.linspace(0, 1, 6), want))
     )
+    res = interpolation_barriers(a, permute(a, random_permutation(a, g)), huber, (x, y), points=5)
+    assert abs(res["aligned_barrier"]) < 1e-12  # matching undoes the permutation exactly
+    one = random_slice(a, lambda out, t: (out - t).abs().mean(), (x, y), dims=1, points=3)
+    with torch.no_grad():
+        assert one["loss"][1] == pytest.approx((a(x) - y).abs().mean().item(), rel=1e-12)
+    assert np.isnan(one["accuracy"]).all()
 
 
-def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch):
-    from qmse import data as qdata
-    from qmse.cli import main
-    from qmse.rundir import TrainConfig
-    from qmse.train import train_run
-
-    monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: _tiny_images())
+def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: tiny_images())
     for seed in (0, 1):
-        cfg = TrainConfig(
-            dataset="tiny", loss="mse", lr=0.05, momentum=0.9, batch_size=16, epochs=2, seed=seed,
-            channels=(2, 4), hidden=8,
-        )  # fmt: skip
-        train_run(cfg, tmp_path / f"s{seed}", dataset=_tiny_images(), quiet=True)
+        cfg = tiny_config(loss="mse", epochs=2, seed=seed)
+        train_run(cfg, tmp_path / f"s{seed}", dataset=tiny_images(), quiet=True)
     out = tmp_path / "match"
     argv = ["symmetry", "match", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]
     assert main([*argv, "--points", "5", "--samples", "40"]) == 0
-    summary = __import__("json").loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     arrays = np.load(out / "interpolation.npz")
     assert summary["naive_barrier"] == barrier(arrays["naive_loss"])
     assert summary["aligned_barrier"] == barrier(arrays["aligned_loss"])
+    assert summary["naive_max_accuracy_drop"] == barrier(-arrays["naive_accuracy"])
     assert summary["samples"] == 40 and "provenance" in summary
     np.testing.assert_allclose(arrays["naive_loss"][[0, -1]], arrays["aligned_loss"][[0, -1]])
     assert (out / "interpolation.png").exists()
@@ -281,4 +314,12 @@ def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch):
         torch.testing.assert_close(float(centre), summary["end_a"]["loss"], rtol=1e-6, atol=0)
         assert (ls / f"landscape-{dims}d.png").exists()
         assert not (ls / f"partial-{dims}d.npz").exists()
+    both = tmp_path / "both"
+    argv = ["landscape", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(both)]
+    assert main([*argv, "--points", "3", "--samples", "20", "--quiet"]) == 0
+    assert (both / "landscape-2d.png").exists()
+    for run in ("s0", "s1"):
+        assert np.load(both / run / "landscape-2d.npz")["loss"].shape == (3, 3)
+    assert main(["landscape", str(tmp_path / "s0"), "--loss", "qmse"]) == 2
+    assert '"expected-qmse"' in capsys.readouterr().err
     assert main(["symmetry", "example"]) == 0

@@ -2,10 +2,14 @@
 
 Two networks trained from different seeds reach different points of weight space; many of
 them are permuted copies of one another (`qmse.symmetry`). The loss along the segment
-(1 − α)·θ_a + α·θ_b usually rises in the middle (a barrier); after weight matching it can
-be much lower, which says the minima differed partly by a permutation. Slices along
-filter-normalised random directions (Li et al. 2018, "Visualizing the Loss Landscape of Neural
-Nets", sec. 4) show the shape of the basin around one solution: an MSE one against a QMSE one.
+(1 − α)·θ_a + α·θ_b usually rises above the straight line between its ends (a barrier);
+after weight matching it can be much lower, which says the minima differed partly by a
+permutation. Slices along filter-normalised random directions (Li et al. 2018, "Visualizing
+the Loss Landscape of Neural Nets", sec. 4) show the shape of the basin around one solution.
+
+Everything works on any nn.Module, data (x, y) and criterion: a deterministic registered
+loss by name or a callable (output, target) -> scalar mean loss (`qmse.curvature.criterion_fn`).
+`match_runs` and `landscape_of_run` are the same tools on `qmse train` run directories.
 
 Every point is a parameter vector θ₀ + Σₖ cₖ dₖ. Points are evaluated in groups: the group's
 parameters are stacked on a leading axis and the model is run once per data batch with
@@ -22,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from qmse.loss import compute_loss
-from qmse.runs import atomic_write, progress
-from qmse.symmetry import weight_matching
+from qmse.curvature import Criterion, criterion_fn, criterion_name, eval_mode
+from qmse.rundir import load_run, prepare_data
+from qmse.runs import atomic_write, progress, provenance, save_figure, save_json
+from qmse.symmetry import PermutationSpec, count_equivalent, permutation_spec, weight_matching
 
 Params = dict[str, Tensor]
-LANDSCAPE_LOSSES = ("mse", "expected-qmse", "ce")
 # Points × samples per vmapped pass: 200 keeps SimpleCNN(32, 64)'s largest activation (conv1's
 # output, 100 kB per point-sample) near 20 MB, under glibc's 32 MB mmap threshold, so buffers
 # are reused rather than mapped and page-faulted afresh on every pass (measured: larger passes
@@ -75,37 +80,49 @@ def _fingerprint(base: Params, directions: list[Params]) -> float:
     )
 
 
+def _save_npz(path: str | os.PathLike, arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def _labels(y: Tensor) -> Tensor | None:
+    """Class labels (N,) to score accuracy against: int targets, or the argmax of one-hot
+    (N, C ≥ 2) targets; None for regression targets (accuracy is then NaN)."""
+    if not y.is_floating_point():
+        return y
+    return y.argmax(-1) if y.dim() == 2 and y.size(1) > 1 else None
+
+
 def evaluate_points(
     model: nn.Module,
+    criterion: Criterion,
+    data: tuple[Tensor, Tensor],
     base: Params,
     directions: list[Params],
     coeffs: Tensor,
-    x: Tensor,
-    y: Tensor,
     *,
-    loss: str = "mse",
     group_size: int = GROUP_SIZE,
     batch_size: int = BATCH_SIZE,
     compile: bool = False,
     resume_file: str | os.PathLike | None = None,
     quiet: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean loss and accuracy on (x, y) at the P points base + Σₖ coeffs[p, k]·directions[k].
+    """Mean loss and accuracy on data = (x, y) at the P points base + Σₖ coeffs[p, k]·dₖ.
 
-    coeffs: (P, K). y: int64 class indices (N,) or targets (N, C); accuracy compares argmaxes.
-    `loss` must be deterministic ("mse" = ½‖r‖² of eq. 3, "expected-qmse", "ce"): QMSE itself
-    draws a random v per sample, so its value at a point is not a landscape. `group_size`
-    points × `batch_size` samples go through one vmapped forward pass (memory grows with
-    their product). `compile` runs that pass through `torch.compile` (15-30 s once, then about
-    2.4× less CPU time for SimpleCNN(32, 64); a new group or batch shape compiles again).
-    `resume_file`: the sums so far are saved there atomically after every group and picked up
-    by a later call with the same points, data and loss. Returns two float64 arrays (P,).
+    coeffs: (P, K) for the K `directions`. `criterion`: a deterministic registered loss name
+    or a callable (output, target) -> scalar mean loss; a random loss (QMSE's v) has no value
+    at a point and is refused with the name of its expectation. Accuracy compares the
+    output's argmax with int labels (N,) or the argmax of one-hot targets (N, C); NaN for
+    other targets. `group_size` points × `batch_size` samples go through one vmapped forward
+    pass in eval mode (memory grows with their product). `compile` runs that pass through
+    `torch.compile` (15-30 s once, then about 2.4× less CPU time for SimpleCNN(32, 64); a new
+    group or batch shape compiles again). `resume_file`: the sums so far are saved there
+    atomically after every group and picked up by a later call with the same points, data
+    and criterion. Returns two float64 arrays (P,).
     """
-    if loss not in LANDSCAPE_LOSSES:
-        raise ValueError(
-            f"loss={loss!r}; a landscape needs a deterministic loss, one of {LANDSCAPE_LOSSES} "
-            f"(for QMSE use 'expected-qmse', its average over v)"
-        )
+    crit = criterion_fn(criterion)
+    x, y = data
     if coeffs.dim() != 2 or coeffs.size(1) != len(directions):
         raise ValueError(
             f"coeffs must be (P, {len(directions)}) for {len(directions)} directions, got "
@@ -115,7 +132,7 @@ def evaluate_points(
         raise ValueError(f"x and y must hold the same N ≥ 1 samples, got {len(x)} and {len(y)}")
     if group_size < 1 or batch_size < 1:
         raise ValueError(f"group_size and batch_size must be ≥ 1, got {group_size}, {batch_size}")
-    labels = y if not y.is_floating_point() else y.argmax(-1)  # (N,)
+    labels = _labels(y)  # (N,) or None
     stacked = {k: torch.stack([d[k] for d in directions]) for k in base}  # (K, *shape) each
     coeffs = coeffs.to(device=x.device, dtype=next(iter(base.values())).dtype)
 
@@ -129,23 +146,21 @@ def evaluate_points(
     key = {
         "coeffs": coeffs.cpu().numpy(),
         "samples": N,
-        "loss_name": loss,
+        "criterion": criterion_name(criterion),
         "fingerprint": _fingerprint(base, directions),
     }
     total_loss, correct, done = np.zeros(P), np.zeros(P), 0
     if resume_file is not None and Path(resume_file).exists():
         saved = np.load(resume_file)
-        same = saved["coeffs"].shape == key["coeffs"].shape and all(
-            np.array_equal(saved[k], v) for k, v in key.items()
-        )
-        if not same:
+        same = set(key) <= set(saved.files) and saved["coeffs"].shape == key["coeffs"].shape
+        if not (same and all(np.array_equal(saved[k], v) for k, v in key.items())):
             raise ValueError(
-                f"resume_file {resume_file} holds a different evaluation (points, data, loss "
-                f"or directions differ); delete it to start afresh"
+                f"resume_file {resume_file} holds a different evaluation (points, data, "
+                f"criterion or directions differ); delete it to start afresh"
             )
         total_loss, correct, done = saved["loss_sum"], saved["correct"], int(saved["done"])
     groups = range(done, P, group_size)
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in progress(groups, quiet=quiet, desc="points", unit="group"):
             c = coeffs[start : start + group_size]  # (G, K)
             params = {
@@ -153,86 +168,83 @@ def evaluate_points(
             }  # (G, *shape) each
             G = c.size(0)
             for b in range(0, N, batch_size):
-                xb, yb, lb = (
-                    x[b : b + batch_size],
-                    y[b : b + batch_size],
-                    labels[b : b + batch_size],
-                )
+                xb, yb = x[b : b + batch_size], y[b : b + batch_size]
                 out = batched(params, xb)  # (G, B, C)
-                B, C = out.shape[1:]
-                target = yb.unsqueeze(0).expand(G, *yb.shape).reshape(G * B, *yb.shape[1:])
-                per_sample = compute_loss(loss, out.reshape(G * B, C), target, reduction="none")
-                total_loss[start : start + G] += (
-                    per_sample.reshape(G, B).sum(1).double().cpu().numpy()
-                )
-                correct[start : start + G] += (out.argmax(-1) == lb).sum(1).double().cpu().numpy()
+                means = torch.stack([crit(o, yb) for o in out])  # (G,) mean loss per point
+                total_loss[start : start + G] += xb.size(0) * means.double().cpu().numpy()
+                if labels is not None:
+                    hits = out.argmax(-1) == labels[b : b + batch_size]  # (G, B)
+                    correct[start : start + G] += hits.sum(1).double().cpu().numpy()
             if resume_file is not None:
-                buf = io.BytesIO()
-                np.savez(buf, **key, loss_sum=total_loss, correct=correct, done=start + G)
-                atomic_write(resume_file, buf.getvalue())
-    return total_loss / N, correct / N
+                _save_npz(resume_file, {**key, "loss_sum": total_loss, "correct": correct,
+                                        "done": start + G})  # fmt: skip
+    accuracy = correct / N if labels is not None else np.full(P, np.nan)
+    return total_loss / N, accuracy
 
 
 def interpolate(
     model_a: nn.Module,
     model_b: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    criterion: Criterion,
+    data: tuple[Tensor, Tensor],
     *,
     points: int = 25,
-    loss: str = "mse",
     group_size: int = GROUP_SIZE,
     batch_size: int = BATCH_SIZE,
 ) -> dict[str, np.ndarray]:
-    """Loss and accuracy at (1 − α)·θ_a + α·θ_b for `points` values of α evenly in [0, 1]."""
+    """Loss and accuracy on `data` at (1 − α)·θ_a + α·θ_b for `points` values of α evenly in
+    [0, 1] (`evaluate_points`); the two models need the same parameter names and shapes."""
     if points < 2:
         raise ValueError(f"points={points}; need at least 2 to include both ends")
     base, end = parameters_of(model_a), parameters_of(model_b)
     if base.keys() != end.keys() or any(base[k].shape != end[k].shape for k in base):
         raise ValueError("model_a and model_b must have the same parameter names and shapes")
     alphas = torch.linspace(0, 1, points, dtype=torch.float64)
-    losses, acc = evaluate_points(
-        model_a,
-        base,
-        [{k: end[k] - base[k] for k in base}],
-        alphas.unsqueeze(1),
-        x,
-        y,
-        loss=loss,
-        group_size=group_size,
-        batch_size=batch_size,
-    )
+    direction = {k: end[k] - base[k] for k in base}
+    losses, acc = evaluate_points(model_a, criterion, data, base, [direction], alphas.unsqueeze(1),
+                                  group_size=group_size, batch_size=batch_size)  # fmt: skip
     return {"alphas": alphas.numpy(), "loss": losses, "accuracy": acc}
 
 
 def barrier(values: np.ndarray) -> float:
-    """Height of the path above its ends: max along the path − mean of the two ends."""
+    """The loss barrier of a path evaluated at α evenly spaced in [0, 1], both ends included:
+    max over α of L(α) − ((1 − α)·L(0) + α·L(1)), the height above the straight line between
+    the ends (Frankle et al. 2020; Entezari et al. 2022; Ainsworth et al. 2023, "Git
+    Re-Basin"). 0 for a path that never rises above that line (the ends count); on the grid,
+    so a bump between grid points is underestimated. For accuracy, barrier(−accuracy) is the
+    largest drop below the line between the ends' accuracies."""
     values = np.asarray(values, dtype=np.float64)
-    return float(values.max() - 0.5 * (values[0] + values[-1]))
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"values must be a path of ≥ 2 points, got shape {values.shape}")
+    alphas = np.linspace(0.0, 1.0, values.size)
+    chord = (1 - alphas) * values[0] + alphas * values[-1]
+    return float(np.max(values - chord))
 
 
 def interpolation_barriers(
     model_a: nn.Module,
     model_b: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    criterion: Criterion,
+    data: tuple[Tensor, Tensor],
     *,
+    spec: PermutationSpec | None = None,
     points: int = 25,
-    loss: str = "mse",
     seed: int = 0,
     group_size: int = GROUP_SIZE,
     batch_size: int = BATCH_SIZE,
 ) -> dict:
     """The straight path a → b before and after permuting b onto a by weight matching.
 
+    `spec`: the models' `PermutationSpec` (default `qmse.symmetry.permutation_spec(model_a)`).
     Returns arrays `alphas`, `naive_loss`, `naive_accuracy`, `aligned_loss`,
-    `aligned_accuracy`, the loss barriers `naive_barrier` / `aligned_barrier` (max − mean of
-    ends) and the matching `perms`.
+    `aligned_accuracy`, the loss barriers `naive_barrier` / `aligned_barrier` (`barrier`) and
+    the matching `perms`.
     """
-    perms, aligned = weight_matching(model_a, model_b, seed=seed)
-    kw = dict(points=points, loss=loss, group_size=group_size, batch_size=batch_size)
-    naive = interpolate(model_a, model_b, x, y, **kw)
-    matched = interpolate(model_a, aligned, x, y, **kw)
+    spec = spec if spec is not None else permutation_spec(model_a)
+    perms, aligned = weight_matching(model_a, model_b, spec=spec, seed=seed)
+    kw = dict(points=points, group_size=group_size, batch_size=batch_size)
+    naive = interpolate(model_a, model_b, criterion, data, **kw)
+    matched = interpolate(model_a, aligned, criterion, data, **kw)
     return {
         "alphas": naive["alphas"],
         "naive_loss": naive["loss"],
@@ -247,14 +259,13 @@ def interpolation_barriers(
 
 def random_slice(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    criterion: Criterion,
+    data: tuple[Tensor, Tensor],
     *,
     dims: int = 2,
     points: int = 25,
     span: float = 1.0,
     seed: int = 0,
-    loss: str = "mse",
     group_size: int = GROUP_SIZE,
     batch_size: int = BATCH_SIZE,
     compile: bool = False,
@@ -276,32 +287,17 @@ def random_slice(
     directions = [filter_normalized_direction(model, g) for _ in range(dims)]
     coords = torch.linspace(-span, span, points, dtype=torch.float64)
     grid = torch.cartesian_prod(*[coords] * dims).reshape(-1, dims)  # (points**dims, dims)
-    losses, acc = evaluate_points(
-        model,
-        parameters_of(model),
-        directions,
-        grid,
-        x,
-        y,
-        loss=loss,
-        group_size=group_size,
-        batch_size=batch_size,
-        compile=compile,
-        resume_file=resume_file,
-        quiet=quiet,
-    )
+    losses, acc = evaluate_points(model, criterion, data, parameters_of(model), directions, grid,
+                                  group_size=group_size, batch_size=batch_size, compile=compile,
+                                  resume_file=resume_file, quiet=quiet)  # fmt: skip
     shape = (points,) * dims
     return {"coords": coords.numpy(), "loss": losses.reshape(shape), "accuracy": acc.reshape(shape)}
 
 
-def plot_interpolation(result: dict, path: str | os.PathLike, title: str = "") -> None:
+def plot_interpolation(result: dict, title: str = "") -> Figure:
     """Loss and accuracy along the path a → b, before and after weight matching."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="tight")
+    ax_l, ax_a = fig.subplots(1, 2)
     a = result["alphas"]
     for kind, style in (("naive", "-o"), ("aligned", "-s")):
         label = f"{kind} (barrier {result[f'{kind}_barrier']:.4f})"
@@ -314,51 +310,50 @@ def plot_interpolation(result: dict, path: str | os.PathLike, title: str = "") -
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_slice(result: dict, path: str | os.PathLike, title: str = "") -> None:
-    """A 1-D slice as a line plot (loss and accuracy), a 2-D one as contour + surface."""
-    import matplotlib
+def plot_slices(results: dict[str, dict], title: str = "") -> Figure:
+    """Named slices of `random_slice` on one figure, on one scale so they can be compared.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c, loss = result["coords"], result["loss"]
-    if loss.ndim == 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(c, loss, "-o", ms=3, color="C0")
-        ax.set(xlabel="step along filter-normalised direction", ylabel="loss")
-        ax.grid(alpha=0.3)
-        twin = ax.twinx()
-        twin.plot(c, 100 * result["accuracy"], "--", color="C1")
-        twin.set_ylabel("accuracy (%)", color="C1")
+    1-D: loss and accuracy of every slice on two shared panels. 2-D: one filled contour
+    panel per slice, all with the same levels (quantiles of the pooled values, so each band
+    covers an equal share of the grid points) and one colour bar; the centre is starred.
+    """
+    dims = {r["loss"].ndim for r in results.values()}
+    if len(dims) != 1:
+        raise ValueError("plot_slices draws slices of one dimension at a time")
+    if dims == {1}:
+        fig = Figure(figsize=(10, 4), layout="tight")
+        ax_l, ax_a = fig.subplots(1, 2)
+        for name, r in results.items():
+            ax_l.plot(r["coords"], r["loss"], "-o", ms=3, label=name)
+            ax_a.plot(r["coords"], 100 * r["accuracy"], "-o", ms=3, label=name)
+        ax_l.set(xlabel="step along the filter-normalised direction", ylabel="loss")
+        ax_a.set(xlabel="step along the filter-normalised direction", ylabel="accuracy (%)")
+        for ax in (ax_l, ax_a):
+            ax.grid(alpha=0.3)
+            ax.legend()
     else:
-        fig = plt.figure(figsize=(11, 4.5))
-        ax = fig.add_subplot(1, 2, 1)
-        A, B = np.meshgrid(c, c, indexing="ij")
-        levels = np.unique(np.quantile(loss, np.linspace(0.02, 0.98, 15)))  # even area per band
-        cs = ax.contour(A, B, loss, levels=levels, cmap="viridis")
-        ax.clabel(cs, fontsize=7, fmt="%.3g")
-        ax.plot([0], [0], "r*", ms=10)
-        ax.set(xlabel="direction 1", ylabel="direction 2", aspect="equal")
-        ax.locator_params(nbins=5)
-        ax3 = fig.add_subplot(1, 2, 2, projection="3d")
-        ax3.plot_surface(A, B, loss, cmap="viridis", linewidth=0, antialiased=True)
-        ax3.set(xlabel="direction 1", ylabel="direction 2", zlabel="loss")
+        pooled = np.concatenate([r["loss"].ravel() for r in results.values()])
+        levels = np.unique(np.quantile(pooled, np.linspace(0, 1, 16)))
+        fig = Figure(figsize=(4.6 * len(results) + 1.2, 4.4), layout="constrained")
+        axes = fig.subplots(1, len(results), squeeze=False)[0]
+        for ax, (name, r) in zip(axes, results.items()):
+            A, B = np.meshgrid(r["coords"], r["coords"], indexing="ij")
+            filled = ax.contourf(A, B, r["loss"], levels=levels, cmap="viridis")
+            ax.contour(A, B, r["loss"], levels=levels, colors="k", linewidths=0.3)
+            ax.plot([0], [0], "r*", ms=10)
+            ax.set(xlabel="direction 1", ylabel="direction 2", aspect="equal", title=name)
+        bar = fig.colorbar(filled, ax=list(axes), spacing="uniform", format="%.3g")
+        bar.set_label("loss")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _training_sample(config: dict, samples: int, device: torch.device | str):
     """The first `samples` training images and labels of a run's data (as it saw them)."""
-    from qmse.rundir import prepare_data
-
     if samples < 1:
         raise ValueError(f"samples={samples}; need at least one training sample")
     data = prepare_data(config, device)
@@ -369,14 +364,6 @@ def _short(run_dir: str | os.PathLike) -> str:
     """A run's folder and its parent, e.g. "diagnose-fmnist/mse", for figure titles."""
     path = Path(run_dir).resolve()
     return f"{path.parent.name}/{path.name}"
-
-
-def _describe(model: nn.Module, x: Tensor, y: Tensor, loss: str) -> dict[str, float]:
-    zero = [{k: torch.zeros_like(v) for k, v in parameters_of(model).items()}]
-    value, acc = evaluate_points(
-        model, parameters_of(model), zero, torch.zeros(1, 1), x, y, loss=loss
-    )
-    return {"loss": float(value[0]), "accuracy": float(acc[0])}
 
 
 def match_runs(
@@ -392,15 +379,12 @@ def match_runs(
 ) -> dict:
     """Barrier on the straight path between two trained runs, before and after weight matching.
 
-    Loads both runs (`qmse.rundir.load_run`), evaluates on the first `samples` training images
-    of run_a's data, and writes to `out`: interpolation.npz (the arrays), interpolation.png,
-    summary.json (barriers, end points, the number of permuted copies of model a, config and
-    provenance). Returns the summary.
+    Loads both runs (`qmse.rundir.load_run`), evaluates the deterministic registered `loss`
+    on the first `samples` training images of run_a's data, and writes to `out`:
+    interpolation.npz (the arrays), interpolation.png, summary.json (barriers, accuracy
+    drops below the line between the ends, end points, the number of permuted copies of
+    model a, config and provenance). Returns the summary.
     """
-    from qmse.rundir import load_run
-    from qmse.runs import provenance, save_json
-    from qmse.symmetry import count_equivalent
-
     model_a, config_a = load_run(run_a, device)
     model_b, config_b = load_run(run_b, device)
     if config_a["dataset"] != config_b["dataset"]:
@@ -410,15 +394,12 @@ def match_runs(
         )
     x, y = _training_sample(config_a, samples, device)
     start, cpu = time.perf_counter(), time.process_time()
-    res = interpolation_barriers(model_a, model_b, x, y, points=points, loss=loss, seed=seed)
+    res = interpolation_barriers(model_a, model_b, loss, (x, y), points=points, seed=seed)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write(out / "interpolation.npz", buf.getvalue())
-    count = count_equivalent(model_a)
+    _save_npz(
+        out / "interpolation.npz", {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
+    )
     summary = {
         "run_a": str(run_a),
         "run_b": str(run_b),
@@ -428,18 +409,17 @@ def match_runs(
         "seed": seed,
         "naive_barrier": res["naive_barrier"],
         "aligned_barrier": res["aligned_barrier"],
-        "naive_max_accuracy_drop": float(
-            0.5 * (res["naive_accuracy"][0] + res["naive_accuracy"][-1])
-            - res["naive_accuracy"].min()
-        ),
-        "aligned_max_accuracy_drop": float(
-            0.5 * (res["aligned_accuracy"][0] + res["aligned_accuracy"][-1])
-            - res["aligned_accuracy"].min()
-        ),
-        "end_a": _describe(model_a, x, y, loss),
-        "end_b": _describe(model_b, x, y, loss),
+        "naive_max_accuracy_drop": barrier(-res["naive_accuracy"]),
+        "aligned_max_accuracy_drop": barrier(-res["aligned_accuracy"]),
+        **{
+            f"end_{e}": {
+                "loss": res["naive_loss"][i].item(),
+                "accuracy": res["naive_accuracy"][i].item(),
+            }
+            for e, i in (("a", 0), ("b", -1))
+        },
         "units_moved": {k: int((p != torch.arange(len(p))).sum()) for k, p in res["perms"].items()},
-        "equivalent_copies_of_a_log10": math.log10(count),
+        "equivalent_copies_of_a_log10": math.log10(count_equivalent(model_a)),
         "wall_s": wall,
         "cpu_s": cpu,
         "config_a": config_a,
@@ -448,7 +428,7 @@ def match_runs(
     }
     save_json(out / "summary.json", summary)
     title = f"{_short(run_a)} → {_short(run_b)} ({loss}, {x.size(0)} training samples)"
-    plot_interpolation(res, out / "interpolation.png", title=title)
+    save_figure(out / "interpolation.png", plot_interpolation(res, title=title))
     return summary
 
 
@@ -474,34 +454,17 @@ def landscape_of_run(
     summary.json (settings, the evaluation's wall time, config, provenance). Returns the summary.
     Resumable: partial sums live in `out`/partial-{dims}d.npz until the slice is complete.
     """
-    from qmse.rundir import load_run
-    from qmse.runs import provenance, save_json
-
     model, config = load_run(run_dir, device)
     x, y = _training_sample(config, samples, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"partial-{dims}d.npz"
     start, cpu = time.perf_counter(), time.process_time()
-    res = random_slice(
-        model,
-        x,
-        y,
-        dims=dims,
-        points=points,
-        span=span,
-        seed=seed,
-        loss=loss,
-        group_size=group_size,
-        batch_size=batch_size,
-        compile=compile,
-        resume_file=partial,
-        quiet=quiet,
-    )
+    res = random_slice(model, loss, (x, y), dims=dims, points=points, span=span, seed=seed,
+                       group_size=group_size, batch_size=batch_size, compile=compile,
+                       resume_file=partial, quiet=quiet)  # fmt: skip
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    buf = io.BytesIO()
-    np.savez(buf, **res)
-    atomic_write(out / f"landscape-{dims}d.npz", buf.getvalue())
+    _save_npz(out / f"landscape-{dims}d.npz", res)
     partial.unlink(missing_ok=True)
     centre = res["loss"][(points // 2,) * dims] if points % 2 else None
     summary = {
@@ -527,5 +490,28 @@ def landscape_of_run(
     }
     save_json(out / "summary.json", summary)
     title = f"{_short(run_dir)}: {config['loss']}-trained, {loss} on {x.size(0)} training samples"
-    plot_slice(res, out / f"landscape-{dims}d.png", title=title)
+    save_figure(out / f"landscape-{dims}d.png", plot_slices({_short(run_dir): res}, title=title))
     return summary
+
+
+def landscapes_of_runs(
+    run_dirs: list[str | os.PathLike], out: str | os.PathLike, **options
+) -> list[dict]:
+    """`landscape_of_run` for each run (same directions seed, so the same Gaussian draw),
+    into `out`/<run folder name>, then `out`/landscape-{dims}d.png: all slices on one scale
+    with one colour bar (`plot_slices`). `options` go to `landscape_of_run`. Returns the
+    summaries."""
+    names = [Path(r).resolve().name for r in run_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run folders {names} share a name; give runs distinct folder names")
+    out = Path(out)
+    summaries = [landscape_of_run(r, out / n, **options) for r, n in zip(run_dirs, names)]
+    dims = summaries[0]["dims"]
+    results = {}
+    for r, n, s in zip(run_dirs, names, summaries):
+        with np.load(out / n / f"landscape-{dims}d.npz") as saved:
+            results[f"{_short(r)} ({s['config']['loss']}-trained)"] = dict(saved)
+    s = summaries[0]
+    title = f"{s['loss']} on {s['samples']} training samples, directions seed {s['seed']}"
+    save_figure(out / f"landscape-{dims}d.png", plot_slices(results, title=title))
+    return summaries
