@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+import torch
+
+from qmse import convexity, diagnose
 from qmse.data import DATASETS
 from qmse.distributed import init_distributed, is_main
 from qmse.download import download, status
+from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
 from qmse.loss import LOSSES
 from qmse.reproduce import grid_configs, run_grid
 from qmse.rundir import TrainConfig, resolve_device, run_name
+from qmse.symmetry import count_equivalent, permute, worked_example
 from qmse.train import PAPER_LR, train_run
 
 Formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -352,14 +358,10 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        import torch
-
-        from qmse import diagnose as dg
-
         if args.run_dir == "convexity" and args.compare is None:
             out = args.out or "runs/diagnose-convexity"
-            res = dg.convexity_report(out, segments=args.segments, points=args.points,
-                                      seed=args.seed)  # fmt: skip
+            res = convexity.convexity_report(out, segments=args.segments, points=args.points,
+                                             seed=args.seed)  # fmt: skip
             for name, r in res.items():
                 print(f"{name:>20s}  {r['violating_segments']}/{r['segments']} segments above "
                       f"the chord, largest gap {r['max_gap']:.4g}")  # fmt: skip
@@ -375,10 +377,10 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
             tol_ratio=args.tol_ratio, curvature_tol=args.curvature_tol,
         )  # fmt: skip
         if args.compare is not None:
-            print(dg.compare_runs(*args.compare, out_dir=args.out, **kwargs), end="")
+            print(diagnose.compare_runs(*args.compare, out_dir=args.out, **kwargs), end="")
             return 0
-        d = dg.diagnose_run(args.run_dir, out_dir=args.out, **kwargs)
-        print(dg.summary_text(d), end="")
+        d = diagnose.diagnose_run(args.run_dir, out_dir=args.out, **kwargs)
+        print(diagnose.summary_text(d), end="")
         return 0
 
     p.set_defaults(func=run)
@@ -392,10 +394,11 @@ def _add_symmetry(sub: argparse._SubParsersAction) -> None:
         formatter_class=Formatter,
     )
     sym_sub = sym.add_subparsers(dest="symmetry_command", required=True, metavar="SUBCOMMAND")
+    deterministic = "a registered loss; a random one is refused with the name of its expectation"
 
     p = sym_sub.add_parser(
         "example",
-        help="the 2-2-1 network of the seeds' Q&A and its hidden-unit swap: same outputs",
+        help="a 2-2-1 network and the same network with its hidden units swapped: same outputs",
         formatter_class=Formatter,
     )
     p.add_argument(
@@ -405,20 +408,9 @@ def _add_symmetry(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 
     def example(args: argparse.Namespace) -> int:
-        import torch
-
-        from qmse.symmetry import count_equivalent, permute, worked_example
-
         a, b = worked_example(args.activation)
-        x = (
-            torch.randn(
-                args.samples,
-                2,
-                dtype=torch.float64,
-                generator=torch.Generator().manual_seed(args.seed),
-            )
-            * 3
-        )  # (N, 2)
+        gen = torch.Generator().manual_seed(args.seed)
+        x = 3 * torch.randn(args.samples, 2, dtype=torch.float64, generator=gen)  # (N, 2)
         swapped = permute(a, {"layers.0": torch.tensor([1, 0])})
         with torch.no_grad():
             fa, fb = a(x), b(x)  # (N, 1) each
@@ -447,18 +439,12 @@ def _add_symmetry(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_b", metavar="RUN_B", help="run directory of the same architecture")
     p.add_argument("--points", type=int, default=25, help="values of alpha in [0, 1]")
     p.add_argument("--samples", type=int, default=1000, help="first N training images")
-    p.add_argument(
-        "--loss", default="mse", choices=("mse", "expected-qmse", "ce"), help="loss to plot"
-    )
+    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=deterministic)
     p.add_argument("--seed", type=int, default=0, help="seed of the matching's layer order")
     p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
     p.add_argument("--out", default=None, help="default runs/symmetry/<RUN_A>--<RUN_B>")
 
     def match(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
-        from qmse.landscape import match_runs
-
         out = args.out or f"runs/symmetry/{Path(args.run_a).name}--{Path(args.run_b).name}"
         s = match_runs(
             args.run_a,
@@ -480,53 +466,48 @@ def _add_symmetry(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "landscape",
-        help="1-D or 2-D loss slice around a run along filter-normalised random directions",
+        help="1-D or 2-D loss slice around runs along filter-normalised random directions",
+        description="One RUN_DIR: its slice in --out. Several: each in --out/<run folder "
+        "name>, and --out/landscape-<dims>d.png draws them all on one colour scale.",
         formatter_class=Formatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (config.json, checkpoint.pt)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--dims", type=int, default=2, choices=(1, 2), help="slice dimension")
     p.add_argument("--points", type=int, default=25, help="grid points per direction")
     p.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span]")
     p.add_argument("--samples", type=int, default=1000, help="first N training images")
-    p.add_argument(
-        "--loss", default="mse", choices=("mse", "expected-qmse", "ce"), help="loss to plot"
-    )
+    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=deterministic)
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     p.add_argument("--group-size", type=int, default=5, help="grid points per vmapped pass")
     p.add_argument("--batch-size", type=int, default=40, help="samples per vmapped pass")
     p.add_argument("--compile", action="store_true", help="torch.compile the vmapped pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
-    p.add_argument("--out", default=None, help="default runs/landscape/<RUN_DIR name>-<dims>d")
+    p.add_argument(
+        "--out", default=None, help="default runs/landscape/<RUN_DIR names joined by +>-<dims>d"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def landscape(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
-        from qmse.landscape import landscape_of_run
-
-        out = args.out or f"runs/landscape/{Path(args.run_dir).name}-{args.dims}d"
-        s = landscape_of_run(
-            args.run_dir,
-            out,
-            dims=args.dims,
-            points=args.points,
-            span=args.span,
-            samples=args.samples,
-            loss=args.loss,
-            seed=args.seed,
-            group_size=args.group_size,
-            batch_size=args.batch_size,
-            compile=args.compile,
-            device=args.device,
+        names = "+".join(Path(r).name for r in args.run_dirs)
+        out = args.out or f"runs/landscape/{names}-{args.dims}d"
+        options = dict(
+            dims=args.dims, points=args.points, span=args.span, samples=args.samples,
+            loss=args.loss, seed=args.seed, group_size=args.group_size,
+            batch_size=args.batch_size, compile=args.compile, device=args.device,
             quiet=args.quiet,
-        )
-        print(
-            f"{s['evaluations']} points x {s['samples']} samples in {s['wall_s']:.1f} s "
-            f"(CPU {s['cpu_s']:.1f} s, {s['torch_threads']} threads); {args.loss} from "
-            f"{s['min_loss']:.4f} "
-            f"to {s['max_loss']:.4f}, centre {s['centre_loss']}"
-        )
-        print(f"wrote {out}/landscape-{args.dims}d.png, landscape-{args.dims}d.npz, summary.json")
+        )  # fmt: skip
+        if len(args.run_dirs) == 1:
+            summaries = [landscape_of_run(args.run_dirs[0], out, **options)]
+        else:
+            summaries = landscapes_of_runs(args.run_dirs, out, **options)
+        for s in summaries:
+            print(
+                f"{s['run']}: {s['evaluations']} points x {s['samples']} samples in "
+                f"{s['wall_s']:.1f} s (CPU {s['cpu_s']:.1f} s, {s['torch_threads']} threads); "
+                f"{args.loss} from {s['min_loss']:.4f} to {s['max_loss']:.4f}, centre "
+                f"{s['centre_loss']}"
+            )
+        print(f"wrote {out}/landscape-{args.dims}d.png (and each run's .npz, summary.json)")
         return 0
 
     p.set_defaults(func=landscape)
