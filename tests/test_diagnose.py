@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_images
+from conftest import TESTS, tiny_config, tiny_images
 from torch import nn
 
 from qmse import curvature
@@ -269,3 +270,16 @@ def test_cli_compare_two_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "mse" / "diagnosis.json").exists()
     assert main(["diagnose"]) == 2
     assert "exactly one of RUN_DIR" in capsys.readouterr().err
+
+
+def test_readme_own_model_section_runs(capsys):
+    """The README's "Your own model and loss" snippets, run as written, in one namespace."""
+    readme = (TESTS.parent / "README.md").read_text()
+    section = readme.split("## Your own model and loss", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    label, true, bar = capsys.readouterr().out.splitlines()
+    assert label.startswith("not-stationary") and true == "True" and float(bar) >= 0
