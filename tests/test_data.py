@@ -151,36 +151,48 @@ def test_resolve_data_dir_prefers_argument_then_env_then_home(tmp_path, monkeypa
 
 def test_unknown_name_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="name='svhn'.*mnist"):
-        data.load("svhn", tmp_path)
+        data.load("svhn", tmp_path, allow_unverified=True)
 
 
 def test_missing_files_say_where_to_put_them(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        data.load("mnist", tmp_path)
+        data.load("mnist", tmp_path, allow_unverified=True)
     msg = str(e.value)
     assert str(tmp_path / "mnist") in msg and "qmse data download mnist" in msg
     assert "train-images-idx3-ubyte.gz" in msg
     with pytest.raises(FileNotFoundError, match="apt install dataset-fashion-mnist"):
-        data.load("fashion-mnist", tmp_path)
+        data.load("fashion-mnist", tmp_path, allow_unverified=True)
     with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
-        data.load("cifar10", tmp_path)
+        data.load("cifar10", tmp_path, allow_unverified=True)
 
 
-def test_incomplete_idx_set_counts_as_missing(tmp_path):
+def test_a_given_data_dir_is_used_or_refused(tmp_path, monkeypatch):
+    """An incomplete set in a data dir the user named is an error naming what is missing,
+    not a silent switch to another copy."""
+    write_mnist(tmp_path / "debian", seed=1)
+    monkeypatch.setattr(data, "SYSTEM_DIRS", {"mnist": (tmp_path / "debian",)})
     write_mnist(tmp_path / "mnist")
     (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(FileNotFoundError, match="qmse data download mnist"):
-        data.load("mnist", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"only part of mnist: t10k-labels-idx1-ubyte.gz"):
+        data.load("mnist", tmp_path, allow_unverified=True)
+    with pytest.raises(FileNotFoundError, match="--data-dir names it, so no other folder"):
+        data.load("mnist", tmp_path / "elsewhere", allow_unverified=True)
+    monkeypatch.setenv("QMSE_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match=r"\$QMSE_DATA names it"):
+        data.load("mnist", allow_unverified=True)
 
 
-def test_fashion_mnist_falls_back_to_system_folder(tmp_path, monkeypatch):
+def test_only_the_default_data_dir_falls_back_to_the_system_folder(tmp_path, monkeypatch):
     system = write_mnist(tmp_path / "debian", seed=1)
     monkeypatch.setattr(data, "SYSTEM_DIRS", {"fashion-mnist": (tmp_path / "debian",)})
-    ds = data.load("fashion-mnist", tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ds = data.load("fashion-mnist", allow_unverified=True)
     assert ds.source == str(tmp_path / "debian")
     assert torch.equal(ds.train_labels, torch.from_numpy(system["train-labels-idx1-ubyte"]).long())
-    own = write_mnist(tmp_path / "data" / "fashion-mnist", seed=2)  # the data dir comes first
-    ds = data.load("fashion-mnist", tmp_path / "data")
+    default = tmp_path / "home" / ".cache" / "qmse" / "fashion-mnist"
+    own = write_mnist(default, seed=2)  # the default folder comes first
+    ds = data.load("fashion-mnist", allow_unverified=True)
+    assert ds.source == str(default)
     assert torch.equal(ds.test_labels, torch.from_numpy(own["t10k-labels-idx1-ubyte"]).long())
 
 
@@ -190,7 +202,7 @@ def test_fashion_mnist_falls_back_to_system_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_round_trip(tmp_path, gz):
     arrays = write_mnist(tmp_path / "mnist", gz=gz)
-    ds = data.load("mnist", tmp_path)
+    ds = data.load("mnist", tmp_path, allow_unverified=True)
     assert ds.name == "mnist" and ds.num_classes == 10
     assert ds.train_images.shape == (7, 1, 28, 28) and ds.train_images.dtype == torch.uint8
     assert ds.test_images.shape == (4, 1, 28, 28)
@@ -208,7 +220,7 @@ def test_idx_wrong_magic(tmp_path):
     labels = np.zeros(7, np.uint8)
     bad.write_bytes(idx_bytes(2051, labels))  # the images' magic on a labels file
     with pytest.raises(ValueError, match="magic number 2051, expected 2049") as e:
-        data.load("mnist", tmp_path)
+        data.load("mnist", tmp_path, allow_unverified=True)
     assert str(bad) in str(e.value) and "qmse data download mnist" in str(e.value)
 
 
@@ -217,13 +229,13 @@ def test_idx_truncated_raw_and_gz(tmp_path):
     raw = tmp_path / "mnist" / "t10k-images-idx3-ubyte"
     raw.write_bytes(raw.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated") as e:
-        data.load("mnist", tmp_path)
+        data.load("mnist", tmp_path, allow_unverified=True)
     assert str(raw) in str(e.value)
     raw.unlink()
     gz = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
     gz.write_bytes(gzip.compress(bytes(16 + 4 * 784))[:-30])
     with pytest.raises(ValueError, match="corrupt or truncated gzip") as e:
-        data.load("mnist", tmp_path)
+        data.load("mnist", tmp_path, allow_unverified=True)
     assert str(gz) in str(e.value)
 
 
@@ -232,7 +244,7 @@ def test_idx_label_image_count_mismatch(tmp_path):
     labels = tmp_path / "mnist" / "train-labels-idx1-ubyte"
     labels.write_bytes(idx_bytes(2049, np.zeros(6, np.uint8)))
     with pytest.raises(ValueError, match="6 labels but .* holds 7 images") as e:
-        data.load("mnist", tmp_path)
+        data.load("mnist", tmp_path, allow_unverified=True)
     assert str(labels) in str(e.value)
 
 
@@ -242,7 +254,7 @@ def test_idx_label_out_of_range(tmp_path):
         idx_bytes(2049, np.array([0, 1, 10, 2], np.uint8))
     )
     with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
-        data.load("mnist", tmp_path)
+        data.load("mnist", tmp_path, allow_unverified=True)
 
 
 # ---- CIFAR ---------------------------------------------------------------------------------
@@ -251,7 +263,7 @@ def test_idx_label_out_of_range(tmp_path):
 @pytest.mark.parametrize("archive", [True, False])
 def test_cifar10_round_trip(tmp_path, archive):
     arrays = write_cifar(tmp_path, "cifar10", archive=archive)
-    ds = data.load("cifar10", tmp_path)
+    ds = data.load("cifar10", tmp_path, allow_unverified=True)
     assert ds.num_classes == 10
     assert ds.train_images.shape == (15, 3, 32, 32) and ds.train_images.dtype == torch.uint8
     assert ds.test_images.shape == (3, 3, 32, 32)
@@ -268,7 +280,7 @@ def test_cifar10_round_trip(tmp_path, archive):
 
 def test_cifar100_uses_fine_labels(tmp_path):
     arrays = write_cifar(tmp_path, "cifar100")
-    ds = data.load("cifar100", tmp_path)
+    ds = data.load("cifar100", tmp_path, allow_unverified=True)
     assert ds.num_classes == 100
     assert ds.train_labels.tolist() == arrays["train"][1]
     assert ds.test_labels.tolist() == arrays["test"][1]
@@ -280,7 +292,7 @@ def test_cifar_truncated_archive(tmp_path):
     path = tmp_path / "cifar10" / "cifar-10-python.tar.gz"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated") as e:
-        data.load("cifar10", tmp_path)
+        data.load("cifar10", tmp_path, allow_unverified=True)
     assert str(path) in str(e.value) and "qmse data download cifar10" in str(e.value)
 
 
@@ -289,7 +301,7 @@ def test_cifar_archive_missing_member(tmp_path):
     del members["cifar-10-batches-py/data_batch_3"]
     write_cifar(tmp_path, "cifar10", members=members)
     with pytest.raises(ValueError, match="data_batch_3"):
-        data.load("cifar10", tmp_path)
+        data.load("cifar10", tmp_path, allow_unverified=True)
 
 
 def test_cifar_label_count_mismatch(tmp_path):
@@ -298,7 +310,7 @@ def test_cifar_label_count_mismatch(tmp_path):
     members["cifar-100-python/test"] = py2_pickle({b"data": pixels, b"fine_labels": [1, 2]})
     write_cifar(tmp_path, "cifar100", members=members, archive=False)
     with pytest.raises(ValueError, match="2 labels for 3 images") as e:
-        data.load("cifar100", tmp_path)
+        data.load("cifar100", tmp_path, allow_unverified=True)
     assert "cifar-100-python: test" in str(e.value)
 
 
@@ -318,7 +330,7 @@ def test_unpickler_refuses_os_system_without_running_it(tmp_path, protocol):
     members["cifar-10-batches-py/data_batch_2"] = evil
     write_cifar(tmp_path, "cifar10", members=members)
     with pytest.raises(ValueError, match=r"global (posix|os)\.system is not allowed") as e:
-        data.load("cifar10", tmp_path)
+        data.load("cifar10", tmp_path, allow_unverified=True)
     assert "data_batch_2" in str(e.value)
     with pytest.raises(pickle.UnpicklingError):
         data._CifarUnpickler(io.BytesIO(evil), encoding="bytes").load()
@@ -371,11 +383,71 @@ def test_status_reports_present_verified_and_mismatch(tmp_path, monkeypatch):
     rows = {r["name"]: r for r in download.status(root)}
     assert rows["mnist"]["present"] and rows["mnist"]["verified"] is True
     assert rows["fashion-mnist"]["present"] is False
-    assert rows["cifar10"]["present"] and rows["cifar10"]["verified"] is None
+    assert rows["cifar10"]["present"] and rows["cifar10"]["verified"] is False  # fixture bytes
+    assert "data_batch_1" in rows["cifar10"]["detail"]  # an extracted folder: member by member
+    members = root / "cifar10" / "cifar-10-batches-py"
+    monkeypatch.setitem(  # publish the fixture's members: the folder verifies
+        sources.MEMBER_MD5, "cifar10", {p.name: _md5(p.read_bytes()) for p in members.iterdir()}
+    )
+    assert next(r for r in download.status(root) if r["name"] == "cifar10")["verified"] is True
     assert rows["cifar100"]["verified"] is False and "MD5 mismatch" in rows["cifar100"]["detail"]
     (root / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(2049, np.ones(4, np.uint8)))
     mnist = next(r for r in download.status(root) if r["name"] == "mnist")
     assert mnist["verified"] is False and "t10k-labels-idx1-ubyte" in mnist["detail"]
+
+
+def test_a_file_that_differs_from_the_published_one_is_refused(tmp_path, monkeypatch):
+    """500 labels set to 0 leave a well-formed file: only its MD5 tells."""
+    write_mnist(tmp_path / "mnist", n_train=600)
+    blobs = _patch_mnist_md5(monkeypatch, tmp_path / "mnist")
+    ds = data.load("mnist", tmp_path)
+    assert all(f["verified"] for f in ds.files.values()) and len(ds.files) == 4
+    labels = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    assert ds.files[str(labels)]["md5"] == _md5(blobs[labels.name])
+    poisoned = data.read_bytes(labels, "mnist")
+    labels.write_bytes(gzip.compress(poisoned[:8] + bytes(500) + poisoned[508:]))
+    with pytest.raises(ValueError, match=rf"{labels}: MD5 \w+ is not the published.*--allow-unv"):
+        data.load("mnist", tmp_path)
+    ds = data.load("mnist", tmp_path, allow_unverified=True)
+    assert ds.files[str(labels)]["verified"] is False and (ds.train_labels[:500] == 0).all()
+
+
+def test_md5s_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "mnist")
+    _patch_mnist_md5(monkeypatch, tmp_path / "mnist")
+    hashed = []
+    real = data.file_md5
+    monkeypatch.setattr(data, "file_md5", lambda p: hashed.append(p.name) or real(p))
+    data.load("mnist", tmp_path)
+    assert len(hashed) == 4  # each file once
+    cache = sources.md5_cache_path()
+    assert (
+        cache.is_file()
+        and str(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz") in cache.read_text()
+    )
+    data.load("mnist", tmp_path)
+    assert len(hashed) == 4  # nothing hashed again
+    images = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
+    blob = gzip.decompress(images.read_bytes())
+    images.write_bytes(gzip.compress(blob[:-1] + bytes([blob[-1] ^ 1]), mtime=0))  # same size
+    os.utime(images, ns=(0, images.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="t10k-images.*is not the published"):
+        data.load("mnist", tmp_path)  # the stale entry is not used
+    assert hashed[4:] == ["t10k-images-idx3-ubyte.gz"]
+
+
+def test_an_extracted_cifar_folder_is_checked_member_by_member(tmp_path, monkeypatch):
+    write_cifar(tmp_path, "cifar100", archive=False)
+    with pytest.raises(ValueError, match=r"cifar-100-python/train: MD5 .* not the published"):
+        data.load("cifar100", tmp_path)
+    folder = tmp_path / "cifar100" / "cifar-100-python"
+    published = {m: _md5((folder / m).read_bytes()) for m in ("train", "test")}
+    monkeypatch.setitem(sources.MEMBER_MD5, "cifar100", published)
+    ds = data.load("cifar100", tmp_path)
+    assert {Path(p).name: f["verified"] for p, f in ds.files.items()} == {
+        "train": True,
+        "test": True,
+    }
 
 
 # ---- download ------------------------------------------------------------------------------
@@ -604,7 +676,9 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").exists(), reason="not installed")
 def test_real_fashion_mnist(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "SYSTEM_DIRS", {"fashion-mnist": (DEBIAN,)})
-    ds = data.load("fashion-mnist", tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default data dir, empty: Debian's is used
+    ds = data.load("fashion-mnist")
+    assert len(ds.files) == 4 and all(f["verified"] for f in ds.files.values())  # by content
     assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (
         10000,
         1,
@@ -615,5 +689,5 @@ def test_real_fashion_mnist(tmp_path, monkeypatch):
     assert torch.equal(ds.train_labels.bincount(), torch.full((10,), 6000))
     assert torch.equal(ds.test_labels.bincount(), torch.full((10,), 1000))
     assert ds.train_images.max() == 255 and ds.train_images.min() == 0
-    row = next(r for r in download.status(tmp_path) if r["name"] == "fashion-mnist")
+    row = next(r for r in download.status() if r["name"] == "fashion-mnist")
     assert row["present"] and row["verified"] is True, row  # Debian re-gzipped: content MD5

@@ -5,13 +5,15 @@ are the official `*-python.tar.gz` archives of Python 2 pickles, read in place o
 their extracted folder with an unpickler that accepts nothing but uint8 numpy arrays. No
 torchvision. Files live in `<data dir>/<name>/`, the data dir being `--data-dir`, else
 `$QMSE_DATA`, else `~/.cache/qmse`; Fashion-MNIST is also found where Debian's
-`dataset-fashion-mnist` package puts it. The official files and their MD5s are in
-`qmse.sources`; fetching them is `qmse.download`'s. Batching and normalisation belong to the
+`dataset-fashion-mnist` package puts it, unless a data dir was given. Every file read is
+checked against its published MD5 (`qmse.sources`) and recorded; fetching the files is
+`qmse.download`'s. Batching and normalisation belong to the
 trainer, not here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -29,7 +31,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qmse.sources import DATASETS, IDX_CONTENT_MD5, SOURCES, file_md5
+from qmse.sources import (
+    DATASETS,
+    IDX_CONTENT_MD5,
+    MEMBER_MD5,
+    SOURCES,
+    bytes_md5,
+    digests,
+    file_md5,
+)
 
 # Folders searched after `<data dir>/<name>/`: where system packages install a dataset.
 SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
@@ -74,6 +84,7 @@ class Dataset:
     test_labels: Tensor = field(repr=False)
     num_classes: int
     source: str = ""  # the folder or archive it was read from, for provenance
+    files: dict[str, dict] = field(default_factory=dict, repr=False)  # path -> md5, verified
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -97,7 +108,14 @@ def _fix(name: str) -> str:
     )
 
 
-def _missing(name: str, searched: list[Path]) -> FileNotFoundError:
+def _given(data_dir: str | os.PathLike | None) -> str | None:
+    """How the user named the data folder ("--data-dir", "$QMSE_DATA"), or None."""
+    if data_dir is not None and str(data_dir):
+        return "--data-dir"
+    return "$QMSE_DATA" if os.environ.get("QMSE_DATA") else None
+
+
+def _missing(name: str, searched: list[Path], given: str | None) -> FileNotFoundError:
     source = SOURCES[name]
     if name in _CIFAR:
         (archive,) = source.files
@@ -109,31 +127,43 @@ def _missing(name: str, searched: list[Path]) -> FileNotFoundError:
         if name == "fashion-mnist"
         else ""
     )
+    only = f"; {given} names it, so no other folder is searched" if given else ""
     return FileNotFoundError(
-        f"{name} not found (looked in {', '.join(str(p) for p in searched)}). Run "
+        f"{name} not found (looked in {', '.join(str(p) for p in searched)}{only}). Run "
         f"`qmse data download {name}` (it honours --data-dir and $QMSE_DATA), or put "
         f"{wanted} in {searched[0]}/ by hand, from {source.mirrors[0]}{debian}"
     )
 
 
 def locate(name: str, data_dir: str | os.PathLike | None) -> tuple[Path, list[Path]]:
-    """(where the dataset is, its files): the first folder holding all of them."""
+    """(where the dataset is, its files) in `<data dir>/<name>/`. A data dir given by the user
+    (`data_dir`, or $QMSE_DATA) is used or refused: an incomplete set there is an error
+    naming the missing files. Only the default one (~/.cache/qmse) falls back to the
+    folders of system packages (SYSTEM_DIRS)."""
+    given = _given(data_dir)
     folder = resolve_data_dir(data_dir) / name
     if name in _CIFAR:
         (archive,) = SOURCES[name].files
         for path in (folder / archive, folder / _CIFAR[name].folder):
             if path.exists():
                 return path, [path]
-        raise _missing(name, [folder])
-    searched = [folder, *SYSTEM_DIRS.get(name, ())]
+        raise _missing(name, [folder], given)
+    searched = [folder] if given else [folder, *SYSTEM_DIRS.get(name, ())]
     for candidate in searched:
-        found = []
+        found, missing = [], []
         for base in _IDX_FILES:
             paths = [p for p in (candidate / f"{base}.gz", candidate / base) if p.is_file()]
             found += paths[:1]
-        if len(found) == len(_IDX_FILES):
+            missing += [] if paths else [f"{base}.gz"]
+        if not missing:
             return candidate, found
-    raise _missing(name, searched)
+        if given and found:
+            raise FileNotFoundError(
+                f"{candidate} (named by {given}) holds only part of {name}: {', '.join(missing)} "
+                f"missing; run `qmse data download {name} --data-dir {resolve_data_dir(data_dir)}` "
+                f"or put the missing files there"
+            )
+    raise _missing(name, searched, given)
 
 
 # ---- IDX (MNIST, Fashion-MNIST) ----------------------------------------------------------
@@ -190,7 +220,8 @@ def _labels(labels: np.ndarray, where: str, num_classes: int, name: str) -> Tens
     return torch.from_numpy(labels)
 
 
-def _load_idx(name: str, data_dir: str | os.PathLike | None) -> Dataset:
+def _load_idx(name: str, data_dir: str | os.PathLike | None) -> tuple[Dataset, list[Path]]:
+    """The dataset and the files it was read from."""
     folder, paths = locate(name, data_dir)
     by_base = {p.name.removesuffix(".gz"): p for p in paths}
     num_classes = SOURCES[name].num_classes
@@ -211,9 +242,10 @@ def _load_idx(name: str, data_dir: str | os.PathLike | None) -> Dataset:
 
     train_images, train_labels = split("train")
     test_images, test_labels = split("t10k")
-    return Dataset(
+    dataset = Dataset(
         name, train_images, train_labels, test_images, test_labels, num_classes, str(folder)
     )
+    return dataset, paths
 
 
 # ---- CIFAR ---------------------------------------------------------------------------------
@@ -315,7 +347,8 @@ def _cifar_members(path: Path, name: str) -> dict[str, bytes]:
     return blobs
 
 
-def _load_cifar(name: str, data_dir: str | os.PathLike | None) -> Dataset:
+def _load_cifar(name: str, data_dir: str | os.PathLike | None) -> tuple[Dataset, list[Path]]:
+    """The dataset and the files it was read from (the archive, or the folder's members)."""
     path, _ = locate(name, data_dir)
     layout = _CIFAR[name]
     blobs = _cifar_members(path, name)
@@ -332,40 +365,84 @@ def _load_cifar(name: str, data_dir: str | os.PathLike | None) -> Dataset:
 
     train_images, train_labels = split(layout.train)
     test_images, test_labels = split(layout.test)
-    return Dataset(
+    dataset = Dataset(
         name, train_images, train_labels, test_images, test_labels, num_classes, str(path)
     )
+    read = [path / m for m in layout.train + layout.test] if path.is_dir() else [path]
+    return dataset, read
 
 
-def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Read dataset `name` from `<data dir>/<name>/` into tensors.
+def load(
+    name: str, data_dir: str | os.PathLike | None = None, *, allow_unverified: bool = False
+) -> Dataset:
+    """Read dataset `name` from `<data dir>/<name>/` (see `locate`) into tensors.
 
     MNIST-style: images (N, 1, 28, 28); CIFAR: (N, 3, 32, 32); uint8, labels int64. Files
-    are checked for structure (magic numbers, sizes, label counts and range), not MD5
-    (`status` does that). Missing files raise FileNotFoundError saying where to put them;
-    corrupt ones ValueError naming the file and the fix.
+    are checked for structure (magic numbers, sizes, label counts and range), then against
+    their published MD5 (`verify`): a file that differs (damaged, modified, another release)
+    is a ValueError unless `allow_unverified`. The Dataset records every file read, with its
+    MD5 and whether it verified, in `files`. Missing files raise FileNotFoundError saying
+    where to put them; corrupt ones ValueError naming the file and the fix.
     """
     check_name(name)
-    return _load_cifar(name, data_dir) if name in _CIFAR else _load_idx(name, data_dir)
+    if name in _CIFAR:
+        dataset, paths = _load_cifar(name, data_dir)
+    else:
+        dataset, paths = _load_idx(name, data_dir)
+    for path in paths:
+        verified = verify(name, path)
+        md5 = _digests(name, path)["md5"]
+        dataset.files[str(path.resolve())] = {"md5": md5, "verified": verified}
+        if verified is False and not allow_unverified:
+            raise ValueError(
+                f"{path}: MD5 {md5} is not the published one of {name} (the file differs from "
+                f"the official release: damaged, modified or another version); {_fix(name)}; "
+                f"or pass --allow-unverified-data (allow_unverified=True) to use it anyway, "
+                f"which the run records"
+            )
+    return dataset
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """The MD5 of a dataset's four tensors (shapes, dtypes and bytes of the train and test
+    images and labels): the identity of the data a run trains on, whatever the files'
+    compression, copy or folder. Any object with those four tensors will do."""
+    digest = hashlib.md5(usedforsecurity=False)
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        t = getattr(dataset, name).detach().cpu().contiguous()
+        digest.update(f"{name} {tuple(t.shape)} {t.dtype};".encode())
+        digest.update(t.numpy().reshape(-1).view(np.uint8))
+    return digest.hexdigest()
 
 
 # ---- verification ----------------------------------------------------------------------------
 
 
+def _digests(name: str, path: Path) -> dict[str, str]:
+    """{"md5": the file's MD5, "content_md5": for IDX files, the MD5 of the decompressed
+    bytes (absent if they cannot be decompressed)}, cached (`qmse.sources.digests`)."""
+
+    def compute(p: Path) -> dict[str, str]:
+        out = {"md5": file_md5(p)}
+        if name in IDX_CONTENT_MD5:
+            with contextlib.suppress(ValueError):
+                out["content_md5"] = bytes_md5(read_bytes(p, name))
+        return out
+
+    return digests(path, compute)
+
+
 def verify(name: str, path: Path) -> bool | None:
-    """Whether `path` is the published file: by its MD5, or for IDX files by the MD5 of its
-    content (a re-compressed or gunzipped copy counts). None where nothing is published
-    (an extracted CIFAR folder)."""
+    """Whether `path` is a published file of `name`: by its MD5 (the archive, an IDX .gz, a
+    member of an extracted CIFAR folder), or for IDX files by the MD5 of its content (a
+    re-compressed or gunzipped copy counts). None where nothing is published (a folder)."""
     if path.is_dir():
         return None
-    published = SOURCES[name].files.get(path.name)
-    if published is not None and file_md5(path) == published:
-        return True
+    published = SOURCES[name].files.get(path.name) or MEMBER_MD5.get(name, {}).get(path.name)
     content = IDX_CONTENT_MD5.get(name, {}).get(path.name.removesuffix(".gz"))
-    if content is None:
-        return False if published is not None else None
-    try:
-        data = read_bytes(path, name)
-    except ValueError:
-        return False
-    return hashlib.md5(data, usedforsecurity=False).hexdigest() == content
+    if published is None and content is None:
+        return None
+    found = _digests(name, path)
+    return found["md5"] == published or (
+        content is not None and found.get("content_md5") == content
+    )

@@ -17,15 +17,20 @@ from pathlib import Path
 
 from qmse.data import check_name, locate, resolve_data_dir, verify
 from qmse.runs import progress
-from qmse.sources import DATASETS, SOURCES, file_md5
+from qmse.sources import DATASETS, MEMBER_MD5, SOURCES, file_md5
 
 RETRY_WAIT_S = 1.0  # retry k of a mirror waits k * RETRY_WAIT_S seconds first
 _USER_AGENT = "qmse-data (python urllib)"
 
 
+class DownloadError(RuntimeError):
+    """No mirror delivered a file with the published MD5; the message says what to do."""
+
+
 def status(data_dir: str | os.PathLike | None = None) -> list[dict]:
     """One row per dataset for `qmse data list`: name, present, verified (True/False, or
-    None where no checksum is published), location, detail."""
+    None where no checksum is published), location, detail. An extracted CIFAR folder is
+    checked member by member."""
     rows = []
     for name in DATASETS:
         try:
@@ -42,14 +47,16 @@ def status(data_dir: str | os.PathLike | None = None) -> list[dict]:
                 )
             )
             continue
-        checks = {p: verify(name, p) for p in paths}
+        files = [p / m for p in paths if p.is_dir() for m in MEMBER_MD5.get(name, {})]
+        files += [p for p in paths if not p.is_dir()]
+        checks = {p: p.is_file() and verify(name, p) for p in files}
         bad = [p.name for p, ok in checks.items() if ok is False]
         if bad:
             verified, detail = False, f"MD5 mismatch: {', '.join(bad)}"
         elif None in checks.values():
-            verified, detail = None, "extracted folder: no published MD5 to check"
+            verified, detail = None, "no published MD5 to check"
         else:
-            verified, detail = True, f"{len(paths)} file(s) match the published MD5"
+            verified, detail = True, f"{len(files)} file(s) match the published MD5"
         rows.append(
             dict(name=name, present=True, verified=verified, location=str(location), detail=detail)
         )
@@ -130,7 +137,7 @@ def _fetch(
                 return
             part.unlink()
             errors.append(f"{url}: MD5 {got}, expected {md5} (corrupt transfer or wrong file)")
-    raise RuntimeError(
+    raise DownloadError(
         f"could not download {filename} for {name}:\n  "
         + "\n  ".join(errors)
         + f"\nPut the official files by hand in {dest.parent}/: "
@@ -160,7 +167,7 @@ def download(
     ignores it), checked against the published MD5, then renamed into place atomically. A
     mirror is retried `retries` times after a failed transfer, but dropped at once when it
     cannot be reached, so with no network this fails in about `timeout` seconds per mirror
-    (`timeout` also bounds each wait for data), with a RuntimeError that says where to put
+    (`timeout` also bounds each wait for data), with a DownloadError that says where to put
     the files by hand.
     """
     check_name(name)

@@ -1,16 +1,27 @@
-"""The datasets' official files: their names, published MD5s and mirrors, and the MD5 of a file.
+"""The datasets' official files (names, published MD5s, mirrors) and the MD5s of a file on disk.
 
 The published values are those of the datasets' own pages and of torchvision. IDX files also
 have the MD5 of their decompressed content, so that a re-compressed copy (Debian's
 Fashion-MNIST .gz files differ from the published ones byte for byte, not in content) or a
-gunzipped one is recognised.
+gunzipped one is recognised; the members of the CIFAR archives have theirs, so that an
+extracted folder is checked too.
+
+A file is hashed once: `digests` keeps its MD5s in a JSON file in the user's cache folder
+(`md5_cache_path()`), keyed by the file's absolute path, size and modification time, and
+hashes it again when any of them changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+
+from qmse.runs import atomic_write
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 
@@ -77,6 +88,34 @@ IDX_CONTENT_MD5: dict[str, dict[str, str]] = {
 }
 
 
+# MD5s of the members of the CIFAR archives (their extracted folders), as torchvision lists them.
+MEMBER_MD5: dict[str, dict[str, str]] = {
+    "cifar10": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+    },
+    "cifar100": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    },
+}
+
+
+def md5_cache_path() -> Path:
+    """The file of cached MD5s: `$XDG_CACHE_HOME/qmse/md5sums.json`, else
+    `~/.cache/qmse/md5sums.json`."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qmse" / "md5sums.json"
+
+
+def bytes_md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
 def file_md5(path: Path) -> str:
     """The MD5 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.md5(usedforsecurity=False)
@@ -84,3 +123,26 @@ def file_md5(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def digests(path: Path, compute: Callable[[Path], dict[str, str]]) -> dict[str, str]:
+    """`compute(path)` (a dict of MD5s, e.g. {"md5": ..., "content_md5": ...}) from the cache
+    file when it holds an entry for this path, size and modification time, else computed
+    and stored. The cache is an optimisation: an unreadable or unwritable one is ignored."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    cache_file = md5_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["digests"]
+    result = compute(path)
+    cache[key] = {"stamp": stamp, "digests": result}
+    with contextlib.suppress(OSError):
+        atomic_write(cache_file, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    return result
