@@ -81,11 +81,12 @@ def test_qmse_escapes_mse_stationary_point_of_least_squares():
     w = torch.linalg.lstsq(A, y.unsqueeze(-1)).solution.squeeze(-1).requires_grad_()
     r = (y - A @ w).detach()
     assert r.norm() > 0.5
-    (mse_grad,) = torch.autograd.grad(mse_loss_half(A @ w, y), w)
+    f, t = (A @ w).unsqueeze(0), y.unsqueeze(0)  # one sample of C outputs: (1, C)
+    (mse_grad,) = torch.autograd.grad(mse_loss_half(f, t), w, retain_graph=True)
     assert mse_grad.norm() < 1e-12
 
     v = sample_directions(1, C, generator=g, dtype=torch.float64)[0]
-    (grad,) = torch.autograd.grad(qmse_loss(A @ w, y, v=v), w)
+    (grad,) = torch.autograd.grad(qmse_loss(f, t, v=v.unsqueeze(0)), w)
     expected = -A.T @ v * (r @ r + v @ r)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
     assert grad.norm() > 1e-3
@@ -184,9 +185,34 @@ def test_closed_forms_of_per_sample_losses():
     torch.testing.assert_close(
         expected_qmse_loss(out, y, reduction="none"), s**2 / 4 + s / 6, rtol=1e-12, atol=0
     )
-    # A single sample of shape (C,) gives a 0-d per-sample loss.
-    assert qmse_loss(out[0], y[0], v=v[0], reduction="none").shape == ()
-    torch.testing.assert_close(qmse_loss(out[0], y[0], v=v[0]), quad[0])
+    # One sample is a batch of one: (1, C).
+    assert qmse_loss(out[:1], y[:1], v=v[:1], reduction="none").shape == (1,)
+    torch.testing.assert_close(qmse_loss(out[:1], y[:1], v=v[:1]), quad[0])
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_1d_input_is_refused_with_both_ways_to_pass_it(name):
+    """f of shape (8,) is N = 8 scalar outputs or one sample of C = 8: different losses (for
+    QMSE, 8 directions on {±1} or one on S^7), so neither is guessed."""
+    g = torch.Generator().manual_seed(10)
+    f, y = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    for call in (
+        lambda: qmse_loss(f, y, generator=g),
+        lambda: qmse_loss(f, y, v=F.normalize(torch.randn(8, generator=g), dim=0)),
+        lambda: get_loss(name)(f, y, generator=g),
+        lambda: get_loss(name).value(f, y),
+        lambda: QMSELoss()(f, y),
+    ):
+        with pytest.raises(ValueError, match=r"unsqueeze\(-1\) of shape \(8, 1\).*\(1, 8\)"):
+            call()
+    # both explicit forms work and differ: 8 samples with C = 1 against one with C = 8
+    v8 = sample_directions(8, 1, generator=torch.Generator().manual_seed(0))  # (8, 1): ±1
+    column = qmse_loss(f.unsqueeze(-1), y.unsqueeze(-1), v=v8)
+    r = (y - f).unsqueeze(-1)
+    ref = (0.5 * ((r + v8) * r).sum(-1) ** 2).mean()
+    torch.testing.assert_close(column, ref)
+    row = qmse_loss(f.unsqueeze(0), y.unsqueeze(0), generator=torch.Generator().manual_seed(0))
+    assert row.shape == () and not torch.isclose(row, column)
 
 
 def test_batch_scope_uses_one_direction_for_the_flattened_residual():

@@ -37,13 +37,11 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _prepare(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate (input, target) and return both as (N, C) float tensors in ≥ float32.
-
-    `input` is (N, C) or (C,); `target` has its shape, or holds int class indices of shape
-    input.shape[:-1]. Only shapes and dtypes are checked, except class indices on the CPU
-    (free there); on an accelerator an out-of-range index is caught by an async assert.
-    """
+def _check_input(input: Tensor, target: Tensor) -> None:
+    """Both tensors, input floating (N, C) with N, C >= 1. A 1-D input is refused rather than
+    guessed: (N,) could be N scalar outputs or one sample of C outputs, two different losses
+    (QMSE draws one direction per sample), the trap of torch.nn's losses (pytorch issues
+    16045, 16413); the message says how to pass either."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError(
             f"input and target must be torch.Tensors, got {type(input).__name__} and "
@@ -54,17 +52,36 @@ def _prepare(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
             f"input must be a floating-point tensor (the model's output), got dtype "
             f"{input.dtype}; convert it with input.float()"
         )
-    if input.dim() not in (1, 2):
+    if input.dim() == 1:
+        (n,) = input.shape
         raise ValueError(
-            f"input must be (N, C) or (C,), got shape {tuple(input.shape)}; flatten extra "
+            f"input has shape ({n},): 1-D is ambiguous; pass N = {n} scalar outputs as "
+            f"input.unsqueeze(-1) of shape ({n}, 1) (with target.unsqueeze(-1) for float "
+            f"targets), or one sample of C = {n} outputs as input.unsqueeze(0) of shape (1, {n})"
+        )
+    if input.dim() != 2:
+        raise ValueError(
+            f"input must be (N, C), got shape {tuple(input.shape)}; flatten extra "
             f"dimensions into the batch with input.reshape(-1, C)"
         )
     C = input.size(-1)
     if C == 0:
         raise ValueError(f"input has C = 0 outputs (shape {tuple(input.shape)}); need C >= 1")
-    if input.dim() == 2 and input.size(0) == 0:
+    if input.size(0) == 0:
         raise ValueError(f"input is an empty batch (shape {tuple(input.shape)}); need N >= 1")
-    x = _at_least_float32(input).reshape(-1, C)  # (N, C)
+
+
+def _prepare(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate (input, target) and return both as (N, C) float tensors in ≥ float32.
+
+    `input` is (N, C), one row per sample (`_check_input`); `target` has its shape, or holds
+    int class indices of shape (N,). Only shapes and dtypes are checked, except class
+    indices on the CPU (free there); on an accelerator an out-of-range index is caught by an
+    async assert.
+    """
+    _check_input(input, target)
+    C = input.size(-1)
+    x = _at_least_float32(input)  # (N, C)
 
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target has dtype {target.dtype}; expected floating or int64 classes")
@@ -98,12 +115,12 @@ def _prepare(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return x, onehot
 
 
-def _reduce(per_sample: Tensor, reduction: str, one_sample: bool) -> Tensor:
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
         return per_sample.sum()
-    return per_sample[0] if one_sample else per_sample
+    return per_sample
 
 
 def sample_directions(
@@ -160,10 +177,11 @@ def qmse_loss(
 ) -> Tensor:
     """QMSE loss ½‖y − f‖²_Q with Q = (r + v)(r + v)ᵀ held constant (paper eqs. 6-8).
 
-    input: (N, C) or (C,) model outputs. target: same shape, or int64 class indices of shape
-    input.shape[:-1] (made one-hot with C = input.size(-1)).
+    input: (N, C) model outputs, one row per sample; a 1-D input is an error (pass N scalar
+    outputs as (N, 1), one sample of C outputs as (1, C)). target: same shape, or int64
+    class indices of shape (N,) (made one-hot with C = input.size(-1)).
     scope="sample" (the paper's method, one sample at a time): one independent v per sample,
-    drawn from `generator` (or the global RNG) unless given as `v` of shape (N, C) / (C,).
+    drawn from `generator` (or the global RNG) unless given as `v` of shape (N, C).
     scope="batch" is a different method: one v on the unit sphere of R^{N·C} for the whole
     flattened batch residual R, loss ½⟨R + v, R⟩²; `v` then has input's shape,
     reduction="sum" returns that value, "mean" divides it by N, "none" is not defined.
@@ -172,6 +190,7 @@ def qmse_loss(
     """
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("scope", scope, SCOPES)
+    _check_input(input, target)  # before v is checked against input's shape
     if scope == "batch":
         x, t = _prepare(input, target)
         r = t - x  # (N, C)
@@ -279,7 +298,7 @@ class Loss:
                     f"noise has shape {tuple(noise.shape)}; expected input's {tuple(input.shape)}"
                 )
             noise = noise.reshape(x.shape).to(x)
-        return _reduce(self.per_sample(x, t, noise), reduction, input.dim() == 1)
+        return _reduce(self.per_sample(x, t, noise), reduction)
 
     def value(self, input: Tensor, target: Tensor, **params: float) -> Tensor:
         """(N,) per-sample value without randomness: `mean` for a random loss, else the loss."""
