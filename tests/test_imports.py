@@ -1,5 +1,6 @@
 """The package's source read as a whole (ast, nothing imported): the import graph of qmse's
-modules has no cycle, and no function imports anything except optional extras."""
+modules has no cycle, no function imports anything except optional extras, and every
+torch.load passes weights_only=True."""
 
 from __future__ import annotations
 
@@ -178,3 +179,62 @@ def test_no_function_local_imports_except_optional_extras(name):
         if not _optional(node)
     ]
     assert not local, "imports inside functions (move them to the top):\n" + "\n".join(local)
+
+
+def torch_load_calls(tree: ast.Module) -> list[ast.Call]:
+    """Calls of torch.load, also through `from torch import load [as x]` or `import torch as t`."""
+    torch_names, load_names = {"torch"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            torch_names |= {a.asname for a in node.names if a.name == "torch" and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+            load_names |= {a.asname or a.name for a in node.names if a.name == "load"}
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (
+            (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in torch_names
+            )
+            or (isinstance(node.func, ast.Name) and node.func.id in load_names)
+        )
+    ]
+
+
+def _weights_only(call: ast.Call) -> bool:
+    return any(
+        k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+        for k in call.keywords
+    )
+
+
+def test_the_torch_load_scan_sees_every_spelling():
+    tree = ast.parse(
+        "import torch\nimport torch as t\nfrom torch import load as L\n"
+        "torch.load(p, weights_only=True)\nt.load(p)\nL(p, weights_only=False)\nnp.load(p)\n"
+    )
+    calls = torch_load_calls(tree)
+    assert [ast.unparse(c) for c in calls] == [
+        "torch.load(p, weights_only=True)",
+        "t.load(p)",
+        "L(p, weights_only=False)",
+    ]
+    assert [_weights_only(c) for c in calls] == [True, False, False]
+
+
+def test_every_torch_load_passes_weights_only_true():
+    """A checkpoint must never run code: torch.load without weights_only=True obeys
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 and unpickles anything."""
+    unsafe = []
+    for path in modules().values():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        unsafe += [
+            f"{path.relative_to(SRC)}:{c.lineno}: {ast.unparse(c)}"
+            for c in torch_load_calls(tree)
+            if not _weights_only(c)
+        ]
+    assert not unsafe, "torch.load without weights_only=True:\n" + "\n".join(unsafe)

@@ -29,12 +29,9 @@ from qmse.rundir import (
     prepare_data,
     subseed,
 )
+from qmse.runs import DirectoryBusyError
 from qmse.stacked import train_many
 from qmse.train import METRIC_KEYS, evaluate, train_run
-
-
-def without_wall(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
 def test_subseed_is_deterministic_and_separates_streams():
@@ -164,7 +161,7 @@ def test_first_epoch_matches_a_hand_written_loop(tmp_path, loss):
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     row = rows[0]
-    assert set(METRIC_KEYS) | {"wall_s"} == set(row)
+    assert set(METRIC_KEYS) == set(row)
     assert row["running_train_acc"] == correct / 96
     assert math.isclose(row["grad_norm"], sum(norms) / len(norms), rel_tol=1e-5)
     assert math.isclose(row["running_train_loss"], loss_sum / 96, rel_tol=1e-5)
@@ -217,17 +214,30 @@ def test_run_directory_contract(tmp_path):
     assert evaluate(model, d.x_test, d.y_test, "qmse")["acc"] == rows[-1]["test_acc"]
 
 
-def test_existing_run_needs_resume_and_the_same_settings(tmp_path):
+def test_an_existing_run_continues_with_the_same_settings_and_data_only(tmp_path, capsys):
     ds = tiny_dataset()
-    first = train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)
-    with pytest.raises(ValueError, match="resume"):
+    first = train_run(tiny_config(epochs=1), tmp_path, dataset=ds)
+    assert train_run(tiny_config(epochs=1), tmp_path, dataset=ds) == first  # finished: as is
+    assert "the run is finished (1 epochs)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"other settings: lr 0.05 there, 0.1 now, seed 0 th"):
+        train_run(tiny_config(epochs=2, lr=0.1, seed=1), tmp_path, dataset=ds, quiet=True)
+    other = tiny_dataset()
+    other.train_labels[:10] = (other.train_labels[:10] + 1) % 3  # poisoned labels
+    with pytest.raises(ValueError, match="trained on other data: fingerprint"):
+        train_run(tiny_config(epochs=2), tmp_path, dataset=other, quiet=True)
+    extended = train_run(tiny_config(epochs=2), tmp_path, dataset=ds)
+    assert "continuing the run from epoch 1 of 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"holds 2 epochs, more than epochs=1.*--epochs 2 or more"):
         train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)
-    with pytest.raises(ValueError, match="lr"):
-        train_run(tiny_config(epochs=2, lr=0.1), tmp_path, dataset=ds, quiet=True, resume=True)
-    assert train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True, resume=True) == first
-    extended = train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True, resume=True)
     fresh = train_run(tiny_config(epochs=2), tmp_path / "fresh", dataset=ds, quiet=True)
-    assert without_wall(extended) == without_wall(fresh)
+    assert extended == fresh
+    assert (tmp_path / "metrics.jsonl").read_bytes() == (
+        tmp_path / "fresh/metrics.jsonl"
+    ).read_bytes()
+    timings = runs.read_jsonl(tmp_path / "timings.jsonl")
+    assert [t["epoch"] for t in timings] == [1, 2] and all(t["wall_s"] > 0 for t in timings)
+    config = runs.load_json(tmp_path / "config.json")
+    assert config["epochs"] == 2 and len(config["resumed"]) == 1
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -237,13 +247,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ckpt["model"]["fc2.bias"][0] = math.inf  # the next epoch's loss is non-finite
     runs.save_torch(tmp_path / "checkpoint.pt", ckpt)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(NonFiniteLossError, match="epoch 2.*lr"):
-        train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True, resume=True)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*lr.*epoch \(1\) is kept.*another"):
+        train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert len(runs.read_jsonl(tmp_path / "metrics.jsonl")) == 1
     assert runs.load_json(tmp_path / "diverged.json")["epoch"] == 2
     with pytest.raises(NonFiniteLossError):  # remembered: not retried
-        train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True, resume=True)
+        train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True)
+    with pytest.raises(ValueError, match=r"other settings \(it diverged in epoch 2\): lr"):
+        train_run(tiny_config(epochs=2, lr=0.01), tmp_path, dataset=ds, quiet=True)
+
+
+def test_a_diverged_first_epoch_does_not_block_a_corrected_lr(tmp_path):
+    ds = tiny_dataset()
+    with pytest.raises(NonFiniteLossError, match=r"nothing was saved.*smaller --lr \(here"):
+        train_run(tiny_config(loss="mse", lr=1e6), tmp_path, dataset=ds, quiet=True)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    with pytest.raises(NonFiniteLossError, match="nothing was saved"):  # the same settings
+        train_run(tiny_config(loss="mse", lr=1e6), tmp_path, dataset=ds, quiet=True)
+    rows = train_run(tiny_config(loss="mse", lr=0.05), tmp_path, dataset=ds, quiet=True)
+    assert len(rows) == 2 and not (tmp_path / "diverged.json").exists()
+    assert runs.load_json(tmp_path / "config.json")["lr"] == 0.05
 
 
 CHILD = textwrap.dedent(
@@ -273,14 +297,16 @@ CHILD = textwrap.dedent(
             return bar
         runs.progress = progress
     cfg = tiny_config(epochs=3)
-    train.train_run(cfg, out, dataset=tiny_dataset(), quiet=True, resume=(mode == "resume"))
-    if mode == "resume":
+    train.train_run(cfg, out, dataset=tiny_dataset(), quiet=True)
+    if mode == "again":
         train.train_run(cfg, out.parent / "uninterrupted", dataset=tiny_dataset(), quiet=True)
     """
 )
 
 
-def test_sigkill_mid_epoch_then_resume_gives_identical_metrics(tmp_path):
+def test_sigkill_mid_epoch_then_a_rerun_gives_byte_identical_metrics(tmp_path):
+    """kill -9 in epoch 2 of 3; the same call again continues on its own (no flag) and
+    writes metrics.jsonl byte for byte as an uninterrupted run (timings go elsewhere)."""
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(TESTS)))
     run, marker = tmp_path / "killed", tmp_path / "marker"
@@ -290,17 +316,20 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_metrics(tmp_path):
         while not marker.exists():
             assert child.poll() is None, "child exited before reaching epoch 2"
             time.sleep(0.05)
+        other = tiny_config(loss="mse", seed=2, lr=0.01, epochs=3)  # a second writer
+        with pytest.raises(DirectoryBusyError, match=rf"{run} is being written by pid {child.pid}"):
+            train_run(other, run, dataset=tiny_dataset(), quiet=True)
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=60) == -signal.SIGKILL
     finally:
         if child.poll() is None:
             child.kill()
     assert len(runs.read_jsonl(run / "metrics.jsonl")) == 1  # epoch 1 saved, 2 lost
-    subprocess.run([sys.executable, script, "resume", run, marker], env=env, check=True)
-    resumed = runs.read_jsonl(run / "metrics.jsonl")
-    uninterrupted = runs.read_jsonl(tmp_path / "uninterrupted" / "metrics.jsonl")
-    assert len(resumed) == 3
-    assert without_wall(resumed) == without_wall(uninterrupted)
+    subprocess.run([sys.executable, script, "again", run, marker], env=env, check=True)
+    resumed = (run / "metrics.jsonl").read_bytes()
+    assert resumed == (tmp_path / "uninterrupted" / "metrics.jsonl").read_bytes()
+    assert len(runs.read_jsonl(run / "metrics.jsonl")) == 3
+    assert [t["epoch"] for t in runs.read_jsonl(run / "timings.jsonl")] == [1, 2, 3]
     assert len(runs.load_json(run / "config.json")["resumed"]) == 1
 
 
@@ -320,7 +349,7 @@ def test_train_many_matches_separate_runs(tmp_path, batching):
     for m, cfg in enumerate(configs):
         alone = train_run(cfg, tmp_path / f"s{m}", dataset=ds, quiet=True)
         assert [r["epoch"] for r in many[m]] == [1, 2]
-        for a, b in zip(without_wall(many[m]), without_wall(alone)):
+        for a, b in zip(many[m], alone):
             for key in METRIC_KEYS:
                 assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (m, key)
         assert runs.read_jsonl(tmp_path / f"v{m}" / "metrics.jsonl") == many[m]
@@ -336,18 +365,14 @@ def test_train_many_resumes_and_its_runs_resume_alone(tmp_path):
     dirs = [tmp_path / "a", tmp_path / "b"]
     train_many(configs, dirs, dataset=ds, quiet=True)
     longer = [dataclasses.replace(c, epochs=3) for c in configs]
-    resumed = train_many(longer, dirs, dataset=ds, quiet=True, resume=True)
+    resumed = train_many(longer, dirs, dataset=ds, quiet=True)
     fresh = train_run(longer[1], tmp_path / "fresh", dataset=ds, quiet=True)
-    for a, b in zip(without_wall(resumed[1]), without_wall(fresh)):
+    for a, b in zip(resumed[1], fresh):
         assert all(math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6) for k in METRIC_KEYS)
-    alone = train_run(
-        dataclasses.replace(configs[0], epochs=4), dirs[0], dataset=ds, quiet=True, resume=True
-    )
+    alone = train_run(dataclasses.replace(configs[0], epochs=4), dirs[0], dataset=ds, quiet=True)
     assert [r["epoch"] for r in alone] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="epoch"):
-        train_many(
-            [dataclasses.replace(c, epochs=5) for c in configs], dirs, dataset=ds, resume=True
-        )
+        train_many([dataclasses.replace(c, epochs=5) for c in configs], dirs, dataset=ds)
     with pytest.raises(ValueError, match="batch_size"):
         train_many([configs[0], tiny_config(batch_size=8)], [tmp_path / "c", tmp_path / "d"])
     with pytest.raises(ValueError, match="batching"):
@@ -373,6 +398,6 @@ def test_resample_null_never_fires_with_an_output_bias(tmp_path):
         tiny_config(epochs=1, resample_null=True), tmp_path / "checked", dataset=data, quiet=True
     )
     assert [r.pop("resampled_v") for r in checked] == [0]
-    assert without_wall(checked) == without_wall(plain)
+    assert (checked) == (plain)
     with pytest.raises(ValueError, match="resample_null"):
         train_many([tiny_config(resample_null=True)], [tmp_path / "many"], dataset=data)

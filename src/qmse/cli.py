@@ -11,11 +11,13 @@ import torch
 from qmse import convexity, diagnose
 from qmse.data import DATASETS
 from qmse.distributed import init_distributed, is_main
-from qmse.download import download, status
+from qmse.download import DownloadError, download, status
 from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
 from qmse.loss import LOSSES
 from qmse.reproduce import grid_configs, run_grid
-from qmse.rundir import TrainConfig, resolve_device, run_name
+from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device, run_name
+from qmse.runs import DirectoryBusyError, describe_os_error
+from qmse.sweep import MissingExtraError
 from qmse.symmetry import count_equivalent, permute, worked_example
 from qmse.train import PAPER_LR, train_run
 
@@ -39,6 +41,14 @@ def _add_backend_args(p: argparse.ArgumentParser, ray_unit: str) -> None:
     p.add_argument("--gpus-per-task", type=float, default=0, help="Ray: GPUs per task (0.25 ok)")
 
 
+def _add_unverified(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-unverified-data",
+        action="store_true",
+        help="train on data files whose MD5 is not the published one (recorded in config.json)",
+    )
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     """`qmse demo`: `qmse reproduce` on Fashion-MNIST in about 4 minutes on 2 CPU cores."""
     p = sub.add_parser(
@@ -54,6 +64,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-subset", type=int, default=2000, help="first N test images")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:0, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_unverified(p)
 
     def run(args: argparse.Namespace) -> int:
         configs = grid_configs(
@@ -63,6 +74,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             train_subset=args.train_subset,
             test_subset=args.test_subset,
             data_dir=args.data_dir,
+            allow_unverified_data=args.allow_unverified_data,
         )
         paths = run_grid(configs, args.out, device=args.device, quiet=args.quiet)
         print(f"figure: {paths['figure']}")
@@ -130,6 +142,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--test-subset", type=int, default=None, help="first N test images")
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:0, ...")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_unverified(p)
 
     p = sub.add_parser(
         "train", help="train one SimpleCNN run into a run directory", formatter_class=Formatter
@@ -154,7 +167,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=int, nargs=2, default=[32, 64], help="conv widths")
     p.add_argument("--hidden", type=int, default=128, help="hidden linear width")
     p.add_argument("--out", default=None, help="run directory; default runs/<dataset>/<run name>")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="accepted and ignored: a run in --out with the same settings and data always "
+        "continues (a finished one returns at once); other settings are refused",
+    )
     p.add_argument(
         "--resample-null",
         action="store_true",
@@ -177,10 +195,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             channels=tuple(args.channels),
             hidden=args.hidden,
             resample_null=args.resample_null,
+            allow_unverified_data=args.allow_unverified_data,
         )
         out = args.out or f"runs/{args.dataset}/{run_name(cfg)}"
         device = init_distributed(resolve_device(args.device))  # under torchrun: join, pick GPU
-        rows = train_run(cfg, out, device=device, resume=args.resume, quiet=args.quiet)
+        rows = train_run(cfg, out, device=device, quiet=args.quiet)
         last = rows[-1]
         if is_main():
             print(
@@ -219,6 +238,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             train_subset=args.train_subset,
             test_subset=args.test_subset,
             data_dir=args.data_dir,
+            allow_unverified_data=args.allow_unverified_data,
         )
         out = args.out or f"runs/reproduce-{args.dataset}"
         paths = run_grid(
@@ -526,12 +546,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. What the user or the environment got wrong (bad arguments, a run
+    directory of another run or kind or in use, data that does not verify, a missing device,
+    a full disk, no permission, a damaged file) ends in one line naming the file and the fix,
+    exit status 2; a bug still shows its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"qmse {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"qmse {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # FileNotFoundError, PermissionError, ENOSPC, ...
+        message = describe_os_error(e) if e.errno is not None else str(e)
+    except (
+        ValueError,
+        NonFiniteLossError,
+        DirectoryBusyError,
+        DownloadError,
+        MissingExtraError,
+        torch.cuda.OutOfMemoryError,
+    ) as e:
+        message = str(e)
+    print(f"qmse {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -21,9 +21,15 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from qmse import data as qdata
 from qmse import runs
-from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device, run_name
+from qmse.rundir import (
+    NonFiniteLossError,
+    TrainConfig,
+    differing_keys,
+    load_dataset,
+    resolve_device,
+    run_name,
+)
 from qmse.stacked import train_many
 from qmse.stats import mean_ci, mean_std
 from qmse.sweep import run_tasks, train_task
@@ -51,6 +57,7 @@ def grid_configs(
     train_subset: int | None = None,
     test_subset: int | None = None,
     data_dir: str | None = None,
+    allow_unverified_data: bool = False,
 ) -> list[TrainConfig]:
     """The grid's run configs: losses × momenta × seeds 0..seeds−1, at the paper's learning
     rate for `dataset` (PAPER_LR) unless `lr` is given."""
@@ -73,6 +80,7 @@ def grid_configs(
             batch_size=batch_size,
             epochs=epochs,
             seed=seed,
+            allow_unverified_data=allow_unverified_data,
         )
         for seed in range(seeds)  # seed-major: an interrupted grid has whole seeds
         for momentum in MOMENTA
@@ -94,7 +102,9 @@ def run_grid(
     quiet: bool = False,
 ) -> dict[str, Path]:
     """Train every config into `out_dir/<run_name>` (finished runs are skipped, unfinished
-    ones resumed), then write figure.png and report.md; returns their paths.
+    ones continued), then write figure.png and report.md; returns their paths. `out_dir`
+    is claimed as a grid (`qmse.runs.claim`) for the whole call; a run in it that holds
+    other settings is refused before anything is trained.
 
     `backend="ray"` trains each group of runs as a Ray task (`qmse.sweep.run_tasks`: the
     cluster at `address`, else a local one; `cpus_per_task` CPUs and `gpus_per_task` GPUs
@@ -109,11 +119,33 @@ def run_grid(
         raise ValueError(f"parallel={parallel}; expected a positive number of runs at once")
     if backend != "local" and dataset is not None:
         raise ValueError("dataset= is for backend='local'; Ray workers load it from data_dir")
-    kw = {"resume": True, "quiet": quiet}
+    if not configs:
+        raise ValueError("configs is empty; grid_configs makes the paper's grid")
     out, remote_device = Path(out_dir), str(device)
-    device = resolve_device(str(device))
+    # Ray workers resolve `device` themselves; this process only writes files then
+    device = resolve_device(device) if backend == "local" else torch.device("cpu")
     if dataset is None and backend == "local":
-        dataset = qdata.load(configs[0].dataset, configs[0].data_dir)
+        dataset = load_dataset(configs[0])
+    with runs.claim(out, "grid", recognise=lambda d: (d / "grid.json").exists()):
+        return _run_grid(configs, out, dataset, device, remote_device, parallel, backend, address,
+                         cpus_per_task, gpus_per_task, quiet)  # fmt: skip
+
+
+def _run_grid(
+    configs: Sequence[TrainConfig],
+    out: Path,
+    dataset: Any,
+    device: torch.device,
+    remote_device: str,
+    parallel: int,
+    backend: str,
+    address: str | None,
+    cpus_per_task: float,
+    gpus_per_task: float,
+    quiet: bool,
+) -> dict[str, Path]:
+    """run_grid's work once its directory is claimed."""
+    groups = _groups(configs, out, parallel)  # checks the runs already there first
     runs.save_json(
         out / "grid.json",
         {
@@ -130,7 +162,7 @@ def run_grid(
                 "out_dirs": [str(out / run_name(c)) for c in group],
                 "device": remote_device,
             }
-            for group in _groups(configs, out, parallel)
+            for group in groups
         ]
         run_tasks(
             train_task,
@@ -142,8 +174,11 @@ def run_grid(
             quiet=quiet,
             desc="grid",
         )
+    if backend != "local":  # what the tasks left: diverged runs only, or nothing
+        groups = _groups(configs, out, parallel)
+    kw = {"quiet": quiet}
     bar = runs.progress(total=len(configs), quiet=quiet, desc="grid", unit="run")
-    for group in _groups(configs, out, parallel):
+    for group in groups:
         dirs = [out / run_name(c) for c in group]
         try:
             if len(group) == 1:
@@ -178,8 +213,7 @@ def _groups(configs: Sequence[TrainConfig], out: Path, parallel: int) -> list[li
         if (run / "config.json").exists():
             saved = runs.load_json(run / "config.json")
             wanted = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists
-            skip = ("epochs", "data_dir")
-            if diff := [k for k in wanted if k not in skip and saved.get(k) != wanted[k]]:
+            if diff := [k for k in differing_keys(saved, wanted) if k != "model"]:
                 settings = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
                 raise ValueError(
                     f"{run} holds a run with other settings ({settings}); use another "
@@ -196,18 +230,20 @@ def _groups(configs: Sequence[TrainConfig], out: Path, parallel: int) -> list[li
 
 
 def load_results(out_dir: str | Path, configs: Sequence[TrainConfig]) -> list[dict]:
-    """One entry per config: its settings, metric rows, whether it diverged, and whether it
-    is complete (finished all its epochs without diverging; only those enter figure and
-    tables)."""
+    """One entry per config: its settings, metric rows, seconds of its epochs (timings.jsonl),
+    whether it diverged, and whether it is complete (finished all its epochs without
+    diverging; only those enter figure and tables)."""
     out = Path(out_dir)
     results = []
     for cfg in configs:
         rows = runs.read_jsonl(out / run_name(cfg) / "metrics.jsonl")
+        timings = runs.read_jsonl(out / run_name(cfg) / "timings.jsonl")
         diverged = (out / run_name(cfg) / "diverged.json").exists()
         results.append(
             {
                 "config": cfg,
                 "rows": rows[: cfg.epochs],
+                "wall_s": sum(t["wall_s"] for t in timings[: cfg.epochs]),
                 "diverged": diverged,
                 "complete": len(rows) >= cfg.epochs and not diverged,
             }
@@ -319,7 +355,7 @@ def write_report(results: list[dict], path: str | Path) -> Path:
     cfg = results[0]["config"]
     losses = [loss for loss in _STYLE if any(r["config"].loss == loss for r in results)]
     momenta = sorted({r["config"].momentum for r in results})
-    wall = sum(row["wall_s"] for r in results for row in r["rows"])
+    wall = sum(r["wall_s"] for r in results)
     seeds = sorted({r["config"].seed for r in results})
     subset = f"first {cfg.train_subset}" if cfg.train_subset else "all"
     test = f"first {cfg.test_subset}" if cfg.test_subset else "all"

@@ -1,16 +1,23 @@
 """The run directory: what a training run is (its config) and the files it leaves.
 
 A run directory holds
-    config.json     the resolved TrainConfig, the model's constructor arguments, provenance
-    metrics.jsonl   one row per epoch (train.METRIC_KEYS, plus "wall_s", the epoch's seconds)
-    checkpoint.pt   model, optimizer, both generators' states, epoch and the metric rows
+    kind.json       {"kind": "train-run"} (`qmse.runs.claim`; .lock is the writer's lock)
+    config.json     the resolved TrainConfig, the model's constructor arguments, the data
+                    read (path, each file's MD5, a fingerprint of the tensors), provenance
+    metrics.jsonl   one row per epoch (train.METRIC_KEYS): a function of the config alone,
+                    so byte-identical whether or not the run was killed and continued
+    timings.jsonl   one row per epoch: {"epoch", "wall_s"}, the epoch's seconds
+    checkpoint.pt   model, optimizer, both generators' states, the metric and timing rows
     diverged.json   written instead of a new epoch when the loss became non-finite
-all written atomically. Every analysis (diagnose, landscape, symmetry) reads runs through
-`load_run` and rebuilds their data with `prepare_data`, so none of them imports the trainer.
+all written atomically. A run continues from its checkpoint when the same config (epochs
+aside) and the same data come again; anything else is refused with what differs. Every
+analysis (diagnose, landscape, symmetry) reads runs through `load_run` and rebuilds their
+data with `prepare_data`, so none of them imports the trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -49,6 +56,7 @@ class TrainConfig:
     channels: tuple[int, int] = (32, 64)  # SimpleCNN conv widths (the paper gives none)
     hidden: int = 128  # SimpleCNN hidden linear width
     resample_null: bool = False  # sec. 3.1: redraw QMSE's v_i while ‖J_iᵀv_i‖ ≤ 1e-6 (3 tries)
+    allow_unverified_data: bool = False  # train on files whose MD5 is not the published one
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -106,11 +114,28 @@ def _check_loss_params(spec: Loss, params: Mapping[str, Any]) -> dict[str, float
     return out
 
 
-def resolve_device(device: str) -> torch.device:
-    """ "auto" → CUDA when available, else CPU; anything else as torch.device."""
-    if device == "auto":
+def resolve_device(device: str | torch.device) -> torch.device:
+    """ "auto" → CUDA when available, else CPU; anything else as torch.device, checked to
+    exist: a CUDA device that is not visible is a ValueError saying what to use instead."""
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device {device!r} is not a torch device: use cpu, cuda, cuda:0 or auto"
+        ) from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device}: no CUDA device is visible (torch {torch.__version__}, built "
+                f"for CUDA {torch.version.cuda}); use --device cpu, or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    return device
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -150,6 +175,25 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x - mean.to(x).view(shape)) / std.to(x).clamp_min(1e-8).view(shape)
 
 
+def load_dataset(cfg: TrainConfig) -> qdata.Dataset:
+    """cfg's dataset read from disk (`qmse.data.load`), every file checked against its
+    published MD5 unless cfg.allow_unverified_data."""
+    if cfg.allow_unverified_data:
+        return qdata.load(cfg.dataset, cfg.data_dir, allow_unverified=True)
+    return qdata.load(cfg.dataset, cfg.data_dir)
+
+
+def data_record(dataset: Any) -> dict[str, Any]:
+    """What config.json records of the data a run read: the folder or archive, each file's
+    MD5 and whether it verified (a qmse.data.Dataset; none for data given in memory), and
+    the fingerprint of the tensors."""
+    return {
+        "path": getattr(dataset, "source", "") or None,
+        "files": dict(getattr(dataset, "files", {}) or {}),
+        "fingerprint": qdata.fingerprint(dataset),
+    }
+
+
 def prepare_data(
     source: Any,
     device: torch.device | str = "cpu",
@@ -160,14 +204,24 @@ def prepare_data(
     """Training tensors on `device` from a `qmse.data.Dataset`, or from a run's config.
 
     `source` is a Dataset, or a config (TrainConfig, or the dict of a config.json); a config
-    loads its dataset with `qmse.data.load(dataset, data_dir)` and uses its subsets.
+    loads its dataset with `load_dataset` and uses its subsets, and the dict of a run's
+    config.json must find the data the run was trained on (its recorded fingerprint).
     Images are normalised with `normalize` (full-train-set channel statistics); a subset is
     the first `train_subset` training (`test_subset` test) images. Use it to rebuild exactly
     the data a run saw.
     """
     if isinstance(source, (TrainConfig, Mapping)):
         cfg = source if isinstance(source, TrainConfig) else TrainConfig.from_dict(source)
-        source = qdata.load(cfg.dataset, cfg.data_dir)
+        recorded = (
+            source.get("data", {}).get("fingerprint") if isinstance(source, Mapping) else None
+        )
+        source = load_dataset(cfg)
+        if recorded is not None and (found := qdata.fingerprint(source)) != recorded:
+            raise ValueError(
+                f"the {cfg.dataset} data found now (data_dir={cfg.data_dir!r}) is not the data "
+                f"the run was trained on (fingerprint {found}, recorded {recorded}); point "
+                f"data_dir (--data-dir) at the data the run used"
+            )
         train_subset, test_subset = cfg.train_subset, cfg.test_subset
     for name in ("train_images", "train_labels", "test_images", "test_labels", "num_classes"):
         if not hasattr(source, name):
@@ -226,22 +280,31 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss; the run directory keeps the last good epoch."""
 
 
-def resolved_config(cfg: TrainConfig, data: Data, device: torch.device) -> dict[str, Any]:
+def resolved_config(
+    cfg: TrainConfig, data: Data, device: torch.device, dataset: Any
+) -> dict[str, Any]:
+    """config.json of a run: cfg, the model's arguments, the data read from `dataset`
+    (`data_record`), the set sizes and provenance."""
     return {
         **dataclasses.asdict(cfg),
         "channels": list(cfg.channels),
         "model": model_args(cfg, data),
         "num_train": data.x_train.size(0),
         "num_test": data.x_test.size(0),
+        "data": data_record(dataset),
         "provenance": runs.provenance(device),
     }
 
 
+# what may change when a run continues: its length, where the data lies, the data check
+_MAY_CHANGE = ("epochs", "data_dir", "allow_unverified_data")
+
+
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Config fields that differ between two runs (epochs and data_dir may change on resume);
-    a field missing from an older config.json counts as its default."""
+    """Config fields that differ between two runs (except _MAY_CHANGE); a field missing from
+    an older config.json counts as its default."""
     defaults = {f.name: _default(f) for f in dataclasses.fields(TrainConfig)}
-    keys = [k for k in defaults if k not in ("epochs", "data_dir")]
+    keys = [k for k in defaults if k not in _MAY_CHANGE]
     return [k for k in keys + ["model"] if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))]
 
 
@@ -251,36 +314,120 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def open_run(
-    out: Path, resolved: dict[str, Any], device: torch.device, resume: bool
-) -> dict | None:
-    """Check `out` and write its config.json; return its checkpoint, or None for a new run."""
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not resume:
+def is_train_run(directory: Path) -> bool:
+    """Whether `directory` holds a train run written before runs recorded their kind."""
+    try:
+        config = runs.load_json(directory / "config.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "loss", "seed"} <= set(config)
+
+
+def claim_run(out: Path) -> contextlib.AbstractContextManager:
+    """`qmse.runs.claim(out, "train-run")` on rank 0, the rank that writes; nothing elsewhere."""
+    if not is_main():
+        return contextlib.nullcontext(out)
+    return runs.claim(out, "train-run", recognise=is_train_run)
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """A run's config.json, checked to be one (a dict with the model and the seed)."""
+    config = runs.load_json(path)
+    if not isinstance(config, dict) or not {"model", "seed", "loss"} <= set(config):
+        keys = sorted(config) if isinstance(config, dict) else type(config).__name__
         raise ValueError(
-            f"{out} already holds a run (checkpoint.pt); resume it with resume=True "
-            f"(--resume) or choose another output directory"
+            f"{path}: not the config.json of a qmse train run (needs model, seed and loss; "
+            f"has {keys}); restore it, or delete the directory to start afresh"
         )
-    if (out / "diverged.json").exists():
-        raise NonFiniteLossError(runs.load_json(out / "diverged.json")["message"])
+    return config
+
+
+_CHECKPOINT_KEYS = {"model", "optimizer", "order_rng", "direction_rng", "metrics"}
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """checkpoint.pt of a run (`qmse.runs.load_torch`: weights only), checked for its keys."""
+    ckpt = runs.load_torch(path, map_location=device)
+    if not isinstance(ckpt, dict) or not set(ckpt) >= _CHECKPOINT_KEYS:
+        raise ValueError(
+            f"{path}: not a qmse checkpoint (needs {sorted(_CHECKPOINT_KEYS)}); restore it, or "
+            f"delete the directory to start afresh"
+        )
+    return ckpt
+
+
+def _divergence(out: Path) -> str:
+    """How a run with a diverged.json ended, for messages."""
+    info = runs.load_json(out / "diverged.json")
+    return f"it diverged in epoch {info.get('epoch') if isinstance(info, dict) else '?'}"
+
+
+def open_run(out: Path, resolved: dict[str, Any], device: torch.device) -> dict | None:
+    """Check `out` against the run `resolved` describes and write its config.json; return the
+    checkpoint to continue from, or None for a new run. The caller holds `out`'s claim.
+
+    A checkpoint of the same config (epochs aside) trained on the same data (fingerprint) is
+    continued; a smaller `epochs` than it holds, other settings or other data are refused,
+    with what differs. A run that diverged is refused when asked again with its settings;
+    with other settings it is judged on them: a directory without a checkpoint (it diverged
+    in its first epoch, or a call failed before) starts afresh.
+    """
+    ckpt_path, config_path, diverged = (
+        out / n for n in ("checkpoint.pt", "config.json", "diverged.json")
+    )
+    saved = _config(config_path) if config_path.exists() else None
+    diff = differing_keys(saved, resolved) if saved is not None else []
+    if diverged.exists():
+        if saved is not None and not diff:
+            raise NonFiniteLossError(runs.load_json(diverged)["message"])
+        if not ckpt_path.exists() and is_main():
+            diverged.unlink()
     if not ckpt_path.exists():
         if is_main():
-            runs.save_json(out / "config.json", resolved)
+            runs.save_json(config_path, resolved)
         return None
-    saved = runs.load_json(out / "config.json")
-    if diff := differing_keys(saved, resolved):
+    if saved is None:
         raise ValueError(
-            f"{out} holds a run with different {', '.join(diff)} "
-            f"({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); choose another "
-            f"output directory or the same settings"
+            f"{out} holds checkpoint.pt but no config.json; restore config.json, or delete "
+            f"{out} to start afresh"
         )
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if diff:
+        ended = f" ({_divergence(out)})" if diverged.exists() else ""
+        raise ValueError(
+            f"{out} holds a run with other settings{ended}: "
+            + ", ".join(f"{k} {saved.get(k)!r} there, {resolved.get(k)!r} now" for k in diff)
+            + "; give the same settings to continue it, or write elsewhere (another --out)"
+        )
+    before, now = saved.get("data", {}).get("fingerprint"), resolved["data"]["fingerprint"]
+    if before is not None and before != now:
+        raise ValueError(
+            f"{out} was trained on other data: fingerprint {before} (from "
+            f"{saved['data'].get('path')}), now {now} (from {resolved['data']['path']}); "
+            f"continue it with the data it was trained on, or write elsewhere (another --out)"
+        )
+    ckpt = load_checkpoint(ckpt_path, device)
+    done, epochs = len(ckpt["metrics"]), resolved["epochs"]
+    if done > epochs:
+        raise ValueError(
+            f"{out} holds {done} epochs, more than epochs={epochs} (--epochs): give "
+            f"--epochs {done} or more to continue it (its first {epochs} epochs are the first "
+            f"rows of metrics.jsonl), or write elsewhere (another --out)"
+        )
     if is_main():
-        saved.setdefault("resumed", []).append(runs.provenance(device))
-        saved["epochs"] = resolved["epochs"]
-        runs.save_json(out / "config.json", saved)
-        runs.write_jsonl(out / "metrics.jsonl", ckpt["metrics"])  # heals a kill between writes
+        if done < epochs:
+            saved.setdefault("resumed", []).append(runs.provenance(device))
+            saved["epochs"] = epochs
+            runs.save_json(config_path, saved)
+        _heal(out, ckpt)
     return ckpt
+
+
+def _heal(out: Path, ckpt: dict) -> None:
+    """Rewrite metrics.jsonl and timings.jsonl from the checkpoint where they differ (a kill
+    between the checkpoint's write and theirs)."""
+    for name, rows in (("metrics.jsonl", ckpt["metrics"]), ("timings.jsonl", ckpt.get("timings"))):
+        if rows is not None and runs.read_jsonl(out / name) != rows:
+            runs.write_jsonl(out / name, rows)
 
 
 def save_epoch(
@@ -289,10 +436,11 @@ def save_epoch(
     optimizer_state: dict,
     gens: tuple[torch.Generator, torch.Generator],
     rows: list[dict],
+    timings: list[dict],
 ) -> None:
-    """checkpoint.pt then metrics.jsonl, each atomically (resume rewrites the metrics from
-    the checkpoint, so a kill between the two writes loses nothing). Under torchrun only
-    rank 0 writes."""
+    """checkpoint.pt then metrics.jsonl and timings.jsonl, each atomically (a continued run
+    rewrites the latter from the checkpoint, so a kill between the writes loses nothing).
+    Under torchrun only rank 0 writes."""
     if not is_main():
         return
     runs.save_torch(
@@ -304,30 +452,40 @@ def save_epoch(
             "direction_rng": gens[1].get_state(),
             "epoch": rows[-1]["epoch"],
             "metrics": rows,
+            "timings": timings,
         },
     )
     runs.write_jsonl(out / "metrics.jsonl", rows)
+    runs.write_jsonl(out / "timings.jsonl", timings)
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """The trained model of a run directory (eval mode, on `device`) and its config dict.
 
-    Rebuild the run's data with `prepare_data(config, device)`.
+    Rebuild the run's data with `prepare_data(config, device)`. A missing, damaged or foreign
+    config.json or checkpoint.pt is an error naming the file.
     """
     run_dir = Path(run_dir)
     for name in ("config.json", "checkpoint.pt"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} not found; is {run_dir} a qmse run?")
-    config = runs.load_json(run_dir / "config.json")
+    config = _config(run_dir / "config.json")
     model = build_model(config["model"], config["seed"])
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{run_dir / 'checkpoint.pt'}: its weights do not fit the model of config.json "
+            f"({str(e).splitlines()[0]}); the two files come from different runs"
+        ) from e
     return model.to(device).eval(), config
 
 
-def run_generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """The batch-order and QMSE-direction generators of a run, on its device."""
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
-    order_gen = torch.Generator(gen_device).manual_seed(subseed(seed, _ORDER))
-    direction_gen = torch.Generator(gen_device).manual_seed(subseed(seed, _DIRECTIONS))
+def run_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """The batch-order and noise generators of a run. They live on the CPU whatever the run's
+    device (a draw is made once per epoch and moved), so a run draws the same batches and
+    the same noise on every device."""
+    order_gen = torch.Generator().manual_seed(subseed(seed, _ORDER))
+    direction_gen = torch.Generator().manual_seed(subseed(seed, _DIRECTIONS))
     return order_gen, direction_gen

@@ -8,6 +8,7 @@ directory `qmse.train.train_run` would write for it, to float tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -25,12 +26,14 @@ from qmse.rundir import (
     Data,
     TrainConfig,
     build_model,
+    claim_run,
     open_run,
+    resolve_device,
     resolved_config,
     run_generators,
     save_epoch,
 )
-from qmse.train import EVAL_CHUNK, check_finite, load_data, metric_row
+from qmse.train import EVAL_CHUNK, check_finite, continued, load_data, metric_row
 
 SHARED_FIELDS = (
     "dataset",
@@ -88,7 +91,6 @@ def train_many(
     *,
     dataset: Any = None,
     device: torch.device | str = "cpu",
-    resume: bool = False,
     quiet: bool = False,
     batching: str = "auto",
 ) -> list[list[dict]]:
@@ -99,13 +101,14 @@ def train_many(
     with `batching` ("auto": "vmap" on CUDA, "loop" elsewhere). Each run keeps its own seed
     (initial weights, batch order, its loss's noise), loss, lr and momentum, so run m writes
     the same directory, to float tolerance, as `qmse.train.train_run(configs[m], out_dirs[m])`.
-    The SGD step is written out (PyTorch's convention: buf ← momentum·buf + g, w ← w − lr·buf) so lr
-    and momentum may differ per run. The runs must share SHARED_FIELDS, and, when resumed,
-    their epoch. A run whose loss becomes non-finite gets diverged.json, keeps its last good
-    checkpoint and stops being saved; the others go on.
+    The SGD step is written out (PyTorch's convention: buf ← momentum·buf + g, w ← w − lr·buf)
+    so lr and momentum may differ per run. The runs must share SHARED_FIELDS, and, when they
+    continue from checkpoints (as train_run's do), their epoch. Every directory is claimed
+    for the whole call. A run whose loss becomes non-finite gets diverged.json, keeps its
+    last good checkpoint and stops being saved; the others go on.
     """
     cfgs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
-    outs, device = [Path(o) for o in out_dirs], torch.device(device)
+    outs, device = [Path(o) for o in out_dirs], resolve_device(device)
     if not cfgs or len(cfgs) != len(outs):
         raise ValueError(f"got {len(cfgs)} configs and {len(outs)} out_dirs; need as many, >= 1")
     if any(c.resample_null for c in cfgs):
@@ -116,18 +119,43 @@ def train_many(
                 f"train_many needs one {name} for all runs, got "
                 f"{sorted({str(getattr(c, name)) for c in cfgs})}; train them in groups"
             )
-    cfg0, M = cfgs[0], len(cfgs)
-    data = load_data(cfg0, dataset, device)
-    resolved = [resolved_config(c, data, device) for c in cfgs]
+    data, dataset = load_data(cfgs[0], dataset, device)
+    resolved = [resolved_config(c, data, device, dataset) for c in cfgs]
     if batching == "auto":
         batching = "vmap" if device.type == "cuda" else "loop"
     train_forward, eval_forward = stacked_forwards(resolved[0]["model"], batching)
     models = [build_model(r["model"], c.seed).to(device) for r, c in zip(resolved, cfgs)]
-    gens = [run_generators(c.seed, device) for c in cfgs]
+    gens = [run_generators(c.seed) for c in cfgs]
+    with contextlib.ExitStack() as claims:
+        for out in outs:
+            claims.enter_context(claim_run(out))
+        return _train_many(
+            cfgs, outs, data, resolved, models, gens, device, quiet, train_forward, eval_forward
+        )
+
+
+def _train_many(
+    cfgs: list[TrainConfig],
+    outs: list[Path],
+    data: Data,
+    resolved: list[dict],
+    models: list[torch.nn.Module],
+    gens: list[tuple[torch.Generator, torch.Generator]],
+    device: torch.device,
+    quiet: bool,
+    train_forward: Any,
+    eval_forward: Any,
+) -> list[list[dict]]:
+    """train_many's work once its directories are claimed: open or continue every run, then
+    train the stack epoch by epoch."""
+    cfg0, M = cfgs[0], len(cfgs)
     momentum_bufs: list[dict[str, Tensor] | None] = [None] * M
     rows: list[list[dict]] = [[] for _ in range(M)]
+    timings: list[list[dict]] = [[] for _ in range(M)]
     for m, (out, r) in enumerate(zip(outs, resolved)):
-        if (ckpt := open_run(out, r, device, resume)) is None:
+        ckpt = open_run(out, r, device)
+        continued(out, ckpt, cfgs[m].epochs, quiet)
+        if ckpt is None:
             continue
         models[m].load_state_dict(ckpt["model"])
         gens[m][0].set_state(ckpt["order_rng"])
@@ -136,7 +164,7 @@ def train_many(
         state = ckpt["optimizer"]["state"]
         if state and state[0].get("momentum_buffer") is not None:
             momentum_bufs[m] = {n: state[i]["momentum_buffer"] for i, n in enumerate(names)}
-        rows[m] = ckpt["metrics"]
+        rows[m], timings[m] = ckpt["metrics"], ckpt.get("timings", [])
     if len({len(r) for r in rows}) > 1:
         raise ValueError(
             f"train_many resumes runs at one epoch; these are at epochs "
@@ -163,17 +191,18 @@ def train_many(
         for m in range(M):
             if not alive[m]:
                 continue
-            row = metric_row(epoch, train[m], test[m], running[m], wall)
+            row = metric_row(epoch, train[m], test[m], running[m])
             if check_finite(row, cfgs[m], outs[m]):
                 alive[m] = False
                 continue
             rows[m].append(row)
+            timings[m].append({"epoch": epoch, "wall_s": wall})
             state = {k: params[k][m].detach().clone() for k in names}
             opt = torch.optim.SGD(models[m].parameters(), lr=cfgs[m].lr, momentum=cfgs[m].momentum)
             if cfgs[m].momentum:
                 for k, p in zip(names, models[m].parameters()):
                     opt.state[p]["momentum_buffer"] = bufs[k][m].clone()
-            save_epoch(outs[m], state, opt.state_dict(), gens[m], rows[m])
+            save_epoch(outs[m], state, opt.state_dict(), gens[m], rows[m], timings[m])
         if not any(alive):
             break
     return rows
@@ -236,7 +265,7 @@ def _train_epoch_many(
     mom = torch.tensor([c.momentum for c in cfgs], device=device)  # (M,)
     groups = _loss_groups(cfgs, device)
     names = list(params)
-    perms = torch.stack([torch.randperm(n, generator=g, device=device) for g, _ in gens])
+    perms = torch.stack([torch.randperm(n, generator=g) for g, _ in gens]).to(device)  # (M, n)
     noise_all = None  # (M, n, C): each random loss's draw, in its step order (zeros elsewhere)
     if any(get_loss(c.loss).random for c in cfgs):
         noise_all = torch.stack(

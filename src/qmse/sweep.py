@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from qmse import data, runs
-from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device
+from qmse import runs
+from qmse.rundir import NonFiniteLossError, TrainConfig, load_dataset, resolve_device
 from qmse.stacked import train_many
 from qmse.train import train_run
 
@@ -105,12 +105,16 @@ def _call_with_threads(fn: Callable[[Any], Any], task: Any, threads: int) -> Any
     return fn(task)
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency (an extra of the qmse package) is not installed."""
+
+
 def import_ray() -> Any:
-    """The `ray` module, or an ImportError that says how to install it."""
+    """The `ray` module, or a MissingExtraError (an ImportError) that says how to install it."""
     try:
         import ray
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtraError(
             "backend='ray' needs Ray: pip install 'qmse[ray]' (or pip install ray), "
             "or use the local backend"
         ) from e
@@ -122,7 +126,7 @@ def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
     "out_dirs": [run directory, ...], "device": "auto" | "cpu" | "cuda" ...}.
 
     One config is trained by `train_run`, several together by `train_many` (vectorised);
-    unfinished runs resume, finished ones return at once. The data set is read from the
+    unfinished runs continue, finished ones return at once. The data set is read from the
     configs' data_dir on the worker's own machine, once per task. Returns, per run, its
     directory, the epochs it holds and whether its loss became non-finite (diverged runs do
     not raise).
@@ -134,9 +138,8 @@ def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
             f"task has {len(cfgs)} configs and {len(dirs)} out_dirs; expected n ≥ 1 each"
         )
     kw = {
-        "dataset": data.load(cfgs[0].dataset, cfgs[0].data_dir),
+        "dataset": load_dataset(cfgs[0]),
         "device": resolve_device(str(task.get("device", "auto"))),
-        "resume": True,
         "quiet": True,
     }
     try:

@@ -11,16 +11,15 @@ Every loss sees one-hot targets (cross-entropy with one-hot targets is cross-ent
 class indices). MSE and QMSE runs with the same seed start from the same weights and visit
 the data in the same order, so their difference is paired.
 
-A run directory holds
-    config.json     the resolved TrainConfig, the model's constructor arguments, provenance
-    metrics.jsonl   one row per epoch (METRIC_KEYS, plus "wall_s", the epoch's seconds)
-    checkpoint.pt   model, optimizer, both generators' states, epoch and the metric rows
-all written atomically at the end of every epoch.
+The run directory's files (config.json, metrics.jsonl with one row of METRIC_KEYS per
+epoch, timings.jsonl, checkpoint.pt) are described in `qmse.rundir`; they are written
+atomically at the end of every epoch.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,8 +38,11 @@ from qmse.rundir import (
     NonFiniteLossError,
     TrainConfig,
     build_model,
+    claim_run,
+    load_dataset,
     open_run,
     prepare_data,
+    resolve_device,
     resolved_config,
     run_generators,
     save_epoch,
@@ -111,7 +113,7 @@ def _train_epoch(
     x, y = data.x_train, data.y_train
     n, C = x.size(0), data.num_classes
     spec, params = get_loss(cfg.loss), cfg.loss_params
-    perm = torch.randperm(n, generator=order_gen, device=x.device)  # (n,)
+    perm = torch.randperm(n, generator=order_gen).to(x.device)  # (n,), drawn on the CPU
     noise_all = None  # (n, C): a random loss's draw for every sample, in the epoch's step order
     if spec.random:
         noise_all = spec.draw(n, C, generator=direction_gen, device=x.device, **params)
@@ -159,24 +161,24 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
-def load_data(cfg: TrainConfig, dataset: Any, device: torch.device) -> Data:
-    """The run's data on `device`, images in `memory_format(device)`: `dataset` (a
-    qmse.data.Dataset named like cfg.dataset), or cfg's dataset read from disk if None."""
+def load_data(cfg: TrainConfig, dataset: Any, device: torch.device) -> tuple[Data, Any]:
+    """(the run's data on `device`, images in `memory_format(device)`; the dataset it came
+    from): `dataset` (a qmse.data.Dataset named like cfg.dataset), or cfg's dataset read
+    from disk (`qmse.rundir.load_dataset`) if None."""
     if dataset is None:
-        data = prepare_data(cfg, device)
+        dataset = load_dataset(cfg)
     elif getattr(dataset, "name", cfg.dataset) != cfg.dataset:
         raise ValueError(f"dataset is {dataset.name!r} but config.dataset is {cfg.dataset!r}")
-    else:
-        sub = {"train_subset": cfg.train_subset, "test_subset": cfg.test_subset}
-        data = prepare_data(dataset, device, **sub)
+    data = prepare_data(dataset, device, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
     layout = memory_format(device)
-    return data._replace(
+    data = data._replace(
         x_train=data.x_train.contiguous(memory_format=layout),
         x_test=data.x_test.contiguous(memory_format=layout),
     )
+    return data, dataset
 
 
-def metric_row(epoch: int, train: dict, test: dict, running: dict, wall_s: float) -> dict:
+def metric_row(epoch: int, train: dict, test: dict, running: dict) -> dict:
     """One line of metrics.jsonl from `evaluate`'s train and test dicts and the running ones."""
     return {
         "epoch": epoch,
@@ -187,7 +189,6 @@ def metric_row(epoch: int, train: dict, test: dict, running: dict, wall_s: float
         "test_loss": test["loss"],
         "test_mse": test["mse"],
         **running,
-        "wall_s": wall_s,
     }
 
 
@@ -195,15 +196,35 @@ def check_finite(row: dict, cfg: TrainConfig, out: Path) -> str | None:
     """None if every metric is finite; else record diverged.json and return the message."""
     if all(math.isfinite(row[k]) for k in METRIC_KEYS):
         return None
+    held = row["epoch"] - 1  # epochs in checkpoint.pt
+    if held:
+        kept = f"its last good epoch ({held}) is kept in checkpoint.pt"
+        fix = "try a smaller --lr in another directory (another --out)"
+    else:
+        kept = "nothing was saved (it diverged in its first epoch)"
+        fix = "try a smaller --lr (here: a run with other settings starts afresh)"
     message = (
         f"{cfg.loss} run in {out}: the loss became non-finite in epoch {row['epoch']} "
         f"(running loss {row['running_train_loss']}, train loss {row['train_loss']}) at "
-        f"lr={cfg.lr}, momentum={cfg.momentum}; the last good checkpoint (epoch "
-        f"{row['epoch'] - 1}) is kept. Try a smaller --lr."
+        f"lr={cfg.lr}, momentum={cfg.momentum}; {kept}. {fix[0].upper()}{fix[1:]}."
     )
     if is_main():
         runs.save_json(out / "diverged.json", {"epoch": row["epoch"], "message": message})
     return message
+
+
+def say(message: str, quiet: bool) -> None:
+    """A line about what a command does with its output directory, on stderr (rank 0)."""
+    if not quiet and is_main():
+        print(message, file=sys.stderr)
+
+
+def continued(out: Path, ckpt: dict | None, epochs: int, quiet: bool) -> None:
+    """Say that `out` continues from its checkpoint, or holds a finished run."""
+    if ckpt is not None:
+        done = len(ckpt["metrics"])
+        say(f"{out}: continuing the run from epoch {done} of {epochs}" if done < epochs
+            else f"{out}: the run is finished ({done} epochs)", quiet)  # fmt: skip
 
 
 def train_run(
@@ -212,14 +233,15 @@ def train_run(
     *,
     dataset: Any = None,
     device: torch.device | str = "cpu",
-    resume: bool = False,
     quiet: bool = False,
 ) -> list[dict]:
     """Train one run into `out_dir` and return its metric rows (one per epoch).
 
     `dataset` (a qmse.data.Dataset named like config.dataset) skips loading from disk.
-    With `resume`, a run directory holding a checkpoint continues from it (a finished run
-    returns at once; a larger `epochs` extends it); without, such a directory is an error.
+    A directory holding a checkpoint of the same run (same config, epochs aside, same data)
+    continues from it and says so (a finished run returns at once; a larger `epochs`
+    extends it); anything else there is refused with what differs (`qmse.rundir.open_run`).
+    The directory is claimed (`qmse.runs.claim`): a second writer fails at once.
     Raises NonFiniteLossError if the loss becomes non-finite, leaving the last good
     checkpoint and metrics in place and a `diverged.json` that records the epoch.
     In a process group of N ranks (torchrun; `qmse.distributed.init_distributed`) every rank runs
@@ -229,35 +251,42 @@ def train_run(
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if cfg.resample_null and world()[1] > 1:
         raise ValueError("resample_null is not supported under torchrun; train in one process")
-    out, device = Path(out_dir), torch.device(device)
-    data = load_data(cfg, dataset, device)
-    resolved = resolved_config(cfg, data, device)
+    out, device = Path(out_dir), resolve_device(device)
+    data, dataset = load_data(cfg, dataset, device)
+    resolved = resolved_config(cfg, data, device, dataset)
     model = build_model(resolved["model"], cfg.seed).to(device, memory_format=memory_format(device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    gens = run_generators(cfg.seed, device)
-    rows: list[dict] = []
-    if (ckpt := open_run(out, resolved, device, resume)) is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        gens[0].set_state(ckpt["order_rng"])
-        gens[1].set_state(ckpt["direction_rng"])
-        rows = ckpt["metrics"]
+    gens = run_generators(cfg.seed)
+    with claim_run(out):
+        rows: list[dict] = []
+        timings: list[dict] = []
+        ckpt = open_run(out, resolved, device)
+        continued(out, ckpt, cfg.epochs, quiet)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            gens[0].set_state(ckpt["order_rng"])
+            gens[1].set_state(ckpt["direction_rng"])
+            rows, timings = ckpt["metrics"], ckpt.get("timings", [])
 
-    net = data_parallel(model)  # under torchrun: each rank a share of every batch
-    quiet = quiet or not is_main()
-    steps = math.ceil(data.x_train.size(0) / cfg.batch_size)
-    label = f"{cfg.loss} m={cfg.momentum:g} seed={cfg.seed}"
-    epochs = runs.progress(range(len(rows) + 1, cfg.epochs + 1), quiet=quiet, desc=label)
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
-            running = _train_epoch(net, opt, data, cfg, *gens, bar)
-        train = evaluate(net, data.x_train, data.y_train, cfg.loss, **cfg.loss_params)
-        test = evaluate(net, data.x_test, data.y_test, cfg.loss, **cfg.loss_params)
-        row = metric_row(epoch, train, test, running, time.perf_counter() - t0)
-        if message := check_finite(row, cfg, out):
-            raise NonFiniteLossError(message)
-        rows.append(row)
-        save_epoch(out, model.state_dict(), opt.state_dict(), gens, rows)
-        epochs.set_postfix(train_acc=f"{row['train_acc']:.4f}", test_acc=f"{row['test_acc']:.4f}")
+        net = data_parallel(model)  # under torchrun: each rank a share of every batch
+        quiet = quiet or not is_main()
+        steps = math.ceil(data.x_train.size(0) / cfg.batch_size)
+        label = f"{cfg.loss} m={cfg.momentum:g} seed={cfg.seed}"
+        epochs = runs.progress(range(len(rows) + 1, cfg.epochs + 1), quiet=quiet, desc=label)
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
+                running = _train_epoch(net, opt, data, cfg, *gens, bar)
+            train = evaluate(net, data.x_train, data.y_train, cfg.loss, **cfg.loss_params)
+            test = evaluate(net, data.x_test, data.y_test, cfg.loss, **cfg.loss_params)
+            row = metric_row(epoch, train, test, running)
+            if message := check_finite(row, cfg, out):
+                raise NonFiniteLossError(message)
+            rows.append(row)
+            timings.append({"epoch": epoch, "wall_s": time.perf_counter() - t0})
+            save_epoch(out, model.state_dict(), opt.state_dict(), gens, rows, timings)
+            epochs.set_postfix(
+                train_acc=f"{row['train_acc']:.4f}", test_acc=f"{row['test_acc']:.4f}"
+            )
     return rows
