@@ -12,6 +12,14 @@ from qmse import convexity, diagnose
 from qmse.data import DATASETS
 from qmse.distributed import init_distributed, is_main
 from qmse.download import DownloadError, download, status
+from qmse.escape import (
+    BUILTIN_METHODS,
+    PROTOCOLS,
+    EscapeConfig,
+    parse_hyper,
+    parse_values,
+    run_benchmark,
+)
 from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
 from qmse.loss import LOSSES
 from qmse.reproduce import grid_configs, run_grid
@@ -261,8 +269,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_escape(sub: argparse._SubParsersAction) -> None:
     """`qmse escape`."""
-    from qmse.escape import METHODS, PROTOCOLS
-
     p = sub.add_parser(
         "escape",
         help="escape benchmark: teacher-student ReLU nets (Safran & Shamir 2018), "
@@ -276,31 +282,56 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sample-seeds",
         type=int,
-        default=100,
-        help="seeds (random-init) or minima (spurious-minima) per sample-based run",
+        default=1000,
+        help="evaluation starts per cell: seeds (random-init) or minima (spurious-minima)",
     )
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    p.add_argument(
+        "--methods",
+        default=",".join(("gd-population", *BUILTIN_METHODS)),
+        help="comma-separated: gd-population, built-in methods, methods of --plugin files",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="a Python file that registers methods (qmse.escape.register_method); repeatable",
+    )
+    p.add_argument(
+        "--lr", default=None, metavar="METHOD=VALUE,...", help="fixed learning rates (not swept)"
+    )
+    p.add_argument(
+        "--radius", default=None, metavar="METHOD=VALUE,...", help="fixed PGD radius (·‖W‖)"
+    )
+    p.add_argument(
+        "--hyper",
+        default=None,
+        metavar="METHOD.NAME=VALUE,...",
+        help="fixed hyperparameters, e.g. label-noise.sigma=0.2 (not swept)",
+    )
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated")
     p.add_argument("--steps", type=int, default=3000, help="step budget of sample-based methods")
-    p.add_argument("--batch", type=int, default=64, help="fresh samples per step and seed")
-    p.add_argument(
-        "--tune-k", type=int, default=None, help="tune lr/radius at this k only; unset: each k"
-    )
-    p.add_argument("--tune-seeds", type=int, default=32, help="tuning seeds per grid point")
-    p.add_argument("--tune-pool", type=int, default=400, help="gd seeds searched for minima")
+    p.add_argument("--batch", type=int, default=64, help="fresh samples per step and start")
+    p.add_argument("--tune-k", type=int, default=None, help="tune at this k only; unset: each k")
+    p.add_argument("--tune-seeds", type=int, default=100, help="tuning starts per swept value")
+    p.add_argument("--tune-pool", type=int, default=1000, help="gd seeds searched for minima")
     p.add_argument("--max-gd-steps", type=int, default=100_000, help="gd-population step cap")
     p.add_argument("--problem-seed", type=int, default=0, help="seed of A when outputs > 1")
+    p.add_argument(
+        "--references",
+        default="sgd,momentum,qmse",
+        help="methods every method is paired against (McNemar)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend_args(p, "ray: the benchmark's cells as Ray tasks")
 
+    def names(text: str) -> list[str]:
+        return [m.strip() for m in text.split(",") if m.strip()]
+
     def run(args: argparse.Namespace) -> int:
-        import torch
-
-        from qmse.escape import EscapeConfig, run_benchmark, write_table
-
         if args.device == "cuda" and args.backend == "ray" and args.gpus_per_task <= 0:
             raise ValueError("--device cuda --backend ray: give each task a GPU, --gpus-per-task")
         if args.device == "cuda" and args.backend == "local" and not torch.cuda.is_available():
@@ -310,14 +341,17 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
             ks = [int(k) for k in args.k.split(",")]
         except ValueError as e:
             raise ValueError(f"--k {args.k!r}: expected integers like 6,8,10") from e
+        hyper = parse_hyper(args.hyper)
+        for method, radius in parse_values(args.radius, "--radius").items():
+            hyper.setdefault(method, {})["radius"] = radius
         cfg = EscapeConfig(
             ks=ks,
             n_extra=args.n_extra,
             outputs=args.outputs,
             seeds=args.seeds,
             sample_seeds=args.sample_seeds,
-            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-            protocols=[m.strip() for m in args.protocols.split(",") if m.strip()],
+            methods=names(args.methods),
+            protocols=names(args.protocols),
             steps=args.steps,
             batch=args.batch,
             tune_k=args.tune_k,
@@ -326,8 +360,12 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
             max_gd_steps=args.max_gd_steps,
             problem_seed=args.problem_seed,
             device=args.device,
+            lr=parse_values(args.lr, "--lr"),
+            hyper=hyper,
+            plugins=[str(Path(f).resolve()) for f in args.plugin],
+            references=names(args.references),
         )
-        rows = run_benchmark(
+        run_benchmark(
             args.out,
             cfg,
             backend=args.backend,
@@ -336,7 +374,7 @@ def _add_escape(sub: argparse._SubParsersAction) -> None:
             gpus_per_task=args.gpus_per_task,
             quiet=args.quiet,
         )
-        print(write_table(rows, f"{args.out}/table.md"))
+        print((Path(args.out) / "table.md").read_text())
         return 0
 
     p.set_defaults(func=run)

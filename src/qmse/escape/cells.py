@@ -1,0 +1,522 @@
+"""The escape benchmark's cells and their caches: `qmse escape`.
+
+A cell is (k, protocol). Protocols: "random-init" (failure rate from Xavier starts) and
+"spurious-minima" (failure to escape from gd-population's certified stuck end points, the
+direct test of the paper's claim). In a cell every sample-based method is tuned on tuning
+starts (disjoint from the evaluation starts, `qmse.escape.tuning`) and then evaluated on the
+same evaluation starts and input batches (common random numbers, `qmse.escape.engine`).
+Every cached piece (gd-population end points, sweeps, rows) stores the key of what it was
+computed from and is recomputed when it differs, so an interrupted run resumes and a changed
+argument never gets stale results. `run_benchmark` writes results.json, table.md (Wilson
+intervals, paired McNemar tests), figure.png and sweeps.png.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from scipy.stats import fisher_exact
+from torch import Tensor
+
+from qmse.escape.engine import EVAL_EVERY, STUCK_LOSS, make_job, run_methods
+from qmse.escape.keys import content_key
+from qmse.escape.methods import get_method, load_plugin, method_key
+from qmse.escape.population import PUBLISHED, certify_minima, population_runs, stuck_points
+from qmse.escape.report import (
+    PROTOCOLS,
+    add_paired_tests,
+    plot_results,
+    plot_sweeps,
+    wilson,
+    write_table,
+)
+from qmse.escape.rules import BUILTIN_METHODS
+from qmse.escape.tuning import tune_methods
+from qmse.runs import claim, load_json, load_torch, provenance, save_json
+from qmse.sweep import ray_session, run_tasks
+from qmse.teacher_student import Problem, init_weights, make_problem, population_loss
+
+TUNE_SEEDS = 10**6  # tuning initialisations: seeds 10⁶ + i (evaluation seeds are 0 … S−1)
+REFERENCES = ("sgd", "momentum", "qmse")  # paired tests of every method against these
+
+
+@dataclass
+class EscapeConfig:
+    """Everything that defines one benchmark directory (saved as config.json). Plug-in files
+    are imported when the config is made, so that `methods` may name what they register."""
+
+    ks: list[int]
+    n_extra: int = 0  # student width n = k + n_extra
+    outputs: int = 1  # C; > 1 is the vector-output variant y = A relu(Vx)
+    seeds: int = 1000  # gd-population initialisations per k (the reproduction)
+    sample_seeds: int = 1000  # evaluation starts per cell: seeds, or minima (all if fewer)
+    methods: list[str] = field(default_factory=lambda: ["gd-population", *BUILTIN_METHODS])
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    steps: int = 3000  # shared step budget of every sample-based method
+    batch: int = 64
+    tune_k: int | None = None  # tune at this k for every k; None: at each k
+    tune_seeds: int = 100  # tuning starts per swept value
+    tune_pool: int = 1000  # gd-population tuning seeds searched for minima
+    max_gd_steps: int = 100_000
+    problem_seed: int = 0  # draws A for outputs > 1
+    device: str = "cpu"
+    lr: dict[str, float] = field(default_factory=dict)  # method -> fixed lr (not swept)
+    hyper: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> fixed values
+    plugins: list[str] = field(default_factory=list)  # files that register methods
+    references: list[str] = field(default_factory=lambda: list(REFERENCES))
+
+    def __post_init__(self) -> None:
+        for path in self.plugins:
+            load_plugin(path)
+        sample = [m for m in self.methods if m != "gd-population"]
+        for name in sample:
+            get_method(name)  # an error naming the registered methods
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad:
+            raise ValueError(f"protocols {bad} unknown; choose from {PROTOCOLS}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks={self.ks}: need at least one k >= 1")
+        if self.n_extra < 0:
+            raise ValueError(f"n_extra={self.n_extra}: need >= 0 (n = k + n_extra)")
+        for name in ("seeds", "sample_seeds", "steps", "batch", "tune_seeds", "tune_pool"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: need >= 1")
+        fixed = {m: {"lr": v} for m, v in self.lr.items()}
+        for m, values in self.hyper.items():
+            fixed.setdefault(m, {}).update(values)
+        for m, values in fixed.items():
+            if m not in sample:
+                raise ValueError(
+                    f"a value is fixed for {m!r}, which is not among the sample-based methods "
+                    f"run here ({', '.join(sample)})"
+                )
+            make_job(m, values.get("lr", 1.0), {h: v for h, v in values.items() if h != "lr"})
+
+    def fixed(self, method: str) -> dict[str, float]:
+        """The values of `method` fixed by the user (not swept)."""
+        return ({"lr": self.lr[method]} if method in self.lr else {}) | self.hyper.get(method, {})
+
+
+def parse_values(text: str | None, option: str) -> dict[str, float]:
+    """ "sgd=0.3,qmse=0.03" -> {"sgd": 0.3, "qmse": 0.03} (the form of --lr and --radius)."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"{option} {text!r}: expected NAME=NUMBER[,NAME=NUMBER...], e.g. sgd=0.3,qmse=0.03"
+            ) from None
+    return out
+
+
+def parse_hyper(text: str | None, option: str = "--hyper") -> dict[str, dict[str, float]]:
+    """ "pgd.radius=0.5,label-noise.sigma=0.2" -> {"pgd": {"radius": 0.5}, ...}."""
+    out: dict[str, dict[str, float]] = {}
+    for name, value in parse_values(text, option).items():
+        method, dot, param = name.rpartition(".")
+        if not dot or not method or not param:
+            raise ValueError(f"{option}: {name!r} must read METHOD.NAME, e.g. pgd.radius=0.5")
+        out.setdefault(method, {})[param] = value
+    return out
+
+
+def problem_of(cfg: EscapeConfig, k: int) -> Problem:
+    return make_problem(k, k + cfg.n_extra, outputs=cfg.outputs, seed=cfg.problem_seed)
+
+
+def _run_id(*parts: object) -> int:
+    """A deterministic integer seed from small integers (never Python's salted hash)."""
+    out = 0
+    for p in parts:
+        out = out * 1_000_003 + int(p)
+    return out % 2**62
+
+
+def _streams(cfg: EscapeConfig, k: int, protocol: str, *, tuning: bool) -> tuple[int, int]:
+    """(input seed, method seed) of a cell's tuning or evaluation runs."""
+    parts = (k, k + cfg.n_extra, cfg.outputs, cfg.problem_seed, PROTOCOLS.index(protocol))
+    first = 1 if tuning else 2
+    return _run_id(first, *parts), _run_id(first + 2, *parts)
+
+
+def _cell_name(cfg: EscapeConfig, k: int) -> str:
+    return f"k{k}_n{k + cfg.n_extra}_C{cfg.outputs}"
+
+
+def population(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = False) -> dict:
+    """gd-population from the evaluation seeds 0 … seeds−1 (tag "eval") or the tuning pool
+    10⁶ … 10⁶ + tune_pool − 1 ("tune"), cached."""
+    seeds = range(cfg.seeds) if tag == "eval" else range(TUNE_SEEDS, TUNE_SEEDS + cfg.tune_pool)
+    return population_runs(
+        out, problem_of(cfg, k), seeds, tag=tag, max_steps=cfg.max_gd_steps, quiet=quiet
+    )
+
+
+def spurious_minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet=False) -> Tensor:
+    """The certified stuck end points (M, n, d) of the evaluation seeds or the tuning pool."""
+    return stuck_points(population(out, cfg, k, tag=tag, quiet=quiet))
+
+
+def starts(out: Path, cfg: EscapeConfig, k: int, protocol: str, *, tuning: bool, quiet=False):
+    """A cell's starting weights (m, n, d) float64: Xavier initialisations (random-init) or
+    the first certified minima (spurious-minima, all of them if fewer); tuning starts come
+    from seeds disjoint from the evaluation ones."""
+    problem = problem_of(cfg, k)
+    count = cfg.tune_seeds if tuning else cfg.sample_seeds
+    if protocol == "random-init":
+        first = TUNE_SEEDS if tuning else 0
+        return init_weights(range(first, first + count), problem.n, problem.d)
+    return spurious_minima(out, cfg, k, tag="tune" if tuning else "eval", quiet=quiet)[:count]
+
+
+def _sweeps(cfg: EscapeConfig, name: str) -> bool:
+    """Whether a method has anything left to sweep (lr or a hyperparameter not fixed)."""
+    return bool({"lr", *get_method(name).hyper} - set(cfg.fixed(name)))
+
+
+def tuning(out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str], quiet=False):
+    """The sweeps of `names` at (k, protocol) on the tuning starts (cached per method in
+    out/tuning/): method -> sweep record, for the methods with something to sweep."""
+    methods = [get_method(n) for n in names if _sweeps(cfg, n)]
+    if not methods:
+        return {}
+    W0 = starts(out, cfg, k, protocol, tuning=True, quiet=quiet)
+    if len(W0) == 0:
+        raise RuntimeError(
+            f"no spurious minima among the {cfg.tune_pool} tuning seeds at k={k}; raise "
+            f"--tune-pool or tune at another k (--tune-k)"
+        )
+    seed, method_seed = _streams(cfg, k, protocol, tuning=True)
+    cell = _cell_name(cfg, k)
+    return tune_methods(
+        methods,
+        {m.name: cfg.fixed(m.name) for m in methods},
+        W0.to(cfg.device),
+        problem_of(cfg, k),
+        path=lambda name: out / "tuning" / f"{protocol}_{name}_{cell}.json",
+        steps=cfg.steps,
+        batch=cfg.batch,
+        seed=seed,
+        method_seed=method_seed,
+        meta={"protocol": protocol, "k": k, "n": k + cfg.n_extra, "outputs": cfg.outputs},
+        label=f"tune {protocol} k={k}",
+        quiet=quiet,
+    )
+
+
+def _tuning_summary(cfg: EscapeConfig, name: str, record: dict | None, k: int) -> dict:
+    """What a row says about how its settings were chosen."""
+    if record is None:
+        return {"fixed": True}
+    return {
+        "fixed": False,
+        "tuned_at_k": k,
+        "tune_starts": record["starts"],
+        "range": {s["param"]: s["range"] for s in record["stages"]},
+        "edge": not all(s["interior"] for s in record["stages"]),
+    }
+
+
+def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key) -> dict:
+    """A sample method's results row (with the per-start outcomes for the paired tests)."""
+    loss = result["loss"].cpu()
+    seeds = int(loss.numel())
+    failed = ~(loss < STUCK_LOSS)
+    failures = int(failed.sum())
+    lo, hi = wilson(failures, seeds)
+    first = result["first_success"].cpu()[loss < STUCK_LOSS].double()
+    row = {
+        "k": k,
+        "n": k + cfg.n_extra,
+        "outputs": cfg.outputs,
+        "method": method,
+        "protocol": protocol,
+        "seeds": seeds,
+        "failures": failures,
+        "failure_rate": failures / seeds if seeds else float("nan"),
+        "ci95_low": lo,
+        "ci95_high": hi,
+        "diverged": int(result["diverged"].sum()) if seeds else 0,
+        "lr": settings.get("lr"),
+        "hyper": {h: v for h, v in settings.items() if h != "lr"},
+        "batch": cfg.batch,
+        "steps": cfg.steps,
+        "grad_evals": cfg.steps * cfg.batch,  # sample gradients per start: the budget
+        "median_loss": float(loss.median()) if seeds else float("nan"),
+        "median_first_success": float(first.median()) if len(first) else None,
+    }
+    for name in get_method(method).report:
+        row[f"mean_{name}"] = float(result[name].double().mean()) if seeds else None
+    row |= {"tuning": tuned, "starts_key": starts_key, "key": key}
+    row["failed"] = "".join("1" if f else "0" for f in failed.tolist())
+    return row
+
+
+def _record_time(out: Path, part: str, seconds: float) -> None:
+    save_json(out / "timings" / f"{part}.json", {"part": part, "seconds": round(seconds, 3)})
+
+
+def evaluate_cell(
+    out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str], quiet: bool = False
+) -> tuple[list[dict], list[dict]]:
+    """Rows of the sample methods `names` at (k, protocol), each cached in out/rows/ under
+    the key of its inputs; the missing ones run together on the same evaluation starts and
+    input batches. Returns (rows, the sweep records they used)."""
+    out = Path(out)
+    cell = _cell_name(cfg, k)
+    W0 = starts(out, cfg, k, protocol, tuning=False, quiet=quiet)
+    if len(W0) == 0:  # no minima to start from (e.g. k = 6)
+        empty = {"loss": torch.zeros(0), "first_success": torch.zeros(0), "diverged": None}
+        rows = []
+        for name in names:
+            result = empty | {r: torch.zeros(0) for r in get_method(name).report}
+            rows.append(_row(cfg, k, name, protocol, result, {}, None, None, None))
+        return rows, []
+    tune_k = cfg.tune_k or k
+    records = tuning(out, cfg, tune_k, protocol, names, quiet=quiet)
+    problem = problem_of(cfg, k)
+    seed, method_seed = _streams(cfg, k, protocol, tuning=False)
+    starts_key = content_key(W0)
+    rows, todo = {}, {}
+    for name in names:
+        record = records.get(name)
+        settings = record["chosen"] if record else cfg.fixed(name)
+        key = content_key("row", method_key(get_method(name)), starts_key, problem.A_student)
+        key = content_key(key, problem.A_teacher, cfg.steps, cfg.batch, seed, method_seed)
+        key = content_key(key, settings, EVAL_EVERY, cfg.device)
+        path = out / "rows" / f"{protocol}_{name}_{cell}.json"
+        if path.exists() and (saved := load_json(path)).get("key") == key:
+            rows[name] = saved
+        else:
+            todo[name] = (settings, _tuning_summary(cfg, name, record, tune_k), key, path)
+    if todo:
+        jobs = [
+            make_job(name, s["lr"], {h: v for h, v in s.items() if h != "lr"})
+            for name, (s, *_) in todo.items()
+        ]
+        started = time.perf_counter()
+        results = run_methods(
+            jobs,
+            W0.to(cfg.device),
+            problem,
+            steps=cfg.steps,
+            batch=cfg.batch,
+            seed=seed,
+            method_seed=method_seed,
+            quiet=quiet,
+            desc=f"{protocol} k={k}: {len(jobs)} methods",
+        )
+        _record_time(out, f"eval_{protocol}_{cell}", time.perf_counter() - started)
+        for (name, (settings, tuned, key, path)), result in zip(todo.items(), results):
+            rows[name] = _row(cfg, k, name, protocol, result, settings, tuned, starts_key, key)
+            save_json(path, rows[name])
+    return [rows[n] for n in names], [records[n] for n in names if n in records]
+
+
+def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> dict:
+    """The reproduction's row: gd-population from the evaluation seeds, with Safran &
+    Shamir's published rate (n = k, scalar output) and Fisher's exact test against it."""
+    r = population(out, cfg, k, tag="eval", quiet=quiet)
+    loss = r["loss"]
+    fails = int((loss >= STUCK_LOSS).sum())
+    lo, hi = wilson(fails, cfg.seeds)
+    row = {
+        "k": k,
+        "n": k + cfg.n_extra,
+        "outputs": cfg.outputs,
+        "method": "gd-population",
+        "protocol": "random-init",
+        "seeds": cfg.seeds,
+        "failures": fails,
+        "failure_rate": fails / cfg.seeds,
+        "ci95_low": lo,
+        "ci95_high": hi,
+        "diverged": 0,
+        "lr": 0.1,
+        "hyper": {},
+        "batch": None,
+        "steps": None,
+        "median_loss": float(loss.median()),
+        "capped": int((~r["converged"]).sum()),
+        "median_gd_steps": float(r["steps"].double().median()),
+        "max_gd_steps": int(r["steps"].max()),
+    }
+    published = PUBLISHED.get(k) if cfg.n_extra == 0 and cfg.outputs == 1 else None
+    if published is not None:
+        pub_fails = round(published * 1000)
+        table = [[fails, cfg.seeds - fails], [pub_fails, 1000 - pub_fails]]
+        row |= {
+            "published_rate": published,
+            "published_in_ci95": bool(lo <= published <= hi),
+            "fisher_p_vs_published": float(fisher_exact(table)[1]),
+        }
+    return row
+
+
+def minima_report(out: Path, cfg: EscapeConfig, k: int, *, check: int = 3, quiet=False):
+    """The spurious-minima protocol's starting points at k: how many, their losses, and the
+    smallest Hessian eigenvalue at the first `check` of them (out/minima/, keyed)."""
+    out = Path(out)
+    problem = problem_of(cfg, k)
+    W = spurious_minima(out, cfg, k, tag="eval", quiet=quiet)
+    key = content_key("minima", W, check)
+    path = out / "minima" / f"{_cell_name(cfg, k)}.json"
+    if path.exists() and (saved := load_json(path)).get("key") == key:
+        return saved
+    losses = population_loss(W, problem).tolist() if len(W) else []
+    report = {
+        "k": k,
+        "n": problem.n,
+        "count": len(W),
+        "of_seeds": cfg.seeds,
+        "distinct_losses": sorted({round(v, 6) for v in losses}),
+        "min_hessian_eigenvalues": certify_minima(W[:check], problem),
+        "key": key,
+    }
+    save_json(path, report)
+    return report
+
+
+def _is_escape_dir(directory: Path) -> bool:
+    """An escape benchmark written before directories recorded their kind."""
+    config = directory / "config.json"
+    return config.exists() and {"ks", "protocols"} <= set(load_json(config))
+
+
+def _check_config(out: Path, cfg: EscapeConfig) -> None:
+    """A finished benchmark keeps its settings: cells, methods, fixed values and plug-ins may
+    be added; any other difference from its config.json is refused, naming the keys. An
+    unfinished one (killed, or failed) is judged on the new arguments: its caches are keyed
+    by what they were computed from, so whatever still matches is reused."""
+    saved = out / "config.json"
+    if not (saved.exists() and (out / "results.json").exists()):
+        return
+    old, new = load_json(saved), asdict(cfg)
+    free = {"ks", "methods", "protocols", "lr", "hyper", "plugins", "references"}
+    diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+    if diff:
+        what = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
+        raise ValueError(f"{out} holds a benchmark with other settings ({what}); use another --out")
+
+
+def _remote_phases(out: Path, cfg: EscapeConfig) -> Iterator[list[tuple]]:
+    """The benchmark's cached pieces in dependency order, for Ray (each phase is finished
+    before the next is asked for): gd-population from the evaluation seeds; the tuning
+    pools' runs where the spurious-minima protocol has minima; the sweeps per (protocol,
+    tuning k); the cells and minima reports. No two tasks of a phase write the same file."""
+    sample = [m for m in cfg.methods if m != "gd-population"]
+    minima = "spurious-minima" in cfg.protocols
+    yield [("population", k, "eval") for k in cfg.ks if minima or "gd-population" in cfg.methods]
+    sweeps = set()
+    if any(_sweeps(cfg, m) for m in sample):
+        for protocol in cfg.protocols:
+            for k in cfg.ks:
+                if protocol == "random-init" or len(spurious_minima(out, cfg, k, tag="eval")):
+                    sweeps.add((protocol, cfg.tune_k or k))
+    yield [("population", k, "tune") for p, k in sorted(sweeps) if p == "spurious-minima"]
+    yield [("tune", p, k) for p, k in sorted(sweeps)]
+    cells = [("cell", p, k) for p in cfg.protocols for k in cfg.ks] if sample else []
+    yield cells + [("minima", k) for k in cfg.ks if minima]
+
+
+def _remote_task(task: tuple) -> None:
+    """One piece of `_remote_phases` (a Ray task): it fills the cache files that
+    run_benchmark's loop then reads."""
+    out, cfg, kind, *args = task
+    out = Path(out)
+    for path in cfg.plugins:  # a worker process imports the plug-ins itself
+        load_plugin(path)
+    sample = [m for m in cfg.methods if m != "gd-population"]
+    if kind == "population":
+        population(out, cfg, args[0], tag=args[1], quiet=True)
+    elif kind == "tune":
+        tuning(out, cfg, args[1], args[0], sample, quiet=True)
+    elif kind == "minima":
+        minima_report(out, cfg, args[0], quiet=True)
+    else:
+        evaluate_cell(out, cfg, args[1], args[0], sample, quiet=True)
+
+
+def run_benchmark(
+    out: str | os.PathLike,
+    cfg: EscapeConfig,
+    *,
+    backend: str = "local",
+    address: str | None = None,
+    cpus_per_task: float = 1,
+    gpus_per_task: float = 0,
+    quiet: bool = False,
+) -> list[dict]:
+    """Every (k, protocol) cell, each piece cached so an interrupted run resumes; then
+    results.json (without the per-start outcomes, which stay in rows/), table.md,
+    figure.png, sweeps.png and timings.json. config.json is written once the configuration
+    is valid (`EscapeConfig` checks it when made) and matches the directory's.
+
+    `backend="ray"` computes the pieces as Ray tasks (`qmse.sweep.run_tasks`: the cluster at
+    `address`, else a local one; `cpus_per_task` CPUs and `gpus_per_task` GPUs each; a task
+    whose worker dies is retried) in dependency order; the same files result."""
+    out = Path(out)
+    with claim(out, "escape-benchmark", recognise=_is_escape_dir):
+        _check_config(out, cfg)
+        save_json(out / "config.json", asdict(cfg))
+        save_json(out / "provenance.json", provenance(cfg.device))
+        if backend != "local":  # fill the caches on Ray; the loop below then only reads them
+            kw = {"num_cpus_per_task": cpus_per_task, "num_gpus_per_task": gpus_per_task}
+            with ray_session(address, quiet=quiet):
+                for i, phase in enumerate(_remote_phases(out, cfg)):
+                    tasks = [(str(out), cfg, *task) for task in phase]
+                    run_tasks(
+                        _remote_task,
+                        tasks,
+                        backend=backend,
+                        quiet=quiet,
+                        desc=f"phase {i + 1}",
+                        **kw,
+                    )
+        sample = [m for m in cfg.methods if m != "gd-population"]
+        rows, records = [], []
+        for protocol in cfg.protocols:
+            for k in cfg.ks:
+                if protocol == "spurious-minima":
+                    minima_report(out, cfg, k, quiet=quiet)
+                if protocol == "random-init" and "gd-population" in cfg.methods:
+                    rows.append(gd_row(out, cfg, k, quiet=quiet))
+                if sample:
+                    cell_rows, cell_records = evaluate_cell(out, cfg, k, protocol, sample, quiet)
+                    rows += cell_rows
+                    records += [r for r in cell_records if r not in records]
+        add_paired_tests(rows, cfg.references)
+        results = [{k: v for k, v in r.items() if k != "failed"} for r in rows]
+        save_json(out / "results.json", results)
+        write_table(rows, out / "table.md")
+        published = PUBLISHED if cfg.n_extra == 0 and cfg.outputs == 1 else None
+        plot_results(rows, out / "figure.png", published)
+        plot_sweeps(records, out / "sweeps.png")
+        _write_timings(out)
+    return rows
+
+
+def _write_timings(out: Path) -> None:
+    """timings.json: the wall time of every computed piece found in the directory."""
+    parts = {}
+    for path in sorted((out / "gd-population").glob("*.pt")):
+        seconds = load_torch(path).get("seconds")
+        if seconds is not None:
+            parts[f"gd-population/{path.stem}"] = seconds
+    for path in sorted((out / "tuning").glob("*.json")):
+        parts[f"tuning/{path.stem}"] = round(load_json(path).get("seconds", math.nan), 3)
+    for path in sorted((out / "timings").glob("*.json")):
+        parts[path.stem] = load_json(path)["seconds"]
+    save_json(out / "timings.json", parts)

@@ -1,0 +1,225 @@
+"""The interface every sample-based method of the escape benchmark implements, and its registry.
+
+A method is a training loss and an update rule, run on S students at once:
+
+    from qmse.escape import Method, register_method
+
+    def sign_sgd(W, grad, state, t, lr):  # W, grad: (S, n, d); lr: (S, 1, 1)
+        return W - lr * grad.sign(), state
+
+    register_method(Method(name="sign-sgd", loss="mse", update=sign_sgd,
+                           lr_grid=(1e-3, 2e-3, 4e-3)))
+
+- `loss`: the name of a training loss of `qmse.loss.LOSSES` ("mse", "qmse", "expected-qmse",
+  "label-noise", ...) or a callable `loss(input (N, C), target (N, C), *, generator) -> (N,)`
+  giving the per-sample loss. The engine averages it over each start's batch and
+  differentiates it; a random loss draws its noise from the method's own generator.
+- `update(W, grad, state, t, lr) -> (W, state)`: one step at step index t (0, 1, ...). `state`
+  is a dict kept across steps. It starts as {"rng": the method's torch.Generator (its own
+  stream, never the inputs'), NAME: (S, 1, 1) tensor for each hyperparameter}; a rule keeps
+  its buffers in it.
+- `lr_grid`: the learning rates swept first (a log grid, neighbours at most 2x apart; the
+  sweep widens it while its best value is on an edge).
+- `hyper`: further hyperparameters, NAME -> grid, swept after lr at the chosen lr (the middle
+  value of the grid is used while lr is swept). A hyperparameter named like a parameter of
+  the registered loss (label noise's "sigma") also goes to that loss, per sample.
+- hooks, for methods that need more than an update: `init(W, state, run) -> state` before
+  the first step; `after_step(W, state, t, lr, run) -> (W, state)` after each step's update
+  and divergence check (PGD's kicks, restart's fresh start); `finish(W, state, run) -> W`
+  after the last step (restart's choice of segment). `run` is a `Run`.
+- `report`: names of (S,) state tensors whose mean goes into the results (PGD's kicks).
+
+Every built-in method (`qmse.escape.rules`) is registered through this same interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qmse.escape.keys import content_key
+from qmse.loss import LOSSES, get_loss
+from qmse.teacher_student import Problem, sample_inputs, sample_loss
+
+GRID_RATIO = 2.0  # neighbouring grid values differ by at most this factor
+HELD_OUT = 4096  # fresh samples per start on which `Run.held_out_loss` compares weights
+HELD_OUT_CHUNK = 256  # starts per chunk of held-out samples (bounds the memory)
+
+Update = Callable[[Tensor, Tensor, dict, int, Tensor], tuple[Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a hook may read about the run in progress; the engine makes one per method.
+
+    `diverged` (S,) bool is the engine's divergence flag per start: a diverged start is frozen
+    and counted as a failure. A hook that gives a start fresh weights may clear its flag."""
+
+    steps: int  # the step budget
+    batch: int  # samples per step and start
+    problem: Problem  # the teacher and the student's output layer, float32 on the device
+    diverged: Tensor  # (S,) bool
+
+    def held_out_loss(self, W: Tensor, generator: torch.Generator) -> Tensor:
+        """MSE of each start on HELD_OUT fresh samples (S,), float64: how a sample-based
+        method compares two weight settings without the closed form."""
+        p64 = self.problem.to(torch.float64)
+        out = []
+        for chunk in W.split(HELD_OUT_CHUNK):
+            x = sample_inputs(len(chunk), HELD_OUT, p64.d, generator=generator, dtype=torch.float64)
+            with torch.no_grad():
+                out.append(sample_loss(chunk.double(), p64, x.to(W.device)))
+        return torch.cat(out)
+
+    def fresh_weights(self, count: int, generator: torch.Generator) -> Tensor:
+        """A fresh Xavier initialisation N(0, I/d) of `count` students: (count, n, d)."""
+        n, d = self.problem.n, self.problem.d
+        z = torch.randn(count, n, d, generator=generator, device=generator.device)
+        return (z / math.sqrt(d)).to(self.problem.V)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One sample-based method (see the module docstring)."""
+
+    name: str
+    loss: str | Callable[..., Tensor]
+    update: Update
+    lr_grid: tuple[float, ...]
+    hyper: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    init: Callable[[Tensor, dict, Run], dict] | None = None
+    after_step: Callable[[Tensor, dict, int, Tensor, Run], tuple[Tensor, dict]] | None = None
+    finish: Callable[[Tensor, dict, Run], Tensor] | None = None
+    report: tuple[str, ...] = ()
+    description: str = ""
+
+    def default(self, name: str) -> float:
+        """The value of hyperparameter `name` while lr is swept: the middle of its grid."""
+        grid = self.hyper[name]
+        return grid[len(grid) // 2]
+
+    def loss_params(self) -> tuple[str, ...]:
+        """The hyperparameters that also go to the registered loss."""
+        if callable(self.loss):
+            return ()
+        return tuple(h for h in self.hyper if h in get_loss(self.loss).params)
+
+
+METHODS: dict[str, Method] = {}
+_PLUGINS: dict[str, list[str]] = {}  # plug-in file's content hash -> the methods it registered
+
+
+def check_grid(what: str, grid: tuple[float, ...]) -> None:
+    """A sweep grid: positive, increasing, neighbours at most GRID_RATIO apart."""
+    if not grid or any(not (isinstance(v, (int, float)) and v > 0) for v in grid):
+        raise ValueError(f"{what}={grid!r}: need a non-empty tuple of positive numbers")
+    for a, b in zip(grid, grid[1:]):
+        if not a < b <= a * GRID_RATIO * (1 + 1e-9):
+            raise ValueError(
+                f"{what}={grid!r}: need increasing values, neighbours at most "
+                f"{GRID_RATIO:g}x apart (a log grid such as (0.05, 0.1, 0.2)); {a} -> {b}"
+            )
+
+
+def _source(obj: object) -> str:
+    """Source text of a function (its qualified name where there is none)."""
+    if obj is None or isinstance(obj, str):
+        return repr(obj)
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def method_key(method: Method) -> str:
+    """A hash of everything that defines a method's results: its loss, the source of its
+    update and hooks, its grids. Cached rows and sweeps store it and are recomputed when a
+    method's definition changes."""
+    parts = [method.name, _source(method.loss), _source(method.update), list(method.lr_grid)]
+    parts += [{k: list(v) for k, v in sorted(method.hyper.items())}, list(method.report)]
+    parts += [_source(h) for h in (method.init, method.after_step, method.finish)]
+    return content_key(parts)
+
+
+def register_method(method: Method) -> Method:
+    """Add `method` to the registry `qmse escape --methods` reads. Registering the same
+    definition again (a plug-in imported twice) is a no-op; another definition under a taken
+    name is an error."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register_method takes a qmse.escape.Method, got {type(method).__name__}")
+    if (
+        not method.name
+        or "," in method.name
+        or "=" in method.name
+        or method.name.strip() != (method.name)
+    ):
+        raise ValueError(
+            f"method name {method.name!r}: need a non-empty name without , = or spaces"
+        )
+    if method.name == "gd-population":
+        raise ValueError("'gd-population' is the reproduction's name; choose another")
+    if not callable(method.update):
+        raise TypeError(f"method {method.name!r}: update must be callable (W, grad, state, t, lr)")
+    if isinstance(method.loss, str):
+        if method.loss not in LOSSES:
+            raise ValueError(
+                f"method {method.name!r}: loss {method.loss!r} is not registered in qmse.loss "
+                f"(one of {tuple(LOSSES)}), nor a callable"
+            )
+    elif not callable(method.loss):
+        raise TypeError(f"method {method.name!r}: loss must be a registered name or a callable")
+    check_grid(f"{method.name}: lr_grid", tuple(method.lr_grid))
+    for name, grid in method.hyper.items():
+        if name in ("rng", "lr"):
+            raise ValueError(f"method {method.name!r}: a hyperparameter may not be named {name!r}")
+        check_grid(f"{method.name}: hyper[{name!r}]", tuple(grid))
+    old = METHODS.get(method.name)
+    if old is not None and method_key(old) != method_key(method):
+        raise ValueError(f"a different method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """A registered method by name."""
+    if name not in METHODS:
+        raise ValueError(
+            f"method {name!r} is not registered; expected one of {tuple(METHODS)} "
+            f"(or load a plug-in that registers it: qmse escape --plugin FILE.py)"
+        )
+    return METHODS[name]
+
+
+def load_plugin(path: str | os.PathLike) -> list[str]:
+    """Import the Python file `path`, which registers methods with `register_method`; return
+    their names. The same file content is imported once per process."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plug-in {path} does not exist (give a .py file)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if digest in _PLUGINS:
+        return _PLUGINS[digest]
+    name = f"qmse_escape_plugin_{digest}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"plug-in {path}: not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    before = set(METHODS)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    _PLUGINS[digest] = sorted(set(METHODS) - before)
+    return _PLUGINS[digest]

@@ -1,0 +1,128 @@
+"""Safran & Shamir's gradient descent on the population loss: the reproduction, and the source
+of the certified spurious minima the escape protocol starts from.
+
+Problem: `qmse.teacher_student`. "Stuck" is decided by the closed-form population loss.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qmse.escape.engine import STUCK_LOSS
+from qmse.escape.keys import content_key
+from qmse.runs import load_torch, progress, save_torch
+from qmse.teacher_student import (
+    Problem,
+    init_weights,
+    population_grad,
+    population_hessian,
+    population_loss,
+)
+
+GD_LR, GD_TOL = 0.1, 1e-9  # Safran & Shamir's step and stopping tolerance
+# Safran & Shamir (ICML 2018), Table 1: share of gradient-descent runs from Xavier starts that
+# end in a spurious minimum, student width n = k, 1,000 runs per k.
+PUBLISHED = {6: 0.003, 8: 0.126, 10: 0.346, 12: 0.585, 16: 0.851, 20: 0.949}
+
+
+def gd_population(
+    W: Tensor,
+    problem: Problem,
+    *,
+    lr: float = GD_LR,
+    tol: float = GD_TOL,
+    max_steps: int = 100_000,
+    check_every: int = 50,
+    quiet: bool = False,
+) -> dict[str, Tensor]:
+    """Safran & Shamir's method: gradient descent on the closed-form population loss with
+    step `lr` until every neuron's gradient norm is ≤ `tol` (or `max_steps`).
+
+    W: (S, n, d) starting weights, float64 advised (the 1e-9 test needs it). Seeds that have
+    converged are dropped from the batch every `check_every` steps, so the cost follows the
+    slow seeds. Returns W (S, n, d), loss (S,), grad_norm (S,) (largest per-neuron norm),
+    steps (S,) (steps taken) and converged (S,) bool."""
+    if lr <= 0 or tol <= 0 or max_steps < 1 or check_every < 1:
+        raise ValueError(
+            f"need lr > 0, tol > 0, max_steps >= 1 and check_every >= 1; got lr={lr}, "
+            f"tol={tol}, max_steps={max_steps}, check_every={check_every}"
+        )
+    W = W.detach().clone()
+    S = W.shape[0]
+    steps = torch.full((S,), max_steps, dtype=torch.long, device=W.device)
+    active = torch.arange(S, device=W.device)  # (A,) indices still descending
+    bar = progress(total=max_steps, quiet=quiet, desc=f"gd-population k={problem.k}")
+    for t in range(0, max_steps, check_every):
+        Wa = W[active]  # (A, n, d)
+        for _ in range(min(check_every, max_steps - t)):
+            Wa = Wa - lr * population_grad(Wa, problem)
+        W[active] = Wa
+        gnorm = population_grad(Wa, problem).norm(dim=-1).amax(-1)  # (A,)
+        done = gnorm <= tol
+        steps[active[done]] = t + min(check_every, max_steps - t)
+        active = active[~done]
+        bar.update(min(check_every, max_steps - t))
+        bar.set_postfix(active=len(active))
+        if len(active) == 0:
+            break
+    bar.close()
+    grad_norm = population_grad(W, problem).norm(dim=-1).amax(-1)
+    return {
+        "W": W,
+        "loss": population_loss(W, problem),
+        "grad_norm": grad_norm,
+        "steps": steps,
+        "converged": grad_norm <= tol,
+    }
+
+
+def population_runs(
+    out: str | os.PathLike,
+    problem: Problem,
+    seeds: Sequence[int],
+    *,
+    tag: str = "eval",
+    max_steps: int = 100_000,
+    quiet: bool = False,
+) -> dict:
+    """`gd_population` from the Xavier initialisations of `seeds`, cached in
+    out/gd-population/{tag}_k{k}_n{n}_C{C}.pt under the key of what it was computed from
+    (problem, seeds, step cap, step size, tolerance); a file with another key is recomputed.
+
+    These runs are both the reproduction of Safran & Shamir and the source of the
+    spurious-minima protocol's certified starts."""
+    path = Path(out) / "gd-population" / f"{tag}_k{problem.k}_n{problem.n}_C{problem.outputs}.pt"
+    seeds = [int(s) for s in seeds]
+    p64 = problem.to(torch.float64, "cpu")
+    key = content_key("gd-population", p64.V, p64.A_teacher, p64.A_student, seeds, max_steps)
+    key = content_key(key, GD_LR, GD_TOL)
+    if path.exists():
+        saved = load_torch(path)  # weights_only=True: a planted file cannot run code
+        if saved.get("key") == key:
+            return saved
+    W0 = init_weights(seeds, problem.n, problem.d, dtype=torch.float64)
+    started = time.perf_counter()
+    result = gd_population(W0, p64, max_steps=max_steps, quiet=quiet)
+    seconds = round(time.perf_counter() - started, 3)
+    result |= {"seeds": seeds, "max_steps": max_steps, "W0": W0, "key": key, "seconds": seconds}
+    save_torch(path, result)
+    return result
+
+
+def stuck_points(result: dict) -> Tensor:
+    """The certified stuck end points of a `population_runs` result (gradient ≤ tolerance,
+    loss ≥ STUCK_LOSS): (M, n, d) float64, in seed order."""
+    return result["W"][result["converged"] & (result["loss"] >= STUCK_LOSS)]
+
+
+def certify_minima(W: Tensor, problem: Problem) -> list[float]:
+    """Smallest Hessian eigenvalue (float64 autograd of the closed form) at each point of
+    W (M, n, d): all > 0 means strict local minima, not saddles."""
+    p = problem.to(torch.float64)
+    return [torch.linalg.eigvalsh(population_hessian(w.double(), p))[0].item() for w in W]

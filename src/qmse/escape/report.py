@@ -1,0 +1,247 @@
+"""The escape benchmark's statistics, tables and figures.
+
+Rates carry Wilson 95 % intervals (scipy.stats.binomtest(...).proportion_ci). Methods are
+compared on the same starts (common random numbers), so each comparison is paired: McNemar's
+exact test on the discordant starts (those where exactly one of the two methods failed; under
+the null hypothesis each is equally likely to go either way, so their split is Binomial(b + c,
+½)), against each reference method (MSE-SGD, momentum, QMSE by default), with Holm's
+correction over every comparison of a protocol (docs/theory.md, "Fair baselines for
+escaping").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+from matplotlib.figure import Figure
+from scipy.stats import binomtest
+
+from qmse.runs import atomic_write, save_figure
+
+PROTOCOLS = ("random-init", "spurious-minima")  # from Xavier starts; from certified minima
+
+
+def wilson(failures: int, seeds: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of failures / seeds; (0, 1) when there are no seeds."""
+    if seeds <= 0:
+        return (0.0, 1.0)
+    ci = binomtest(failures, seeds).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
+
+
+def mcnemar(failed: str, failed_ref: str) -> dict:
+    """McNemar's exact test of a method against a reference on the same starts. `failed`,
+    `failed_ref`: one character per start, "1" failed, "0" succeeded. Returns worse (b: the
+    method failed where the reference succeeded), better (c: the reverse) and the two-sided
+    exact p-value of b against Binomial(b + c, ½) (1 when there is no discordant start)."""
+    if len(failed) != len(failed_ref):
+        raise ValueError(f"paired outcomes differ in length: {len(failed)} vs {len(failed_ref)}")
+    worse = sum(a == "1" and b == "0" for a, b in zip(failed, failed_ref))
+    better = sum(a == "0" and b == "1" for a, b in zip(failed, failed_ref))
+    p = binomtest(better, worse + better, 0.5).pvalue if worse + better else 1.0
+    return {"worse": worse, "better": better, "p": float(p)}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: the i-th smallest of m p-values becomes
+    max over j ≤ i of min(1, (m − j + 1)·p_(j)); returned in the input's order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def add_paired_tests(rows: list[dict], references: Sequence[str]) -> None:
+    """For every sample-method row, McNemar's test against each reference method's row of
+    the same cell (same starts), Holm-adjusted over all comparisons of its protocol; stored
+    in place as row["paired"][reference] = {worse, better, p, p_holm}."""
+    for protocol in PROTOCOLS:
+        tests = []
+        cells = [r for r in rows if r["protocol"] == protocol and r.get("failed")]
+        for row in cells:
+            row["paired"] = {}
+            for ref in references:
+                other = next(
+                    (
+                        r
+                        for r in cells
+                        if r["method"] == ref
+                        and (r["k"], r["n"], r["outputs"]) == (row["k"], row["n"], row["outputs"])
+                        and r["starts_key"] == row["starts_key"]
+                    ),
+                    None,
+                )
+                if other is None or ref == row["method"]:
+                    continue
+                row["paired"][ref] = mcnemar(row["failed"], other["failed"])
+                tests.append(row["paired"][ref])
+        for test, p in zip(tests, holm([t["p"] for t in tests])):
+            test["p_holm"] = p
+
+
+def _settings(row: dict) -> str:
+    """A row's step size and hyperparameters: 0.2 (sigma=0.4), * where fixed by the user,
+    † where the sweep stopped with the value on an edge of its range."""
+    if row.get("lr") is None:
+        return ""
+    text = f"{row['lr']:g}"
+    if row.get("hyper"):
+        text += " (" + ", ".join(f"{k}={v:g}" for k, v in row["hyper"].items()) + ")"
+    tuned = row.get("tuning") or {}
+    if tuned.get("fixed"):
+        text += "*"
+    if tuned.get("edge"):
+        text += "†"
+    return text
+
+
+def write_table(rows: list[dict], path: str | os.PathLike) -> str:
+    """Markdown: failure rate with Wilson 95 % interval (and divergences), method × k, one
+    table per protocol; then the paired tests against each reference method."""
+    lines = []
+    for protocol in PROTOCOLS:
+        sel = [r for r in rows if r["protocol"] == protocol]
+        if not sel:
+            continue
+        ks = sorted({r["k"] for r in sel})
+        methods = list(dict.fromkeys(r["method"] for r in sel))
+        what = "failure rate" if protocol == "random-init" else "failure to escape"
+        budget = next((r for r in sel if r.get("steps")), None)
+        lines += [f"### Protocol {protocol}: {what} [Wilson 95 %] (diverged)", ""]
+        if budget:
+            lines += [
+                f"Budget: {budget['steps']} steps × batch {budget['batch']} = "
+                f"{budget['grad_evals']} sample gradients per start. Settings per k: * fixed "
+                f"by the user, † chosen on an edge of its sweep.",
+                "",
+            ]
+        lines.append("| method | settings per k | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("|---" * (len(ks) + 2) + "|")
+        for m in methods:
+            cells, settings = [], []
+            for k in ks:
+                r = next((r for r in sel if r["method"] == m and r["k"] == k), None)
+                if r is None or r["seeds"] == 0:
+                    cells.append("–" if r is None else "no minima")
+                    continue
+                settings.append(_settings(r))
+                cells.append(
+                    f"{r['failures']}/{r['seeds']} = {r['failure_rate']:.3f} "
+                    f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
+                    + (f" ({r['diverged']})" if r["diverged"] else "")
+                )
+            lines.append(f"| {m} | {' / '.join(settings)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        refs = [m for m in methods if any(m in r.get("paired", {}) for r in sel)]
+        for ref in refs:
+            lines += [
+                f"#### Paired against {ref} ({protocol}): starts won / lost "
+                f"against {ref}, McNemar exact p Holm-adjusted (bold: < 0.05)",
+                "",
+                "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+                "|---" * (len(ks) + 1) + "|",
+            ]
+            for m in methods:
+                cells = []
+                for k in ks:
+                    r = next((r for r in sel if r["method"] == m and r["k"] == k), None)
+                    test = (r or {}).get("paired", {}).get(ref)
+                    if test is None:
+                        cells.append("–")
+                        continue
+                    p = f"p={test['p_holm']:.2g}"
+                    cells.append(
+                        f"+{test['better']} −{test['worse']} "
+                        + (f"**{p}**" if test["p_holm"] < 0.05 else p)
+                    )
+                if any(c != "–" for c in cells):
+                    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+    text = "\n".join(lines)
+    atomic_write(path, text)
+    return text
+
+
+def plot_results(rows: list[dict], path: str | os.PathLike, published: dict | None = None):
+    """Failure rate vs k, one line per method with Wilson 95 % error bars; one panel per
+    protocol; `published` rates (k -> rate) as stars on the random-init panel."""
+    protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in rows)]
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    fig = Figure(figsize=(6.5 * len(protocols), 4.5))
+    axes = fig.subplots(1, len(protocols), squeeze=False)[0]
+    for ax, protocol in zip(axes, protocols):
+        sel = [r for r in rows if r["protocol"] == protocol and r["seeds"] > 0]
+        for i, m in enumerate(names):
+            pts = sorted((r for r in sel if r["method"] == m), key=lambda r: r["k"])
+            if not pts:
+                continue
+            ks = [r["k"] + 0.04 * (i - len(names) / 2) for r in pts]
+            rate = [r["failure_rate"] for r in pts]
+            err = [
+                [max(0.0, r["failure_rate"] - r["ci95_low"]) for r in pts],
+                [max(0.0, r["ci95_high"] - r["failure_rate"]) for r in pts],
+            ]
+            style = "-" if i < 10 else "--"
+            ax.errorbar(ks, rate, yerr=err, marker="o", ms=3, capsize=2, label=m, ls=style,
+                        color=f"C{i % 10}")  # fmt: skip
+        if protocol == "random-init" and published:
+            pub = [(k, p) for k, p in published.items() if any(r["k"] == k for r in sel)]
+            if pub:
+                ax.plot(*zip(*pub), "k*", ms=10, label="Safran & Shamir 2018")
+        ax.set_xlabel("k (teacher width)")
+        ax.set_ylabel("failure rate" if protocol == "random-init" else "failure to escape")
+        ax.set_title(f"protocol: {protocol}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        if sel:  # a protocol with no finished starts has nothing to label
+            ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save_figure(path, fig)
+
+
+def plot_sweeps(records: list[dict], path: str | os.PathLike) -> None:
+    """Every sweep: failure rate (solid) and divergence share (dotted) against the swept
+    value (log scale), one curve per method, a star at the chosen value; one panel per
+    (protocol, tuning k, swept parameter)."""
+    panels: dict[tuple, list] = {}
+    for rec in records:
+        for stage in rec.get("stages") or []:
+            panels.setdefault((rec["protocol"], rec["k"], stage["param"]), []).append(
+                (rec["method"], stage)
+            )
+    if not panels:
+        return
+    keys = sorted(panels, key=lambda p: (p[2] != "lr", p[2], PROTOCOLS.index(p[0]), p[1]))
+    names = list(dict.fromkeys(r["method"] for r in records))
+    cols = min(4, len(keys))
+    rows_n = math.ceil(len(keys) / cols)
+    fig = Figure(figsize=(5.2 * cols, 4.0 * rows_n))
+    axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        protocol, k, param = key
+        for name, stage in panels[key]:
+            i = names.index(name)
+            x = [p["value"] for p in stage["points"]]
+            rate = [p["failures"] / p["seeds"] for p in stage["points"]]
+            div = [p["diverged"] / p["seeds"] for p in stage["points"]]
+            colour, style = f"C{i % 10}", "-" if i < 10 else "--"
+            ax.plot(x, rate, style, marker="o", ms=3, color=colour, label=name)
+            ax.plot(x, div, ":", color=colour, lw=1)
+            chosen = stage["points"][x.index(stage["chosen"])]
+            ax.plot([stage["chosen"]], [chosen["failures"] / chosen["seeds"]], "*", ms=11,
+                    color=colour, mec="k")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel(param)
+        ax.set_ylabel("failure rate (solid), diverged (dotted)")
+        ax.set_title(f"{protocol}, k={k}: sweep of {param}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=5, ncol=2)
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    save_figure(path, fig)

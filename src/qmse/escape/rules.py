@@ -1,0 +1,273 @@
+"""The built-in methods of the escape benchmark, registered through the plug-in interface.
+
+Update rules (W, grad: (S, n, d); lr and hyperparameters: (S, 1, 1); draws from state["rng"]):
+- `sgd`: W ← W − lr·g;
+- `momentum`: heavy ball, PyTorch's convention: b ← 0.9·b + g, W ← W − lr·b;
+- `adam`: Adam (0.9, 0.999, eps 1e-8) with bias correction;
+- `gradient_noise` (+ momentum): g + σ·z, z ~ N(0, I) fresh at every step, in place of g;
+- `anticorrelated` (+ momentum): W ← W − lr·g + (ξ_{t+1} − ξ_t), ξ_t ~ N(0, σ²I) i.i.d.
+  (Orvieto et al. 2022, "Anticorrelated noise injection for improved generalization"):
+  the perturbations are anti-correlated, so they do not accumulate into a random walk;
+- PGD (Jin et al. 2017) and restart: SGD plus hooks (`pgd_after_step`, `restart_after_step`).
+
+Label-noise SGD is plain SGD on the registered "label-noise" loss (targets y + ξ,
+ξ ~ N(0, σ²) fresh at every step), its σ a hyperparameter of the method. docs/theory.md
+("Fair baselines for escaping", "QMSE's noise against label noise") says why these baselines.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qmse.escape.methods import Method, Run, register_method
+
+MOMENTUM = 0.9  # heavy-ball coefficient (b ← 0.9·b + g; W ← W − lr·b)
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+PGD_WINDOW = 500  # t_thres: steps between gradient tests / after a perturbation
+PGD_GRAD = 0.05  # g_thres on the window-averaged gradient norm
+
+
+def _normal(W: Tensor, state: dict) -> Tensor:
+    """z ~ N(0, I) of W's shape from the method's own stream."""
+    rng = state["rng"]
+    return torch.randn(W.shape, generator=rng, device=rng.device, dtype=W.dtype).to(W.device)
+
+
+def sgd(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tensor, dict]:
+    """W ← W − lr·g."""
+    return W - lr * grad, state
+
+
+def momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tensor, dict]:
+    """Heavy ball: b ← 0.9·b + g (b = 0 before the first step), W ← W − lr·b."""
+    state["buf"] = MOMENTUM * state["buf"] + grad if "buf" in state else grad
+    return W - lr * state["buf"], state
+
+
+def adam(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tensor, dict]:
+    """Adam with bias correction at step t + 1."""
+    b1, b2 = ADAM_BETAS
+    m = state.get("m", torch.zeros_like(W))
+    v = state.get("v", torch.zeros_like(W))
+    state["m"] = b1 * m + (1 - b1) * grad
+    state["v"] = b2 * v + (1 - b2) * grad * grad
+    m_hat = state["m"] / (1 - b1 ** (t + 1))
+    v_hat = state["v"] / (1 - b2 ** (t + 1))
+    return W - lr * m_hat / (v_hat.sqrt() + ADAM_EPS), state
+
+
+def gradient_noise(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
+    """W ← W − lr·(g + σz), z ~ N(0, I) drawn at every step."""
+    return sgd(W, grad + state["sigma"] * _normal(W, state), state, t, lr)
+
+
+def gradient_noise_momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
+    """Heavy ball on g + σz, z ~ N(0, I) drawn at every step."""
+    return momentum(W, grad + state["sigma"] * _normal(W, state), state, t, lr)
+
+
+def _anticorrelated(W: Tensor, step: Tensor, state: dict) -> tuple[Tensor, dict]:
+    """W − step + (ξ_{t+1} − ξ_t); ξ_0 is drawn before the first step, then ξ_{t+1}."""
+    if "xi" not in state:
+        state["xi"] = state["sigma"] * _normal(W, state)
+    xi = state["sigma"] * _normal(W, state)
+    W = W - step + (xi - state["xi"])
+    state["xi"] = xi
+    return W, state
+
+
+def anticorrelated(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
+    """Anti-PGD (Orvieto et al. 2022): W ← W − lr·g + (ξ_{t+1} − ξ_t), ξ ~ N(0, σ²I)."""
+    return _anticorrelated(W, lr * grad, state)
+
+
+def anticorrelated_momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
+    """Heavy ball b ← 0.9·b + g, W ← W − lr·b + (ξ_{t+1} − ξ_t)."""
+    state["buf"] = MOMENTUM * state["buf"] + grad if "buf" in state else grad
+    return _anticorrelated(W, lr * state["buf"], state)
+
+
+def uniform_ball(shape: tuple[int, ...], radius: Tensor, generator: torch.Generator) -> Tensor:
+    """Uniform draws from balls of radius `radius` (S,) in R^{n·d}: shape (S, n, d)."""
+    z = torch.randn(shape, generator=generator, dtype=radius.dtype, device=generator.device)
+    u = torch.rand(shape[0], generator=generator, dtype=radius.dtype, device=generator.device)
+    z, u = z.to(radius.device), u.to(radius.device) ** (1 / z[0].numel())
+    return z / z.flatten(1).norm(dim=1).view(-1, 1, 1) * (u * radius).view(-1, 1, 1)
+
+
+def pgd_init(W: Tensor, state: dict, run: Run) -> dict:
+    """PGD's bookkeeping: the window's anchor, the point before a kick and its loss."""
+    state["anchor"] = W.clone()  # weights PGD_WINDOW steps ago
+    state["saved"] = W.clone()  # the point before the last kick
+    state["saved_loss"] = torch.full(
+        (W.shape[0],), float("inf"), dtype=torch.float64, device=W.device
+    )
+    state["perturbations"] = torch.zeros(W.shape[0], dtype=torch.long, device=W.device)
+    return state
+
+
+def pgd_after_step(W: Tensor, state: dict, t: int, lr: Tensor, run: Run):
+    """PGD's end-of-window test (Jin et al. 2017, Alg. 1 with its "return the point before
+    the perturbation unless the descent after it decreased f" rule, applied as a revert).
+
+    Every PGD_WINDOW steps: a start kicked at the previous window's end keeps its new point
+    only if its held-out loss fell below the loss before the kick; otherwise it goes back.
+    Then starts whose gradient averaged over the window (‖W − anchor‖ / (lr·PGD_WINDOW): a
+    single minibatch gradient at a minimum is all noise) is ≤ PGD_GRAD get a kick uniform in
+    the ball of radius state["radius"]·‖W‖_F, unless no full window is left to descend."""
+    if (t + 1) % PGD_WINDOW:
+        return W, state
+    rng = state["rng"]
+    saved_loss = state["saved_loss"]
+    pending = torch.isfinite(saved_loss)
+    if pending.any():
+        now = run.held_out_loss(W, rng)
+        revert = pending & ~(now < saved_loss)
+        W = torch.where(revert.view(-1, 1, 1), state["saved"], W)
+        saved_loss = torch.full_like(saved_loss, float("inf"))
+    if t + 1 + PGD_WINDOW <= run.steps:
+        mean_grad = (state["anchor"] - W).flatten(1).norm(dim=1) / (lr.flatten() * PGD_WINDOW)
+        kick = (mean_grad <= PGD_GRAD) & ~pending & ~run.diverged
+        if kick.any():
+            state["saved"] = W.clone()
+            saved_loss = torch.where(kick, run.held_out_loss(W, rng), saved_loss)
+            radius = state["radius"].flatten() * W.flatten(1).norm(dim=1)
+            W = W + kick.view(-1, 1, 1) * uniform_ball(tuple(W.shape), radius, rng)
+            state["perturbations"] += kick.long()
+    state["saved_loss"] = saved_loss
+    state["anchor"] = W.clone()
+    return W, state
+
+
+def restart_after_step(W: Tensor, state: dict, t: int, lr: Tensor, run: Run):
+    """Halfway through the budget, keep the first segment's end point and start again from a
+    fresh Xavier initialisation."""
+    if t + 1 != run.steps // 2:
+        return W, state
+    state["first"], state["first_diverged"] = W.clone(), run.diverged.clone()
+    run.diverged.zero_()
+    return run.fresh_weights(W.shape[0], state["rng"]), state
+
+
+def restart_finish(W: Tensor, state: dict, run: Run) -> Tensor:
+    """Keep whichever segment's end point has the lower MSE on HELD_OUT fresh samples (a
+    diverged segment never wins)."""
+    if "first" not in state:  # a budget of one step has no second segment
+        return W
+    first, first_diverged = state["first"], state["first_diverged"]
+    better = run.held_out_loss(first, state["rng"]) < run.held_out_loss(W, state["rng"])
+    keep_first = ~first_diverged & (better.to(W.device) | run.diverged)
+    run.diverged.copy_(torch.where(keep_first, first_diverged, run.diverged))
+    return torch.where(keep_first.view(-1, 1, 1), first, W)
+
+
+# Initial grids: log grids (neighbours 2x apart) around the values earlier sweeps chose; the
+# sweep widens a grid whose best value lies on an edge. QMSE's gradient grows like ‖r‖³
+# (docs/theory.md, "Scale: the ‖r‖³ growth"), so its grids reach lower; momentum's
+# effective step is lr/(1 − 0.9).
+SGD_LR = (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
+MOMENTUM_LR = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
+QMSE_LR = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
+QMSE_MOMENTUM_LR = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
+LABEL_SIGMA = (0.05, 0.1, 0.2, 0.4, 0.8)  # residuals at the minima are about 0.2
+GRAD_SIGMA = (0.01, 0.02, 0.04, 0.08, 0.16)
+ANTI_SIGMA = (0.001, 0.002, 0.004, 0.008, 0.016)
+PGD_RADIUS = (0.25, 0.5, 1.0, 2.0)  # fractions of ‖W‖_F (docs/theory.md, fair baselines)
+
+BUILTIN_METHODS = tuple(
+    register_method(m).name
+    for m in (
+        Method("sgd", "mse", sgd, SGD_LR, description="SGD on ½(f − y)²"),
+        Method("momentum", "mse", momentum, MOMENTUM_LR, description="heavy ball 0.9 on MSE"),
+        Method(
+            "adam",
+            "mse",
+            adam,
+            (0.001, 0.002, 0.004, 0.008, 0.016, 0.032),
+            description="Adam on MSE",
+        ),
+        Method(
+            "pgd",
+            "mse",
+            sgd,
+            SGD_LR,
+            hyper={"radius": PGD_RADIUS},
+            init=pgd_init,
+            after_step=pgd_after_step,
+            report=("perturbations",),
+            description="SGD plus perturbations of radius r·‖W‖ (Jin et al. 2017)",
+        ),
+        Method(
+            "restart",
+            "mse",
+            sgd,
+            SGD_LR,
+            after_step=restart_after_step,
+            finish=restart_finish,
+            description="SGD for half the budget, then from a fresh start; keep the better",
+        ),
+        Method("qmse", "qmse", sgd, QMSE_LR, description="SGD on QMSE (paper eqs. 6-8)"),
+        Method(
+            "qmse-momentum", "qmse", momentum, QMSE_MOMENTUM_LR, description="heavy ball on QMSE"
+        ),
+        Method(
+            "expected-qmse", "expected-qmse", sgd, QMSE_LR, description="QMSE's landscape, no noise"
+        ),
+        Method(
+            "expected-qmse-momentum",
+            "expected-qmse",
+            momentum,
+            QMSE_MOMENTUM_LR,
+            description="heavy ball on expected-QMSE",
+        ),
+        Method(
+            "label-noise",
+            "label-noise",
+            sgd,
+            SGD_LR,
+            hyper={"sigma": LABEL_SIGMA},
+            description="SGD on targets y + ξ, ξ ~ N(0, σ²) fresh each step",
+        ),
+        Method(
+            "label-noise-momentum",
+            "label-noise",
+            momentum,
+            MOMENTUM_LR,
+            hyper={"sigma": LABEL_SIGMA},
+            description="heavy ball on label-noise targets",
+        ),
+        Method(
+            "gradient-noise",
+            "mse",
+            gradient_noise,
+            SGD_LR,
+            hyper={"sigma": GRAD_SIGMA},
+            description="SGD on g + σz, z ~ N(0, I)",
+        ),
+        Method(
+            "gradient-noise-momentum",
+            "mse",
+            gradient_noise_momentum,
+            MOMENTUM_LR,
+            hyper={"sigma": GRAD_SIGMA},
+            description="heavy ball on g + σz",
+        ),
+        Method(
+            "anticorrelated",
+            "mse",
+            anticorrelated,
+            SGD_LR,
+            hyper={"sigma": ANTI_SIGMA},
+            description="SGD plus ξ_{t+1} − ξ_t, ξ ~ N(0, σ²I) (Orvieto et al. 2022)",
+        ),
+        Method(
+            "anticorrelated-momentum",
+            "mse",
+            anticorrelated_momentum,
+            MOMENTUM_LR,
+            hyper={"sigma": ANTI_SIGMA},
+            description="heavy ball plus ξ_{t+1} − ξ_t",
+        ),
+    )
+)

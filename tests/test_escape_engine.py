@@ -1,0 +1,123 @@
+"""qmse.escape.engine: numbers recorded from the single-method loop it replaced, the batched
+gradient against autograd of the sample loss, common random numbers, divergence."""
+
+import pytest
+import torch
+
+from qmse.escape import STUCK_LOSS, Method, make_job, register_method, run_method, run_methods
+from qmse.escape.engine import job_gradient, teacher_outputs
+from qmse.teacher_student import (
+    init_weights,
+    make_problem,
+    population_loss,
+    sample_inputs,
+    sample_loss,
+)
+
+# Final population losses of 5 seeds (k = n = 4, init seeds 0-4, batch 16, 300 steps, seed 7)
+# recorded from the previous engine (one method per call, inputs and noise from one
+# generator seeded 7) before it was replaced. For deterministic losses its input stream is
+# the new engine's, so the numbers must agree; "inf" = diverged.
+RECORDED = {
+    "sgd": (0.2, [0.000212275, 0.03550005, 0.002416505, 0.01109663, 0.02398695]),
+    "momentum": (0.02, [0.0002101, 0.03632701, 0.000129336, 0.01841217, 0.02105806]),
+    "adam": (0.01, [0.03734236, 0.03315478, 0.04568486, 0.03430154, 0.03338141]),
+    "expected-qmse": (0.05, [float("inf"), 0.0299022, float("inf"), 0.03090676, 0.03451158]),
+    "expected-qmse-momentum": (0.005, [0.02417639, 0.03000832, 0.01821275, 0.0332248, 0.03474138]),
+}
+RECORDED_FIRST = {"sgd": [300, -1, -1, -1, -1], "momentum": [300, -1, 250, -1, -1]}
+
+
+@pytest.mark.parametrize("name", list(RECORDED))
+def test_builtin_methods_reproduce_the_previous_engine(name):
+    lr, losses = RECORDED[name]
+    problem = make_problem(4)
+    W0 = init_weights(range(5), 4, 4)
+    r = run_method(name, W0, problem, steps=300, lr=lr, batch=16, seed=7, quiet=True)
+    expected = torch.tensor(losses, dtype=torch.float64)
+    torch.testing.assert_close(r["loss"], expected, rtol=1e-5, atol=1e-9)
+    assert r["diverged"].tolist() == torch.isinf(expected).tolist()
+    if name in RECORDED_FIRST:
+        assert r["first_success"].tolist() == RECORDED_FIRST[name]
+
+
+def test_job_gradients_match_autograd_of_the_sample_loss():
+    """A job's settings in one forward/backward: each row's gradient equals autograd of
+    teacher_student.sample_loss on that row's weights and its start's batch."""
+    problem = make_problem(3, 5).to(torch.float64)
+    m, B = 3, 7
+    x = sample_inputs(m, B, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = teacher_outputs(x, problem)
+    jobs = [make_job("sgd", [0.1, 0.2]), make_job("expected-qmse", 0.1)]
+    Ws = [torch.randn(2 * m, 5, 3, dtype=torch.float64), torch.randn(m, 5, 3, dtype=torch.float64)]
+    for job, W in zip(jobs, Ws):
+        grad = job_gradient(job, W, x, y, problem, torch.Generator().manual_seed(1))
+        loss = job.method.loss
+        xs = x.repeat(job.settings, 1, 1)  # row g·m + i sees start i's batch
+        Wr = W.clone().requires_grad_()
+        (ref,) = torch.autograd.grad(sample_loss(Wr, problem, xs, loss).sum(), Wr)
+        torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_method_registered_with_sgds_update_gives_exactly_sgds_results():
+    """Common random numbers: same loss, same update, same lr, run side by side or alone,
+    give bit-identical results; a random loss too (its noise stream is per method)."""
+    copy = register_method(
+        Method("test-sgd-copy", "mse", lambda W, g, s, t, lr: (W - lr * g, s), (0.1, 0.2))
+    )
+    qcopy = register_method(
+        Method("test-qmse-copy", "qmse", lambda W, g, s, t, lr: (W - lr * g, s), (0.1, 0.2))
+    )
+    problem = make_problem(4)
+    W0 = init_weights(range(6), 4, 4)
+    kw = {"steps": 200, "batch": 8, "seed": 3, "method_seed": 4, "quiet": True}
+    jobs = [make_job(n, 0.05) for n in ("sgd", "momentum", copy, "qmse", qcopy)]
+    sgd, _, mine, qmse, qmine = run_methods(jobs, W0, problem, **kw)
+    alone = run_methods([make_job(copy, 0.05)], W0, problem, **kw)[0]
+    for a, b in ((sgd, mine), (sgd, alone), (qmse, qmine)):
+        for key in ("W", "loss", "first_success", "diverged"):
+            assert torch.equal(a[key], b[key])
+    assert not torch.equal(sgd["W"], qmse["W"])
+
+
+def test_every_setting_of_a_job_sees_the_same_inputs():
+    """A job with two equal settings gives two equal halves (rows g·m + i), up to the
+    rounding of the matmul's blocking."""
+    problem = make_problem(3)
+    W0 = init_weights(range(4), 3, 3)
+    r = run_method("sgd", W0, problem, steps=50, lr=[0.1, 0.1], quiet=True)
+    torch.testing.assert_close(r["W"][:4], r["W"][4:], rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_learns_small_teacher_and_is_seeded():
+    problem = make_problem(3)
+    W0 = init_weights(range(6), 3, 3)
+    a = run_method("sgd", W0, problem, steps=800, lr=0.3, batch=32, seed=1, quiet=True)
+    b = run_method("sgd", W0, problem, steps=800, lr=0.3, batch=32, seed=1, quiet=True)
+    assert torch.equal(a["loss"], b["loss"])
+    assert (a["loss"] < STUCK_LOSS).all()
+    assert ((a["first_success"] > 0) & (a["first_success"] <= 800)).all()
+    torch.testing.assert_close(a["loss"], population_loss(a["W"].double(), problem))
+    assert (a["moved"] > 0.01).all()
+
+
+def test_divergence_is_recorded_as_failure_and_frozen():
+    problem = make_problem(3)
+    W0 = init_weights(range(4), 3, 3) * 3
+    out = run_method("qmse", W0, problem, steps=50, lr=50.0, batch=16, quiet=True)
+    assert out["diverged"].all() and torch.isinf(out["loss"]).all()
+    assert (out["first_success"] == -1).all()
+    assert torch.isfinite(out["W"]).all() and (out["W"].flatten(1).norm(dim=1) <= 1e4).all()
+
+
+def test_bad_arguments_raise():
+    problem = make_problem(3)
+    W0 = init_weights(range(2), 3, 3)
+    with pytest.raises(ValueError, match="not registered"):
+        run_method("gd-population", W0, problem, steps=10, lr=0.1)
+    with pytest.raises(ValueError, match="lr > 0"):
+        run_method("sgd", W0, problem, steps=10, lr=-0.1)
+    with pytest.raises(ValueError, match="no hyperparameter"):
+        run_method("sgd", W0, problem, steps=10, lr=0.1, hyper={"sigma": 0.1})
+    with pytest.raises(ValueError, match=r"expected \(m, 3, 3\)"):
+        run_method("sgd", W0[:, :2], problem, steps=10, lr=0.1)
