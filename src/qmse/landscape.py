@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -337,14 +338,16 @@ def plot_slices(results: dict[str, dict], title: str = "") -> Figure:
     else:
         pooled = np.concatenate([r["loss"].ravel() for r in results.values()])
         levels = np.unique(np.quantile(pooled, np.linspace(0, 1, 16)))
-        fig = Figure(figsize=(4.6 * len(results) + 1.2, 4.4), layout="constrained")
+        norm = BoundaryNorm(levels, 256)  # one colour per band, evenly spread over the map
+        fig = Figure(figsize=(4.6 * len(results) + 1.2, 4.6), layout="constrained")
         axes = fig.subplots(1, len(results), squeeze=False)[0]
         for ax, (name, r) in zip(axes, results.items()):
             A, B = np.meshgrid(r["coords"], r["coords"], indexing="ij")
-            filled = ax.contourf(A, B, r["loss"], levels=levels, cmap="viridis")
+            filled = ax.contourf(A, B, r["loss"], levels=levels, norm=norm, cmap="viridis")
             ax.contour(A, B, r["loss"], levels=levels, colors="k", linewidths=0.3)
             ax.plot([0], [0], "r*", ms=10)
             ax.set(xlabel="direction 1", ylabel="direction 2", aspect="equal", title=name)
+            ax.locator_params(nbins=5)
         bar = fig.colorbar(filled, ax=list(axes), spacing="uniform", format="%.3g")
         bar.set_label("loss")
     if title:
