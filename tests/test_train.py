@@ -27,6 +27,7 @@ from qmse.rundir import (
     load_run,
     normalize,
     prepare_data,
+    run_key,
     subseed,
 )
 from qmse.runs import DirectoryBusyError
@@ -238,6 +239,18 @@ def test_an_existing_run_continues_with_the_same_settings_and_data_only(tmp_path
     assert [t["epoch"] for t in timings] == [1, 2] and all(t["wall_s"] > 0 for t in timings)
     config = runs.load_json(tmp_path / "config.json")
     assert config["epochs"] == 2 and len(config["resumed"]) == 1
+
+
+def test_a_key_computed_from_a_run_changes_when_the_run_is_extended(tmp_path):
+    """What a cache of a run's analysis (a diagnosis, a landscape) must store: run_key."""
+    ds = tiny_dataset()
+    train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)
+    key = run_key(tmp_path, samples=256)
+    assert run_key(tmp_path, samples=256) == key and run_key(tmp_path, samples=64) != key
+    train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)  # finished: unchanged
+    assert run_key(tmp_path, samples=256) == key
+    train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True)
+    assert run_key(tmp_path, samples=256) != key  # a cached diagnosis would be stale
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -345,21 +345,16 @@ def _config(path: Path) -> dict[str, Any]:
 _CHECKPOINT_KEYS = {"model", "optimizer", "order_rng", "direction_rng", "metrics"}
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """checkpoint.pt of a run (`qmse.runs.load_torch`: weights only), checked for its keys."""
-    ckpt = runs.load_torch(path, map_location=device)
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """checkpoint.pt of a run on the CPU (`qmse.runs.load_torch`: weights only), checked for
+    its keys; load_state_dict moves weights and optimizer state to the model's device."""
+    ckpt = runs.load_torch(path)
     if not isinstance(ckpt, dict) or not set(ckpt) >= _CHECKPOINT_KEYS:
         raise ValueError(
             f"{path}: not a qmse checkpoint (needs {sorted(_CHECKPOINT_KEYS)}); restore it, or "
             f"delete the directory to start afresh"
         )
     return ckpt
-
-
-def _divergence(out: Path) -> str:
-    """How a run with a diverged.json ended, for messages."""
-    info = runs.load_json(out / "diverged.json")
-    return f"it diverged in epoch {info.get('epoch') if isinstance(info, dict) else '?'}"
 
 
 def open_run(out: Path, resolved: dict[str, Any], device: torch.device) -> dict | None:
@@ -392,7 +387,9 @@ def open_run(out: Path, resolved: dict[str, Any], device: torch.device) -> dict 
             f"{out} to start afresh"
         )
     if diff:
-        ended = f" ({_divergence(out)})" if diverged.exists() else ""
+        ended = ""
+        if diverged.exists():
+            ended = f" (it diverged in epoch {runs.load_json(diverged).get('epoch')})"
         raise ValueError(
             f"{out} holds a run with other settings{ended}: "
             + ", ".join(f"{k} {saved.get(k)!r} there, {resolved.get(k)!r} now" for k in diff)
@@ -405,7 +402,7 @@ def open_run(out: Path, resolved: dict[str, Any], device: torch.device) -> dict 
             f"{saved['data'].get('path')}), now {now} (from {resolved['data']['path']}); "
             f"continue it with the data it was trained on, or write elsewhere (another --out)"
         )
-    ckpt = load_checkpoint(ckpt_path, device)
+    ckpt = load_checkpoint(ckpt_path)  # on the CPU: generator states must stay there
     done, epochs = len(ckpt["metrics"]), resolved["epochs"]
     if done > epochs:
         raise ValueError(
@@ -480,6 +477,15 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[n
             f"({str(e).splitlines()[0]}); the two files come from different runs"
         ) from e
     return model.to(device).eval(), config
+
+
+def run_key(run_dir: str | Path, **arguments: Any) -> str:
+    """The content key (`qmse.runs.content_key`) of a result computed from the run in
+    `run_dir` with `arguments`: it changes when the run's config.json or checkpoint.pt do
+    (an extended run, another run written there), so a cache stored with it is not served
+    stale."""
+    run_dir = Path(run_dir)
+    return runs.content_key([run_dir / "config.json", run_dir / "checkpoint.pt"], **arguments)
 
 
 def run_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:

@@ -163,7 +163,9 @@ def _train_many(
         names = [n for n, _ in models[m].named_parameters()]
         state = ckpt["optimizer"]["state"]
         if state and state[0].get("momentum_buffer") is not None:
-            momentum_bufs[m] = {n: state[i]["momentum_buffer"] for i, n in enumerate(names)}
+            momentum_bufs[m] = {
+                n: state[i]["momentum_buffer"].to(device) for i, n in enumerate(names)
+            }
         rows[m], timings[m] = ckpt["metrics"], ckpt.get("timings", [])
     if len({len(r) for r in rows}) > 1:
         raise ValueError(
