@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 # torch first, pinned: the CPU build on local disk. Any other request may pull a multi-GB CUDA build.
 TORCH   := torch==2.13.0
 
-.PHONY: setup test test-slow demo fashion-mnist lint format clean
+.PHONY: setup test test-slow gpu-check demo fashion-mnist lint format clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ test: lint
 
 test-slow: setup
 	.venv/bin/pytest -m slow
+
+# On a machine with a CUDA device (and a CUDA build of torch in .venv): the CUDA tests and the
+# speed benchmarks at small sizes, under 8 minutes, in runs/gpu-check/report.md. Without one:
+# a one-line message, exit 0.
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check --out runs/gpu-check/report.md
 
 format: setup
 	.venv/bin/ruff format .

@@ -84,7 +84,7 @@ def measure(
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         cfg, gens, net = (
             TrainConfig(dataset="random", loss=loss),
-            run_generators(0, device),
+            run_generators(0),
             wrap(model),
         )
         return lambda: _train_epoch(net, opt, data, cfg, *gens, _NoBar())
@@ -126,7 +126,7 @@ def measure(
     data = data._replace(x_train=data.x_train.contiguous(memory_format=layout))
     for M in models:
         cfgs = [TrainConfig(dataset="random", loss="mse", seed=s) for s in range(M)]
-        gens = [run_generators(s, device) for s in range(M)]
+        gens = [run_generators(s) for s in range(M)]
         for batching in ("vmap", "loop"):
             params, _ = stack_module_state([build_model(args, s).to(device) for s in range(M)])
             bufs = {k: torch.zeros_like(p) for k, p in params.items()}
