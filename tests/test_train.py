@@ -241,6 +241,14 @@ def test_an_existing_run_continues_with_the_same_settings_and_data_only(tmp_path
     assert config["epochs"] == 2 and len(config["resumed"]) == 1
 
 
+def test_a_run_written_before_kinds_were_recorded_continues(tmp_path):
+    ds = tiny_dataset()
+    train_run(tiny_config(epochs=1), tmp_path, dataset=ds, quiet=True)
+    (tmp_path / "kind.json").unlink()  # as an older qmse left it
+    assert len(train_run(tiny_config(epochs=2), tmp_path, dataset=ds, quiet=True)) == 2
+    assert runs.load_json(tmp_path / "kind.json") == {"kind": "train-run"}
+
+
 def test_a_key_computed_from_a_run_changes_when_the_run_is_extended(tmp_path):
     """What a cache of a run's analysis (a diagnosis, a landscape) must store: run_key."""
     ds = tiny_dataset()
