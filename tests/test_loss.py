@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call
@@ -33,11 +34,6 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-def _mlp(seed: int = 0, d: int = 4, h: int = 6, c: int = 3) -> MLP:
-    torch.manual_seed(seed)
-    return MLP(d, [h], c, activation="tanh").double()
-
-
 def _flat_grad(loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
     grads = torch.autograd.grad(loss, list(model.parameters()))
     return torch.cat([g.reshape(-1) for g in grads])
@@ -57,7 +53,7 @@ def _per_sample_jacobians(model: torch.nn.Module, x: torch.Tensor) -> torch.Tens
 
 
 def test_gradient_equals_minus_jt_q_r():
-    model = _mlp()
+    model = tiny_mlp()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
     v = sample_directions(5, 3, generator=g, dtype=torch.float64)
@@ -93,7 +89,7 @@ def test_qmse_escapes_mse_stationary_point_of_least_squares():
 
 
 def test_monte_carlo_mean_gradient_is_expected_qmse_gradient():
-    model = _mlp(3, c=3)
+    model = tiny_mlp(3, c=3)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(1, 4, generator=g), torch.randn(1, 3, generator=g)
     out = model(x)
@@ -132,7 +128,7 @@ def test_scalar_output_direction_is_plus_or_minus_one():
 
 
 def test_seeded_determinism_and_explicit_v_path():
-    model = _mlp(6)
+    model = tiny_mlp(6)
     x, y = torch.randn(7, 4), torch.randn(7, 3)
 
     def run(seed):
