@@ -117,6 +117,7 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 _PLUGINS: dict[str, list[str]] = {}  # plug-in file's content hash -> the methods it registered
+_LOADING: list[list[str]] = []  # names registered by the plug-in being imported
 
 
 def check_grid(what: str, grid: tuple[float, ...]) -> None:
@@ -187,6 +188,8 @@ def register_method(method: Method) -> Method:
     if old is not None and method_key(old) != method_key(method):
         raise ValueError(f"a different method named {method.name!r} is already registered")
     METHODS[method.name] = method
+    if _LOADING:
+        _LOADING[-1].append(method.name)
     return method
 
 
@@ -214,12 +217,14 @@ def load_plugin(path: str | os.PathLike) -> list[str]:
     if spec is None or spec.loader is None:
         raise ValueError(f"plug-in {path}: not an importable Python file")
     module = importlib.util.module_from_spec(spec)
-    before = set(METHODS)
     sys.modules[name] = module
+    _LOADING.append([])
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
         raise
-    _PLUGINS[digest] = sorted(set(METHODS) - before)
-    return _PLUGINS[digest]
+    finally:
+        registered = _LOADING.pop()
+    _PLUGINS[digest] = registered
+    return registered

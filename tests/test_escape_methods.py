@@ -1,0 +1,74 @@
+"""qmse.escape.methods: the plug-in interface's checks, the registry, plug-in files."""
+
+import pytest
+
+from qmse.escape import METHODS, Method, load_plugin, register_method
+from qmse.escape.methods import check_grid, method_key
+from qmse.escape.rules import BUILTIN_METHODS, sgd
+
+PLUGIN = """
+from qmse.escape import Method, register_method
+
+def sign_sgd(W, grad, state, t, lr):      # W, grad: (S, n, d); lr: (S, 1, 1)
+    return W - lr * grad.sign(), state
+
+register_method(Method(name="sign-sgd", loss="mse", update=sign_sgd, lr_grid=(1e-3, 2e-3, 4e-3)))
+"""
+
+
+def test_builtins_are_registered_through_the_interface():
+    assert set(BUILTIN_METHODS) <= set(METHODS)
+    assert {"label-noise", "gradient-noise", "anticorrelated", "pgd", "restart"} <= set(METHODS)
+    for name in BUILTIN_METHODS:
+        m = METHODS[name]
+        check_grid(name, m.lr_grid)
+        for h, grid in m.hyper.items():
+            check_grid(h, grid)
+            assert m.default(h) == grid[len(grid) // 2]
+    assert METHODS["label-noise"].loss_params() == ("sigma",)  # σ goes to the loss
+    assert METHODS["gradient-noise"].loss_params() == ()  # σ stays with the update
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [(0.1, 0.3), (0.2, 0.1), (), (0.0, 0.1), (-1.0,)],
+    ids=["3x", "down", "empty", "0", "<0"],
+)
+def test_grids_must_be_log_grids_at_most_2x_apart(grid):
+    with pytest.raises(ValueError, match="lr_grid"):
+        register_method(Method("test-bad-grid", "mse", sgd, grid))
+
+
+def test_registration_errors_name_the_problem():
+    with pytest.raises(ValueError, match="not registered in qmse.loss"):
+        register_method(Method("test-bad-loss", "huber", sgd, (0.1,)))
+    with pytest.raises(ValueError, match="reproduction"):
+        register_method(Method("gd-population", "mse", sgd, (0.1,)))
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Method("sgd", "qmse", sgd, (0.1,)))
+    with pytest.raises(ValueError, match="name"):
+        register_method(Method("a,b", "mse", sgd, (0.1,)))
+    with pytest.raises(ValueError, match="may not be named"):
+        register_method(Method("test-bad-hyper", "mse", sgd, (0.1,), hyper={"lr": (0.1,)}))
+    assert register_method(METHODS["sgd"]) is METHODS["sgd"]  # the same definition again
+
+
+def test_a_plugin_file_registers_its_methods_once(tmp_path):
+    path = tmp_path / "plugin.py"
+    path.write_text(PLUGIN)
+    assert load_plugin(path) == ["sign-sgd"]
+    assert load_plugin(path) == ["sign-sgd"]  # imported once: no second registration
+    copy = tmp_path / "copy.py"
+    copy.write_text(PLUGIN)
+    load_plugin(copy)  # other file, same definition: accepted
+    assert METHODS["sign-sgd"].lr_grid == (1e-3, 2e-3, 4e-3)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_plugin(tmp_path / "missing.py")
+
+
+def test_method_key_follows_the_definition():
+    a = Method("test-key", "mse", sgd, (0.1, 0.2))
+    assert method_key(a) == method_key(Method("test-key", "mse", sgd, (0.1, 0.2)))
+    assert method_key(a) != method_key(Method("test-key", "mse", sgd, (0.1, 0.15)))
+    assert method_key(a) != method_key(Method("test-key", "qmse", sgd, (0.1, 0.2)))
+    assert method_key(a) != method_key(METHODS["momentum"])

@@ -1,0 +1,92 @@
+"""qmse.escape.report: McNemar's exact test and Holm's correction against cases computed by
+hand, Wilson intervals against the closed form, the paired tables and the figures."""
+
+import math
+
+import pytest
+
+from qmse.escape import holm, mcnemar, wilson
+from qmse.escape.report import add_paired_tests, plot_results, plot_sweeps, write_table
+
+
+def test_mcnemar_matches_a_hand_computed_case():
+    """10 starts: the method fails on 1 where the reference succeeds and succeeds on 9 where
+    it fails (b = 1, c = 9), 3 concordant. Two-sided exact p = 2·P(X ≤ 1), X ~ Bin(10, ½)
+    = 2·(1 + 10)/1024 = 22/1024."""
+    method = "1" + "0" * 9 + "110"
+    ref = "0" + "1" * 9 + "110"
+    test = mcnemar(method, ref)
+    assert (test["worse"], test["better"]) == (1, 9)
+    assert test["p"] == pytest.approx(22 / 1024, rel=1e-12)
+    assert mcnemar("0101", "0101")["p"] == 1.0  # no discordant start
+    assert mcnemar("1", "0")["p"] == 1.0  # one discordant start: P(X ≤ 0)·2 = 1
+    with pytest.raises(ValueError, match="length"):
+        mcnemar("01", "011")
+
+
+def test_holm_matches_a_hand_computed_case():
+    """p = (0.01, 0.04, 0.03): sorted 0.01·3 = 0.03, 0.03·2 = 0.06, max(0.06, 0.04·1)."""
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+
+
+@pytest.mark.parametrize("failures,seeds", [(0, 100), (12, 100), (100, 100), (3, 7)])
+def test_wilson_matches_the_closed_form(failures, seeds):
+    z = 1.959963984540054
+    p = failures / seeds
+    centre = (p + z * z / (2 * seeds)) / (1 + z * z / seeds)
+    half = z * math.sqrt(p * (1 - p) / seeds + z * z / (4 * seeds**2)) / (1 + z * z / seeds)
+    assert wilson(failures, seeds) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def _row(method, k, failed, protocol="spurious-minima", **extra):
+    n = len(failed)
+    f = failed.count("1")
+    lo, hi = wilson(f, n)
+    return {
+        "k": k, "n": k, "outputs": 1, "method": method, "protocol": protocol, "seeds": n,
+        "failures": f, "failure_rate": f / n, "ci95_low": lo, "ci95_high": hi, "diverged": 0,
+        "lr": 0.1, "hyper": {}, "steps": 100, "batch": 8, "grad_evals": 800,
+        "starts_key": f"s{k}", "failed": failed, "tuning": {"fixed": False, "edge": False},
+        **extra,
+    }  # fmt: skip
+
+
+def test_paired_tests_pair_rows_of_the_same_starts_and_holm_adjust_per_protocol(tmp_path):
+    rows = [
+        _row("sgd", 8, "1" * 20),
+        _row("qmse", 8, "1" * 18 + "00"),
+        _row("pgd", 8, "0" * 15 + "1" * 5, hyper={"radius": 1.0}),
+        _row("pgd", 10, "0" * 20),  # no reference at k = 10: no test
+        _row("sgd", 8, "1" * 20, protocol="random-init"),
+    ]
+    add_paired_tests(rows, ["sgd", "momentum", "qmse"])
+    sgd, qmse, pgd, pgd10, _ = rows
+    assert set(pgd["paired"]) == {"sgd", "qmse"} and pgd10["paired"] == {}
+    assert set(qmse["paired"]) == {"sgd"} and set(sgd["paired"]) == {"qmse"}
+    assert (pgd["paired"]["sgd"]["better"], pgd["paired"]["sgd"]["worse"]) == (15, 0)
+    ps = [r["paired"][ref]["p"] for r in rows[:3] for ref in r["paired"]]
+    adjusted = [r["paired"][ref]["p_holm"] for r in rows[:3] for ref in r["paired"]]
+    assert adjusted == pytest.approx(holm(ps))  # one family: the protocol's comparisons
+    text = write_table(rows, tmp_path / "table.md")
+    assert "| pgd | 0.1 (radius=1) / 0.1 |" in text
+    assert "#### Paired against sgd (spurious-minima)" in text
+    assert "| pgd | +15 −0 **p=" in text
+    assert "800 sample gradients per start" in text
+    plot_results(rows, tmp_path / "figure.png", {8: 0.126})
+    assert (tmp_path / "figure.png").stat().st_size > 0
+
+
+def test_the_sweep_figure_is_drawn_from_the_records(tmp_path):
+    stage = {
+        "param": "lr", "chosen": 0.2, "interior": True, "range": [0.1, 0.4],
+        "points": [{"value": v, "failures": f, "seeds": 10, "diverged": d}
+                   for v, f, d in ((0.1, 5, 0), (0.2, 2, 0), (0.4, 9, 8))],
+    }  # fmt: skip
+    records = [{"method": "sgd", "protocol": "random-init", "k": 8, "stages": [stage]}]
+    plot_sweeps(records, tmp_path / "sweeps.png")
+    assert (tmp_path / "sweeps.png").stat().st_size > 0
+    plot_sweeps([], tmp_path / "none.png")  # nothing swept: no figure
+    assert not (tmp_path / "none.png").exists()

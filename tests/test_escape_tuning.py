@@ -1,0 +1,136 @@
+"""qmse.escape.tuning: the widening rule on hand-made sweeps, and a real sweep that starts
+with a grid far too low and widens until its best value lies inside."""
+
+import pytest
+import torch
+
+from qmse.escape import METHODS, Method, register_method
+from qmse.escape.rules import sgd
+from qmse.escape.tuning import MAX_EXTEND, plan, summarize, tune_methods
+from qmse.teacher_student import init_weights, make_problem
+
+GRID = (0.1, 0.2, 0.4)
+SGD_LIKE = Method("test-tune-sgd", "mse", sgd, GRID)
+NOISY = Method("test-tune-noisy", "mse", sgd, GRID, hyper={"sigma": (0.01, 0.02, 0.04)})
+
+
+def point(lr, failures, *, diverged=0, log_loss=-3.0, moved=0.5, seeds=10, **hyper):
+    return {
+        "params": {"lr": lr, **hyper},
+        "failures": failures,
+        "seeds": seeds,
+        "diverged": diverged,
+        "median_log10_loss": log_loss,
+        "moved": moved,
+    }
+
+
+def test_an_empty_sweep_asks_for_the_whole_grid():
+    todo, chosen, _ = plan(SGD_LIKE, {}, [])
+    assert [s["lr"] for s in todo] == list(GRID) and chosen is None
+
+
+def test_the_grid_widens_while_the_best_value_is_on_its_top_edge():
+    points = [point(0.1, 9), point(0.2, 6), point(0.4, 3)]
+    todo, chosen, _ = plan(SGD_LIKE, {}, points)
+    assert [s["lr"] for s in todo] == [0.8] and chosen is None
+    points.append(point(0.8, 2))
+    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [1.6]
+    points.append(point(1.6, 10, diverged=10))
+    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    assert todo == [] and chosen == {"lr": 0.8}
+    assert stage["interior"] and stage["range"] == [0.1, 1.6]
+    assert stage["stopped"] == {"top": "inside", "bottom": "inside"}
+
+
+def test_the_grid_widens_downwards_until_nothing_moves():
+    points = [point(0.1, 3), point(0.2, 5), point(0.4, 9)]
+    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [0.05]
+    points.append(point(0.05, 3, moved=1e-4))  # tied with 0.1, and frozen: stop
+    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    assert todo == [] and chosen == {"lr": 0.1}  # the tie goes to the value inside
+    assert stage["stopped"]["bottom"] == "frozen" and stage["interior"]
+
+
+def test_a_flat_low_side_stops_the_widening():
+    """All fail (a minimum nobody escapes): the top widens until most diverge, the bottom
+    until halving changes nothing; the choice is inside."""
+    points = [point(v, 10, log_loss=-1.7 + i / 25) for i, v in enumerate(GRID)]
+    todo = plan(SGD_LIKE, {}, points)[0]
+    assert sorted(s["lr"] for s in todo) == [0.05, 0.8]
+    points += [point(0.05, 10, log_loss=-1.705), point(0.8, 10, diverged=7)]
+    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    assert todo == [] and stage["stopped"] == {"top": "most diverged", "bottom": "flat"}
+    assert stage["interior"] and 0.05 < chosen["lr"] < 0.8
+
+
+def test_the_widening_stops_at_its_cap():
+    points = [point(v, 19 - i, seeds=20) for i, v in enumerate(GRID)]
+    v = GRID[-1]
+    for i in range(MAX_EXTEND):
+        v *= 2
+        points.append(point(v, 16 - i, seeds=20))  # always better: the edge keeps winning
+    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    assert todo == [] and stage["stopped"]["top"] == "cap" and chosen["lr"] == v
+    assert not stage["interior"]  # recorded, and marked in the table
+
+
+def test_hyperparameters_are_swept_after_lr_at_the_chosen_lr():
+    points = [point(0.1, 5, sigma=0.02), point(0.2, 2, sigma=0.02), point(0.4, 6, sigma=0.02)]
+    todo, _, stages = plan(NOISY, {}, points)
+    assert [s["param"] for s in stages] == ["lr"]
+    assert todo == [{"lr": 0.2, "sigma": 0.01}, {"lr": 0.2, "sigma": 0.04}]  # 0.02 is done
+    points += [point(0.2, 4, sigma=0.01), point(0.2, 1, sigma=0.04)]
+    assert plan(NOISY, {}, points)[0] == [{"lr": 0.2, "sigma": 0.08}]
+    points.append(point(0.2, 3, sigma=0.08))
+    todo, chosen, stages = plan(NOISY, {}, points)
+    assert todo == [] and chosen == {"lr": 0.2, "sigma": 0.04}
+    # a fixed lr is not swept; nor is anything when everything is fixed
+    assert [s["lr"] for s in plan(NOISY, {"lr": 0.3}, [])[0]] == [0.3, 0.3, 0.3]
+    assert plan(NOISY, {"lr": 0.3, "sigma": 0.1}, []) == ([], {"lr": 0.3, "sigma": 0.1}, [])
+
+
+def test_summarize_counts_failures_and_divergence():
+    loss = torch.tensor([1e-5, 0.02, float("inf"), 5e-4], dtype=torch.float64)
+    s = summarize(loss, torch.tensor([False, False, True, False]), torch.tensor([1.0, 0, 0, 0]))
+    assert (s["failures"], s["diverged"], s["seeds"]) == (2, 1, 4)
+
+
+def test_a_sweep_that_starts_far_too_low_widens_until_its_best_value_is_inside(tmp_path):
+    """SGD on k = 3 from Xavier starts, 150 steps: lr 0.01-0.02 barely moves; the grid
+    widens upward past the values that converge until larger steps do worse."""
+    low = register_method(Method("test-low-grid", "mse", sgd, (0.0125, 0.025)))
+    problem = make_problem(3)
+    W0 = init_weights(range(10**6, 10**6 + 6), 3, 3)
+    kw = dict(steps=150, batch=16, seed=1, method_seed=2, quiet=True)
+    path = lambda name: tmp_path / f"{name}.json"  # noqa: E731
+    record = tune_methods([low, METHODS["sgd"]], {}, W0, problem, path=path, **kw)["test-low-grid"]
+    (stage,) = record["stages"]
+    assert stage["interior"], stage
+    assert stage["range"][1] >= 0.2 and record["chosen"]["lr"] > 0.025
+    assert len(record["points"]) > 2 and max(p["round"] for p in record["points"]) > 1
+    stamp = path("test-low-grid").stat().st_mtime_ns
+    again = tune_methods([low], {}, W0, problem, path=path, **kw)["test-low-grid"]
+    assert again == record and path("test-low-grid").stat().st_mtime_ns == stamp  # resumed
+    other = tune_methods([low], {}, W0, problem, path=path, **(kw | {"steps": 100}))
+    assert other["test-low-grid"]["key"] != record["key"]  # another budget: recomputed
+
+
+def test_tuning_is_independent_of_the_other_methods_swept(tmp_path):
+    problem = make_problem(3)
+    W0 = init_weights(range(10**6, 10**6 + 4), 3, 3)
+    kw = dict(steps=60, batch=8, seed=1, method_seed=2, quiet=True)
+    alone = tune_methods([METHODS["sgd"]], {}, W0, problem, path=lambda n: tmp_path / n, **kw)
+    both = tune_methods(
+        [METHODS["momentum"], METHODS["sgd"]], {}, W0, problem,
+        path=lambda n: tmp_path / "both" / n, **kw,
+    )  # fmt: skip
+    assert alone["sgd"]["points"] == both["sgd"]["points"]
+
+
+def test_bad_fixed_values_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="lr > 0"):
+        tune_methods(
+            [NOISY], {NOISY.name: {"lr": -1.0}}, init_weights(range(2), 3, 3), make_problem(3),
+            path=lambda n: tmp_path / n, steps=5, batch=2, seed=0, method_seed=0, quiet=True,
+        )  # fmt: skip
