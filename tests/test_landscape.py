@@ -302,7 +302,8 @@ def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch, capsys):
     assert summary["aligned_barrier"] == barrier(arrays["aligned_loss"])
     assert summary["naive_max_accuracy_drop"] == barrier(-arrays["naive_accuracy"])
     assert summary["samples"] == 40 and "provenance" in summary
-    np.testing.assert_allclose(arrays["naive_loss"][[0, -1]], arrays["aligned_loss"][[0, -1]])
+    ends = arrays["naive_loss"][[0, -1]]  # b and permuted b: equal up to float32 rounding
+    np.testing.assert_allclose(ends, arrays["aligned_loss"][[0, -1]], rtol=1e-6)
     assert (out / "interpolation.png").exists()
     for dims in (1, 2):
         ls = tmp_path / f"ls{dims}"
