@@ -7,8 +7,7 @@ import math
 import pytest
 
 from qmse.cli import main
-from qmse.escape import wilson
-from qmse.escape.cells import parse_hyper, parse_values
+from qmse.escape import parse_hyper, parse_values, wilson
 
 TINY = [
     "--seeds", "6", "--sample-seeds", "4", "--steps", "60", "--protocols", "random-init",

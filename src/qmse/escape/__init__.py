@@ -8,10 +8,12 @@ is decided by the closed-form population loss.
 - `population`: Safran & Shamir's gradient descent (`gd_population`), certified minima;
 - `tuning`: sweeps that widen their grids past an edge;
 - `report`: Wilson intervals, McNemar's paired tests with Holm's correction, tables, figures;
-- `cells`: the benchmark's cells and caches (`EscapeConfig`, `run_benchmark`).
+- `config`: what defines a benchmark (`EscapeConfig`) and its cells' starting points;
+- `cells`: the benchmark's cells, caches and outputs (`run_benchmark`).
 """
 
-from qmse.escape.cells import EscapeConfig, parse_hyper, parse_values, run_benchmark
+from qmse.escape.cells import run_benchmark
+from qmse.escape.config import EscapeConfig, parse_hyper, parse_values
 from qmse.escape.engine import DIVERGED_NORM, STUCK_LOSS, Job, make_job, run_method, run_methods
 from qmse.escape.methods import METHODS, Method, Run, get_method, load_plugin, register_method
 from qmse.escape.population import PUBLISHED, certify_minima, gd_population, population_runs

@@ -17,168 +17,36 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from scipy.stats import fisher_exact
-from torch import Tensor
 
+from qmse.escape.config import (
+    EscapeConfig,
+    cell_name,
+    population,
+    problem_of,
+    spurious_minima,
+    starts,
+    streams,
+)
 from qmse.escape.engine import EVAL_EVERY, STUCK_LOSS, make_job, run_methods
 from qmse.escape.keys import content_key
 from qmse.escape.methods import get_method, load_plugin, method_key
-from qmse.escape.population import PUBLISHED, certify_minima, population_runs, stuck_points
+from qmse.escape.population import PUBLISHED, certify_minima
 from qmse.escape.report import (
-    PROTOCOLS,
     add_paired_tests,
     plot_results,
     plot_sweeps,
     wilson,
     write_table,
 )
-from qmse.escape.rules import BUILTIN_METHODS
 from qmse.escape.tuning import tune_methods
 from qmse.runs import claim, load_json, load_torch, provenance, save_json
 from qmse.sweep import ray_session, run_tasks
-from qmse.teacher_student import Problem, init_weights, make_problem, population_loss
-
-TUNE_SEEDS = 10**6  # tuning initialisations: seeds 10⁶ + i (evaluation seeds are 0 … S−1)
-REFERENCES = ("sgd", "momentum", "qmse")  # paired tests of every method against these
-
-
-@dataclass
-class EscapeConfig:
-    """Everything that defines one benchmark directory (saved as config.json). Plug-in files
-    are imported when the config is made, so that `methods` may name what they register."""
-
-    ks: list[int]
-    n_extra: int = 0  # student width n = k + n_extra
-    outputs: int = 1  # C; > 1 is the vector-output variant y = A relu(Vx)
-    seeds: int = 1000  # gd-population initialisations per k (the reproduction)
-    sample_seeds: int = 1000  # evaluation starts per cell: seeds, or minima (all if fewer)
-    methods: list[str] = field(default_factory=lambda: ["gd-population", *BUILTIN_METHODS])
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
-    steps: int = 3000  # shared step budget of every sample-based method
-    batch: int = 64
-    tune_k: int | None = None  # tune at this k for every k; None: at each k
-    tune_seeds: int = 100  # tuning starts per swept value
-    tune_pool: int = 1000  # gd-population tuning seeds searched for minima
-    max_gd_steps: int = 100_000
-    problem_seed: int = 0  # draws A for outputs > 1
-    device: str = "cpu"
-    lr: dict[str, float] = field(default_factory=dict)  # method -> fixed lr (not swept)
-    hyper: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> fixed values
-    plugins: list[str] = field(default_factory=list)  # files that register methods
-    references: list[str] = field(default_factory=lambda: list(REFERENCES))
-
-    def __post_init__(self) -> None:
-        for path in self.plugins:
-            load_plugin(path)
-        sample = [m for m in self.methods if m != "gd-population"]
-        for name in sample:
-            get_method(name)  # an error naming the registered methods
-        bad = [p for p in self.protocols if p not in PROTOCOLS]
-        if bad:
-            raise ValueError(f"protocols {bad} unknown; choose from {PROTOCOLS}")
-        if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"ks={self.ks}: need at least one k >= 1")
-        if self.n_extra < 0:
-            raise ValueError(f"n_extra={self.n_extra}: need >= 0 (n = k + n_extra)")
-        for name in ("seeds", "sample_seeds", "steps", "batch", "tune_seeds", "tune_pool"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: need >= 1")
-        fixed = {m: {"lr": v} for m, v in self.lr.items()}
-        for m, values in self.hyper.items():
-            fixed.setdefault(m, {}).update(values)
-        for m, values in fixed.items():
-            if m not in sample:
-                raise ValueError(
-                    f"a value is fixed for {m!r}, which is not among the sample-based methods "
-                    f"run here ({', '.join(sample)})"
-                )
-            make_job(m, values.get("lr", 1.0), {h: v for h, v in values.items() if h != "lr"})
-
-    def fixed(self, method: str) -> dict[str, float]:
-        """The values of `method` fixed by the user (not swept)."""
-        return ({"lr": self.lr[method]} if method in self.lr else {}) | self.hyper.get(method, {})
-
-
-def parse_values(text: str | None, option: str) -> dict[str, float]:
-    """ "sgd=0.3,qmse=0.03" -> {"sgd": 0.3, "qmse": 0.03} (the form of --lr and --radius)."""
-    out = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        name, sep, value = item.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(
-                f"{option} {text!r}: expected NAME=NUMBER[,NAME=NUMBER...], e.g. sgd=0.3,qmse=0.03"
-            ) from None
-    return out
-
-
-def parse_hyper(text: str | None, option: str = "--hyper") -> dict[str, dict[str, float]]:
-    """ "pgd.radius=0.5,label-noise.sigma=0.2" -> {"pgd": {"radius": 0.5}, ...}."""
-    out: dict[str, dict[str, float]] = {}
-    for name, value in parse_values(text, option).items():
-        method, dot, param = name.rpartition(".")
-        if not dot or not method or not param:
-            raise ValueError(f"{option}: {name!r} must read METHOD.NAME, e.g. pgd.radius=0.5")
-        out.setdefault(method, {})[param] = value
-    return out
-
-
-def problem_of(cfg: EscapeConfig, k: int) -> Problem:
-    return make_problem(k, k + cfg.n_extra, outputs=cfg.outputs, seed=cfg.problem_seed)
-
-
-def _run_id(*parts: object) -> int:
-    """A deterministic integer seed from small integers (never Python's salted hash)."""
-    out = 0
-    for p in parts:
-        out = out * 1_000_003 + int(p)
-    return out % 2**62
-
-
-def _streams(cfg: EscapeConfig, k: int, protocol: str, *, tuning: bool) -> tuple[int, int]:
-    """(input seed, method seed) of a cell's tuning or evaluation runs."""
-    parts = (k, k + cfg.n_extra, cfg.outputs, cfg.problem_seed, PROTOCOLS.index(protocol))
-    first = 1 if tuning else 2
-    return _run_id(first, *parts), _run_id(first + 2, *parts)
-
-
-def _cell_name(cfg: EscapeConfig, k: int) -> str:
-    return f"k{k}_n{k + cfg.n_extra}_C{cfg.outputs}"
-
-
-def population(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = False) -> dict:
-    """gd-population from the evaluation seeds 0 … seeds−1 (tag "eval") or the tuning pool
-    10⁶ … 10⁶ + tune_pool − 1 ("tune"), cached."""
-    seeds = range(cfg.seeds) if tag == "eval" else range(TUNE_SEEDS, TUNE_SEEDS + cfg.tune_pool)
-    return population_runs(
-        out, problem_of(cfg, k), seeds, tag=tag, max_steps=cfg.max_gd_steps, quiet=quiet
-    )
-
-
-def spurious_minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet=False) -> Tensor:
-    """The certified stuck end points (M, n, d) of the evaluation seeds or the tuning pool."""
-    return stuck_points(population(out, cfg, k, tag=tag, quiet=quiet))
-
-
-def starts(out: Path, cfg: EscapeConfig, k: int, protocol: str, *, tuning: bool, quiet=False):
-    """A cell's starting weights (m, n, d) float64: Xavier initialisations (random-init) or
-    the first certified minima (spurious-minima, all of them if fewer); tuning starts come
-    from seeds disjoint from the evaluation ones."""
-    problem = problem_of(cfg, k)
-    count = cfg.tune_seeds if tuning else cfg.sample_seeds
-    if protocol == "random-init":
-        first = TUNE_SEEDS if tuning else 0
-        return init_weights(range(first, first + count), problem.n, problem.d)
-    return spurious_minima(out, cfg, k, tag="tune" if tuning else "eval", quiet=quiet)[:count]
+from qmse.teacher_student import population_loss
 
 
 def _sweeps(cfg: EscapeConfig, name: str) -> bool:
@@ -198,8 +66,8 @@ def tuning(out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str]
             f"no spurious minima among the {cfg.tune_pool} tuning seeds at k={k}; raise "
             f"--tune-pool or tune at another k (--tune-k)"
         )
-    seed, method_seed = _streams(cfg, k, protocol, tuning=True)
-    cell = _cell_name(cfg, k)
+    seed, method_seed = streams(cfg, k, protocol, tuning=True)
+    cell = cell_name(cfg, k)
     return tune_methods(
         methods,
         {m.name: cfg.fixed(m.name) for m in methods},
@@ -275,7 +143,7 @@ def evaluate_cell(
     the key of its inputs; the missing ones run together on the same evaluation starts and
     input batches. Returns (rows, the sweep records they used)."""
     out = Path(out)
-    cell = _cell_name(cfg, k)
+    cell = cell_name(cfg, k)
     W0 = starts(out, cfg, k, protocol, tuning=False, quiet=quiet)
     if len(W0) == 0:  # no minima to start from (e.g. k = 6)
         empty = {"loss": torch.zeros(0), "first_success": torch.zeros(0), "diverged": None}
@@ -287,7 +155,7 @@ def evaluate_cell(
     tune_k = cfg.tune_k or k
     records = tuning(out, cfg, tune_k, protocol, names, quiet=quiet)
     problem = problem_of(cfg, k)
-    seed, method_seed = _streams(cfg, k, protocol, tuning=False)
+    seed, method_seed = streams(cfg, k, protocol, tuning=False)
     starts_key = content_key(W0)
     rows, todo = {}, {}
     for name in names:
@@ -372,7 +240,7 @@ def minima_report(out: Path, cfg: EscapeConfig, k: int, *, check: int = 3, quiet
     problem = problem_of(cfg, k)
     W = spurious_minima(out, cfg, k, tag="eval", quiet=quiet)
     key = content_key("minima", W, check)
-    path = out / "minima" / f"{_cell_name(cfg, k)}.json"
+    path = out / "minima" / f"{cell_name(cfg, k)}.json"
     if path.exists() and (saved := load_json(path)).get("key") == key:
         return saved
     losses = population_loss(W, problem).tolist() if len(W) else []
