@@ -32,7 +32,7 @@ def _conv_net(seed: int = 0) -> nn.Sequential:
     """A user's model: Conv2d → ReLU → Flatten → Linear, nothing from qmse.models."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+        nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)
     ).to(DT)
 
 
@@ -79,7 +79,7 @@ def test_user_conv_model_and_huber_loss_eigenvalues():
     """A Sequential the project does not define, a torch criterion: exact spectrum by Lanczos."""
     model = _conv_net()
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(5, 1, 4, 4, generator=g, dtype=DT), torch.randn(5, 3, generator=g, dtype=DT)
+    x, y = torch.randn(5, 1, 3, 3, generator=g, dtype=DT), torch.randn(5, 3, generator=g, dtype=DT)
     crit = nn.HuberLoss(delta=0.3)
     H = _dense_hessian(model, crit, x, y)
     exact = torch.linalg.eigvalsh(H)

@@ -198,10 +198,10 @@ def test_diagnose_model_on_a_user_model_and_criterion():
     user function: the Hessian part against dense Hessians, the MSE part against autograd."""
     torch.manual_seed(3)
     model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)
     ).to(DT)
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(6, 1, 4, 4, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    x, y = torch.randn(6, 1, 3, 3, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
 
     def huber_on_one_hot(out, labels):
         return nn.functional.huber_loss(out, nn.functional.one_hot(labels, 3).to(out))
