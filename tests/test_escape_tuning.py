@@ -83,8 +83,40 @@ def test_hyperparameters_are_swept_after_lr_at_the_chosen_lr():
     points += [point(0.2, 4, sigma=0.01), point(0.2, 1, sigma=0.04)]
     assert plan(NOISY, {}, points)[0] == [{"lr": 0.2, "sigma": 0.08}]
     points.append(point(0.2, 3, sigma=0.08))
+    todo, chosen, stages = plan(NOISY, {}, points)  # a second pass: lr again at σ = 0.04
+    assert todo == [{"lr": 0.1, "sigma": 0.04}, {"lr": 0.4, "sigma": 0.04}]
+    points += [point(0.1, 3, sigma=0.04), point(0.4, 6, sigma=0.04)]
     todo, chosen, stages = plan(NOISY, {}, points)
-    assert todo == [] and chosen == {"lr": 0.2, "sigma": 0.04}
+    assert todo == [] and chosen == {"lr": 0.2, "sigma": 0.04}  # nothing changed: done
+    assert [(s["param"], s["pass"]) for s in stages] == [
+        ("lr", 1),
+        ("sigma", 1),
+        ("lr", 2),
+        ("sigma", 2),
+    ]
+
+
+def test_a_second_pass_retunes_lr_chosen_at_a_poor_default():
+    """At the default σ every lr fails (too much noise); σ is then chosen small at that lr,
+    and the second pass moves lr to where the method works."""
+    points = [point(v, 10, log_loss=-1.5 - i / 10, sigma=0.02) for i, v in enumerate(GRID)]
+    points += [point(0.05, 10, log_loss=-1.5, moved=1e-4, sigma=0.02)]  # frozen below
+    points += [point(0.8, 10, diverged=9, sigma=0.02)]
+    todo, _, stages = plan(NOISY, {}, points)
+    lr1 = stages[0]["chosen"]
+    assert [s["sigma"] for s in todo] == [0.01, 0.04] and {s["lr"] for s in todo} == {lr1}
+    points += [point(lr1, 6, sigma=0.01), point(lr1, 10, sigma=0.04)]
+    todo = plan(NOISY, {}, points)[0]
+    assert [s["sigma"] for s in todo] == [0.005]  # the best σ is on the low edge: widen
+    points.append(point(lr1, 6, log_loss=-3.0, sigma=0.005, moved=0.3))  # = 0.01: flat, stop
+    todo = plan(NOISY, {}, points)[0]
+    assert {s["sigma"] for s in todo} == {0.01} and lr1 not in {s["lr"] for s in todo}
+    points += [point(s["lr"], 1 if s["lr"] == 0.2 else 8, sigma=0.01) for s in todo]
+    todo, chosen, stages = plan(NOISY, {}, points)
+    while todo:  # the σ stage at the new lr
+        points += [point(s["lr"], 2, sigma=s["sigma"]) for s in todo]
+        todo, chosen, stages = plan(NOISY, {}, points)
+    assert chosen["lr"] == 0.2 and stages[-1]["pass"] >= 2
     # a fixed lr is not swept; nor is anything when everything is fixed
     assert [s["lr"] for s in plan(NOISY, {"lr": 0.3}, [])[0]] == [0.3, 0.3, 0.3]
     assert plan(NOISY, {"lr": 0.3, "sigma": 0.1}, []) == ([], {"lr": 0.3, "sigma": 0.1}, [])

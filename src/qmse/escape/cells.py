@@ -43,7 +43,7 @@ from qmse.escape.report import (
     wilson,
     write_table,
 )
-from qmse.escape.tuning import tune_methods
+from qmse.escape.tuning import final_stages, tune_methods
 from qmse.runs import claim, load_json, load_torch, provenance, save_json
 from qmse.sweep import ray_session, run_tasks
 from qmse.teacher_student import population_loss
@@ -88,12 +88,13 @@ def _tuning_summary(cfg: EscapeConfig, name: str, record: dict | None, k: int) -
     """What a row says about how its settings were chosen."""
     if record is None:
         return {"fixed": True}
+    stages = final_stages(record["stages"])
     return {
         "fixed": False,
         "tuned_at_k": k,
         "tune_starts": record["starts"],
-        "range": {s["param"]: s["range"] for s in record["stages"]},
-        "edge": not all(s["interior"] for s in record["stages"]),
+        "range": {s["param"]: s["range"] for s in stages},
+        "edge": not all(s["interior"] for s in stages),
     }
 
 

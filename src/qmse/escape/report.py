@@ -209,7 +209,7 @@ def plot_sweeps(records: list[dict], path: str | os.PathLike) -> None:
     (protocol, tuning k, swept parameter)."""
     panels: dict[tuple, list] = {}
     for rec in records:
-        for stage in rec.get("stages") or []:
+        for stage in {s["param"]: s for s in rec.get("stages") or []}.values():  # final ones
             panels.setdefault((rec["protocol"], rec["k"], stage["param"]), []).append(
                 (rec["method"], stage)
             )

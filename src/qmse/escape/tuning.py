@@ -4,7 +4,9 @@ For one method, k and protocol, on tuning starts disjoint from the evaluation st
 
 1. lr is swept over the method's `lr_grid` (neighbours at most 2x apart), its other
    hyperparameters at their defaults (the middle of their grids); then each further
-   hyperparameter over its grid at the chosen lr. Values fixed by the user are not swept.
+   hyperparameter over its grid at the chosen lr; then lr again at the chosen values, and so
+   on until a pass changes nothing (at most MAX_PASSES passes). Values fixed by the user are
+   not swept.
 2. Each setting is scored by its failures on the tuning starts (population loss ≥ 1e-3 at
    the end, divergence included). The chosen value has the fewest failures; ties go to a
    value with swept neighbours on both sides, then to the lowest median log₁₀ final loss.
@@ -43,6 +45,7 @@ MAX_EXTEND = 8  # values added beyond the initial grid on one side (a factor 2�
 FROZEN = 1e-3  # median ‖W_T − W_0‖ / ‖W_0‖ below this: nothing moves
 FLAT_LOG10 = 0.01  # halving changed the median log₁₀ loss by at most this: nothing moves
 WIDEN = 2.0  # factor of each widening step
+MAX_PASSES = 3  # passes over (lr, hyperparameters) until one changes nothing
 
 
 def summarize(loss: Tensor, diverged: Tensor, moved: Tensor) -> dict:
@@ -100,47 +103,61 @@ def _choose(values: list[float], done: Mapping[float, dict]) -> float:
     )
 
 
+def final_stages(stages: Sequence[dict]) -> list[dict]:
+    """The last stage of each swept parameter: the one that fixed its value."""
+    return list({s["param"]: s for s in stages}.values())
+
+
 def plan(
     method: Method, fixed: Mapping[str, float], points: Sequence[dict]
 ) -> tuple[list[dict], dict | None, list[dict]]:
     """Where a method's sweep stands, from the points run so far (a pure function of them,
     so a resumed sweep continues exactly): (settings still to run, the chosen settings when
-    none are left, one report per finished stage)."""
+    none are left, one report per finished stage).
+
+    The parameters are swept in turn (lr, then each hyperparameter), and the passes repeat
+    until one changes no value (at most MAX_PASSES): a step size chosen at a poor default
+    of another hyperparameter is chosen again at that hyperparameter's chosen value."""
     current = {"lr": fixed.get("lr")} | {h: fixed.get(h, method.default(h)) for h in method.hyper}
+    params = [p for p in ("lr", *method.hyper) if p not in fixed]
     stages = []
-    for param in ("lr", *method.hyper):
-        if param in fixed:
-            continue
-        grid = tuple(method.lr_grid if param == "lr" else method.hyper[param])
-        others = {k: v for k, v in current.items() if k != param}
-        done = {
-            p["params"][param]: p
-            for p in points
-            if all(p["params"][k] == v for k, v in others.items())
-        }
-        values = sorted(set(grid) | set(done))
-        if missing := [v for v in values if v not in done]:
-            return [others | {param: v} for v in missing], None, stages
-        add, stopped = _widen(values, done, grid)
-        if add:
-            return [others | {param: v} for v in add], None, stages
-        chosen = _choose(values, done)
-        edges = (values[0], values[-1])
-        current[param] = chosen
-        stages.append(
-            {
-                "param": param,
-                "others": others,
-                "chosen": chosen,
-                "interior": chosen not in edges,
-                "range": [values[0], values[-1]],
-                "stopped": stopped,
-                "points": [
-                    {"value": v, **{s: done[v][s] for s in ("failures", "seeds", "diverged")}}
-                    for v in values
-                ],
+    for sweep in range(1, MAX_PASSES + 1):
+        changed = False
+        for param in params:
+            grid = tuple(method.lr_grid if param == "lr" else method.hyper[param])
+            others = {k: v for k, v in current.items() if k != param}
+            done = {
+                p["params"][param]: p
+                for p in points
+                if all(p["params"][k] == v for k, v in others.items())
             }
-        )
+            values = sorted(set(grid) | set(done))
+            if missing := [v for v in values if v not in done]:
+                return [others | {param: v} for v in missing], None, stages
+            add, stopped = _widen(values, done, grid)
+            if add:
+                return [others | {param: v} for v in add], None, stages
+            chosen = _choose(values, done)
+            edges = (values[0], values[-1])
+            changed |= chosen != current[param]
+            current[param] = chosen
+            stages.append(
+                {
+                    "param": param,
+                    "pass": sweep,
+                    "others": others,
+                    "chosen": chosen,
+                    "interior": chosen not in edges,
+                    "range": [values[0], values[-1]],
+                    "stopped": stopped,
+                    "points": [
+                        {"value": v, **{s: done[v][s] for s in ("failures", "seeds", "diverged")}}
+                        for v in values
+                    ],
+                }
+            )
+        if not changed or len(params) < 2:
+            break
     return [], current, stages
 
 
