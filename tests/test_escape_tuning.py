@@ -166,3 +166,12 @@ def test_bad_fixed_values_are_refused(tmp_path):
             [NOISY], {NOISY.name: {"lr": -1.0}}, init_weights(range(2), 3, 3), make_problem(3),
             path=lambda n: tmp_path / n, steps=5, batch=2, seed=0, method_seed=0, quiet=True,
         )  # fmt: skip
+
+
+def test_a_flat_high_side_stops_the_widening():
+    """Every value succeeds alike (e.g. PGD's radius where no start needs a kick): doubling
+    changes nothing, so the top stops; the choice is inside."""
+    points = [point(v, 0, log_loss=-5.0) for v in GRID]
+    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    assert todo == [] and stage["stopped"] == {"top": "flat", "bottom": "flat"}
+    assert chosen == {"lr": 0.2}

@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from scipy.stats import binomtest
 
 from qmse.runs import atomic_write, save_figure
@@ -235,6 +236,7 @@ def plot_sweeps(records: list[dict], path: str | os.PathLike) -> None:
             ax.plot([stage["chosen"]], [chosen["failures"] / chosen["seeds"]], "*", ms=11,
                     color=colour, mec="k")  # fmt: skip
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor labels
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel(param)
         ax.set_ylabel("failure rate (solid), diverged (dotted)")

@@ -12,7 +12,9 @@ For one method, k and protocol, on tuning starts disjoint from the evaluation st
    value with swept neighbours on both sides, then to the lowest median log₁₀ final loss.
 3. While the fewest failures are attained on an edge of the swept values, the grid is
    widened on that side by a factor of 2 and the new value is run, unless
-   - high side: most starts (more than half) diverged at the top value;
+   - high side: most starts (more than half) diverged at the top value, or doubling the
+     value changed neither the failures nor the median log₁₀ final loss (by more than
+     FLAT_LOG10);
    - low side: nothing moves at the bottom value: the median relative displacement
      ‖W_T − W_0‖_F / ‖W_0‖_F is below FROZEN, or halving the value changed neither the
      failures nor the median log₁₀ final loss (by more than FLAT_LOG10);
@@ -61,36 +63,40 @@ def summarize(loss: Tensor, diverged: Tensor, moved: Tensor) -> dict:
     }
 
 
+def _flat(a: dict, b: dict) -> bool:
+    """Two neighbouring values gave the same failures and median log₁₀ loss (±FLAT_LOG10)."""
+    return a["failures"] == b["failures"] and (
+        abs(a["median_log10_loss"] - b["median_log10_loss"]) <= FLAT_LOG10
+    )
+
+
 def _widen(values: list[float], done: Mapping[float, dict], grid: Sequence[float]):
     """The values to add to a stage (rule 3 of the module docstring) and why each side
     stopped: "inside" (the fewest failures are not on that edge), "most diverged",
     "frozen", "flat" or "cap"."""
     best = min(done[v]["failures"] for v in values)
-    top, bottom = values[-1], values[0]
+    top, bottom = done[values[-1]], done[values[0]]
     add, stopped = [], {}
-    if done[top]["failures"] != best:
+    if top["failures"] != best:
         stopped["top"] = "inside"
-    elif done[top]["diverged"] > done[top]["seeds"] / 2:
+    elif top["diverged"] > top["seeds"] / 2:
         stopped["top"] = "most diverged"
+    elif len(values) > 1 and _flat(top, done[values[-2]]):
+        stopped["top"] = "flat"
     elif sum(v > max(grid) for v in values) >= MAX_EXTEND:
         stopped["top"] = "cap"
     else:
-        add.append(top * WIDEN)
-    low = done[bottom]
-    flat = len(values) > 1 and (
-        low["failures"] == done[values[1]]["failures"]
-        and abs(low["median_log10_loss"] - done[values[1]]["median_log10_loss"]) <= FLAT_LOG10
-    )
-    if low["failures"] != best:
+        add.append(values[-1] * WIDEN)
+    if bottom["failures"] != best:
         stopped["bottom"] = "inside"
-    elif low["moved"] < FROZEN:
+    elif bottom["moved"] < FROZEN:
         stopped["bottom"] = "frozen"
-    elif flat:
+    elif len(values) > 1 and _flat(bottom, done[values[1]]):
         stopped["bottom"] = "flat"
     elif sum(v < min(grid) for v in values) >= MAX_EXTEND:
         stopped["bottom"] = "cap"
     else:
-        add.append(bottom / WIDEN)
+        add.append(values[0] / WIDEN)
     return add, stopped
 
 
