@@ -143,10 +143,15 @@ def _source(obj: object) -> str:
 
 
 def method_key(method: Method) -> str:
-    """A hash of everything that defines a method's results: its loss, the source of its
-    update and hooks, its grids. Cached rows and sweeps store it and are recomputed when a
-    method's definition changes."""
-    parts = [method.name, _source(method.loss), _source(method.update), list(method.lr_grid)]
+    """A hash of everything that defines a method's results: its loss (for a registered one,
+    the source of its formula and draw), the source of its update and hooks, its grids.
+    Cached rows and sweeps store it and are recomputed when a method's definition changes."""
+    loss = method.loss
+    if isinstance(loss, str) and loss in LOSSES:  # the registered formula and its draw
+        loss = [loss, _source(LOSSES[loss].per_sample), _source(LOSSES[loss].draw)]
+    else:
+        loss = _source(loss)
+    parts = [method.name, loss, _source(method.update), list(method.lr_grid)]
     parts += [{k: list(v) for k, v in sorted(method.hyper.items())}, list(method.report)]
     parts += [_source(h) for h in (method.init, method.after_step, method.finish)]
     return content_key(parts)
@@ -158,12 +163,7 @@ def register_method(method: Method) -> Method:
     name is an error."""
     if not isinstance(method, Method):
         raise TypeError(f"register_method takes a qmse.escape.Method, got {type(method).__name__}")
-    if (
-        not method.name
-        or "," in method.name
-        or "=" in method.name
-        or method.name.strip() != (method.name)
-    ):
+    if not method.name or set(method.name) & set(",= \t\n"):
         raise ValueError(
             f"method name {method.name!r}: need a non-empty name without , = or spaces"
         )
