@@ -251,6 +251,12 @@ def test_diagnose_run_writes_and_reuses_its_diagnosis(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "diagnosis.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="n_samples"):
         dg.diagnose_run(tmp_path / "run", out_dir=tmp_path / "other", n_samples=10**6)
+    # The run is extended: the cached diagnosis is stale and is computed again.
+    train_run(tiny_config(loss="qmse", epochs=2), tmp_path / "run", dataset=tiny_images(),
+              quiet=True)  # fmt: skip
+    again = dg.diagnose_run(tmp_path / "run", **opts)
+    assert again["key"] != d["key"] and again["run"]["final_metrics"]["epoch"] == 2
+    assert again["geometry"] != d["geometry"]
 
 
 def test_cli_compare_two_runs(tmp_path, monkeypatch, capsys):

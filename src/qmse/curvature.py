@@ -163,7 +163,7 @@ def loss_gradient_hessian(
     w, loss_at = loss_fn(model, criterion, batches)
     with eval_mode(model):
         g, pull, value = vjp(grad_and_value(loss_at), w, has_aux=True)
-    return value.detach(), g.detach(), lambda v: pull(v.to(w.dtype))[0]
+    return value.detach(), g.detach(), lambda v: pull(v.to(w))[0]
 
 
 def hessian_operator(
@@ -205,7 +205,7 @@ def lanczos(
     alphas, betas = [], []
     for j in range(steps):
         Q[j] = q
-        z = matvec(q)
+        z = matvec(q).to(q)  # the operator may live on another device than the basis
         alpha = torch.dot(z, q)
         alphas.append(alpha.item())
         for _ in range(2):  # full reorthogonalisation, twice is enough
@@ -264,7 +264,7 @@ def hutchinson_trace(
     vals = []
     for _ in range(samples):
         z = torch.randint(0, 2, (dim,), generator=gen).to(dtype) * 2 - 1
-        vals.append(torch.dot(z, hvp(z).to(dtype)).item())
+        vals.append(torch.dot(z, hvp(z).to(z)).item())
     t = torch.tensor(vals, dtype=torch.float64)
     return t.mean().item(), (t.std() / math.sqrt(samples)).item()
 

@@ -46,9 +46,10 @@ from qmse.curvature import (
     spectral_density,
 )
 from qmse.loss import get_loss
-from qmse.rundir import load_run, prepare_data
+from qmse.rundir import load_run, prepare_data, run_key
 from qmse.runs import (
     atomic_write,
+    claim,
     load_json,
     progress,
     provenance,
@@ -367,10 +368,11 @@ def diagnose_run(
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     config = {"run_dir": str(run_dir), "n_samples": n_samples, "seed": seed, **options}
+    key = run_key(run_dir, n_samples=n_samples, seed=seed, **options)
     done = out_dir / "diagnosis.json"
     if done.exists():
         old = load_json(done)
-        if old.get("config") == config:
+        if old.get("key") == key:  # same run contents and arguments: not stale
             return old
     model, run_config = load_run(run_dir, device)
     data = prepare_data(run_config, device)
@@ -390,6 +392,7 @@ def diagnose_run(
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     result = {
         "config": config,
+        "key": key,
         "run": {
             "loss": run_config["loss"],
             "lr": run_config.get("lr"),
@@ -400,8 +403,9 @@ def diagnose_run(
         **result,
         "provenance": provenance(device),
     }
-    save_json(done, result)
-    atomic_write(out_dir / "diagnosis.txt", summary_text(result))
+    with claim(out_dir, "diagnosis", accept=("train-run",)):
+        save_json(done, result)
+        atomic_write(out_dir / "diagnosis.txt", summary_text(result))
     return result
 
 
