@@ -1,0 +1,140 @@
+"""Each method at its own step size: the sweep that chooses a run's lr (and its loss's
+parameters, e.g. label noise's σ) on a held-out seed.
+
+The rule (docs/theory.md, "Fair baselines for escaping": a value chosen at the edge of its
+grid is not yet chosen):
+
+- a knob (lr, then each parameter of the loss) is swept on a factor-2 grid around its
+  current value, v·2^k for k = −1, 0, 1; every point is a full run (all epochs) on the
+  held-out seed, judged on its final `yardstick`, lower is better, a diverged run worst;
+- while the best point sits on an edge of the grid, the grid grows one point past that
+  edge, at most `max_extend` times per side in one sweep; a best point still on the edge
+  of its knob's last sweep is reported as bounded out;
+- with several knobs, they are swept in turn (coordinate descent) until a full pass changes
+  nothing, at most `max_passes` passes.
+
+`tune` replays that rule from the start against the scores known so far and returns either
+the runs it needs next or the choice. It is a pure function of the scores, so a sweep
+killed half-way resumes by calling it again, and a report recomputes the choice from the
+runs' metrics files alone. Powers of two keep every grid value exact in floating point, so
+a value found twice is the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from qmse.loss import get_loss
+from qmse.rundir import TrainConfig, run_name
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How `tune` sweeps: the held-out `seed` its runs use (not an evaluation seed), how far
+    a grid may grow past each edge, how many coordinate passes at most."""
+
+    seed: int = 100
+    max_extend: int = 4  # grid points added past each edge at most: lr within 2^±5 of the start
+    max_passes: int = 3
+
+
+def yardstick(loss: str) -> str:
+    """The metric a run of `loss` is judged on: the train ½‖r‖² ("train_mse"), the quantity
+    the paper's claim is about, for every loss that is minimised where the outputs equal the
+    targets (its deterministic value, or its expectation's for a random loss, is 0 at f = y:
+    MSE, QMSE, expected-QMSE, label noise); the run's own train loss ("train_loss") for any
+    other, e.g. cross-entropy, whose infimum lies at infinite logits so that ½‖r‖² of its
+    logits measures nothing it minimises."""
+    spec = get_loss(loss)
+    if spec.random and spec.expectation is None:
+        return "train_loss"
+    deterministic = get_loss(spec.expectation) if spec.random else spec
+    y = torch.eye(3, dtype=torch.float64)  # (3, 3): three samples of C = 3, f = y
+    return "train_mse" if bool((deterministic.value(y, y) == 0).all()) else "train_loss"
+
+
+def sweep_name(cfg: TrainConfig) -> str:
+    """A sweep run's directory name: run_name with the knobs' values, e.g.
+    "label-noise-m0.9-s100-lr0.02-sigma0.05"."""
+    params = "".join(f"-{k}{v:g}" for k, v in sorted(cfg.loss_params.items()))
+    return f"{run_name(cfg)}-lr{cfg.lr:g}{params}"
+
+
+def knobs(base: TrainConfig) -> tuple[str, ...]:
+    """What `tune` sweeps for `base`: the lr, then each parameter of its loss."""
+    return ("lr", *sorted(base.loss_params))
+
+
+def with_knob(cfg: TrainConfig, knob: str, value: float) -> TrainConfig:
+    """`cfg` with the lr or one loss parameter set to `value`."""
+    if knob == "lr":
+        return dataclasses.replace(cfg, lr=value)
+    return dataclasses.replace(cfg, loss_params={**cfg.loss_params, knob: value})
+
+
+def knob_value(cfg: TrainConfig, knob: str) -> float:
+    return cfg.lr if knob == "lr" else cfg.loss_params[knob]
+
+
+@dataclass
+class Tuned:
+    """`tune`'s answer: the runs still needed (`need`, empty once decided), the chosen config
+    (None until decided, or when every run of a grid diverged), and one record per knob
+    sweep: {"knob", "values", "scores", "best", "bounded"} (scores: inf = diverged)."""
+
+    need: list[TrainConfig]
+    chosen: TrainConfig | None
+    sweeps: list[dict]
+    passes: int = 0
+    converged: bool = False
+
+
+def tune(base: TrainConfig, score: Callable[[TrainConfig], float | None], tuning: Tuning) -> Tuned:
+    """Replay the sweep of `base`'s knobs (module docstring), starting from base's values at
+    seed `tuning.seed`, with `score(cfg)` the final yardstick of a finished run, math.inf for
+    a diverged one, None for one not trained yet."""
+    current = dataclasses.replace(base, seed=tuning.seed)
+    sweeps: list[dict] = []
+    for done in range(tuning.max_passes):
+        changed = False
+        for knob in knobs(base):
+            start, lo, hi = knob_value(current, knob), -1, 1
+            while True:
+                grid = {k: with_knob(current, knob, start * 2.0**k) for k in range(lo, hi + 1)}
+                scores = {k: score(c) for k, c in grid.items()}
+                if missing := [grid[k] for k, s in scores.items() if s is None]:
+                    return Tuned(need=missing, chosen=None, sweeps=sweeps, passes=done)
+                best = min(scores, key=lambda k: (scores[k], k))
+                if math.isinf(scores[best]):  # every point diverged
+                    sweeps.append(_record(knob, grid, scores, None, bounded=False))
+                    return Tuned(need=[], chosen=None, sweeps=sweeps, passes=done + 1)
+                if best == lo and lo > -1 - tuning.max_extend:
+                    lo -= 1
+                elif best == hi and hi < 1 + tuning.max_extend:
+                    hi += 1
+                else:
+                    break
+            sweeps.append(_record(knob, grid, scores, best, bounded=best in (lo, hi)))
+            changed |= best != 0
+            current = grid[best]
+        if not changed or len(knobs(base)) == 1:
+            return Tuned(need=[], chosen=current, sweeps=sweeps, passes=done + 1, converged=True)
+    return Tuned(need=[], chosen=current, sweeps=sweeps, passes=tuning.max_passes)
+
+
+def _record(
+    knob: str, grid: dict, scores: dict, best: int | None, *, bounded: bool
+) -> dict[str, object]:
+    ks = sorted(grid)
+    return {
+        "knob": knob,
+        "values": [knob_value(grid[k], knob) for k in ks],
+        "scores": [scores[k] for k in ks],
+        "best": None if best is None else knob_value(grid[best], knob),
+        "bounded": bounded,
+    }
