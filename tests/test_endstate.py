@@ -57,6 +57,7 @@ def test_the_diagnosis_is_cached_by_content(tmp_path, monkeypatch):
 
     train_run(tiny_config(**{**cfg.__dict__, "epochs": 3}), run, quiet=True)  # extended
     again = endstate.diagnose_end(run, **kw)
-    assert again["key"] != first["key"] and again["run"]["final_metrics"]["epoch"] == 3
+    assert again["endstate_key"] != first["endstate_key"]
+    assert again["run"]["final_metrics"]["epoch"] == 3
     other = endstate.diagnose_end(run, **{**kw, "samples": 10})  # other arguments
     assert other["n_samples"] == 10

@@ -11,9 +11,10 @@ Two parts, written together to the run directory's diagnosis.json:
   MSE and of the run's own loss, and the distribution of the residual norms ‖r_i‖ with the
   fraction of samples below each of RESIDUAL_THRESHOLDS.
 
-The file is keyed by content (`qmse.rundir.run_key` of the run and the arguments), so a run
-extended since, or other arguments, give a new diagnosis and never a stale one; the file
-keeps `qmse diagnose`'s layout (`qmse.diagnose.summary_text` reads it).
+The file is keyed by content (`qmse.rundir.run_key` of the run and the arguments, in
+"endstate_key" beside diagnose_run's own "key"), so a run extended since, or other
+arguments, give a new diagnosis and never a stale one; the file keeps `qmse diagnose`'s
+layout (`qmse.diagnose.summary_text` reads it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from qmse import diagnose
 from qmse.curvature import eval_mode, loss_fn
 from qmse.loss import get_loss
 from qmse.rundir import load_run, prepare_data, run_key
-from qmse.runs import load_json, save_json
+from qmse.runs import claim, load_json, save_json
 
 # ‖r_i‖ thresholds counted on the full training set. 1e-3 is classify_stop's default
 # tol_residual (case 1, the sample is fit); 0.1 is a sample fit to a tenth of the distance
@@ -99,10 +100,9 @@ def diagnose_end(
     path = run_dir / "diagnosis.json"
     if path.exists():
         held = load_json(path)
-        if isinstance(held, dict) and held.get("key") == key:
+        if isinstance(held, dict) and held.get("endstate_key") == key:
             return held
-        path.unlink()  # stale or another diagnosis: diagnose_run must not reuse it
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # diagnose_run reuses its part when its own key matches
     result = diagnose.diagnose_run(
         run_dir,
         n_samples=samples,
@@ -118,10 +118,11 @@ def diagnose_end(
     criteria = diagnose.run_criteria(config["loss"])
     result = {
         **result,
-        "key": key,
+        "endstate_key": key,
         "arguments": arguments,
         "full_set": full_set_state(model, data.x_train, data.y_train, criteria),
         "wall_s": time.perf_counter() - t0,
     }
-    save_json(path, result)
+    with claim(run_dir, "diagnosis", accept=("train-run",)):
+        save_json(path, result)
     return result
