@@ -4,8 +4,10 @@ A run directory holds
     kind.json       {"kind": "train-run"} (`qmse.runs.claim`; .lock is the writer's lock)
     config.json     the resolved TrainConfig, the model's constructor arguments, the data
                     read (path, each file's MD5, a fingerprint of the tensors), provenance
-    metrics.jsonl   one row per epoch (train.METRIC_KEYS): a function of the config alone,
-                    so byte-identical whether or not the run was killed and continued
+    metrics.jsonl   one row per epoch (train.METRIC_KEYS; the full-set ones only in the
+                    epochs evaluated, every eval_every and the last): a function of the
+                    config alone, so byte-identical whether or not the run was killed
+                    and continued
     timings.jsonl   one row per epoch: {"epoch", "wall_s"}, the epoch's seconds
     checkpoint.pt   model, optimizer, both generators' states, the metric and timing rows
     diverged.json   written instead of a new epoch when the loss became non-finite
@@ -52,6 +54,7 @@ class TrainConfig:
     momentum: float = 0.0  # SGD momentum (PyTorch's convention)
     batch_size: int = 128
     epochs: int = 100
+    eval_every: int = 1  # measure the full (sub)sets every n epochs and at the last one
     seed: int = 0  # derives the initial weights, the batch order and QMSE's v
     channels: tuple[int, int] = (32, 64)  # SimpleCNN conv widths (the paper gives none)
     hidden: int = 128  # SimpleCNN hidden linear width
@@ -71,7 +74,7 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr}; the learning rate must be a positive number")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum={self.momentum}; expected 0 <= momentum < 1")
-        for name in ("batch_size", "epochs"):
+        for name in ("batch_size", "epochs", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
         for name in ("train_subset", "test_subset"):

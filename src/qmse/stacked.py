@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,7 +34,16 @@ from qmse.rundir import (
     run_generators,
     save_epoch,
 )
-from qmse.train import EVAL_CHUNK, check_finite, continued, load_data, metric_row
+from qmse.train import (
+    EVAL_CHUNK,
+    check_finite,
+    continued,
+    epoch_line,
+    epoch_lines,
+    is_evaluated,
+    load_data,
+    metric_row,
+)
 
 SHARED_FIELDS = (
     "dataset",
@@ -42,6 +52,7 @@ SHARED_FIELDS = (
     "test_subset",
     "batch_size",
     "epochs",
+    "eval_every",
     "channels",
     "hidden",
 )  # what every run trained together by `train_many` must share
@@ -93,6 +104,7 @@ def train_many(
     device: torch.device | str = "cpu",
     quiet: bool = False,
     batching: str = "auto",
+    on_epoch: Sequence[Callable[[dict], None] | None] | None = None,
 ) -> list[list[dict]]:
     """Train M runs at once, as one stacked model, and return each run's metric rows.
 
@@ -105,12 +117,17 @@ def train_many(
     so lr and momentum may differ per run. The runs must share SHARED_FIELDS, and, when they
     continue from checkpoints (as train_run's do), their epoch. Every directory is claimed
     for the whole call. A run whose loss becomes non-finite gets diverged.json, keeps its
-    last good checkpoint and stops being saved; the others go on.
+    last good checkpoint and stops being saved; the others go on. Evaluation, progress
+    lines and `on_epoch` (one callable or None per run, called with each new row of its
+    run) are train_run's.
     """
     cfgs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
     outs, device = [Path(o) for o in out_dirs], resolve_device(device)
     if not cfgs or len(cfgs) != len(outs):
         raise ValueError(f"got {len(cfgs)} configs and {len(outs)} out_dirs; need as many, >= 1")
+    hooks = list(on_epoch) if on_epoch is not None else [None] * len(cfgs)
+    if len(hooks) != len(cfgs):
+        raise ValueError(f"got {len(hooks)} on_epoch hooks for {len(cfgs)} runs; give one each")
     if any(c.resample_null for c in cfgs):
         raise ValueError("resample_null is supported by train_run only; train those runs alone")
     for name in SHARED_FIELDS:
@@ -130,8 +147,9 @@ def train_many(
         for out in outs:
             claims.enter_context(claim_run(out))
         return _train_many(
-            cfgs, outs, data, resolved, models, gens, device, quiet, train_forward, eval_forward
-        )
+            cfgs, outs, data, resolved, models, gens, device, quiet, train_forward, eval_forward,
+            hooks,
+        )  # fmt: skip
 
 
 def _train_many(
@@ -145,6 +163,7 @@ def _train_many(
     quiet: bool,
     train_forward: Any,
     eval_forward: Any,
+    hooks: list[Callable[[dict], None] | None],
 ) -> list[list[dict]]:
     """train_many's work once its directories are claimed: open or continue every run, then
     train the stack epoch by epoch."""
@@ -180,15 +199,18 @@ def _train_many(
         for n in names
     }
     alive = [True] * M
+    lines = epoch_lines(quiet)
     steps = math.ceil(data.x_train.size(0) / cfg0.batch_size)
     epochs = runs.progress(range(len(rows[0]) + 1, cfg0.epochs + 1), quiet=quiet, desc=f"{M} runs")
     for epoch in epochs:
         t0 = time.perf_counter()
         with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
             running = _train_epoch_many(train_forward, params, bufs, cfgs, data, gens, bar)
-        with torch.no_grad():
-            train = _evaluate_many(eval_forward, params, data.x_train, data.y_train, cfgs)
-            test = _evaluate_many(eval_forward, params, data.x_test, data.y_test, cfgs)
+        train = test = [None] * M
+        if is_evaluated(epoch, cfg0):
+            with torch.no_grad():
+                train = _evaluate_many(eval_forward, params, data.x_train, data.y_train, cfgs)
+                test = _evaluate_many(eval_forward, params, data.x_test, data.y_test, cfgs)
         wall = (time.perf_counter() - t0) / M
         for m in range(M):
             if not alive[m]:
@@ -205,6 +227,10 @@ def _train_many(
                 for k, p in zip(names, models[m].parameters()):
                     opt.state[p]["momentum_buffer"] = bufs[k][m].clone()
             save_epoch(outs[m], state, opt.state_dict(), gens[m], rows[m], timings[m])
+            if lines:
+                print(epoch_line(outs[m].name, row, cfgs[m].epochs, wall), file=sys.stderr)
+            if hooks[m] is not None:
+                hooks[m](row)
         if not any(alive):
             break
     return rows

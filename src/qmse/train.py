@@ -19,9 +19,10 @@ atomically at the end of every epoch.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +53,20 @@ from qmse.rundir import (
 # Fashion-MNIST has MNIST's shape and gets MNIST's rate.
 PAPER_LR = {"mnist": 0.01, "fashion-mnist": 0.01, "cifar10": 0.1, "cifar100": 0.1}
 
-METRIC_KEYS = (
-    "epoch",
+EVAL_KEYS = (  # measured on the full sets in the evaluated epochs only (`is_evaluated`)
     "train_acc",  # full train set, eval mode, after the epoch
     "train_loss",  # the run's loss on the full train set (QMSE: its expectation over v)
     "train_mse",  # ½‖r‖² per sample, mean: comparable across losses
     "test_acc",
     "test_loss",
     "test_mse",
+)
+RUNNING_KEYS = (  # every epoch
     "running_train_acc",  # accuracy of the minibatch outputs during the epoch
     "running_train_loss",  # mean minibatch loss during the epoch (QMSE: with its v draws)
     "grad_norm",  # mean over the epoch's steps of ‖∇ minibatch loss‖₂
 )
+METRIC_KEYS = ("epoch", *EVAL_KEYS, *RUNNING_KEYS)
 
 EVAL_CHUNK = 1000  # samples per forward pass when measuring the full sets
 
@@ -178,23 +181,26 @@ def load_data(cfg: TrainConfig, dataset: Any, device: torch.device) -> tuple[Dat
     return data, dataset
 
 
-def metric_row(epoch: int, train: dict, test: dict, running: dict) -> dict:
-    """One line of metrics.jsonl from `evaluate`'s train and test dicts and the running ones."""
-    return {
-        "epoch": epoch,
-        "train_acc": train["acc"],
-        "train_loss": train["loss"],
-        "train_mse": train["mse"],
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
-        "test_mse": test["mse"],
-        **running,
-    }
+def is_evaluated(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether the full sets are measured after `epoch`: every cfg.eval_every epochs and
+    after the last one, so a finished run always ends with a measured row."""
+    return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+
+
+def metric_row(epoch: int, train: dict | None, test: dict | None, running: dict) -> dict:
+    """One line of metrics.jsonl from `evaluate`'s train and test dicts and the running ones;
+    an epoch that was not evaluated (train and test None) has the running metrics only."""
+    row: dict = {"epoch": epoch}
+    if train is not None and test is not None:
+        for split, measured in (("train", train), ("test", test)):
+            row.update({f"{split}_{key}": measured[key] for key in ("acc", "loss", "mse")})
+    return {**row, **running}
 
 
 def check_finite(row: dict, cfg: TrainConfig, out: Path) -> str | None:
-    """None if every metric is finite; else record diverged.json and return the message."""
-    if all(math.isfinite(row[k]) for k in METRIC_KEYS):
+    """None if every metric in `row` is finite; else record diverged.json and return the
+    message."""
+    if all(math.isfinite(row[k]) for k in METRIC_KEYS if k in row):
         return None
     held = row["epoch"] - 1  # epochs in checkpoint.pt
     if held:
@@ -205,12 +211,35 @@ def check_finite(row: dict, cfg: TrainConfig, out: Path) -> str | None:
         fix = "try a smaller --lr (here: a run with other settings starts afresh)"
     message = (
         f"{cfg.loss} run in {out}: the loss became non-finite in epoch {row['epoch']} "
-        f"(running loss {row['running_train_loss']}, train loss {row['train_loss']}) at "
+        f"(running loss {row['running_train_loss']}, train loss {row.get('train_loss')}) at "
         f"lr={cfg.lr}, momentum={cfg.momentum}; {kept}. {fix[0].upper()}{fix[1:]}."
     )
     if is_main():
         runs.save_json(out / "diverged.json", {"epoch": row["epoch"], "message": message})
     return message
+
+
+def epoch_lines(quiet: bool) -> bool:
+    """Whether to print a line per epoch: when the progress bars are off because stderr is
+    not a terminal (nohup, tee, a Ray worker; `qmse.runs.progress`'s rule), so that a long
+    run is never silent, and never with `quiet`."""
+    bars = sys.stderr.isatty() or os.environ.get("QMSE_PROGRESS") == "1"
+    return not quiet and not bars and is_main()
+
+
+def epoch_line(name: str, row: dict, epochs: int, wall_s: float) -> str:
+    """One epoch of a run as a line: its running metrics, and the full-set ones when it was
+    evaluated."""
+    line = (
+        f"{name}: epoch {row['epoch']}/{epochs} running loss {row['running_train_loss']:.5g} "
+        f"acc {row['running_train_acc']:.4f}"
+    )
+    if "train_mse" in row:
+        line += (
+            f" | train ½‖r‖² {row['train_mse']:.5g} acc {row['train_acc']:.4f} "
+            f"test acc {row['test_acc']:.4f}"
+        )
+    return f"{line} | {wall_s:.1f} s"
 
 
 def say(message: str, quiet: bool) -> None:
@@ -234,10 +263,15 @@ def train_run(
     dataset: Any = None,
     device: torch.device | str = "cpu",
     quiet: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train one run into `out_dir` and return its metric rows (one per epoch).
 
     `dataset` (a qmse.data.Dataset named like config.dataset) skips loading from disk.
+    The full sets are measured every config.eval_every epochs and after the last
+    (`is_evaluated`). Progress: bars on a terminal, else a line per epoch on stderr
+    (`epoch_lines`), nothing with `quiet`; `on_epoch(row)` is called with every new row once
+    it is saved (e.g. `qmse.tblog.tensorboard_logger`).
     A directory holding a checkpoint of the same run (same config, epochs aside, same data)
     continues from it and says so (a finished run returns at once; a larger `epochs`
     extends it); anything else there is refused with what differs (`qmse.rundir.open_run`).
@@ -273,20 +307,26 @@ def train_run(
         quiet = quiet or not is_main()
         steps = math.ceil(data.x_train.size(0) / cfg.batch_size)
         label = f"{cfg.loss} m={cfg.momentum:g} seed={cfg.seed}"
+        lines = epoch_lines(quiet)
         epochs = runs.progress(range(len(rows) + 1, cfg.epochs + 1), quiet=quiet, desc=label)
         for epoch in epochs:
             t0 = time.perf_counter()
             with runs.progress(total=steps, quiet=quiet, desc=f"epoch {epoch}") as bar:
                 running = _train_epoch(net, opt, data, cfg, *gens, bar)
-            train = evaluate(net, data.x_train, data.y_train, cfg.loss, **cfg.loss_params)
-            test = evaluate(net, data.x_test, data.y_test, cfg.loss, **cfg.loss_params)
+            train = test = None
+            if is_evaluated(epoch, cfg):
+                train = evaluate(net, data.x_train, data.y_train, cfg.loss, **cfg.loss_params)
+                test = evaluate(net, data.x_test, data.y_test, cfg.loss, **cfg.loss_params)
             row = metric_row(epoch, train, test, running)
             if message := check_finite(row, cfg, out):
                 raise NonFiniteLossError(message)
             rows.append(row)
             timings.append({"epoch": epoch, "wall_s": time.perf_counter() - t0})
             save_epoch(out, model.state_dict(), opt.state_dict(), gens, rows, timings)
-            epochs.set_postfix(
-                train_acc=f"{row['train_acc']:.4f}", test_acc=f"{row['test_acc']:.4f}"
-            )
+            if lines:
+                print(epoch_line(out.name, row, cfg.epochs, timings[-1]["wall_s"]), file=sys.stderr)
+            if on_epoch is not None and is_main():
+                on_epoch(row)
+            if train is not None:
+                epochs.set_postfix(train_acc=f"{train['acc']:.4f}", test_acc=f"{test['acc']:.4f}")
     return rows
