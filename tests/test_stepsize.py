@@ -98,3 +98,19 @@ def test_yardstick_is_half_r_squared_for_losses_minimised_at_the_targets():
         "train_mse"
     ] * 4
     assert yardstick("ce") == "train_loss"
+
+
+def test_a_knob_that_always_wants_less_stops_at_its_floor_and_the_passes_end():
+    """Label noise judged on ½‖r‖²: less noise is always better here, so σ runs to the
+    bottom of its fixed range (bounded out) and the lr is still chosen inside its grid."""
+    base = tiny_config(loss="label-noise", loss_params={"sigma": 0.1}, lr=0.01)
+
+    def score(cfg):
+        return bowl(1)(cfg) + cfg.loss_params["sigma"]
+
+    answer, asked = run_to_end(base, score, Tuning(max_extend=2))
+    assert answer.converged and answer.chosen.lr == 0.02
+    assert answer.chosen.loss_params == {"sigma": 0.1 * 2.0**-3}
+    last = {s["knob"]: s for s in answer.sweeps}
+    assert last["sigma"]["bounded"] and not last["lr"]["bounded"]
+    assert min(c.loss_params["sigma"] for c in asked) == 0.1 * 2.0**-3  # never below the range

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -22,11 +23,21 @@ from qmse.escape import (
 )
 from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
 from qmse.loss import LOSSES
-from qmse.reproduce import grid_configs, run_grid
+from qmse.report import write_outputs
+from qmse.reproduce import (
+    ABLATION,
+    END_LOSSES,
+    PAPER_LOSSES,
+    grid_configs,
+    loss_params_for,
+    run_grid,
+)
 from qmse.rundir import NonFiniteLossError, TrainConfig, resolve_device, run_name
 from qmse.runs import DirectoryBusyError, describe_os_error
+from qmse.stepsize import Tuning
 from qmse.sweep import MissingExtraError
 from qmse.symmetry import count_equivalent, permute, worked_example
+from qmse.tblog import tensorboard_logger
 from qmse.train import PAPER_LR, train_run
 
 Formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -148,8 +159,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--epochs", type=int, default=100, help="passes over the training set")
         p.add_argument("--train-subset", type=int, default=None, help="first N training images")
         p.add_argument("--test-subset", type=int, default=None, help="first N test images")
+        p.add_argument(
+            "--eval-every", type=int, default=1, help="measure the full sets every N epochs, + last"
+        )
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:0, ...")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--quiet", action="store_true", help="no progress bars (nor per-epoch lines off a tty)"
+        )
+        p.add_argument(
+            "--tensorboard",
+            default=None,
+            metavar="DIR",
+            help="also log the metrics to TensorBoard in DIR (pip install 'qmse[tensorboard]')",
+        )
         _add_unverified(p)
 
     p = sub.add_parser(
@@ -199,6 +221,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             momentum=args.momentum,
             batch_size=args.batch_size,
             epochs=args.epochs,
+            eval_every=args.eval_every,
             seed=args.seed,
             channels=tuple(args.channels),
             hidden=args.hidden,
@@ -207,7 +230,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         )
         out = args.out or f"runs/{args.dataset}/{run_name(cfg)}"
         device = init_distributed(resolve_device(args.device))  # under torchrun: join, pick GPU
-        rows = train_run(cfg, out, device=device, quiet=args.quiet)
+        log = contextlib.nullcontext(None)
+        if args.tensorboard is not None and is_main():
+            log = tensorboard_logger(Path(args.tensorboard) / Path(out).name)
+        with log as on_epoch:
+            rows = train_run(cfg, out, device=device, quiet=args.quiet, on_epoch=on_epoch)
         last = rows[-1]
         if is_main():
             print(
@@ -225,7 +252,50 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     common(p)
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per setting")
+    p.add_argument(
+        "--losses",
+        default=",".join(PAPER_LOSSES),
+        help=f"comma-separated registered losses ({', '.join(LOSSES)}); the end-of-training "
+        f"grid: {','.join(END_LOSSES)}",
+    )
     p.add_argument("--with-ablation", action="store_true", help="add expected-qmse and ce")
+    p.add_argument(
+        "--sigma", type=float, default=0.1, help="label-noise's σ (with --tune: its start value)"
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="also run each method at its own lr (and σ), chosen by a factor-2 sweep of full "
+        "runs on --sweep-seed (see docs/results.md)",
+    )
+    p.add_argument("--sweep-seed", type=int, default=100, help="--tune: the held-out seed")
+    p.add_argument(
+        "--max-extend", type=int, default=4, help="--tune: values within start·2^±(1 + N)"
+    )
+    p.add_argument(
+        "--no-common-lr",
+        action="store_true",
+        help="--tune: train only the runs at each method's own lr, not those at --lr",
+    )
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="diagnose every final checkpoint (stopping case, Hessian extremes, full-set "
+        "gradient and residuals) into its diagnosis.json",
+    )
+    p.add_argument("--diagnose-samples", type=int, default=256, help="fixed subset for --diagnose")
+    p.add_argument("--lanczos-steps", type=int, default=30, help="--diagnose: Hessian products")
+    p.add_argument(
+        "--piece",
+        default="all",
+        help="train a part: all, sweep, sweep-m<momentum>, seed<k> (then the report)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite report.md and the figures of --out from its files (no training, no "
+        "checkpoints needed)",
+    )
     p.add_argument(
         "--parallel",
         type=int,
@@ -236,22 +306,44 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _add_backend_args(p, "ray: one Ray task per run (per group with --parallel)")
 
     def reproduce(args: argparse.Namespace) -> int:
+        out = args.out or f"runs/reproduce-{args.dataset}"
+        if args.report_only:
+            paths = write_outputs(out)
+            print(f"figure: {paths['figure']}")
+            print(f"report: {paths['report']}")
+            return 0
+        losses = [name.strip() for name in args.losses.split(",") if name.strip()]
+        if unknown := [name for name in losses if name not in LOSSES]:
+            raise ValueError(f"--losses: {', '.join(unknown)} not registered; use {tuple(LOSSES)}")
         configs = grid_configs(
             args.dataset,
             seeds=args.seeds,
             epochs=args.epochs,
             lr=args.lr,
+            losses=losses,
             with_ablation=args.with_ablation,
+            loss_params=loss_params_for(
+                [*losses, *(ABLATION if args.with_ablation else ())], {"sigma": args.sigma}
+            ),
             batch_size=args.batch_size,
             train_subset=args.train_subset,
             test_subset=args.test_subset,
+            eval_every=args.eval_every,
             data_dir=args.data_dir,
             allow_unverified_data=args.allow_unverified_data,
         )
-        out = args.out or f"runs/reproduce-{args.dataset}"
         paths = run_grid(
             configs,
             out,
+            tuning=Tuning(seed=args.sweep_seed, max_extend=args.max_extend) if args.tune else None,
+            common_lr=not args.no_common_lr,
+            diagnosis=(
+                {"samples": args.diagnose_samples, "lanczos_steps": args.lanczos_steps}
+                if args.diagnose
+                else None
+            ),
+            piece=args.piece,
+            tensorboard=args.tensorboard,
             device=args.device,
             parallel=args.parallel,
             backend=args.backend,

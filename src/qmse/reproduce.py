@@ -1,27 +1,42 @@
-"""The paper's experiment grid (sec. 4, figs. 1-3), its figure and an honest report.
+"""The paper's experiment grid (sec. 4) trained to its end, diagnosed, and reported.
 
-Grid: losses {mse, qmse} (+ expected-qmse and ce as the ablation) × SGD momentum {0, 0.9}
-× seeds. Runs with the same seed share their initial weights and batch order, so QMSE − MSE
-is a paired difference per seed; the report gives its mean with a 95 % Student-t interval
-and says plainly whether QMSE's final train accuracy is higher, equal within noise, or lower.
+Grid: losses (any registered: MSE, QMSE, expected-QMSE, label noise, cross-entropy) × SGD
+momentum {0, 0.9} × seeds. Runs with the same seed share their initial weights and batch
+order, so a method − MSE difference is paired per seed (`qmse.report`).
+
+Every method runs at the grid's common lr (the paper's unless given), and, with a
+`qmse.stepsize.Tuning`, also at its own lr (and loss parameters, e.g. label noise's σ)
+chosen by a sweep on a held-out seed, so that no method loses only for a step size chosen
+for another. After the last epoch every evaluation run's final checkpoint can be diagnosed
+(`qmse.endstate`). The grid folder holds
+
+    grid.json                   the runs, their configs and sets, the sweeps, provenance
+    <run name>/                 the evaluation runs (`qmse.train` run directories)
+    sweep/<sweep run name>/     the sweeps' runs
+    report.md, figure*.png      `qmse.report.write_outputs`, from those files alone
+
+Long grids run in pieces (`piece`): "sweep" or "sweep-m<momentum>" (the sweeps), "seed<k>"
+(the evaluation runs of seed k, after the sweeps), "all"; every piece resumes what a killed
+call left, and each ends by writing the report of what is finished.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from qmse import runs
+from qmse.endstate import diagnose_end
+from qmse.loss import get_loss
+from qmse.report import SWEEP_DIR, load_results, replay_sweeps, write_outputs
 from qmse.rundir import (
     NonFiniteLossError,
     TrainConfig,
@@ -31,19 +46,31 @@ from qmse.rundir import (
     run_name,
 )
 from qmse.stacked import train_many
-from qmse.stats import mean_ci, mean_std
+from qmse.stepsize import Tuning, sweep_name
 from qmse.sweep import run_tasks, train_task
+from qmse.tblog import summary_writer_class, tensorboard_logger
 from qmse.train import PAPER_LR, train_run
 
-LOSSES = ("mse", "qmse")
+PAPER_LOSSES = ("mse", "qmse")  # the paper's comparison
 ABLATION = ("expected-qmse", "ce")
+END_LOSSES = ("mse", "qmse", "expected-qmse", "label-noise", "ce")  # the end-of-training grid
 MOMENTA = (0.0, 0.9)
-_STYLE = {  # loss -> (colour, label)
-    "mse": ("tab:blue", "MSE"),
-    "qmse": ("tab:red", "QMSE"),
-    "expected-qmse": ("tab:green", "expected-QMSE"),
-    "ce": ("tab:gray", "CE"),
-}
+
+
+def loss_params_for(losses: Sequence[str], given: Mapping[str, float]) -> dict[str, dict]:
+    """{loss: its parameters} from the values `given` by parameter name (e.g. {"sigma": 0.1}),
+    for the losses that take any; a loss whose parameter is not given is an error."""
+    out = {}
+    for loss in losses:
+        spec = get_loss(loss)
+        if missing := [p for p in spec.params if p not in given]:
+            raise ValueError(
+                f"loss {loss!r} needs {', '.join(missing)}: give "
+                f"{' '.join(f'--{p} VALUE' for p in missing)} (with tuning: its start value)"
+            )
+        if spec.params:
+            out[loss] = {p: given[p] for p in spec.params}
+    return out
 
 
 def grid_configs(
@@ -52,22 +79,28 @@ def grid_configs(
     seeds: int = 5,
     epochs: int = 100,
     lr: float | None = None,
+    losses: Sequence[str] = PAPER_LOSSES,
     with_ablation: bool = False,
+    loss_params: Mapping[str, Mapping[str, float]] | None = None,
+    momenta: Sequence[float] = MOMENTA,
     batch_size: int = 128,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    eval_every: int = 1,
     data_dir: str | None = None,
     allow_unverified_data: bool = False,
 ) -> list[TrainConfig]:
-    """The grid's run configs: losses × momenta × seeds 0..seeds−1, at the paper's learning
-    rate for `dataset` (PAPER_LR) unless `lr` is given."""
+    """The grid's run configs: losses (+ ABLATION with `with_ablation`) × momenta × seeds
+    0..seeds−1, at the paper's learning rate for `dataset` (PAPER_LR) unless `lr` is given,
+    each loss with its `loss_params` ({loss: {name: value}}, e.g. label noise's sigma)."""
     if seeds < 1:
-        raise ValueError(f"seeds={seeds}; need at least one seed (the report wants >= 2)")
+        raise ValueError(f"seeds={seeds}; need at least one seed (the report wants >= 3)")
     if lr is None:
         if dataset not in PAPER_LR:
             raise ValueError(f"no paper learning rate for dataset {dataset!r}; pass lr")
         lr = PAPER_LR[dataset]
-    losses = LOSSES + ABLATION if with_ablation else LOSSES
+    losses = list(dict.fromkeys([*losses, *(ABLATION if with_ablation else ())]))
+    params = dict(loss_params or {})
     return [
         TrainConfig(
             dataset=dataset,
@@ -75,23 +108,46 @@ def grid_configs(
             train_subset=train_subset,
             test_subset=test_subset,
             loss=loss,
+            loss_params=dict(params.get(loss, {})),
             lr=lr,
             momentum=momentum,
             batch_size=batch_size,
             epochs=epochs,
+            eval_every=eval_every,
             seed=seed,
             allow_unverified_data=allow_unverified_data,
         )
         for seed in range(seeds)  # seed-major: an interrupted grid has whole seeds
-        for momentum in MOMENTA
+        for momentum in momenta
         for loss in losses
     ]
+
+
+@dataclasses.dataclass
+class _Trainer:
+    """How run_grid trains: the data, the device, stacking, the backend, logging."""
+
+    dataset: Any
+    device: torch.device
+    remote_device: str
+    parallel: int
+    backend: str
+    address: str | None
+    cpus_per_task: float
+    gpus_per_task: float
+    tensorboard: Path | None
+    quiet: bool
 
 
 def run_grid(
     configs: Sequence[TrainConfig],
     out_dir: str | Path,
     *,
+    tuning: Tuning | None = None,
+    common_lr: bool = True,
+    diagnosis: Mapping[str, Any] | None = None,
+    piece: str = "all",
+    tensorboard: str | Path | None = None,
     dataset: Any = None,
     device: torch.device | str = "auto",
     parallel: int = 1,
@@ -101,16 +157,24 @@ def run_grid(
     gpus_per_task: float = 0,
     quiet: bool = False,
 ) -> dict[str, Path]:
-    """Train every config into `out_dir/<run_name>` (finished runs are skipped, unfinished
-    ones continued), then write figure.png and report.md; returns their paths. `out_dir`
-    is claimed as a grid (`qmse.runs.claim`) for the whole call; a run in it that holds
-    other settings is refused before anything is trained.
+    """Train the grid of `configs` into `out_dir` (finished runs are skipped, unfinished
+    ones continued), then write its figures and report.md (`qmse.report.write_outputs`);
+    returns their paths. `out_dir` is claimed as a grid (`qmse.runs.claim`) for the whole
+    call; a run in it that holds other settings is refused before anything is trained.
+
+    `configs` are the runs at the common lr. With `tuning`, each (loss, momentum) of them is
+    also run at its own lr and loss parameters, chosen by `qmse.stepsize.tune` on the
+    held-out seed tuning.seed (its runs in out_dir/sweep); the common-lr runs then use the
+    chosen loss parameters, and `common_lr=False` leaves them out. `diagnosis` (keyword
+    arguments of `qmse.endstate.diagnose_end`, {} for its defaults) diagnoses every finished
+    evaluation run. `piece` trains a part: "sweep", "sweep-m<momentum>", "seed<k>" or
+    "all" (module docstring). `tensorboard`: a folder; each run logs its metrics to
+    <tensorboard>/<run folder> (`qmse.tblog`, optional extra; local backend only).
 
     `backend="ray"` trains each group of runs as a Ray task (`qmse.sweep.run_tasks`: the
     cluster at `address`, else a local one; `cpus_per_task` CPUs and `gpus_per_task` GPUs
     each; a task whose worker dies is retried and resumes). Its workers read the data set
     from the configs' data_dir and resolve `device` themselves; the files are the same.
-
     `dataset` (a qmse.data.Dataset) is loaded once from configs[0] when not given.
     `parallel` > 1 trains up to that many runs at once with `train_many` (one stacked model);
     the run directories are the same either way.
@@ -121,95 +185,237 @@ def run_grid(
         raise ValueError("dataset= is for backend='local'; Ray workers load it from data_dir")
     if not configs:
         raise ValueError("configs is empty; grid_configs makes the paper's grid")
+    if tensorboard is not None:
+        if backend != "local":
+            raise ValueError("tensorboard logs from this process: use it with backend='local'")
+        summary_writer_class()  # a missing extra fails before anything is trained
+    if not common_lr and tuning is None:
+        raise ValueError("common_lr=False leaves no runs without tuning; give tuning")
+    if tuning is not None and tuning.seed in {c.seed for c in configs}:
+        raise ValueError(
+            f"the sweeps' held-out seed {tuning.seed} is an evaluation seed; choose another "
+            f"(--sweep-seed), e.g. {max(c.seed for c in configs) + 100}"
+        )
+    _check_piece(piece, configs, tuning)
     out, remote_device = Path(out_dir), str(device)
     # Ray workers resolve `device` themselves; this process only writes files then
     device = resolve_device(device) if backend == "local" else torch.device("cpu")
     if dataset is None and backend == "local":
         dataset = load_dataset(configs[0])
+    trainer = _Trainer(dataset, device, remote_device, parallel, backend, address, cpus_per_task,
+                       gpus_per_task, None if tensorboard is None else Path(tensorboard),
+                       quiet)  # fmt: skip
     with runs.claim(out, "grid", recognise=lambda d: (d / "grid.json").exists()):
-        return _run_grid(configs, out, dataset, device, remote_device, parallel, backend, address,
-                         cpus_per_task, gpus_per_task, quiet)  # fmt: skip
+        return _run_grid(configs, out, tuning, common_lr, diagnosis, piece, trainer)
+
+
+def _check_piece(piece: str, configs: Sequence[TrainConfig], tuning: Tuning | None) -> None:
+    momenta = sorted({c.momentum for c in configs})
+    seeds = sorted({c.seed for c in configs})
+    pieces = ["all", *(["sweep"] + [f"sweep-m{m:g}" for m in momenta] if tuning else [])]
+    pieces += [f"seed{s}" for s in seeds]
+    if piece not in pieces:
+        raise ValueError(f"piece={piece!r}; this grid's pieces are {', '.join(pieces)}")
 
 
 def _run_grid(
     configs: Sequence[TrainConfig],
     out: Path,
-    dataset: Any,
-    device: torch.device,
-    remote_device: str,
-    parallel: int,
-    backend: str,
-    address: str | None,
-    cpus_per_task: float,
-    gpus_per_task: float,
-    quiet: bool,
+    tuning: Tuning | None,
+    common_lr: bool,
+    diagnosis: Mapping[str, Any] | None,
+    piece: str,
+    trainer: _Trainer,
 ) -> dict[str, Path]:
     """run_grid's work once its directory is claimed."""
-    groups = _groups(configs, out, parallel)  # checks the runs already there first
-    runs.save_json(
-        out / "grid.json",
-        {
-            "runs": [run_name(c) for c in configs],
-            "configs": [asdict(c) for c in configs],
-            "provenance": runs.provenance(device),
-        },
-    )
+    bases = _bases(configs)
     t0 = time.perf_counter()
-    if backend != "local":  # the loop below then finds every run finished or diverged
+    if tuning is not None and (piece == "all" or piece.startswith("sweep")):
+        momentum = None if piece in ("all", "sweep") else float(piece.removeprefix("sweep-m"))
+        _sweep([b for b in bases if momentum in (None, b.momentum)], out, tuning, trainer)
+    grid = _grid_record(configs, bases, out, tuning, common_lr, diagnosis, trainer.device)
+    if piece == "all" or piece.startswith("seed"):
+        if tuning is not None and any(t["need"] for t in _replayed(out, grid)):
+            raise ValueError(
+                f"the step-size sweeps in {out / SWEEP_DIR} are not finished, so the runs at "
+                f"each method's own lr are not known yet: run the sweep pieces first "
+                f"(--piece sweep, or one per momentum)"
+            )
+        seed = None if piece == "all" else int(piece.removeprefix("seed"))
+        todo = [
+            (name, cfg)
+            for name, cfg in zip(grid["runs"], grid["configs"])
+            if seed is None or cfg["seed"] == seed
+        ]
+        cfgs = [TrainConfig.from_dict(c) for _, c in todo]
+        runs.save_json(out / "grid.json", grid)
+        _train(cfgs, [out / n for n, _ in todo], trainer, "grid", out)
+        if diagnosis is not None:
+            _diagnose(cfgs, [out / n for n, _ in todo], diagnosis, trainer)
+    runs.save_json(out / "grid.json", grid)
+    if not trainer.quiet:
+        print(f"{out}: piece {piece} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return write_outputs(out)
+
+
+def _bases(configs: Sequence[TrainConfig]) -> list[TrainConfig]:
+    """One config per (loss, loss parameters, momentum), in the grid's order: what a sweep
+    tunes (its seed is replaced by the held-out one)."""
+    seen: dict[tuple, TrainConfig] = {}
+    for c in configs:
+        seen.setdefault((c.loss, json.dumps(c.loss_params, sort_keys=True), c.momentum), c)
+    return list(seen.values())
+
+
+def _replayed(out: Path, grid: dict) -> list[dict]:
+    return [{"need": t.need, "chosen": t.chosen} for _, t in replay_sweeps(out, grid)]
+
+
+def _sweep(bases: list[TrainConfig], out: Path, tuning: Tuning, trainer: _Trainer) -> None:
+    """Train the sweeps of `bases` until each has chosen: every round trains the runs the
+    replayed rule (`qmse.stepsize.tune`) asks for next, all settings together."""
+    grid = {"tuning": {"settings": asdict(tuning), "bases": [asdict(b) for b in bases]}}
+    asked: set[str] = set()
+    while True:
+        need = {sweep_name(c): c for t in _replayed(out, grid) for c in t["need"]}
+        if not need:
+            return
+        if again := asked & set(need):
+            raise RuntimeError(f"sweep runs {sorted(again)} were trained but give no score")
+        asked |= set(need)
+        _train(list(need.values()), [out / SWEEP_DIR / n for n in need], trainer, "sweep", out)
+
+
+def _evaluation_sets(
+    configs: Sequence[TrainConfig], chosen: dict[tuple, TrainConfig | None] | None, common: bool
+) -> list[tuple[str, str, list[tuple[str, TrainConfig]]]]:
+    """(name, title, [(run folder, config)]) of each set of evaluation runs: at each
+    method's own lr (when tuned), at the common lr (unless common is False)."""
+    base_lr = configs[0].lr
+    if chosen is None:
+        return [("all", "", [(run_name(c), c) for c in configs])]
+    sets = []
+    own = []
+    for c in configs:
+        best = chosen[_key(c)]
+        if best is not None:
+            cfg = dataclasses.replace(c, lr=best.lr, loss_params=dict(best.loss_params))
+            suffix = "" if cfg.lr == base_lr else f"-lr{cfg.lr:g}"
+            own.append((run_name(cfg) + suffix, cfg))
+    sets.append(("own-lr", "At each method's own lr", own))
+    if common:
+        at_common = []
+        for c in configs:
+            best = chosen[_key(c)]
+            params = dict(best.loss_params) if best is not None else dict(c.loss_params)
+            at_common.append((run_name(c), dataclasses.replace(c, loss_params=params)))
+        paper = " (the paper's)" if PAPER_LR.get(configs[0].dataset) == base_lr else ""
+        sets.append(("common-lr", f"At lr {base_lr:g}{paper} for every method", at_common))
+    return sets
+
+
+def _key(c: TrainConfig) -> tuple:
+    return (c.loss, json.dumps(c.loss_params, sort_keys=True), c.momentum)
+
+
+def _grid_record(
+    configs: Sequence[TrainConfig],
+    bases: list[TrainConfig],
+    out: Path,
+    tuning: Tuning | None,
+    common_lr: bool,
+    diagnosis: Mapping[str, Any] | None,
+    device: torch.device,
+) -> dict:
+    """grid.json: the evaluation runs known now (in order, each once), their configs and
+    sets, the sweeps' settings, bases and choices (None while pending), the diagnosis
+    arguments, provenance."""
+    record: dict[str, Any] = {"tuning": None}
+    chosen = None
+    if tuning is not None:
+        record["tuning"] = {"settings": asdict(tuning), "bases": [asdict(b) for b in bases]}
+        replayed = _replayed(out, record)
+        chosen = {_key(b): t["chosen"] for b, t in zip(bases, replayed)}
+        record["tuning"]["chosen"] = [
+            None if t["chosen"] is None else asdict(t["chosen"]) for t in replayed
+        ]
+    sets = _evaluation_sets(configs, chosen, common_lr)
+    unique: dict[str, TrainConfig] = {}
+    for _, _, members in sets:
+        for name, cfg in members:
+            if unique.setdefault(name, cfg) != cfg:
+                raise ValueError(f"two runs of this grid would share the folder {name}")
+    record = {
+        "runs": list(unique),
+        "configs": [asdict(c) for c in unique.values()],
+        "sets": [{"name": n, "title": t, "runs": [m for m, _ in ms]} for n, t, ms in sets],
+        **record,
+        "diagnosis": None if diagnosis is None else dict(diagnosis),
+        "provenance": runs.provenance(device),
+    }
+    return json.loads(json.dumps(record))  # tuples as JSON lists, as read back
+
+
+def _train(
+    cfgs: list[TrainConfig], dirs: list[Path], trainer: _Trainer, what: str, out: Path
+) -> None:
+    """Train `cfgs` into `dirs`, folders of the grid `out` (finished and diverged runs
+    skipped, unfinished continued); TensorBoard logs mirror the folders."""
+    groups = _groups(cfgs, dirs, trainer.parallel)  # checks the runs already there first
+    if trainer.backend != "local":  # the loop below then finds every run finished or diverged
         tasks = [
             {
-                "configs": [asdict(c) for c in group],
-                "out_dirs": [str(out / run_name(c)) for c in group],
-                "device": remote_device,
+                "configs": [asdict(c) for c, _ in group],
+                "out_dirs": [str(d) for _, d in group],
+                "device": trainer.remote_device,
             }
             for group in groups
         ]
-        run_tasks(
-            train_task,
-            tasks,
-            backend=backend,
-            address=address,
-            num_cpus_per_task=cpus_per_task,
-            num_gpus_per_task=gpus_per_task,
-            quiet=quiet,
-            desc="grid",
-        )
-    if backend != "local":  # what the tasks left: diverged runs only, or nothing
-        groups = _groups(configs, out, parallel)
-    kw = {"quiet": quiet}
-    bar = runs.progress(total=len(configs), quiet=quiet, desc="grid", unit="run")
+        run_tasks(train_task, tasks, backend=trainer.backend, address=trainer.address,
+                  num_cpus_per_task=trainer.cpus_per_task,
+                  num_gpus_per_task=trainer.gpus_per_task, quiet=trainer.quiet,
+                  desc=what)  # fmt: skip
+        groups = _groups(cfgs, dirs, trainer.parallel)  # what the tasks left: diverged runs
+    bar = runs.progress(total=len(cfgs), quiet=trainer.quiet, desc=what, unit="run")
     for group in groups:
-        dirs = [out / run_name(c) for c in group]
-        try:
-            if len(group) == 1:
-                rows = [train_run(group[0], dirs[0], dataset=dataset, device=device, **kw)]
-            else:
-                rows = train_many(group, dirs, dataset=dataset, device=device, **kw)
-        except NonFiniteLossError as e:
-            bar.write(f"diverged: {e}")
-            rows = [[] for _ in group]
-        for cfg, r in zip(group, rows):
-            if not quiet and r:
+        group_cfgs, group_dirs = [c for c, _ in group], [d for _, d in group]
+        kw = {"dataset": trainer.dataset, "device": trainer.device, "quiet": trainer.quiet}
+        with contextlib.ExitStack() as stack:
+            hooks = [
+                None
+                if trainer.tensorboard is None
+                else stack.enter_context(
+                    tensorboard_logger(trainer.tensorboard / d.relative_to(out))
+                )
+                for d in group_dirs
+            ]
+            try:
+                if len(group) == 1:
+                    rows = [train_run(group_cfgs[0], group_dirs[0], on_epoch=hooks[0], **kw)]
+                else:
+                    rows = train_many(group_cfgs, group_dirs, on_epoch=hooks, **kw)
+            except NonFiniteLossError as e:
+                bar.write(f"diverged: {e}")
+                rows = [[] for _ in group]
+        for d, r in zip(group_dirs, rows):
+            if not trainer.quiet and r:
                 bar.write(
-                    f"{run_name(cfg)}: epoch {r[-1]['epoch']} train acc {r[-1]['train_acc']:.4f} "
-                    f"test acc {r[-1]['test_acc']:.4f}"
+                    f"{what} {d.name}: epoch {r[-1]['epoch']} train ½‖r‖² "
+                    f"{r[-1]['train_mse']:.5g} train acc {r[-1]['train_acc']:.4f} test acc "
+                    f"{r[-1]['test_acc']:.4f}"
                 )
         bar.update(len(group))
-    if not quiet:
-        bar.write(f"grid done in {time.perf_counter() - t0:.0f} s")
-    results = load_results(out, configs)
-    figure = write_figure(results, out / "figure.png")
-    report = write_report(results, out / "report.md")
-    return {"figure": figure, "report": report}
+    bar.close()
 
 
-def _groups(configs: Sequence[TrainConfig], out: Path, parallel: int) -> list[list[TrainConfig]]:
+def _groups(
+    cfgs: Sequence[TrainConfig], dirs: Sequence[Path], parallel: int
+) -> list[list[tuple[TrainConfig, Path]]]:
     """The runs still to train, in order, in groups `train_many` accepts: same epoch reached,
     at most `parallel` each. Finished and diverged runs are left out; a diverged one is
-    reported by `load_results`."""
-    by_epoch: dict[int, list[TrainConfig]] = {}
-    for cfg in configs:
-        run = out / run_name(cfg)
+    reported by `qmse.report`. A folder holding a run with other settings is an error."""
+    by_epoch: dict[int, list[tuple[TrainConfig, Path]]] = {}
+    for cfg, run in zip(cfgs, dirs, strict=True):
         if (run / "config.json").exists():
             saved = runs.load_json(run / "config.json")
             wanted = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists
@@ -221,7 +427,7 @@ def _groups(configs: Sequence[TrainConfig], out: Path, parallel: int) -> list[li
                 )
         done = len(runs.read_jsonl(run / "metrics.jsonl"))
         if done < cfg.epochs and not (run / "diverged.json").exists():
-            by_epoch.setdefault(done, []).append(cfg)
+            by_epoch.setdefault(done, []).append((cfg, run))
     return [
         group[i : i + parallel]
         for group in by_epoch.values()
@@ -229,202 +435,20 @@ def _groups(configs: Sequence[TrainConfig], out: Path, parallel: int) -> list[li
     ]
 
 
-def load_results(out_dir: str | Path, configs: Sequence[TrainConfig]) -> list[dict]:
-    """One entry per config: its settings, metric rows, seconds of its epochs (timings.jsonl),
-    whether it diverged, and whether it is complete (finished all its epochs without
-    diverging; only those enter figure and tables)."""
-    out = Path(out_dir)
-    results = []
-    for cfg in configs:
-        rows = runs.read_jsonl(out / run_name(cfg) / "metrics.jsonl")
-        timings = runs.read_jsonl(out / run_name(cfg) / "timings.jsonl")
-        diverged = (out / run_name(cfg) / "diverged.json").exists()
-        results.append(
-            {
-                "config": cfg,
-                "rows": rows[: cfg.epochs],
-                "wall_s": sum(t["wall_s"] for t in timings[: cfg.epochs]),
-                "diverged": diverged,
-                "complete": len(rows) >= cfg.epochs and not diverged,
-            }
-        )
-    return results
-
-
-def _curves(results: list[dict], loss: str, momentum: float, key: str) -> np.ndarray:
-    """(seeds, epochs) array of `key` for the complete runs of a setting."""
-    rows = [
-        r["rows"]
-        for r in results
-        if r["config"].loss == loss and r["config"].momentum == momentum and r["complete"]
-    ]
-    if not rows:
-        return np.zeros((0, 0))
-    return np.array([[row[key] for row in r] for r in rows])
-
-
-def write_figure(results: list[dict], path: str | Path) -> Path:
-    """The paper's layout: one row per momentum (top 0, bottom 0.9), train (solid) and test
-    (dashed) accuracy per epoch for each loss, mean over seeds with a min–max band; beside
-    each panel a zoom on the last 20 % of epochs (shaded in the panel)."""
-    path = Path(path)
-    losses = [loss for loss in _STYLE if any(r["config"].loss == loss for r in results)]
-    momenta = sorted({r["config"].momentum for r in results})
-    fig = Figure(figsize=(11, 3.8 * len(momenta) + 0.8))
-    axes = fig.subplots(len(momenta), 2, gridspec_kw={"width_ratios": [3, 1]}, squeeze=False)
-    for (ax, zoom), momentum in zip(axes, momenta):
-        last = 0
-        for loss in losses:
-            colour, label = _STYLE[loss]
-            for key, style, what in (("train_acc", "-", "train"), ("test_acc", "--", "test")):
-                values = _curves(results, loss, momentum, key)  # (seeds, epochs)
-                if values.size == 0:
-                    continue
-                epochs = np.arange(1, values.shape[1] + 1)
-                for a in (ax, zoom):
-                    a.plot(epochs, values.mean(0), style, color=colour, lw=1.5)
-                    a.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.2)
-                ax.lines[-1].set_label(f"{label} {what} (n={values.shape[0]})")
-                last = max(last, len(epochs))
-        if last:
-            lo = max(1, last - max(1, round(0.2 * last)))  # 100 epochs: 80–100, as the paper
-            zoom.set_xlim(lo, last) if last > lo else zoom.set_xlim(lo - 0.5, lo + 0.5)
-            shown = [
-                y
-                for line in zoom.lines
-                for x, y in zip(*line.get_data())
-                if lo <= x <= last  # the zoom's y-range follows the mean lines
-            ]
-            pad = max(1e-3, 0.1 * (max(shown) - min(shown)))
-            zoom.set_ylim(min(shown) - pad, max(shown) + pad)
-            zoom.set_title(f"last 20 %: epochs {lo}–{last}", fontsize=9)
-            ax.axvspan(lo, last, color="0.94", zorder=0)
-        ax.set_title(f"SGD momentum {momentum:g}")
-        for a in (ax, zoom):
-            a.set_xlabel("epoch")
-            a.grid(alpha=0.3)
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    cfg = results[0]["config"]
-    subset = f", first {cfg.train_subset} train images" if cfg.train_subset else ""
-    fig.suptitle(
-        f"SimpleCNN on {cfg.dataset}{subset}: lr {cfg.lr:g}, batch {cfg.batch_size}; "
-        f"mean and min–max over seeds",
-        fontsize=10,
-    )
-    rows_of_legend = math.ceil(len(labels) / 4)
-    fig.tight_layout(rect=(0, 0.03 * rows_of_legend + 0.01, 1, 1))
-    runs.save_figure(path, fig)
-    return path
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
-
-
-def _final(results: list[dict], loss: str, momentum: float) -> dict[int, dict]:
-    """seed -> last metric row, for the complete runs of a setting."""
-    return {
-        r["config"].seed: r["rows"][-1]
-        for r in results
-        if r["config"].loss == loss and r["config"].momentum == momentum and r["complete"]
-    }
-
-
-def verdict(deltas: Sequence[float]) -> tuple[str, float, float, float]:
-    """ "higher", "lower" or "equal within noise" from paired differences (95 % t-interval
-    excludes 0 or not); "undetermined" with fewer than two pairs."""
-    if not deltas:
-        return "undetermined (no paired seeds)", math.nan, math.nan, math.nan
-    m, lo, hi = mean_ci(deltas)
-    if len(deltas) < 2:
-        return "undetermined (fewer than two paired seeds)", m, lo, hi
-    if lo > 0:
-        return "higher", m, lo, hi
-    if hi < 0:
-        return "lower", m, lo, hi
-    return "equal within noise", m, lo, hi
-
-
-def write_report(results: list[dict], path: str | Path) -> Path:
-    """report.md: final-epoch mean ± std per setting, the paired QMSE − MSE (and ablation −
-    MSE) differences with 95 % t-intervals, and one plain verdict line per momentum."""
-    path = Path(path)
-    cfg = results[0]["config"]
-    losses = [loss for loss in _STYLE if any(r["config"].loss == loss for r in results)]
-    momenta = sorted({r["config"].momentum for r in results})
-    wall = sum(r["wall_s"] for r in results)
-    seeds = sorted({r["config"].seed for r in results})
-    subset = f"first {cfg.train_subset}" if cfg.train_subset else "all"
-    test = f"first {cfg.test_subset}" if cfg.test_subset else "all"
-    lines = [
-        f"# QMSE vs MSE on {cfg.dataset}: the paper's grid (sec. 4)",
-        "",
-        f"SimpleCNN, SGD lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs planned, "
-        f"seeds {seeds[0]}–{seeds[-1]} ({len(seeds)}), training images: {subset}, test "
-        f"images: {test}. {sum(r['complete'] for r in results)} of {len(results)} runs "
-        f"complete; training + evaluation time summed over runs: {wall:.0f} s.",
-        "Accuracies in %, measured after the last epoch on the full (sub)sets in eval mode.",
-        "",
-        "## Final epoch, mean ± std over seeds",
-        "",
-        "| momentum | loss | seeds | train acc | test acc | train ½‖r‖² |",
-        "|---|---|---|---|---|---|",
-    ]
-    for momentum in momenta:
-        for loss in losses:
-            final = _final(results, loss, momentum)
-            if not final:
-                lines.append(f"| {momentum:g} | {loss} | 0 | – | – | – |")
-                continue
-            cells = []
-            for key, fmt in (
-                ("train_acc", _pct),
-                ("test_acc", _pct),
-                ("train_mse", "{:.4f}".format),
-            ):
-                m, s = mean_std([row[key] for row in final.values()])
-                cells.append(f"{fmt(m)} ± {fmt(s)}")
-            lines.append(f"| {momentum:g} | {loss} | {len(final)} | " + " | ".join(cells) + " |")
-    if "ce" in losses:
-        lines += ["", "For CE, ½‖r‖² is measured on the raw logits (not probabilities)."]
-    diverged = [run_name(r["config"]) for r in results if r["diverged"]]
-    if diverged:
-        lines += ["", f"Diverged (non-finite loss, excluded): {', '.join(diverged)}."]
-    unfinished = [
-        f"{run_name(r['config'])} ({len(r['rows'])}/{r['config'].epochs} epochs)"
-        for r in results
-        if not r["complete"] and not r["diverged"]
-    ]
-    if unfinished:
-        lines += ["", f"Unfinished (excluded): {', '.join(unfinished)}."]
-
-    lines += [
-        "",
-        "## Paired differences against MSE (same seed: same initial weights and batch order)",
-        "",
-        "| momentum | loss − MSE | pairs | Δ train acc [95 % CI] | Δ test acc [95 % CI] |",
-        "|---|---|---|---|---|",
-    ]
-    verdicts = []
-    for momentum in momenta:
-        base = _final(results, "mse", momentum)
-        for loss in losses[1:]:
-            other = _final(results, loss, momentum)
-            paired = sorted(set(base) & set(other))
-            cells = []
-            for key in ("train_acc", "test_acc"):
-                word, m, lo, hi = verdict([other[s][key] - base[s][key] for s in paired])
-                cells.append(f"{_pct(m)} [{_pct(lo)}, {_pct(hi)}]" if paired else "–")
-                if loss == "qmse" and key == "train_acc":
-                    verdicts.append(
-                        f"- Momentum {momentum:g}: QMSE's final train accuracy against MSE's: "
-                        f"**{word}** (Δ = {_pct(m)} points, 95 % CI [{_pct(lo)}, "
-                        f"{_pct(hi)}], {len(paired)} paired seeds)."
-                    )
-            lines.append(f"| {momentum:g} | {loss} | {len(paired)} | " + " | ".join(cells) + " |")
-    lines += ["", "## Verdict", "", *verdicts, ""]
-    runs.atomic_write(path, "\n".join(lines))
-    return path
+def _diagnose(
+    cfgs: list[TrainConfig], dirs: list[Path], arguments: Mapping[str, Any], trainer: _Trainer
+) -> None:
+    """The end-of-training diagnosis of every finished evaluation run (cached per run)."""
+    results = load_results(dirs[0].parent, cfgs, [d.name for d in dirs]) if dirs else []
+    finished = [d for d, r in zip(dirs, results) if r["complete"]]
+    bar = runs.progress(finished, quiet=trainer.quiet, desc="diagnose", unit="run")
+    for run in bar:
+        t0 = time.perf_counter()
+        d = diagnose_end(run, device=trainer.device, quiet=True, **arguments)
+        if not trainer.quiet:
+            bar.write(
+                f"diagnosed {run.name}: {d['stop']['whole_set_label']}, ‖∇ ½‖r‖²‖ "
+                f"{d['full_set']['grad_norm']['mse']:.3g}, λ_max "
+                f"{d['hessian']['mse']['top'][0]:.4g}, λ_min "
+                f"{d['hessian']['mse']['bottom'][0]:.4g} ({time.perf_counter() - t0:.0f} s)"
+            )

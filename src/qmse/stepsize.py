@@ -8,8 +8,8 @@ grid is not yet chosen):
   current value, v·2^k for k = −1, 0, 1; every point is a full run (all epochs) on the
   held-out seed, judged on its final `yardstick`, lower is better, a diverged run worst;
 - while the best point sits on an edge of the grid, the grid grows one point past that
-  edge, at most `max_extend` times per side in one sweep; a best point still on the edge
-  of its knob's last sweep is reported as bounded out;
+  edge, up to v·2^±(1 + max_extend) around the knob's starting value v; a best point at
+  that limit is reported as bounded out;
 - with several knobs, they are swept in turn (coordinate descent) until a full pass changes
   nothing, at most `max_passes` passes.
 
@@ -39,7 +39,7 @@ class Tuning:
     a grid may grow past each edge, how many coordinate passes at most."""
 
     seed: int = 100
-    max_extend: int = 4  # grid points added past each edge at most: lr within 2^±5 of the start
+    max_extend: int = 4  # points past the first grid's edges at most: lr within 2^±5 of start
     max_passes: int = 3
 
 
@@ -97,13 +97,18 @@ class Tuned:
 def tune(base: TrainConfig, score: Callable[[TrainConfig], float | None], tuning: Tuning) -> Tuned:
     """Replay the sweep of `base`'s knobs (module docstring), starting from base's values at
     seed `tuning.seed`, with `score(cfg)` the final yardstick of a finished run, math.inf for
-    a diverged one, None for one not trained yet."""
+    a diverged one, None for one not trained yet. Each knob's values are v·2^j, v its value
+    in `base`, |j| <= 1 + tuning.max_extend: a range fixed for all passes, so that passes end
+    and a choice at its edge is bounded out."""
+    limit = 1 + tuning.max_extend
     current = dataclasses.replace(base, seed=tuning.seed)
+    position = dict.fromkeys(knobs(base), 0)  # j of each knob's current value
     sweeps: list[dict] = []
     for done in range(tuning.max_passes):
         changed = False
         for knob in knobs(base):
-            start, lo, hi = knob_value(current, knob), -1, 1
+            start, j = knob_value(base, knob), position[knob]
+            lo, hi = max(j - 1, -limit), min(j + 1, limit)
             while True:
                 grid = {k: with_knob(current, knob, start * 2.0**k) for k in range(lo, hi + 1)}
                 scores = {k: score(c) for k, c in grid.items()}
@@ -113,16 +118,16 @@ def tune(base: TrainConfig, score: Callable[[TrainConfig], float | None], tuning
                 if math.isinf(scores[best]):  # every point diverged
                     sweeps.append(_record(knob, grid, scores, None, bounded=False))
                     return Tuned(need=[], chosen=None, sweeps=sweeps, passes=done + 1)
-                if best == lo and lo > -1 - tuning.max_extend:
+                if best == lo > -limit:
                     lo -= 1
-                elif best == hi and hi < 1 + tuning.max_extend:
+                elif best == hi < limit:
                     hi += 1
                 else:
                     break
-            sweeps.append(_record(knob, grid, scores, best, bounded=best in (lo, hi)))
-            changed |= best != 0
-            current = grid[best]
-        if not changed or len(knobs(base)) == 1:
+            sweeps.append(_record(knob, grid, scores, best, bounded=abs(best) == limit))
+            changed |= best != j
+            position[knob], current = best, grid[best]
+        if not changed or len(position) == 1:
             return Tuned(need=[], chosen=current, sweeps=sweeps, passes=done + 1, converged=True)
     return Tuned(need=[], chosen=current, sweeps=sweeps, passes=tuning.max_passes)
 
