@@ -169,12 +169,14 @@ def _end_grid(data_dir) -> list:
 def test_a_tuned_diagnosed_grid_in_pieces(tmp_path):
     configs = _end_grid(write_tiny_mnist(tmp_path / "data"))
     out = tmp_path / "grid"
-    kw = dict(tuning=Tuning(seed=50, max_extend=1), device="cpu", quiet=True,
+    tuning = Tuning(seed=50, max_extend=1, start_step=0.25)  # momentum 0.9: from lr 0.025
+    kw = dict(tuning=tuning, device="cpu", quiet=True,
               diagnosis={"samples": 8, "lanczos_steps": 4, "trace_samples": 2})  # fmt: skip
     with pytest.raises(ValueError, match="pieces are all, sweep, sweep-m0.9, seed0"):
         run_grid(configs, out, piece="seed9", **kw)
     with pytest.raises(ValueError, match="held-out seed 2 is an evaluation seed"):
         run_grid(configs, out, **{**kw, "tuning": Tuning(seed=2)})
+    assert tuning.start(configs[0]).lr == 0.025
     with pytest.raises(ValueError, match="--piece sweep"):
         run_grid(configs, out, piece="seed0", **kw)
 
@@ -190,7 +192,7 @@ def test_a_tuned_diagnosed_grid_in_pieces(tmp_path):
                 scores[run["lr"]] = runs.read_jsonl(path)[-1][yardstick(c["loss"])]
         assert min(scores, key=scores.get) == c["lr"] and c["seed"] == 50
         for neighbour in (c["lr"] / 2, c["lr"] * 2):  # inside its grid, unless bounded out
-            assert neighbour in scores or not 0.05 / 4 <= neighbour <= 0.05 * 4
+            assert neighbour in scores or not 0.025 / 4 <= neighbour <= 0.025 * 4
 
     # a lost sweep run is retrained alone, to the same choice
     lost = next((out / SWEEP_DIR).glob("mse-*/metrics.jsonl")).parent

@@ -114,3 +114,14 @@ def test_a_knob_that_always_wants_less_stops_at_its_floor_and_the_passes_end():
     last = {s["knob"]: s for s in answer.sweeps}
     assert last["sigma"]["bounded"] and not last["lr"]["bounded"]
     assert min(c.loss_params["sigma"] for c in asked) == 0.1 * 2.0**-3  # never below the range
+
+
+def test_sweeps_can_start_at_one_step_for_both_momenta():
+    """start_step 0.1: lr 0.01 with momentum 0.9, lr 0.1 without (0.1·(1 − 0.9) read as 0.01,
+    the value a grid's common lr has, not 0.009999…)."""
+    tuning = Tuning(start_step=0.1)
+    for momentum, lr in ((0.9, 0.01), (0.0, 0.1)):
+        base = tiny_config(loss="mse", lr=0.05, momentum=momentum)
+        assert tuning.start(base).lr == lr
+        answer, _ = run_to_end(base, bowl(1, start=lr), tuning)
+        assert answer.chosen.lr == 2 * lr

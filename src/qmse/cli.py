@@ -270,6 +270,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sweep-seed", type=int, default=100, help="--tune: the held-out seed")
     p.add_argument(
+        "--sweep-start-step",
+        type=float,
+        default=None,
+        help="--tune: start each lr sweep at lr = STEP·(1 − momentum) (0.1: the paper's lr "
+        "with momentum 0.9); default: at --lr",
+    )
+    p.add_argument(
         "--max-extend", type=int, default=4, help="--tune: values within start·2^±(1 + N)"
     )
     p.add_argument(
@@ -335,7 +342,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         paths = run_grid(
             configs,
             out,
-            tuning=Tuning(seed=args.sweep_seed, max_extend=args.max_extend) if args.tune else None,
+            tuning=(
+                Tuning(args.sweep_seed, args.max_extend, start_step=args.sweep_start_step)
+                if args.tune
+                else None
+            ),
             common_lr=not args.no_common_lr,
             diagnosis=(
                 {"samples": args.diagnose_samples, "lanczos_steps": args.lanczos_steps}

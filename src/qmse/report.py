@@ -275,15 +275,22 @@ def _paired(results: list[dict], title: str) -> tuple[list[str], list[str]]:
 
 
 def _sweep_lines(sweeps: list[tuple[TrainConfig, Tuned]], tuning: Tuning) -> list[str]:
+    start = ""
+    if tuning.start_step is not None:
+        start = (
+            f", every lr sweep starting at lr = {tuning.start_step:g}·(1 − momentum) (the "
+            f"same step lr/(1 − momentum) for both momenta)"
+        )
     lines = [
         f"Chosen on the held-out seed {tuning.seed} (not an evaluation seed), each point a "
-        f"full run, judged on the final train ½‖r‖² for every loss minimised where the "
-        f"outputs equal the one-hot targets (MSE, QMSE, expected-QMSE, label noise: the "
+        f"full run{start}, judged on the final train ½‖r‖² for every loss minimised where "
+        f"the outputs equal the one-hot targets (MSE, QMSE, expected-QMSE, label noise: the "
         f"yardstick of the paper's claim, so that no method loses on it for a step size "
         f"chosen for another), on the run's own train loss otherwise (cross-entropy: its "
-        f"minimum lies at infinite logits, where ½‖r‖² of the logits grows). Factor-2 grids, "
-        f"widened past an edge while the best point sits on it (at most {tuning.max_extend} "
-        f"times per side); several knobs in turn until a pass changes nothing (at most "
+        f"minimum lies at infinite logits, where ½‖r‖² of the logits grows). Factor-2 grids "
+        f"around each knob's start v, widened past an edge while the best point sits on it, "
+        f"within v·2^±{1 + tuning.max_extend} (a choice at that limit is bounded out); "
+        f"several knobs (lr, then σ) in turn until a pass changes nothing (at most "
         f"{tuning.max_passes} passes).",
         "",
         "| momentum | loss | judged on | chosen | sweeps: value → final score (✓ chosen) |",

@@ -41,6 +41,16 @@ class Tuning:
     seed: int = 100
     max_extend: int = 4  # points past the first grid's edges at most: lr within 2^±5 of start
     max_passes: int = 3
+    # the step lr/(1 − momentum) each lr sweep starts at (0.1: the paper's lr 0.01 with
+    # momentum 0.9), so that momentum 0 starts near its best lr; None: at the base's lr
+    start_step: float | None = None
+
+    def start(self, base: TrainConfig) -> TrainConfig:
+        """`base` at the held-out seed and the lr its sweep starts at."""
+        lr = base.lr
+        if self.start_step is not None:  # rounded: 0.1·(1 − 0.9) is 0.01, not 0.00999…
+            lr = float(f"{self.start_step * (1 - base.momentum):.12g}")
+        return dataclasses.replace(base, seed=self.seed, lr=lr)
 
 
 def yardstick(loss: str) -> str:
@@ -95,13 +105,13 @@ class Tuned:
 
 
 def tune(base: TrainConfig, score: Callable[[TrainConfig], float | None], tuning: Tuning) -> Tuned:
-    """Replay the sweep of `base`'s knobs (module docstring), starting from base's values at
-    seed `tuning.seed`, with `score(cfg)` the final yardstick of a finished run, math.inf for
-    a diverged one, None for one not trained yet. Each knob's values are v·2^j, v its value
-    in `base`, |j| <= 1 + tuning.max_extend: a range fixed for all passes, so that passes end
-    and a choice at its edge is bounded out."""
+    """Replay the sweep of `base`'s knobs (module docstring), starting from
+    `tuning.start(base)`, with `score(cfg)` the final yardstick of a finished run, math.inf
+    for a diverged one, None for one not trained yet. Each knob's values are v·2^j, v its
+    starting value, |j| <= 1 + tuning.max_extend: a range fixed for all passes, so that
+    passes end and a choice at its edge is bounded out."""
     limit = 1 + tuning.max_extend
-    current = dataclasses.replace(base, seed=tuning.seed)
+    base = current = tuning.start(base)
     position = dict.fromkeys(knobs(base), 0)  # j of each knob's current value
     sweeps: list[dict] = []
     for done in range(tuning.max_passes):
