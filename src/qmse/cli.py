@@ -291,7 +291,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "gradient and residuals) into its diagnosis.json",
     )
     p.add_argument("--diagnose-samples", type=int, default=256, help="fixed subset for --diagnose")
-    p.add_argument("--lanczos-steps", type=int, default=30, help="--diagnose: Hessian products")
+    p.add_argument("--lanczos-steps", type=int, default=20, help="--diagnose: Hessian products")
     p.add_argument(
         "--piece",
         default="all",
