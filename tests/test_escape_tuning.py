@@ -53,15 +53,26 @@ def test_the_grid_widens_downwards_until_nothing_moves():
 
 
 def test_a_flat_low_side_stops_the_widening():
-    """All fail (a minimum nobody escapes): the top widens until most diverge, the bottom
-    until halving changes nothing; the choice is inside."""
+    """All fail (a minimum nobody escapes), the smallest step staying closest to it: the
+    bottom widens until halving changes nothing; the choice is inside."""
     points = [point(v, 10, log_loss=-1.7 + i / 25) for i, v in enumerate(GRID)]
-    todo = plan(SGD_LIKE, {}, points)[0]
-    assert sorted(s["lr"] for s in todo) == [0.05, 0.8]
-    points += [point(0.05, 10, log_loss=-1.705), point(0.8, 10, diverged=7)]
+    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [0.05]
+    points.append(point(0.05, 10, log_loss=-1.705))
     todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
-    assert todo == [] and stage["stopped"] == {"top": "most diverged", "bottom": "flat"}
-    assert stage["interior"] and 0.05 < chosen["lr"] < 0.8
+    assert todo == [] and stage["stopped"] == {"top": "inside", "bottom": "flat"}
+    assert stage["interior"] and chosen == {"lr": 0.1}
+
+
+def test_a_grid_where_everything_diverges_widens_downwards():
+    """Diverged starts all score alike (log₁₀ loss 30), which is not "nothing moves": the
+    grid widens down until a value does not diverge."""
+    points = [point(v, 10, diverged=10, log_loss=30.0, moved=1e3) for v in GRID]
+    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [0.05]
+    points.append(point(0.05, 10, diverged=10, log_loss=30.0, moved=1e3))
+    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [0.025]
+    points += [point(0.025, 4), point(0.0125, 7)]
+    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    assert todo == [] and chosen == {"lr": 0.025} and stage["interior"]
 
 
 def test_the_widening_stops_at_its_cap():
@@ -169,9 +180,9 @@ def test_bad_fixed_values_are_refused(tmp_path):
 
 
 def test_a_flat_high_side_stops_the_widening():
-    """Every value succeeds alike (e.g. PGD's radius where no start needs a kick): doubling
-    changes nothing, so the top stops; the choice is inside."""
-    points = [point(v, 0, log_loss=-5.0) for v in GRID]
+    """Every value succeeds, larger ones a little closer to the minimum, the top two alike
+    (e.g. PGD's radius where no start needs a kick): the top stops; the choice is inside."""
+    points = [point(v, 0, log_loss=loss) for v, loss in zip(GRID, (-5.0, -5.1, -5.105))]
     todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
-    assert todo == [] and stage["stopped"] == {"top": "flat", "bottom": "flat"}
+    assert todo == [] and stage["stopped"] == {"top": "flat", "bottom": "inside"}
     assert chosen == {"lr": 0.2}

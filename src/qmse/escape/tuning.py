@@ -7,20 +7,22 @@ For one method, k and protocol, on tuning starts disjoint from the evaluation st
    hyperparameter over its grid at the chosen lr; then lr again at the chosen values, and so
    on until a pass changes nothing (at most MAX_PASSES passes). Values fixed by the user are
    not swept.
-2. Each setting is scored by its failures on the tuning starts (population loss ≥ 1e-3 at
-   the end, divergence included). The chosen value has the fewest failures; ties go to a
-   value with swept neighbours on both sides, then to the lowest median log₁₀ final loss.
-3. While the fewest failures are attained on an edge of the swept values, the grid is
-   widened on that side by a factor of 2 and the new value is run, unless
+2. Each value is scored by its failures on the tuning starts (population loss ≥ 1e-3 at
+   the end, divergence included), then by its median log₁₀ final loss (a diverged start
+   counts as 10³⁰), then by the smaller value.
+3. While the best-scoring value is on an edge of the swept values, the grid is widened on
+   that side by a factor of 2 and the new value is run, unless
    - high side: most starts (more than half) diverged at the top value, or doubling the
      value changed neither the failures nor the median log₁₀ final loss (by more than
      FLAT_LOG10);
    - low side: nothing moves at the bottom value: the median relative displacement
-     ‖W_T − W_0‖_F / ‖W_0‖_F is below FROZEN, or halving the value changed neither the
-     failures nor the median log₁₀ final loss (by more than FLAT_LOG10);
+     ‖W_T − W_0‖_F / ‖W_0‖_F is below FROZEN, or (with at most half of its starts diverged)
+     halving the value changed neither the failures nor the median log₁₀ final loss;
    - MAX_EXTEND values have been added on that side.
-   So a chosen value lies strictly inside its swept range unless one of these stops ended
-   the widening (recorded per stage).
+4. The chosen value has the fewest failures; ties go to a value with swept neighbours on
+   both sides, then to the lowest median log₁₀ final loss. So a chosen value lies strictly
+   inside its swept range unless one of the stops of rule 3 ended the widening with an edge
+   value alone in having the fewest failures (recorded per stage).
 
 Every setting of every round runs on the same tuning starts and input batches (common
 random numbers) with `qmse.escape.engine.run_methods`, all methods of a round in lockstep.
@@ -72,12 +74,12 @@ def _flat(a: dict, b: dict) -> bool:
 
 def _widen(values: list[float], done: Mapping[float, dict], grid: Sequence[float]):
     """The values to add to a stage (rule 3 of the module docstring) and why each side
-    stopped: "inside" (the fewest failures are not on that edge), "most diverged",
-    "frozen", "flat" or "cap"."""
-    best = min(done[v]["failures"] for v in values)
+    stopped: "inside" (the best value is not on that edge), "most diverged", "frozen",
+    "flat" or "cap"."""
+    best = min(values, key=lambda v: (done[v]["failures"], done[v]["median_log10_loss"], v))
     top, bottom = done[values[-1]], done[values[0]]
     add, stopped = [], {}
-    if top["failures"] != best:
+    if best != values[-1]:
         stopped["top"] = "inside"
     elif top["diverged"] > top["seeds"] / 2:
         stopped["top"] = "most diverged"
@@ -87,11 +89,15 @@ def _widen(values: list[float], done: Mapping[float, dict], grid: Sequence[float
         stopped["top"] = "cap"
     else:
         add.append(values[-1] * WIDEN)
-    if bottom["failures"] != best:
+    if best != values[0]:
         stopped["bottom"] = "inside"
     elif bottom["moved"] < FROZEN:
         stopped["bottom"] = "frozen"
-    elif len(values) > 1 and _flat(bottom, done[values[1]]):
+    elif (
+        len(values) > 1
+        and bottom["diverged"] <= bottom["seeds"] / 2  # diverging is not "nothing moves"
+        and _flat(bottom, done[values[1]])
+    ):
         stopped["bottom"] = "flat"
     elif sum(v < min(grid) for v in values) >= MAX_EXTEND:
         stopped["bottom"] = "cap"
@@ -101,7 +107,7 @@ def _widen(values: list[float], done: Mapping[float, dict], grid: Sequence[float
 
 
 def _choose(values: list[float], done: Mapping[float, dict]) -> float:
-    """Rule 2: fewest failures, then a value with swept neighbours on both sides, then the
+    """Rule 4: fewest failures, then a value with swept neighbours on both sides, then the
     lowest median log₁₀ final loss (then the smaller value)."""
     edges = (values[0], values[-1])
     return min(
