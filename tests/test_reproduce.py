@@ -135,6 +135,14 @@ def test_cli_reproduce_on_idx_fixture_files(tmp_path, capsys, monkeypatch):
     assert main(["reproduce", "--report-only", "--out", str(out)]) == 0
     assert (out / "report.md").read_text() == report
 
+    # a sweep piece: no evaluation run yet, so a report and no figure
+    swept = ["--tune", "--max-extend", "0", "--piece", "sweep-m0", "--out", str(tmp_path / "t")]
+    write_mnist(tmp_path / "data" / "fashion-mnist", n_train=48, n_test=24)
+    capsys.readouterr()
+    assert main([*argv, *swept]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"report: {tmp_path / 't' / 'report.md'}"]
+    assert len(list((tmp_path / "t" / SWEEP_DIR).glob("*-m0-s100-*"))) == 2 * 3
+
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the extra is missing
     assert main([*argv, "--tensorboard", str(tmp_path / "tb")]) == 2
     assert "qmse reproduce: error: --tensorboard needs TensorBoard" in capsys.readouterr().err

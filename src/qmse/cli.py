@@ -315,9 +315,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     def reproduce(args: argparse.Namespace) -> int:
         out = args.out or f"runs/reproduce-{args.dataset}"
         if args.report_only:
-            paths = write_outputs(out)
-            print(f"figure: {paths['figure']}")
-            print(f"report: {paths['report']}")
+            for kind, path in write_outputs(out).items():
+                print(f"{kind}: {path}")
             return 0
         losses = [name.strip() for name in args.losses.split(",") if name.strip()]
         if unknown := [name for name in losses if name not in LOSSES]:
@@ -363,8 +362,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             gpus_per_task=args.gpus_per_task,
             quiet=args.quiet,
         )
-        print(f"figure: {paths['figure']}")
-        print(f"report: {paths['report']}")
+        for kind, path in paths.items():  # figures only once some runs are complete
+            print(f"{kind}: {path}")
         return 0
 
     p.set_defaults(func=reproduce)
