@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 # torch first, pinned: the CPU build on local disk. Any other request may pull a multi-GB CUDA build.
 TORCH   := torch==2.13.0
 
-.PHONY: setup test test-slow gpu-check demo fashion-mnist lint format clean
+.PHONY: setup test test-slow gpu-check demo fashion-mnist fmnist-end fmnist-end-docs lint format clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,30 @@ fashion-mnist:
 
 demo: setup fashion-mnist
 	.venv/bin/qmse demo
+
+# The end-of-training grid (docs/results.md, "End-of-training grid: how to run it"): SimpleCNN
+# on 2,000 Fashion-MNIST images, 5 losses x momentum {0, 0.9} x 5 seeds x 100 epochs, at the
+# paper's lr and at each method's own lr (sweeps on seed 100), every final checkpoint
+# diagnosed. One core; resumable pieces of about an hour, in this order: `make fmnist-end`
+# runs those not finished, `make fmnist-end PIECE=seed3` one. Each piece ends with the report
+# of what is finished; `make fmnist-end-docs` copies the grid without checkpoints to
+# docs/fmnist-end/ and rewrites its report from those files.
+FMNIST_END := OMP_NUM_THREADS=1 .venv/bin/qmse reproduce --dataset fashion-mnist \
+	--losses mse,qmse,expected-qmse,label-noise,ce --sigma 0.1 --seeds 5 --epochs 100 \
+	--batch-size 128 --train-subset 2000 --test-subset 2000 --eval-every 5 \
+	--tune --sweep-seed 100 --sweep-start-step 0.1 --max-extend 4 \
+	--diagnose --diagnose-samples 256 --lanczos-steps 20 --device cpu --out runs/fmnist-end
+PIECES  := sweep-m0.9 sweep-m0 seed0 seed1 seed2 seed3 seed4
+PIECE   ?= $(PIECES)
+
+fmnist-end: setup fashion-mnist
+	@for piece in $(PIECE); do echo "== piece $$piece"; $(FMNIST_END) --piece $$piece || exit 1; done
+
+fmnist-end-docs: setup
+	rm -rf docs/fmnist-end && mkdir -p docs/fmnist-end
+	tar -C runs/fmnist-end -cf - --exclude=checkpoint.pt --exclude=.lock --exclude=diagnosis.txt \
+	  --exclude=kind.json . | tar -C docs/fmnist-end -xf -
+	.venv/bin/qmse reproduce --report-only --out docs/fmnist-end
 
 clean:
 	rm -rf .venv build src/*.egg-info .pytest_cache .ruff_cache
