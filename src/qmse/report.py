@@ -191,13 +191,18 @@ def _cases(diagnoses: dict[int, dict]) -> str:
 def _final_table(results: list[dict]) -> list[str]:
     losses, momenta = losses_of(results), sorted({r["config"].momentum for r in results})
     lines = [
-        "| momentum | loss | lr | seeds | train acc | test acc | train ½‖r‖² |",
+        "| momentum | loss | lr (loss parameters) | seeds | train acc | test acc | train ½‖r‖² |",
         "|---|---|---|---|---|---|---|",
     ]
     for momentum in momenta:
         for loss in losses:
             final = _final(results, loss, momentum)
             lr = lr_label(results, loss, momentum).removeprefix("lr ")
+            params = {
+                f"{k} {v:g}" for r in runs_of(results, loss, momentum)
+                for k, v in r["config"].loss_params.items()
+            }  # fmt: skip
+            lr += f" ({', '.join(sorted(params))})" if params else ""
             if not final:
                 lines.append(f"| {momentum:g} | {loss} | {lr or '–'} | 0 | – | – | – |")
                 continue
