@@ -159,6 +159,8 @@ def test_parallel_grid_runs_every_config_like_train_run(tmp_path):
     for a, b in zip(par, alone):
         for key in ("train_acc", "test_acc", "train_mse", "grad_norm"):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6)
+    with pytest.raises(ValueError, match="diagnosis reads each run's data from disk"):
+        run_grid(configs, tmp_path / "d", dataset=tiny_dataset(), diagnosis={}, quiet=True)
     other = [dataclasses.replace(c, lr=0.07) for c in configs]
     with pytest.raises(ValueError, match="lr=0.05"):
         run_grid(other, tmp_path / "par", dataset=tiny_dataset(), quiet=True)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from qmse import runs
+from qmse.data import DATASETS
 from qmse.endstate import diagnose_end
 from qmse.loss import get_loss
 from qmse.report import SWEEP_DIR, load_results, replay_sweeps, write_outputs
@@ -195,6 +196,11 @@ def run_grid(
         raise ValueError(
             f"the sweeps' held-out seed {tuning.seed} is an evaluation seed; choose another "
             f"(--sweep-seed), e.g. {max(c.seed for c in configs) + 100}"
+        )
+    if diagnosis is not None and configs[0].dataset not in DATASETS:
+        raise ValueError(
+            f"diagnosis reads each run's data from disk (qmse.diagnose.diagnose_run), and "
+            f"{configs[0].dataset!r} is not a data set qmse reads: leave diagnosis out"
         )
     _check_piece(piece, configs, tuning)
     out, remote_device = Path(out_dir), str(device)
