@@ -9,18 +9,19 @@ Per step at teacher width k, S starts, batch B, on one thread, timed round-robin
   its hooks (PGD's held-out losses every 500 steps, restart's at the end of a 3,000-step run);
 - "previous": the engine this one replaced paid per method and step a draw of its own and
   autograd through the sample loss (shown for SGD and QMSE);
-- end to end: `run_methods` with every built-in method in lockstep, per method and step.
+- end to end: `run_methods` with every built-in method without hooks in lockstep, per
+  method and step (shared parts included).
 
-With --project, the whole table of the second edition (k = 6-12, every built-in method, both
-protocols, 1,000 evaluation starts per cell or all the minima, sweeps on 100 tuning starts
-per value, 3,000 steps) is projected from these per-start costs, the number of swept values
-per method read from a finished run's tuning/ (--sweeps DIR, e.g. a default run at one k),
-the minima counts and gd-population times read from runs' minima/ and timings.json (--gd DIR
-...). Cells are independent, so two processes share two cores.
+With --project RUN (a finished default run at one k: `qmse escape --k 8 --out RUN`), the
+whole table of the second edition (k = 6-12, every built-in method, both protocols, 1,000
+evaluation starts per cell or all the minima, sweeps on 100 tuning starts per value, 3,000
+steps) is projected part by part: RUN's measured seconds of sweeps and evaluation per
+protocol, scaled to each k by the measured cost of a step of every method at that k and by
+the number of minima; gd-population's measured seconds per k from --gd runs. Cells are
+independent, so two processes share two cores.
 
     python -m benchmarks.escape_speed --k 6 8 10 12 --starts 1000 --batch 64
-    python -m benchmarks.escape_speed --k 6 8 10 12 --project --sweeps runs/escape-k8 \
-        --gd runs/escape-gd
+    python -m benchmarks.escape_speed --k 6 8 10 12 --project runs/escape-k8 --gd runs/escape-gd
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from qmse.teacher_student import (
 )
 
 STEPS = 3000  # the second edition's budget
-TUNE_STARTS = 100  # tuning starts per swept value
-EVAL_STARTS = 1000  # evaluation starts per cell (random-init; minima: all there are)
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -73,8 +72,6 @@ def time_parts(k: int, starts: int, batch: int, repeats: int) -> dict[str, float
         "teacher": lambda: teacher_outputs(x, problem),
         "evaluation (every 50)": lambda: population_loss(W0.double(), p64),
     }
-    run = Run(STEPS, batch, problem, torch.zeros(starts, dtype=torch.bool))
-    parts["held-out loss (one)"] = lambda: run.held_out_loss(W0, gen)
     for name in BUILTIN_METHODS:
         method = get_method(name)
         job = make_job(method, method.lr_grid[len(method.lr_grid) // 2] / 10)
@@ -111,72 +108,70 @@ def time_parts(k: int, starts: int, batch: int, repeats: int) -> dict[str, float
             times[name].append(time.perf_counter() - t0)
     out = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     out["evaluation (every 50)"] /= EVAL_EVERY
-    held_out = out.pop("held-out loss (one)")
+    run = Run(STEPS, batch, problem, torch.zeros(starts, dtype=torch.bool))
+    # timed on its own: its large draws would disturb the parts timed round-robin
+    held_out = _median_ms(lambda: run.held_out_loss(W0, gen), 3)
     out["pgd"] += 2 * held_out / PGD_WINDOW  # at most two held-out losses per window
     out["restart"] += 2 * held_out / STEPS  # two at the end of the run
-    jobs = [make_job(n, get_method(n).lr_grid[0] / 10) for n in BUILTIN_METHODS]
+    plain = [n for n in BUILTIN_METHODS if not get_method(n).after_step]  # no hooks' extras
+    jobs = [make_job(n, get_method(n).lr_grid[0] / 10) for n in plain]
     steps = max(2, repeats // 2)
 
     def lockstep():
         run_methods(jobs, W0, p64, steps=steps, batch=batch, seed=0, method_seed=1, quiet=True)
 
-    out["end to end, per method"] = _median_ms(lockstep, 3) / steps / len(jobs)
+    out["end to end, per method (no hooks)"] = _median_ms(lockstep, 3) / steps / len(jobs)
     return out
 
 
-def _swept_values(sweeps: Path | None) -> dict[str, float]:
-    """Swept values per method and tuning cell: the mean over a finished run's tuning/
-    records, else the initial grids plus two widenings."""
-    counts: dict[str, list[int]] = {}
-    if sweeps is not None:
-        for path in sorted((sweeps / "tuning").glob("*.json")):
-            record = json.loads(path.read_text())
-            counts.setdefault(record["method"], []).append(len(record["points"]))
-    out = {}
-    for name in BUILTIN_METHODS:
-        method = get_method(name)
-        default = len(method.lr_grid) + sum(len(g) - 1 for g in method.hyper.values()) + 2
-        out[name] = statistics.mean(counts[name]) if counts.get(name) else default
-    return out
+def _cost(parts: dict[str, float]) -> float:
+    """Milliseconds per step of a cell with every built-in method: shared parts once, each
+    method's step and evaluation share."""
+    methods = sum(parts[n] + parts["evaluation (every 50)"] for n in BUILTIN_METHODS)
+    return parts["draw"] + parts["teacher"] + methods
 
 
-def _gd_info(dirs: list[Path], k: int) -> tuple[int | None, float | None]:
-    """(minima among the 1,000 evaluation seeds, gd-population seconds for them) at k."""
-    minima, seconds = None, None
-    for d in dirs:
-        report = d / "minima" / f"k{k}_n{k}_C1.json"
+def _timings(run: Path) -> dict[str, float]:
+    return json.loads((run / "timings.json").read_text())
+
+
+def _minima(runs: list[Path], k: int) -> int | None:
+    for run in runs:
+        report = run / "minima" / f"k{k}_n{k}_C1.json"
         if report.exists():
-            minima = json.loads(report.read_text())["count"]
-        timings = d / "timings.json"
-        if timings.exists():
-            seconds = json.loads(timings.read_text()).get(
-                f"gd-population/eval_k{k}_n{k}_C1", seconds
-            )
-    return minima, seconds
+            return json.loads(report.read_text())["count"]
+    return None
 
 
-def project(costs: dict[int, dict[str, float]], starts: int, sweeps: Path | None, gd: list[Path]):
-    """Seconds of the whole second-edition table per part, from per-start-step costs."""
-    values = _swept_values(sweeps)
-    rows, total = [], 0.0
+def project(costs: dict[int, dict[str, float]], base: Path, gd: list[Path]) -> list[tuple]:
+    """The whole table, part by part, from a finished default run at one k (`base`: its
+    measured tuning and evaluation seconds per protocol), scaled to every k by the measured
+    cost of a step (`costs`) and by the number of minima, plus gd-population's measured
+    seconds per k (its tuning pool of 1,000 seeds taken to cost what the evaluation seeds
+    cost). Returns (k, part, seconds) rows."""
+    config = json.loads((base / "config.json").read_text())
+    (k0,) = config["ks"]
+    timings = _timings(base)
+    gd_seconds = {}
+    for run in [base, *gd]:
+        for key, seconds in _timings(run).items():
+            if key.startswith("gd-population/eval_k"):
+                gd_seconds[int(key.split("_k")[1].split("_")[0])] = seconds
+    minima0 = _minima([base], k0)
+    rows = []
     for k, parts in costs.items():
-        shared = (parts["draw"] + parts["teacher"]) / len(BUILTIN_METHODS)
-        per_start_step = {  # seconds per start and step for each method
-            n: (parts[n] + shared + parts["evaluation (every 50)"]) / 1e3 / starts
-            for n in BUILTIN_METHODS
-        }
-        minima, gd_seconds = _gd_info(gd, k)
-        protocols = {"random-init": EVAL_STARTS}
-        if minima:
-            protocols["spurious-minima"] = min(minima, EVAL_STARTS)
-        evaluation = sum(STEPS * sum(per_start_step.values()) * m for m in protocols.values())
-        sweep = sum(
-            STEPS * TUNE_STARTS * values[n] * per_start_step[n] for n in BUILTIN_METHODS
-        ) * len(protocols)
-        gd_part = 0.0 if gd_seconds is None else gd_seconds * (2 if minima else 1)  # + pool
-        rows.append((k, minima, evaluation, sweep, gd_part))
-        total += evaluation + sweep + gd_part
-    return rows, total
+        scale = _cost(parts) / _cost(costs[k0])
+        minima = _minima([base, *gd], k) or 0
+        for protocol, count in (("random-init", 1), ("spurious-minima", minima / minima0)):
+            if count == 0:
+                continue
+            tune = sum(v for key, v in timings.items() if key.startswith(f"tuning/{protocol}_"))
+            evaluation = timings[f"eval_{protocol}_k{k0}_n{k0}_C1"]
+            rows.append((k, f"sweeps, {protocol}", tune * scale))
+            rows.append((k, f"evaluation, {protocol}", evaluation * scale * count))
+        if k in gd_seconds:
+            rows.append((k, "gd-population", gd_seconds[k] * (2 if minima else 1)))
+    return rows
 
 
 def main() -> None:
@@ -186,8 +181,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--project", action="store_true", help="project the whole table")
-    parser.add_argument("--sweeps", type=Path, default=None, help="a finished run's directory")
+    parser.add_argument(
+        "--project", type=Path, default=None, help="a finished default run at one k (timings.json)"
+    )
     parser.add_argument("--gd", type=Path, nargs="*", default=[], help="runs with gd-population")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,12 +195,13 @@ def main() -> None:
     for name in names:
         print(f"| {name} | " + " | ".join(f"{c[name]:.2f}" for c in costs.values()) + " |")
     if args.project:
-        rows, total = project(costs, args.starts, args.sweeps, args.gd)
-        print("\n| k | minima | evaluation s | sweeps s | gd-population s |")
-        print("|---|---|---|---|---|")
-        for k, minima, evaluation, sweep, gd_part in rows:
-            print(f"| {k} | {minima} | {evaluation:.0f} | {sweep:.0f} | {gd_part:.0f} |")
-        print(f"\nwhole table: {total:.0f} s on one core, {total / 2:.0f} s on two")
+        rows = project(costs, args.project, args.gd)
+        print("\n| k | part | seconds (one core) |")
+        print("|---|---|---|")
+        for k, part, seconds in rows:
+            print(f"| {k} | {part} | {seconds:.0f} |")
+        total = sum(r[2] for r in rows)
+        print(f"\nwhole table: {total:.0f} s on one core; {total / 2:.0f} s as two processes")
 
 
 if __name__ == "__main__":

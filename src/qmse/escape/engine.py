@@ -109,7 +109,10 @@ def job_gradient(
     A = problem.A_student  # (C, n)
     Ws = W.view(G, m, n, d).transpose(0, 1).reshape(m, G * n, d)  # per start: (G·n, d)
     pre = torch.bmm(Ws, x.transpose(1, 2)).view(m, G, n, B)  # (m, G, n, B)
-    f = (A @ torch.relu(pre)).transpose(2, 3).contiguous().requires_grad_()  # (m, G, B, C)
+    hidden = torch.relu(pre)
+    # a scalar output as a weighted sum over the neurons: a one-row matmul is slow on the CPU
+    f = (hidden * A.view(n, 1)).sum(2, keepdim=True) if C == 1 else A @ hidden  # (m, G, C, B)
+    f = f.transpose(2, 3).contiguous().requires_grad_()  # (m, G, B, C)
     target = y.unsqueeze(1).expand(m, G, B, C).reshape(-1, C)  # samples (i, g, b)
     params = {
         h: job.hyper[h].to(f).view(1, G, 1).expand(m, G, B).reshape(-1, 1)
@@ -117,10 +120,14 @@ def job_gradient(
     }
     per_sample = _per_sample_loss(job.method, f.view(-1, C), target, rng, params)  # (m·G·B,)
     (grad_f,) = torch.autograd.grad(per_sample.view(m, G, B).mean(2).sum(), f)
-    grad_h = A.T @ grad_f.transpose(2, 3)  # (m, G, n, B)
+    # ∂f/∂h = A; for a scalar output it is applied after the matmul, on the (n, d) gradients
+    grad_f = grad_f.transpose(2, 3)  # (m, G, C, B)
+    grad_h = grad_f.expand(m, G, n, B) if C == 1 else A.T @ grad_f  # (m, G, n, B)
     grad_pre = torch.ops.aten.threshold_backward(grad_h, pre, 0)  # relu'
-    grad = torch.bmm(grad_pre.view(m, G * n, B), x)  # (m, G·n, d)
-    return grad.view(m, G, n, d).transpose(0, 1).reshape(G * m, n, d)
+    grad = torch.bmm(grad_pre.view(m, G * n, B), x).view(m, G, n, d)
+    if C == 1:
+        grad = grad * A.view(n, 1)
+    return grad.transpose(0, 1).reshape(G * m, n, d)
 
 
 def run_methods(
