@@ -52,15 +52,28 @@ def test_the_grid_widens_downwards_until_nothing_moves():
     assert stage["stopped"]["bottom"] == "frozen" and stage["interior"]
 
 
-def test_a_flat_low_side_stops_the_widening():
-    """All fail (a minimum nobody escapes), the smallest step staying closest to it: the
-    bottom widens until halving changes nothing; the choice is inside."""
+def test_when_everything_fails_both_edges_widen_until_their_stops():
+    """All fail (a minimum nobody escapes at these values): a larger step might still
+    escape, so the top widens until most starts diverge; the bottom until halving changes
+    nothing; the choice is inside."""
     points = [point(v, 10, log_loss=-1.7 + i / 25) for i, v in enumerate(GRID)]
-    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [0.05]
-    points.append(point(0.05, 10, log_loss=-1.705))
+    assert sorted(s["lr"] for s in plan(SGD_LIKE, {}, points)[0]) == [0.05, 0.8]
+    points += [point(0.05, 10, log_loss=-1.705), point(0.8, 10, log_loss=-1.5)]
+    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [1.6]
+    points.append(point(1.6, 10, diverged=8, log_loss=30.0))
     todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
-    assert todo == [] and stage["stopped"] == {"top": "inside", "bottom": "flat"}
+    assert todo == [] and stage["stopped"] == {"top": "most diverged", "bottom": "flat"}
     assert stage["interior"] and chosen == {"lr": 0.1}
+
+
+def test_escapes_beyond_the_top_of_an_all_failing_grid_are_found():
+    """Every grid value fails on every start, but a larger step escapes some: the tied top
+    edge widens and finds it."""
+    points = [point(v, 10, log_loss=-1.7 + i / 25) for i, v in enumerate(GRID)]
+    points += [point(0.05, 10, log_loss=-1.705), point(0.8, 10, log_loss=-1.5)]
+    points += [point(1.6, 6, log_loss=-2.0), point(3.2, 10, diverged=9, log_loss=30.0)]
+    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    assert todo == [] and chosen == {"lr": 1.6} and stage["interior"]
 
 
 def test_a_grid_where_everything_diverges_widens_downwards():
@@ -180,9 +193,9 @@ def test_bad_fixed_values_are_refused(tmp_path):
 
 
 def test_a_flat_high_side_stops_the_widening():
-    """Every value succeeds, larger ones a little closer to the minimum, the top two alike
-    (e.g. PGD's radius where no start needs a kick): the top stops; the choice is inside."""
-    points = [point(v, 0, log_loss=loss) for v, loss in zip(GRID, (-5.0, -5.1, -5.105))]
+    """Every value succeeds alike (e.g. PGD's radius where no start needs a kick): doubling
+    and halving change nothing, so both sides stop; the choice is inside."""
+    points = [point(v, 0, log_loss=loss) for v, loss in zip(GRID, (-5.1, -5.105, -5.11))]
     todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
-    assert todo == [] and stage["stopped"] == {"top": "flat", "bottom": "inside"}
+    assert todo == [] and stage["stopped"] == {"top": "flat", "bottom": "flat"}
     assert chosen == {"lr": 0.2}

@@ -8,10 +8,10 @@ For one method, k and protocol, on tuning starts disjoint from the evaluation st
    on until a pass changes nothing (at most MAX_PASSES passes). Values fixed by the user are
    not swept.
 2. Each value is scored by its failures on the tuning starts (population loss ≥ 1e-3 at
-   the end, divergence included), then by its median log₁₀ final loss (a diverged start
-   counts as 10³⁰), then by the smaller value.
-3. While the best-scoring value is on an edge of the swept values, the grid is widened on
-   that side by a factor of 2 and the new value is run, unless
+   the end, divergence included).
+3. While an edge of the swept values has the fewest failures (alone or tied: when every
+   value fails on every start, larger steps or more noise may still escape), the grid is
+   widened on that side by a factor of 2 and the new value is run, unless
    - high side: most starts (more than half) diverged at the top value, or doubling the
      value changed neither the failures nor the median log₁₀ final loss (by more than
      FLAT_LOG10);
@@ -20,9 +20,10 @@ For one method, k and protocol, on tuning starts disjoint from the evaluation st
      halving the value changed neither the failures nor the median log₁₀ final loss;
    - MAX_EXTEND values have been added on that side.
 4. The chosen value has the fewest failures; ties go to a value with swept neighbours on
-   both sides, then to the lowest median log₁₀ final loss. So a chosen value lies strictly
-   inside its swept range unless one of the stops of rule 3 ended the widening with an edge
-   value alone in having the fewest failures (recorded per stage).
+   both sides, then to the lowest median log₁₀ final loss (a diverged start counts as
+   10³⁰). So a chosen value lies strictly inside its swept range unless one of the stops of
+   rule 3 ended the widening with an edge value alone in having the fewest failures
+   (recorded per stage).
 
 Every setting of every round runs on the same tuning starts and input batches (common
 random numbers) with `qmse.escape.engine.run_methods`, all methods of a round in lockstep.
@@ -74,12 +75,12 @@ def _flat(a: dict, b: dict) -> bool:
 
 def _widen(values: list[float], done: Mapping[float, dict], grid: Sequence[float]):
     """The values to add to a stage (rule 3 of the module docstring) and why each side
-    stopped: "inside" (the best value is not on that edge), "most diverged", "frozen",
-    "flat" or "cap"."""
-    best = min(values, key=lambda v: (done[v]["failures"], done[v]["median_log10_loss"], v))
+    stopped: "inside" (that edge does not have the fewest failures), "most diverged",
+    "frozen", "flat" or "cap"."""
+    fewest = min(done[v]["failures"] for v in values)
     top, bottom = done[values[-1]], done[values[0]]
     add, stopped = [], {}
-    if best != values[-1]:
+    if top["failures"] != fewest:
         stopped["top"] = "inside"
     elif top["diverged"] > top["seeds"] / 2:
         stopped["top"] = "most diverged"
@@ -89,7 +90,7 @@ def _widen(values: list[float], done: Mapping[float, dict], grid: Sequence[float
         stopped["top"] = "cap"
     else:
         add.append(values[-1] * WIDEN)
-    if best != values[0]:
+    if bottom["failures"] != fewest:
         stopped["bottom"] = "inside"
     elif bottom["moved"] < FROZEN:
         stopped["bottom"] = "frozen"
