@@ -224,8 +224,12 @@ def sample_inputs(
 
 
 def outputs(W: Tensor, A: Tensor, x: Tensor) -> Tensor:
-    """A relu(W x) for each seed: W (S, n, d), A (C, n), x (S, B, d) → (S, B, C)."""
-    return torch.relu(x @ W.transpose(-2, -1)) @ A.T
+    """A relu(W x) for each seed: W (S, n, d), A (C, n), x (S, B, d) → (S, B, C).
+
+    Computed as (n × d)(d × B) products per seed, wide in B, which the CPU's batched matmul
+    runs several times faster than the (B × d)(d × n) ones."""
+    hidden = torch.relu(W @ x.transpose(-2, -1))  # (S, n, B)
+    return (A @ hidden).transpose(-2, -1)
 
 
 def sample_loss(

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from qmse.escape.keys import content_key
 from qmse.loss import LOSSES, get_loss
-from qmse.teacher_student import Problem, sample_inputs, sample_loss
+from qmse.teacher_student import Problem, outputs, sample_inputs
 
 GRID_RATIO = 2.0  # neighbouring grid values differ by at most this factor
 HELD_OUT = 4096  # fresh samples per start on which `Run.held_out_loss` compares weights
@@ -71,14 +71,18 @@ class Run:
     diverged: Tensor  # (S,) bool
 
     def held_out_loss(self, W: Tensor, generator: torch.Generator) -> Tensor:
-        """MSE of each start on HELD_OUT fresh samples (S,), float64: how a sample-based
-        method compares two weight settings without the closed form."""
-        p64 = self.problem.to(torch.float64)
+        """MSE of each start on HELD_OUT fresh samples (S,): how a sample-based method
+        compares two weight settings without the closed form (float32 samples, each start's
+        mean taken in float64)."""
+        p, mse = self.problem, LOSSES["mse"]
         out = []
         for chunk in W.split(HELD_OUT_CHUNK):
-            x = sample_inputs(len(chunk), HELD_OUT, p64.d, generator=generator, dtype=torch.float64)
+            S, C = len(chunk), p.outputs
+            x = sample_inputs(S, HELD_OUT, p.d, generator=generator).to(W.device)  # (S, N, d)
             with torch.no_grad():
-                out.append(sample_loss(chunk.double(), p64, x.to(W.device)))
+                f = outputs(chunk.float(), p.A_student, x).reshape(-1, C)
+                y = outputs(p.V.expand(S, -1, -1), p.A_teacher, x).reshape(-1, C)
+                out.append(mse.value(f, y).view(S, HELD_OUT).double().mean(1))
         return torch.cat(out)
 
     def fresh_weights(self, count: int, generator: torch.Generator) -> Tensor:
