@@ -15,6 +15,7 @@ from conftest import write_tiny_mnist
 
 from qmse import cli, runs
 from qmse.cli import main
+from qmse.cli import run as cli_run
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_a_bug_keeps_its_traceback(data_dir, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(cli, "train_run", broken)
+    monkeypatch.setattr(cli_run, "train_run", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(train_args(data_dir, tmp_path / "run"))
 

@@ -1,0 +1,205 @@
+"""qmse diagnose, symmetry and landscape: where a run stopped and the shape around it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from qmse import convexity, diagnose
+from qmse.cli.common import Formatter
+from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
+from qmse.loss import LOSSES
+from qmse.symmetry import count_equivalent, permute, worked_example
+
+
+def add_diagnose(sub: argparse._SubParsersAction) -> None:
+    """`qmse diagnose RUN_DIR`, `qmse diagnose --compare RUN_A RUN_B`, `qmse diagnose
+    convexity`."""
+    p = sub.add_parser(
+        "diagnose",
+        help="where did a run stop (paper sec. 2.2 cases, Hessian spectrum); convexity demo",
+        description="RUN_DIR: diagnose one finished `qmse train` run. --compare RUN_A RUN_B: "
+        "two runs side by side on the same subset. 'convexity': loss vs chord on random "
+        "segments for linear/logistic regression and a 1-hidden-layer MLP.",
+        formatter_class=Formatter,
+    )
+    p.add_argument("run_dir", nargs="?", help="a run directory, or the word 'convexity'")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two runs")
+    p.add_argument("--samples", type=int, default=256, help="fixed training subset size")
+    p.add_argument("--seed", type=int, default=0, help="subset, Lanczos and Hutchinson seed")
+    p.add_argument("--k", type=int, default=5, help="top-k and bottom-k Hessian eigenvalues")
+    p.add_argument("--lanczos-steps", type=int, default=30, help="Hessian products per run")
+    p.add_argument("--slq-vectors", type=int, default=2, help="Lanczos runs for the density")
+    p.add_argument("--trace-samples", type=int, default=20, help="Hutchinson probe vectors")
+    p.add_argument("--tol-residual", type=float, default=1e-3, help="case 1: ‖r‖ <= tol")
+    p.add_argument("--tol-gradient", type=float, default=1e-6, help="case 2: max ‖∇f_c‖ <= tol")
+    p.add_argument("--tol-ratio", type=float, default=1e-3, help="case 3: ‖Jᵀr‖/(‖J‖₂‖r‖)")
+    p.add_argument("--curvature-tol", type=float, default=1e-3, help="λ_min vs tol·|λ_max|")
+    p.add_argument("--segments", type=int, default=200, help="convexity: random segments")
+    p.add_argument("--points", type=int, default=21, help="convexity: points per segment")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda:0, ...")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="RUN_DIR: where diagnosis.json/.txt go (default RUN_DIR); --compare: where "
+        "comparison.json/.txt go (default: print only); convexity: output directory "
+        "(default runs/diagnose-convexity)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.run_dir == "convexity" and args.compare is None:
+            out = args.out or "runs/diagnose-convexity"
+            res = convexity.convexity_report(out, segments=args.segments, points=args.points,
+                                             seed=args.seed)  # fmt: skip
+            for name, r in res.items():
+                print(f"{name:>20s}  {r['violating_segments']}/{r['segments']} segments above "
+                      f"the chord, largest gap {r['max_gap']:.4g}")  # fmt: skip
+            print(f"{out}/convexity.json, {out}/diagnose-convexity.png")
+            return 0
+        if (args.run_dir is None) == (args.compare is None):
+            raise ValueError("give exactly one of RUN_DIR, --compare RUN_A RUN_B or 'convexity'")
+        kwargs = dict(
+            n_samples=args.samples, seed=args.seed, device=torch.device(args.device),
+            quiet=args.quiet, k=args.k, lanczos_steps=args.lanczos_steps,
+            slq_vectors=args.slq_vectors, trace_samples=args.trace_samples,
+            tol_residual=args.tol_residual, tol_gradient=args.tol_gradient,
+            tol_ratio=args.tol_ratio, curvature_tol=args.curvature_tol,
+        )  # fmt: skip
+        if args.compare is not None:
+            print(diagnose.compare_runs(*args.compare, out_dir=args.out, **kwargs), end="")
+            return 0
+        d = diagnose.diagnose_run(args.run_dir, out_dir=args.out, **kwargs)
+        print(diagnose.summary_text(d), end="")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def add_symmetry(sub: argparse._SubParsersAction) -> None:
+    """`qmse symmetry example|match` and `qmse landscape`."""
+    sym = sub.add_parser(
+        "symmetry",
+        help="hidden-unit permutation symmetry: the worked example, weight matching of two runs",
+        formatter_class=Formatter,
+    )
+    sym_sub = sym.add_subparsers(dest="symmetry_command", required=True, metavar="SUBCOMMAND")
+    deterministic = "a registered loss; a random one is refused with the name of its expectation"
+
+    p = sym_sub.add_parser(
+        "example",
+        help="a 2-2-1 network and the same network with its hidden units swapped: same outputs",
+        formatter_class=Formatter,
+    )
+    p.add_argument(
+        "--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"), help="hidden"
+    )
+    p.add_argument("--samples", type=int, default=10000, help="random inputs to compare on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+    def example(args: argparse.Namespace) -> int:
+        a, b = worked_example(args.activation)
+        gen = torch.Generator().manual_seed(args.seed)
+        x = 3 * torch.randn(args.samples, 2, dtype=torch.float64, generator=gen)  # (N, 2)
+        swapped = permute(a, {"layers.0": torch.tensor([1, 0])})
+        with torch.no_grad():
+            fa, fb = a(x), b(x)  # (N, 1) each
+        for name, net in (("a", a), ("b", b)):
+            print(
+                f"network {name}: W1 = {net.layers[0].weight.tolist()}, "
+                f"W2 = {net.layers[2].weight.tolist()}"
+            )
+        flat = [torch.cat([p.reshape(-1) for p in n.parameters()]) for n in (a, b)]
+        print(f"activation {args.activation}, {args.samples} inputs x ~ N(0, 9 I):")
+        print(f"  max |f_a(x) - f_b(x)|     = {(fa - fb).abs().max().item():.3g}")
+        print(f"  ||theta_a - theta_b||     = {(flat[0] - flat[1]).norm().item():.4f}")
+        same = all(torch.equal(p, q) for p, q in zip(swapped.parameters(), b.parameters()))
+        print(f"  b == a with hidden units swapped (permute): {same}")
+        print(f"  distinct equivalent weight vectors (count_equivalent): {count_equivalent(a)}")
+        return 0
+
+    p.set_defaults(func=example)
+
+    p = sym_sub.add_parser(
+        "match",
+        help="loss barrier on the straight path between two runs, before and after weight matching",
+        formatter_class=Formatter,
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="run directory (config.json, checkpoint.pt)")
+    p.add_argument("run_b", metavar="RUN_B", help="run directory of the same architecture")
+    p.add_argument("--points", type=int, default=25, help="values of alpha in [0, 1]")
+    p.add_argument("--samples", type=int, default=1000, help="first N training images")
+    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=deterministic)
+    p.add_argument("--seed", type=int, default=0, help="seed of the matching's layer order")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
+    p.add_argument("--out", default=None, help="default runs/symmetry/<RUN_A>--<RUN_B>")
+
+    def match(args: argparse.Namespace) -> int:
+        out = args.out or f"runs/symmetry/{Path(args.run_a).name}--{Path(args.run_b).name}"
+        s = match_runs(
+            args.run_a,
+            args.run_b,
+            out,
+            points=args.points,
+            samples=args.samples,
+            loss=args.loss,
+            seed=args.seed,
+            device=args.device,
+        )
+        print(f"{args.loss} barrier, straight path a -> b:  {s['naive_barrier']:.5f}")
+        print(f"{args.loss} barrier after weight matching:  {s['aligned_barrier']:.5f}")
+        print(f"ends: a {s['end_a']}, b {s['end_b']}")
+        print(f"wrote {out}/interpolation.png, interpolation.npz, summary.json")
+        return 0
+
+    p.set_defaults(func=match)
+
+    p = sub.add_parser(
+        "landscape",
+        help="1-D or 2-D loss slice around runs along filter-normalised random directions",
+        description="One RUN_DIR: its slice in --out. Several: each in --out/<run folder "
+        "name>, and --out/landscape-<dims>d.png draws them all on one colour scale.",
+        formatter_class=Formatter,
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--dims", type=int, default=2, choices=(1, 2), help="slice dimension")
+    p.add_argument("--points", type=int, default=25, help="grid points per direction")
+    p.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span]")
+    p.add_argument("--samples", type=int, default=1000, help="first N training images")
+    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=deterministic)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--group-size", type=int, default=5, help="grid points per vmapped pass")
+    p.add_argument("--batch-size", type=int, default=40, help="samples per vmapped pass")
+    p.add_argument("--compile", action="store_true", help="torch.compile the vmapped pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
+    p.add_argument(
+        "--out", default=None, help="default runs/landscape/<RUN_DIR names joined by +>-<dims>d"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def landscape(args: argparse.Namespace) -> int:
+        names = "+".join(Path(r).name for r in args.run_dirs)
+        out = args.out or f"runs/landscape/{names}-{args.dims}d"
+        options = dict(
+            dims=args.dims, points=args.points, span=args.span, samples=args.samples,
+            loss=args.loss, seed=args.seed, group_size=args.group_size,
+            batch_size=args.batch_size, compile=args.compile, device=args.device,
+            quiet=args.quiet,
+        )  # fmt: skip
+        if len(args.run_dirs) == 1:
+            summaries = [landscape_of_run(args.run_dirs[0], out, **options)]
+        else:
+            summaries = landscapes_of_runs(args.run_dirs, out, **options)
+        for s in summaries:
+            print(
+                f"{s['run']}: {s['evaluations']} points x {s['samples']} samples in "
+                f"{s['wall_s']:.1f} s (CPU {s['cpu_s']:.1f} s, {s['torch_threads']} threads); "
+                f"{args.loss} from {s['min_loss']:.4f} to {s['max_loss']:.4f}, centre "
+                f"{s['centre_loss']}"
+            )
+        print(f"wrote {out}/landscape-{args.dims}d.png (and each run's .npz, summary.json)")
+        return 0
+
+    p.set_defaults(func=landscape)
