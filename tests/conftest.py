@@ -7,6 +7,7 @@ subprocesses some tests start) with pytest fixtures around the common cases.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 from pathlib import Path
@@ -15,7 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from qmse import curvature
 from qmse.models import MLP, SimpleCNN
 from qmse.rundir import TrainConfig
 
@@ -135,3 +138,28 @@ def _private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+def per_sample_jacobians(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, P): each sample's output Jacobian with respect to the flattened trainable
+    weights, by autograd one sample at a time (the reference the diagnostics are checked
+    against)."""
+    w, f = curvature.model_fn(model)
+    return torch.stack(
+        [torch.autograd.functional.jacobian(lambda wv, xi=xi: f(wv, xi[None])[0], w) for xi in x]
+    )  # (N, C, P)
+
+
+@contextlib.contextmanager
+def leaves_untouched(model: nn.Module):
+    """Asserts that the block leaves `model`'s weights, requires_grad flags, modes and .grad
+    exactly as they were."""
+    before = {k: p.clone() for k, p in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    yield
+    for k, p in model.state_dict().items():
+        assert torch.equal(p, before[k])
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())

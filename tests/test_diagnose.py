@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import TESTS, tiny_config, tiny_images
+from conftest import TESTS, leaves_untouched, per_sample_jacobians, tiny_config, tiny_images
 from torch import nn
 
 from qmse import curvature
@@ -38,13 +38,6 @@ def _full_hessian(model: nn.Module, x, y, criterion) -> torch.Tensor:
     return torch.autograd.functional.hessian(loss_at, w)  # (P, P)
 
 
-def _per_sample_jacobians(model: nn.Module, x) -> torch.Tensor:
-    w, f = curvature.model_fn(model)
-    return torch.stack(
-        [torch.autograd.functional.jacobian(lambda wv, xi=xi: f(wv, xi[None])[0], w) for xi in x]
-    )  # (N, C, P)
-
-
 class Product(nn.Module):
     """f(x) = a·b·x: a 1-1-1 linear network. With target 1 its MSE loss at a = b = 0 has
     Hessian [[0, −1], [−1, 0]] (x² − y² rotated by 45°) and J = 0: a saddle of case 2."""
@@ -62,7 +55,7 @@ def test_gradient_geometry_matches_brute_force_jacobians():
     model = _mlp()
     x, y = _data()
     geo = dg.gradient_geometry(model, x, y)
-    J = _per_sample_jacobians(model, x)  # (N, C, P)
+    J = per_sample_jacobians(model, x)  # (N, C, P)
     with torch.no_grad():
         r = y - model(x)  # (N, C)
     ps, ws = geo["per_sample"], geo["whole_set"]
@@ -146,16 +139,9 @@ def test_model_is_left_untouched():
     model.layers[0].bias.requires_grad_(False)
     model.train()
     model.layers[1].eval()  # a mixed state must be restored exactly
-    before = {k: p.clone() for k, p in model.state_dict().items()}
-    flags = [p.requires_grad for p in model.parameters()]
-    modes = [m.training for m in model.modules()]
     x, y = _data()
-    dg.diagnose_model(model, "mse", (x, y), k=1, lanczos_steps=3, trace_samples=2, quiet=True)
-    for k, p in model.state_dict().items():
-        assert torch.equal(p, before[k])
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert [m.training for m in model.modules()] == modes
-    assert all(p.grad is None for p in model.parameters())
+    with leaves_untouched(model):
+        dg.diagnose_model(model, "mse", (x, y), k=1, lanczos_steps=3, trace_samples=2, quiet=True)
 
 
 def test_bad_arguments_are_named():

@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import per_sample_jacobians
 from torch import nn
 
-from qmse import curvature, nullspace
+from qmse import nullspace
 from qmse.models import MLP
 
 DT = torch.float64
@@ -21,13 +22,6 @@ def _mlp(seed: int = 0, activation: str = "tanh") -> MLP:
 
 def _inputs(n: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=DT)
-
-
-def _per_sample_jacobians(model: nn.Module, x) -> torch.Tensor:
-    w, f = curvature.model_fn(model)
-    return torch.stack(
-        [torch.autograd.functional.jacobian(lambda wv, xi=xi: f(wv, xi[None])[0], w) for xi in x]
-    )  # (N, C, P)
 
 
 class Tied(nn.Module):
@@ -46,7 +40,7 @@ def test_null_space_mask_matches_brute_force():
     model = _mlp()
     x = _inputs()
     v = torch.nn.functional.normalize(torch.randn(8, 2, dtype=DT), dim=1)
-    J = _per_sample_jacobians(model, x)
+    J = per_sample_jacobians(model, x)
     norms = torch.einsum("ncp,nc->np", J, v).norm(dim=1)
     tol = norms.median().item()
     assert nullspace.null_space_mask(model, x, v, tol).tolist() == (norms <= tol).tolist()
@@ -79,7 +73,7 @@ def test_output_bias_keeps_every_direction_out_of_the_null_space():
     """∂f/∂b = I is a block of J_i, so ‖J_iᵀv‖ ≥ ‖v‖ = 1 for every unit v."""
     model = _mlp(activation="relu")
     x = _inputs()
-    J = _per_sample_jacobians(model, x)
+    J = per_sample_jacobians(model, x)
     assert torch.linalg.svdvals(J)[:, -1].min() >= 1 - 1e-12
     v = torch.nn.functional.normalize(torch.randn(8, 2, dtype=DT), dim=1)
     assert not nullspace.null_space_mask(model, x, v, tol=0.999).any()
