@@ -56,6 +56,7 @@ def test_cli_writes_rows_table_figures_and_resumes(tmp_path):
     for name in ("table.md", "figure.png", "sweeps.png", "timings.json", "kind.json"):
         assert (out / name).stat().st_size > 0
     assert "#### Paired against sgd" in (out / "table.md").read_text()
+    assert "published" not in (out / "table.md").read_text()  # S&S give no rate for k < 6
     row_file = out / "rows" / "random-init_sgd_k4_n4_C1.json"
     stamp = row_file.stat().st_mtime_ns
     assert main(argv) == 0  # every piece cached: nothing recomputed

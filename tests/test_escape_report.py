@@ -56,25 +56,29 @@ def _row(method, k, failed, protocol="spurious-minima", **extra):
 
 def test_paired_tests_pair_rows_of_the_same_starts_and_holm_adjust_per_protocol(tmp_path):
     rows = [
+        _row("gd-population", 8, "1" * 12 + "0" * 88, "random-init", published_rate=0.126),
         _row("sgd", 8, "1" * 20),
         _row("qmse", 8, "1" * 18 + "00"),
         _row("pgd", 8, "0" * 15 + "1" * 5, hyper={"radius": 1.0}),
         _row("pgd", 10, "0" * 20),  # no reference at k = 10: no test
         _row("sgd", 8, "1" * 20, protocol="random-init"),
     ]
+    del rows[0]["failed"]  # gd-population: other starts, no per-start outcomes
     add_paired_tests(rows, ["sgd", "momentum", "qmse"])
-    sgd, qmse, pgd, pgd10, _ = rows
+    gd, sgd, qmse, pgd, pgd10, _ = rows
+    assert "paired" not in gd  # no per-start outcomes: not paired
     assert set(pgd["paired"]) == {"sgd", "qmse"} and pgd10["paired"] == {}
     assert set(qmse["paired"]) == {"sgd"} and set(sgd["paired"]) == {"qmse"}
     assert (pgd["paired"]["sgd"]["better"], pgd["paired"]["sgd"]["worse"]) == (15, 0)
-    ps = [r["paired"][ref]["p"] for r in rows[:3] for ref in r["paired"]]
-    adjusted = [r["paired"][ref]["p_holm"] for r in rows[:3] for ref in r["paired"]]
+    ps = [r["paired"][ref]["p"] for r in rows[1:4] for ref in r["paired"]]
+    adjusted = [r["paired"][ref]["p_holm"] for r in rows[1:4] for ref in r["paired"]]
     assert adjusted == pytest.approx(holm(ps))  # one family: the protocol's comparisons
     text = write_table(rows, tmp_path / "table.md")
     assert "| pgd | 0.1 (radius=1) / 0.1 |" in text
     assert "#### Paired against sgd (spurious-minima)" in text
     assert "| pgd | +15 −0 **p=" in text
     assert "800 sample gradients per start" in text
+    assert "; published 0.126" in text
     plot_results(rows, tmp_path / "figure.png", {8: 0.126})
     assert (tmp_path / "figure.png").stat().st_size > 0
 

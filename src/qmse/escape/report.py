@@ -134,6 +134,7 @@ def write_table(rows: list[dict], path: str | os.PathLike) -> str:
                     f"{r['failures']}/{r['seeds']} = {r['failure_rate']:.3f} "
                     f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
                     + (f" ({r['diverged']})" if r["diverged"] else "")
+                    + (f"; published {r['published_rate']:g}" if "published_rate" in r else "")
                 )
             lines.append(f"| {m} | {' / '.join(settings)} | " + " | ".join(cells) + " |")
         lines.append("")
