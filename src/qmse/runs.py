@@ -112,7 +112,7 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             f"and loading them could run code; it was not written by qmse: delete it, or "
             f"restore the run's own"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, IndexError, zipfile.BadZipFile) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(
             f"{path}: unreadable checkpoint ({reason}); it is truncated or damaged: delete it "

@@ -1,4 +1,5 @@
-"""Small statistics used by every report: intervals for rates and for paired differences."""
+"""Small statistics of the training reports: mean ± std over seeds and t-intervals of paired
+differences (the escape benchmark's rates use scipy.stats.binomtest's Wilson interval)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,6 @@ import math
 from collections.abc import Sequence
 
 from scipy import stats as _st
-
-
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (sound at rates near 0 and 1)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    z = _st.norm.ppf(0.5 + confidence / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
