@@ -1,5 +1,9 @@
 """qmse.escape.methods: the plug-in interface's checks, the registry, plug-in files."""
 
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from qmse.escape import METHODS, Method, load_plugin, register_method
@@ -72,3 +76,18 @@ def test_method_key_follows_the_definition():
     assert method_key(a) != method_key(Method("test-key", "mse", sgd, (0.1, 0.15)))
     assert method_key(a) != method_key(Method("test-key", "qmse", sgd, (0.1, 0.2)))
     assert method_key(a) != method_key(METHODS["momentum"])
+
+
+def test_the_fine_grid_plugin_reregisters_the_builtins_on_a_finer_grid():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "escape_fine_lr.py"
+    names = load_plugin(path)
+    assert names == [f"{name}-fine" for name in BUILTIN_METHODS]
+    for name in BUILTIN_METHODS:
+        base, fine = METHODS[name], METHODS[f"{name}-fine"]
+        grid = np.array(fine.lr_grid)
+        assert grid[0] == base.lr_grid[0]
+        assert math.isclose(grid[-1], 4 * base.lr_grid[-1], rel_tol=1e-5)
+        np.testing.assert_allclose(grid[1:] / grid[:-1], 2**0.25, rtol=1e-5)
+        assert set(base.lr_grid) <= set(fine.lr_grid)  # the coarse values are swept again
+        assert (fine.loss, fine.update, fine.hyper) == (base.loss, base.update, base.hyper)
+        assert method_key(fine) != method_key(base)
