@@ -6,7 +6,13 @@ import math
 import pytest
 
 from qmse.escape import holm, mcnemar, wilson
-from qmse.escape.report import add_paired_tests, plot_results, plot_sweeps, write_table
+from qmse.escape.report import (
+    add_paired_tests,
+    plot_results,
+    plot_sweeps,
+    wall_times,
+    write_table,
+)
 
 
 def test_mcnemar_matches_a_hand_computed_case():
@@ -94,3 +100,21 @@ def test_the_sweep_figure_is_drawn_from_the_records(tmp_path):
     assert (tmp_path / "sweeps.png").stat().st_size > 0
     plot_sweeps([], tmp_path / "none.png")  # nothing swept: no figure
     assert not (tmp_path / "none.png").exists()
+
+
+def test_wall_times_sum_each_problem_by_kind(tmp_path):
+    timings = {
+        "gd-population/eval_k8_n8_C1": 30.0,
+        "gd-population/tune_k8_n8_C1": 10.25,
+        "tuning/random-init_sgd_k8_n8_C1": 7.25,
+        "tuning/spurious-minima_sgd_k8_n8_C1": 2.75,
+        "eval_random-init_k8_n8_C1": 100.0,
+        "eval_random-init_k8_n9_C1": 1200.4,
+    }
+    lines = wall_times(timings)
+    assert "| k=8 | 40 | 10 | 100 | 150 |" in lines
+    assert "| k=8, n=9 | 0 | 0 | 1,200 | 1,200 |" in lines
+    assert "| all | 40 | 10 | 1,300 | 1,351 |" in lines  # totals of unrounded seconds
+    assert wall_times({}) == []
+    text = write_table([], tmp_path / "table.md", timings)
+    assert text.endswith("\n".join(lines))

@@ -369,16 +369,15 @@ def run_benchmark(
         add_paired_tests(rows, cfg.references)
         results = [{k: v for k, v in r.items() if k != "failed"} for r in rows]
         save_json(out / "results.json", results)
-        write_table(rows, out / "table.md")
+        write_table(rows, out / "table.md", _write_timings(out))
         published = PUBLISHED if cfg.n_extra == 0 and cfg.outputs == 1 else None
         plot_results(rows, out / "figure.png", published)
         plot_sweeps(records, out / "sweeps.png")
-        _write_timings(out)
     return rows
 
 
-def _write_timings(out: Path) -> None:
-    """timings.json: the wall time of every computed piece found in the directory."""
+def _write_timings(out: Path) -> dict[str, float]:
+    """timings.json: the wall time of every computed piece found in the directory; returned."""
     parts = {}
     for path in sorted((out / "gd-population").glob("*.pt")):
         seconds = load_torch(path).get("seconds")
@@ -389,3 +388,4 @@ def _write_timings(out: Path) -> None:
     for path in sorted((out / "timings").glob("*.json")):
         parts[path.stem] = load_json(path)["seconds"]
     save_json(out / "timings.json", parts)
+    return parts

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
@@ -100,9 +101,40 @@ def _settings(row: dict) -> str:
     return text
 
 
-def write_table(rows: list[dict], path: str | os.PathLike) -> str:
+def wall_times(timings: Mapping[str, float]) -> list[str]:
+    """Markdown lines: the seconds of `timings` (timings.json: piece -> seconds, the pieces
+    named like "gd-population/eval_k8_n8_C1", "tuning/random-init_sgd_k8_n8_C1",
+    "eval_random-init_k8_n8_C1") summed by problem and kind, with a total row."""
+    kinds = ("gd-population", "sweeps", "evaluation")
+    sums: dict[str, dict[str, float]] = {}
+    for piece, seconds in timings.items():
+        k, n, C = map(int, re.search(r"_k(\d+)_n(\d+)_C(\d+)$", piece).groups())
+        kind = "gd-population" if piece.startswith("gd-population/") else (
+            "sweeps" if piece.startswith("tuning/") else "evaluation")  # fmt: skip
+        problem = f"k={k}" + (f", n={n}" if n != k else "") + (f", C={C}" if C != 1 else "")
+        row = sums.setdefault(problem, dict.fromkeys(kinds, 0.0))
+        row[kind] += seconds
+    if not sums:
+        return []
+    total = {kind: sum(row[kind] for row in sums.values()) for kind in kinds}
+    lines = [
+        "### Wall time (s): each computed piece, from timings.json, summed by problem and kind",
+        "",
+        "| problem | " + " | ".join(kinds) + " | total |",
+        "|---" * (len(kinds) + 2) + "|",
+    ]
+    for problem, row in [*sums.items(), ("all", total)]:
+        cells = [f"{row[kind]:,.0f}" for kind in kinds] + [f"{sum(row.values()):,.0f}"]
+        lines.append(f"| {problem} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def write_table(
+    rows: list[dict], path: str | os.PathLike, timings: Mapping[str, float] | None = None
+) -> str:
     """Markdown: failure rate with Wilson 95 % interval (and divergences), method × k, one
-    table per protocol; then the paired tests against each reference method."""
+    table per protocol; then the paired tests against each reference method; then, given
+    `timings`, the wall time of the pieces (`wall_times`)."""
     lines = []
     for protocol in PROTOCOLS:
         sel = [r for r in rows if r["protocol"] == protocol]
@@ -163,6 +195,7 @@ def write_table(rows: list[dict], path: str | os.PathLike) -> str:
                 if any(c != "–" for c in cells):
                     lines.append(f"| {m} | " + " | ".join(cells) + " |")
             lines.append("")
+    lines += wall_times(timings or {})
     text = "\n".join(lines)
     atomic_write(path, text)
     return text
