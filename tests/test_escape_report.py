@@ -108,13 +108,15 @@ def test_wall_times_sum_each_problem_by_kind(tmp_path):
         "gd-population/tune_k8_n8_C1": 10.25,
         "tuning/random-init_sgd_k8_n8_C1": 7.25,
         "tuning/spurious-minima_sgd_k8_n8_C1": 2.75,
+        "eval_random-init_k10_n10_C1": 5.0,
         "eval_random-init_k8_n8_C1": 100.0,
         "eval_random-init_k8_n9_C1": 1200.4,
     }
     lines = wall_times(timings)
     assert "| k=8 | 40 | 10 | 100 | 150 |" in lines
     assert "| k=8, n=9 | 0 | 0 | 1,200 | 1,200 |" in lines
-    assert "| all | 40 | 10 | 1,300 | 1,351 |" in lines  # totals of unrounded seconds
+    assert "| all | 40 | 10 | 1,305 | 1,356 |" in lines  # totals of unrounded seconds
+    assert lines.index("| k=8 | 40 | 10 | 100 | 150 |") < lines.index("| k=10 | 0 | 0 | 5 | 5 |")
     assert wall_times({}) == []
     text = write_table([], tmp_path / "table.md", timings)
     assert text.endswith("\n".join(lines))

@@ -106,24 +106,27 @@ def wall_times(timings: Mapping[str, float]) -> list[str]:
     named like "gd-population/eval_k8_n8_C1", "tuning/random-init_sgd_k8_n8_C1",
     "eval_random-init_k8_n8_C1") summed by problem and kind, with a total row."""
     kinds = ("gd-population", "sweeps", "evaluation")
-    sums: dict[str, dict[str, float]] = {}
+    sums: dict[tuple[int, int, int], dict[str, float]] = {}
     for piece, seconds in timings.items():
         k, n, C = map(int, re.search(r"_k(\d+)_n(\d+)_C(\d+)$", piece).groups())
         kind = "gd-population" if piece.startswith("gd-population/") else (
             "sweeps" if piece.startswith("tuning/") else "evaluation")  # fmt: skip
-        problem = f"k={k}" + (f", n={n}" if n != k else "") + (f", C={C}" if C != 1 else "")
-        row = sums.setdefault(problem, dict.fromkeys(kinds, 0.0))
+        row = sums.setdefault((k, n, C), dict.fromkeys(kinds, 0.0))
         row[kind] += seconds
     if not sums:
         return []
     total = {kind: sum(row[kind] for row in sums.values()) for kind in kinds}
+    named = {
+        f"k={k}" + (f", n={n}" if n != k else "") + (f", C={C}" if C != 1 else ""): sums[k, n, C]
+        for k, n, C in sorted(sums)
+    }
     lines = [
         "### Wall time (s): each computed piece, from timings.json, summed by problem and kind",
         "",
         "| problem | " + " | ".join(kinds) + " | total |",
         "|---" * (len(kinds) + 2) + "|",
     ]
-    for problem, row in [*sums.items(), ("all", total)]:
+    for problem, row in [*named.items(), ("all", total)]:
         cells = [f"{row[kind]:,.0f}" for kind in kinds] + [f"{sum(row.values()):,.0f}"]
         lines.append(f"| {problem} | " + " | ".join(cells) + " |")
     return [*lines, ""]
