@@ -120,3 +120,5 @@ def test_wall_times_sum_each_problem_by_kind(tmp_path):
     assert wall_times({}) == []
     text = write_table([], tmp_path / "table.md", timings)
     assert text.endswith("\n".join(lines))
+    with pytest.raises(ValueError, match="'notes' that does not end in _k<k>_n<n>_C<C>"):
+        wall_times({"notes": 1.0})

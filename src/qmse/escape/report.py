@@ -108,7 +108,12 @@ def wall_times(timings: Mapping[str, float]) -> list[str]:
     kinds = ("gd-population", "sweeps", "evaluation")
     sums: dict[tuple[int, int, int], dict[str, float]] = {}
     for piece, seconds in timings.items():
-        k, n, C = map(int, re.search(r"_k(\d+)_n(\d+)_C(\d+)$", piece).groups())
+        if (match := re.search(r"_k(\d+)_n(\d+)_C(\d+)$", piece)) is None:
+            raise ValueError(
+                f"timings.json names a piece {piece!r} that does not end in _k<k>_n<n>_C<C>: "
+                "it was not written by qmse.escape (remove it from timings/ and rerun)"
+            )
+        k, n, C = map(int, match.groups())
         kind = "gd-population" if piece.startswith("gd-population/") else (
             "sweeps" if piece.startswith("tuning/") else "evaluation")  # fmt: skip
         row = sums.setdefault((k, n, C), dict.fromkeys(kinds, 0.0))
