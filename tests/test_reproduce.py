@@ -135,12 +135,15 @@ def test_cli_reproduce_on_idx_fixture_files(tmp_path, capsys, monkeypatch):
     assert main(["reproduce", "--report-only", "--out", str(out)]) == 0
     assert (out / "report.md").read_text() == report
 
-    # a sweep piece: no evaluation run yet, so a report and no figure
+    # a sweep piece: no evaluation run yet, so a report and the sweeps' figure only
     swept = ["--tune", "--max-extend", "0", "--piece", "sweep-m0", "--out", str(tmp_path / "t")]
     write_mnist(tmp_path / "data" / "fashion-mnist", n_train=48, n_test=24)
     capsys.readouterr()
     assert main([*argv, *swept]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"report: {tmp_path / 't' / 'report.md'}"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"figure-sweeps: {tmp_path / 't' / 'figure-sweeps.png'}",
+        f"report: {tmp_path / 't' / 'report.md'}",
+    ]
     assert len(list((tmp_path / "t" / SWEEP_DIR).glob("*-m0-s100-*"))) == 2 * 3
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the extra is missing
@@ -224,6 +227,7 @@ def test_a_tuned_diagnosed_grid_in_pieces(tmp_path):
     assert f"mse-m0.9-s1{'' if mse_lr == 0.05 else f'-lr{mse_lr:g}'}" in own["runs"]
     report = paths["report"].read_text()
     assert "## Step sizes" in report and "At lr 0.05 for every method" in report
+    assert paths["figure-sweeps"].stat().st_size > 0 and "![figure-sweeps.png]" in report
     stops = [
         runs.load_json(out / n / "diagnosis.json")["stop"]["whole_set_label"]
         for n in own["runs"]

@@ -24,7 +24,14 @@ from pathlib import Path
 
 from qmse import runs
 from qmse.endstate import RESIDUAL_THRESHOLDS
-from qmse.gridplot import losses_of, lr_label, runs_of, write_figure, write_mse_figure
+from qmse.gridplot import (
+    losses_of,
+    lr_label,
+    runs_of,
+    write_figure,
+    write_mse_figure,
+    write_sweep_figure,
+)
 from qmse.rundir import TrainConfig, run_name
 from qmse.stats import mean_ci, mean_std
 from qmse.stepsize import Tuned, Tuning, sweep_name, tune, yardstick
@@ -431,9 +438,10 @@ def grid_sets(grid: dict) -> list[dict]:
 
 def write_outputs(out_dir: str | Path) -> dict[str, Path]:
     """figure.png (accuracy of the first set), figure-<set>.png (the others), figure-mse.png
-    (train ½‖r‖², every set) and report.md of the grid in `out_dir`, from grid.json and the
-    runs' metrics, timings and diagnosis files; no checkpoint is read. The step-size choices
-    are recomputed from the sweep runs' metrics and must equal those grid.json records.
+    (train ½‖r‖², every set), figure-sweeps.png (the step-size sweeps) and report.md of the
+    grid in `out_dir`, from grid.json and the runs' metrics, timings and diagnosis files; no
+    checkpoint is read. The step-size choices are recomputed from the sweep runs' metrics
+    and must equal those grid.json records.
     Returns the paths written, by kind ("figure", "report", "figure-mse", ...)."""
     out = Path(out_dir)
     grid = runs.load_json(out / "grid.json")
@@ -466,6 +474,9 @@ def write_outputs(out_dir: str | Path) -> dict[str, Path]:
     if any(r["complete"] for r in results):
         paths["figure-mse"] = write_mse_figure(drawn, out / "figure-mse.png")
         figures.append("figure-mse.png")
+    if sweeps and write_sweep_figure(sweeps, out / "figure-sweeps.png"):
+        paths["figure-sweeps"] = out / "figure-sweeps.png"
+        figures.append("figure-sweeps.png")
     sweep_wall = sum(
         t["wall_s"]
         for path in sorted((out / SWEEP_DIR).glob("*/timings.jsonl"))
