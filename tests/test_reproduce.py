@@ -102,7 +102,9 @@ def test_tiny_grid_end_to_end(tmp_path):
     report = run_grid(configs, tmp_path, dataset=tiny_dataset(), quiet=True)["report"]
     text = report.read_text()
     assert "Diverged (non-finite loss, excluded): qmse-m0-s1." in text
-    assert [row[2 + (i == 0)] for i, row in enumerate(_table_rows(text, "0", "qmse"))] == ["2"] * 2
+    final, paired = _table_rows(text, "0", "qmse")
+    assert final[3] == "2 (+1 diverged)" and paired[2] == "2"
+    assert "- All runs, momentum 0: diverged, so left out of the pairs: qmse ×1." in text
     assert "momentum 0: QMSE's final train ½‖r‖² (the MSE yardstick) against MSE's: **undet" in text
 
     # an unfinished run (fewer epochs than planned) is excluded and named

@@ -210,14 +210,19 @@ def _final_table(results: list[dict]) -> list[str]:
                 for k, v in r["config"].loss_params.items()
             }  # fmt: skip
             lr += f" ({', '.join(sorted(params))})" if params else ""
+            lost = sum(
+                r["diverged"] for r in results
+                if r["config"].loss == loss and r["config"].momentum == momentum
+            )  # fmt: skip
+            seeds = f"{len(final)}" + (f" (+{lost} diverged)" if lost else "")
             if not final:
-                lines.append(f"| {momentum:g} | {loss} | {lr or '–'} | 0 | – | – | – |")
+                lines.append(f"| {momentum:g} | {loss} | {lr or '–'} | {seeds} | – | – | – |")
                 continue
             cells = [
                 _mean_std([row[key] for row in final.values()], kind)
                 for key, kind in (("train_acc", "pct"), ("test_acc", "pct"), ("train_mse", "g"))
             ]
-            lines.append(f"| {momentum:g} | {loss} | {lr} | {len(final)} | {' | '.join(cells)} |")
+            lines.append(f"| {momentum:g} | {loss} | {lr} | {seeds} | {' | '.join(cells)} |")
     return lines
 
 
@@ -262,6 +267,15 @@ def _paired(results: list[dict], title: str) -> tuple[list[str], list[str]]:
             verdicts.append(
                 f"- {title}, momentum {momentum:g}: MSE ended in the stopping case "
                 f"{_cases(diagnosed)} (of {len(diagnosed)} diagnosed runs)."
+            )
+        lost = Counter(
+            r["config"].loss for r in results if r["diverged"] and r["config"].momentum == momentum
+        )
+        if lost:
+            verdicts.append(
+                f"- {title}, momentum {momentum:g}: diverged, so left out of the pairs: "
+                + ", ".join(f"{loss} ×{n}" for loss, n in sorted(lost.items()))
+                + "."
             )
         for loss in (x for x in losses if x != "mse"):
             other = _final(results, loss, momentum)
