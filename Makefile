@@ -51,7 +51,7 @@ fashion-mnist:
 demo: setup fashion-mnist
 	.venv/bin/qmse demo
 
-# The end-of-training grid (docs/results.md, "End-of-training grid: how to run it"): SimpleCNN
+# The end-of-training grid (docs/results.md, "Wall time and commands"): SimpleCNN
 # on 2,000 Fashion-MNIST images, 5 losses x momentum {0, 0.9} x 5 seeds x 100 epochs, at the
 # paper's lr and at each method's own lr (sweeps on seed 100), every final checkpoint
 # diagnosed. One core; resumable pieces of about an hour, in this order: `make fmnist-end`
