@@ -167,15 +167,14 @@ def write_sweep_figure(sweeps: Sequence[tuple], path: str | Path) -> Path | None
     for base, tuned in sweeps:
         row = momenta.index(base.momentum)
         colour, label = style(base.loss, losses)
-        for knob in knobs:
+        for ax, knob in zip(axes[row], knobs):
             passes = [s for s in tuned.sweeps if s["knob"] == knob]
             passes = [s for i, s in enumerate(passes) if s not in passes[i + 1 :]]  # repeats
-            ax = axes[row, knobs.index(knob)]
             for i, s in enumerate(passes):
                 final = i == len(passes) - 1  # the sweep that decided
                 pts = [(v, sc) for v, sc in zip(s["values"], s["scores"]) if sc is not None]
                 finite = [(v, sc) for v, sc in pts if math.isfinite(sc)]
-                name = f"{label} ({yardstick_label(base.loss)})" if final else None
+                name = f"{label} ({_judged_on(base.loss)})" if final else None
                 if finite:
                     ax.plot(*zip(*finite), "o-" if final else "o--", color=colour, ms=4,
                             lw=1.2, alpha=1 if final else 0.45, label=name)  # fmt: skip
@@ -203,7 +202,7 @@ def write_sweep_figure(sweeps: Sequence[tuple], path: str | Path) -> Path | None
     return path
 
 
-def yardstick_label(loss: str) -> str:
+def _judged_on(loss: str) -> str:
     """What a loss's sweep is judged on (`qmse.stepsize.yardstick`), for a legend."""
     return "train ½‖r‖²" if yardstick(loss) == "train_mse" else "its train loss"
 

@@ -189,6 +189,13 @@ def _diagnoses(results: list[dict], loss: str, momentum: float) -> dict[int, dic
     }
 
 
+def _diverged(results: list[dict], momentum: float) -> Counter:
+    """loss -> number of diverged runs at `momentum`."""
+    return Counter(
+        r["config"].loss for r in results if r["diverged"] and r["config"].momentum == momentum
+    )
+
+
 def _cases(diagnoses: dict[int, dict]) -> str:
     """The stopping cases of the runs (whole subset) with their counts, e.g. 'null-space ×5'."""
     counts = Counter(d["stop"]["whole_set_label"] for d in diagnoses.values())
@@ -210,10 +217,7 @@ def _final_table(results: list[dict]) -> list[str]:
                 for k, v in r["config"].loss_params.items()
             }  # fmt: skip
             lr += f" ({', '.join(sorted(params))})" if params else ""
-            lost = sum(
-                r["diverged"] for r in results
-                if r["config"].loss == loss and r["config"].momentum == momentum
-            )  # fmt: skip
+            lost = _diverged(results, momentum)[loss]
             seeds = f"{len(final)}" + (f" (+{lost} diverged)" if lost else "")
             if not final:
                 lines.append(f"| {momentum:g} | {loss} | {lr or '–'} | {seeds} | – | – | – |")
@@ -268,10 +272,7 @@ def _paired(results: list[dict], title: str) -> tuple[list[str], list[str]]:
                 f"- {title}, momentum {momentum:g}: MSE ended in the stopping case "
                 f"{_cases(diagnosed)} (of {len(diagnosed)} diagnosed runs)."
             )
-        lost = Counter(
-            r["config"].loss for r in results if r["diverged"] and r["config"].momentum == momentum
-        )
-        if lost:
+        if lost := _diverged(results, momentum):
             verdicts.append(
                 f"- {title}, momentum {momentum:g}: diverged, so left out of the pairs: "
                 + ", ".join(f"{loss} ×{n}" for loss, n in sorted(lost.items()))
@@ -488,9 +489,9 @@ def write_outputs(out_dir: str | Path) -> dict[str, Path]:
     if any(r["complete"] for r in results):
         paths["figure-mse"] = write_mse_figure(drawn, out / "figure-mse.png")
         figures.append("figure-mse.png")
-    if sweeps and write_sweep_figure(sweeps, out / "figure-sweeps.png"):
-        paths["figure-sweeps"] = out / "figure-sweeps.png"
-        figures.append("figure-sweeps.png")
+    if (path := write_sweep_figure(sweeps, out / "figure-sweeps.png")) is not None:
+        paths["figure-sweeps"] = path
+        figures.append(path.name)
     sweep_wall = sum(
         t["wall_s"]
         for path in sorted((out / SWEEP_DIR).glob("*/timings.jsonl"))
