@@ -56,7 +56,7 @@ def step_times(
             if name == "qmse+resample":
                 v = sample_directions(batch, classes, generator=g, device=device)
                 v, _ = resample_null_v(models[name], x, v, generator=g)
-                loss = qmse_loss(models[name](x), y, v=v)
+                loss = qmse_loss(models[name](x), y, noise=v)
             else:
                 loss = compute_loss(name, models[name](x), y, generator=g)
             loss.backward()

@@ -79,7 +79,7 @@ def test_losses_and_their_gradients_match_the_cpu(name):
         n = None if noise is None else noise.to(device)
         loss = spec(x, t, noise=n, **params)
         (grad,) = torch.autograd.grad(loss, x)
-        results.append((loss.cpu(), grad.cpu(), spec.value(x.detach(), t, **params).cpu()))
+        results.append((loss.cpu(), grad.cpu(), spec.expected(x.detach(), t, **params).cpu()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -90,8 +90,8 @@ def test_qmse_loss_checks_run_on_the_device():
     g = torch.Generator().manual_seed(1)
     f, y = torch.randn(32, 4, generator=g), torch.randint(0, 4, (32,), generator=g)
     v = sample_directions(32, 4, generator=g)
-    cpu = qmse_loss(f, y, v=v)
-    gpu = qmse_loss(f.to(CUDA), y.to(CUDA), v=v.to(CUDA))
+    cpu = qmse_loss(f, y, noise=v)
+    gpu = qmse_loss(f.to(CUDA), y.to(CUDA), noise=v.to(CUDA))
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
     draws = qmse_loss(f.to(CUDA), y.to(CUDA), generator=torch.Generator(CUDA).manual_seed(0))
     assert draws.isfinite().item()

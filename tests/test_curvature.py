@@ -102,7 +102,7 @@ def test_random_losses_are_refused_with_their_registered_expectation():
     random = [name for name, spec in LOSSES.items() if spec.random]
     assert random  # qmse and label-noise at least
     for name in random:
-        expectation = LOSSES[name].expectation
+        expectation = LOSSES[name].mean_gradient_loss
         with pytest.raises(ValueError, match=f'random.*use "{expectation}"'):
             curvature.hessian_operator(model, name, (x, y))
     with pytest.raises(ValueError, match="not registered"):

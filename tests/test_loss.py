@@ -57,7 +57,7 @@ def test_gradient_equals_minus_jt_q_r():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
     v = sample_directions(5, 3, generator=g, dtype=torch.float64)
-    grad = _flat_grad(qmse_loss(model(x), y, v=v), model)
+    grad = _flat_grad(qmse_loss(model(x), y, noise=v), model)
 
     J = _per_sample_jacobians(model, x)  # (N, C, P)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_qmse_escapes_mse_stationary_point_of_least_squares():
     assert mse_grad.norm() < 1e-12
 
     v = sample_directions(1, C, generator=g, dtype=torch.float64)[0]
-    (grad,) = torch.autograd.grad(qmse_loss(f, t, v=v.unsqueeze(0)), w)
+    (grad,) = torch.autograd.grad(qmse_loss(f, t, noise=v.unsqueeze(0)), w)
     expected = -A.T @ v * (r @ r + v @ r)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
     assert grad.norm() > 1e-3
@@ -101,7 +101,7 @@ def test_monte_carlo_mean_gradient_is_expected_qmse_gradient():
         grads = -(((r + v) @ r).unsqueeze(-1) * (r + v)) @ J  # (K, P)  −Jᵀ(r+v)⟨r+v, r⟩
     # The per-draw formula agrees with autograd on a few draws.
     for k in range(3):
-        auto = _flat_grad(qmse_loss(model(x), y, v=v[k : k + 1]), model)
+        auto = _flat_grad(qmse_loss(model(x), y, noise=v[k : k + 1]), model)
         torch.testing.assert_close(auto, grads[k], rtol=1e-9, atol=1e-12)
     expected = _flat_grad(expected_qmse_loss(model(x), y), model)
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(K)
@@ -139,7 +139,7 @@ def test_seeded_determinism_and_explicit_v_path():
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
     assert not torch.equal(run(12)[0], l1)
     v = sample_directions(7, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    loss_v = qmse_loss(model(x), y, v=v)
+    loss_v = qmse_loss(model(x), y, noise=v)
     assert torch.equal(loss_v, l1)
     assert torch.equal(_flat_grad(loss_v, model), g1)
 
@@ -151,7 +151,7 @@ def test_class_indices_equal_one_hot_and_reductions_agree():
     onehot = F.one_hot(idx, 4).double()
     v = sample_directions(6, 4, generator=g, dtype=torch.float64)
     for fn in (
-        lambda t, red: qmse_loss(out, t, v=v, reduction=red),
+        lambda t, red: qmse_loss(out, t, noise=v, reduction=red),
         lambda t, red: mse_loss_half(out, t, reduction=red),
         lambda t, red: expected_qmse_loss(out, t, reduction=red),
     ):
@@ -161,7 +161,9 @@ def test_class_indices_equal_one_hot_and_reductions_agree():
         torch.testing.assert_close(fn(idx, "mean"), per.mean())
         torch.testing.assert_close(fn(idx, "sum"), per.sum())
     module = QMSELoss(reduction="sum")
-    torch.testing.assert_close(module(out, idx, v), qmse_loss(out, onehot, v=v, reduction="sum"))
+    torch.testing.assert_close(
+        module(out, idx, v), qmse_loss(out, onehot, noise=v, reduction="sum")
+    )
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     torch.testing.assert_close(
         QMSELoss(generator=g1)(out, onehot), qmse_loss(out, onehot, generator=g2)
@@ -175,15 +177,15 @@ def test_closed_forms_of_per_sample_losses():
     r = y - out
     Q = (r + v).unsqueeze(-1) * (r + v).unsqueeze(-2)
     quad = 0.5 * torch.einsum("nc,ncd,nd->n", r, Q, r)  # ½ rᵀ Q r
-    torch.testing.assert_close(qmse_loss(out, y, v=v, reduction="none"), quad)
+    torch.testing.assert_close(qmse_loss(out, y, noise=v, reduction="none"), quad)
     torch.testing.assert_close(mse_loss_half(out, y), 0.5 * 3 * F.mse_loss(out, y))
     s = (r * r).sum(-1)
     torch.testing.assert_close(
         expected_qmse_loss(out, y, reduction="none"), s**2 / 4 + s / 6, rtol=1e-12, atol=0
     )
     # One sample is a batch of one: (1, C).
-    assert qmse_loss(out[:1], y[:1], v=v[:1], reduction="none").shape == (1,)
-    torch.testing.assert_close(qmse_loss(out[:1], y[:1], v=v[:1]), quad[0])
+    assert qmse_loss(out[:1], y[:1], noise=v[:1], reduction="none").shape == (1,)
+    torch.testing.assert_close(qmse_loss(out[:1], y[:1], noise=v[:1]), quad[0])
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -194,16 +196,16 @@ def test_a_1d_input_is_refused_with_both_ways_to_pass_it(name):
     f, y = torch.randn(8, generator=g), torch.randn(8, generator=g)
     for call in (
         lambda: qmse_loss(f, y, generator=g),
-        lambda: qmse_loss(f, y, v=F.normalize(torch.randn(8, generator=g), dim=0)),
+        lambda: qmse_loss(f, y, noise=F.normalize(torch.randn(8, generator=g), dim=0)),
         lambda: get_loss(name)(f, y, generator=g),
-        lambda: get_loss(name).value(f, y),
+        lambda: get_loss(name).expected(f, y),
         lambda: QMSELoss()(f, y),
     ):
         with pytest.raises(ValueError, match=r"unsqueeze\(-1\) of shape \(8, 1\).*\(1, 8\)"):
             call()
     # both explicit forms work and differ: 8 samples with C = 1 against one with C = 8
     v8 = sample_directions(8, 1, generator=torch.Generator().manual_seed(0))  # (8, 1): ±1
-    column = qmse_loss(f.unsqueeze(-1), y.unsqueeze(-1), v=v8)
+    column = qmse_loss(f.unsqueeze(-1), y.unsqueeze(-1), noise=v8)
     r = (y - f).unsqueeze(-1)
     ref = (0.5 * ((r + v8) * r).sum(-1) ** 2).mean()
     torch.testing.assert_close(column, ref)
@@ -217,8 +219,8 @@ def test_batch_scope_uses_one_direction_for_the_flattened_residual():
     V = F.normalize(torch.randn(12, generator=g), dim=0).reshape(4, 3)
     R = (y - out).reshape(-1)
     expected = 0.5 * ((R + V.reshape(-1)) @ R) ** 2
-    torch.testing.assert_close(qmse_loss(out, y, v=V, scope="batch", reduction="sum"), expected)
-    torch.testing.assert_close(qmse_loss(out, y, v=V, scope="batch"), expected / 4)
+    torch.testing.assert_close(qmse_loss(out, y, noise=V, scope="batch", reduction="sum"), expected)
+    torch.testing.assert_close(qmse_loss(out, y, noise=V, scope="batch"), expected / 4)
     sampled = qmse_loss(out, y, scope="batch", generator=torch.Generator().manual_seed(0))
     assert sampled.shape == () and sampled >= 0
 
@@ -245,12 +247,14 @@ def test_registry_mean_values_and_expectations_against_monte_carlo():
         t = y.repeat(draws, 1)
         values = spec(f, t, generator=g, reduction="none", **kw).reshape(draws, 3)
         mc, se = values.mean(0), values.std(0) / draws**0.5
-        assert ((mc - spec.value(out, y, **kw)).abs() <= 4 * se).all(), name
+        assert ((mc - spec.expected(out, y, **kw)).abs() <= 4 * se).all(), name
         (grad,) = torch.autograd.grad(values.sum() / draws, f)
         per_draw = grad.reshape(draws, 3, 4) * draws  # (draws, 3, 4) gradient of each draw
         mc_grad, se_grad = per_draw.mean(0), per_draw.std(0) / draws**0.5
         o = out.clone().requires_grad_()
-        (exact,) = torch.autograd.grad(compute_loss(spec.expectation, o, y, reduction="sum"), o)
+        (exact,) = torch.autograd.grad(
+            compute_loss(spec.mean_gradient_loss, o, y, reduction="sum"), o
+        )
         assert ((mc_grad - exact).abs() <= 4 * se_grad).all(), name
 
 
@@ -285,7 +289,7 @@ def test_register_a_user_loss_and_refuse_bad_ones():
             register_loss(Loss("huber-test", lambda x, t, _: (t - x).sum(-1)))
     finally:
         LOSSES.pop("huber-test", None)
-    with pytest.raises(ValueError, match="needs `mean`"):
+    with pytest.raises(ValueError, match="needs `expected_value`"):
         register_loss(Loss("noisy", lambda x, t, n: (t - x + n).sum(-1), draw=sample_directions))
     with pytest.raises(ValueError, match="not registered"):
         get_loss("hinge")
@@ -347,7 +351,7 @@ def test_property_finite_nonnegative_and_gradient_formula(n, c, seed, scale):
     out = (scale * torch.randn(n, c, generator=g)).requires_grad_()
     y = torch.randn(n, c, generator=g)
     v = sample_directions(n, c, generator=g, dtype=torch.float64)
-    loss = qmse_loss(out, y, v=v, reduction="sum")
+    loss = qmse_loss(out, y, noise=v, reduction="sum")
     assert torch.isfinite(loss) and loss >= 0
     (grad,) = torch.autograd.grad(loss, out)
     r = (y - out).detach()
@@ -366,8 +370,12 @@ X, Y = torch.randn(3, 4), torch.randn(3, 4)
         (dict(input=X, target=torch.tensor([0, 4, 1])), ValueError, r"index 4.*\[0, 4\)"),
         (dict(input=X, target=torch.tensor([0, -1, 1])), ValueError, "out of range"),
         (dict(input=X, target=torch.tensor([0, 1])), ValueError, r"shape \(3,\)"),
-        (dict(input=X, target=Y, v=torch.randn(3, 5)), ValueError, r"v has shape \(3, 5\)"),
-        (dict(input=X, target=Y, v=torch.ones(3, 4)), ValueError, "unit-norm"),
+        (
+            dict(input=X, target=Y, noise=torch.randn(3, 5)),
+            ValueError,
+            r"noise \(v\) has shape \(3, 5\)",
+        ),
+        (dict(input=X, target=Y, noise=torch.ones(3, 4)), ValueError, "unit-norm"),
         (dict(input=X, target=Y, reduction="avg"), ValueError, "reduction='avg'"),
         (dict(input=X, target=Y, scope="global"), ValueError, "scope='global'"),
         (dict(input=torch.randn(3, 0), target=torch.randn(3, 0)), ValueError, "C = 0"),

@@ -108,7 +108,7 @@ def test_evaluate_matches_per_sample_reference(loss):
         draws = torch.stack(
             [
                 qmse_loss(
-                    out, onehot, v=sample_directions(len(out), 3, generator=g, dtype=out.dtype)
+                    out, onehot, noise=sample_directions(len(out), 3, generator=g, dtype=out.dtype)
                 )
                 for _ in range(4000)
             ]

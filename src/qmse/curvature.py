@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vjp
 
+from qmse.errors import UserError
 from qmse.loss import get_loss
 
 Batch = tuple[Tensor, Tensor]
@@ -47,7 +48,7 @@ def criterion_fn(criterion: Criterion) -> Callable[[Tensor, Tensor], Tensor]:
 
     A string names a loss of the registry `qmse.loss.LOSSES` (the shortcut); it must be
     deterministic, because a random loss (QMSE's v, label noise's ξ) has no fixed value or
-    Hessian at a point: its registered `expectation`, the deterministic loss with the same
+    Hessian at a point: its registered `mean_gradient_loss`, the deterministic loss with the same
     mean gradient, is the landscape to measure instead. Any other callable is used as it is,
     like `torch.nn.HuberLoss()` or a user function; it must return the mean over the samples
     of the batch, so that batches of different sizes combine into the mean over all of them.
@@ -56,12 +57,12 @@ def criterion_fn(criterion: Criterion) -> Callable[[Tensor, Tensor], Tensor]:
         spec = get_loss(criterion)
         if spec.random:
             instead = (
-                f'use "{spec.expectation}", its expectation (the deterministic loss with the '
-                f"same mean gradient)"
-                if spec.expectation is not None
+                f'use "{spec.mean_gradient_loss}" (the deterministic loss with the same mean '
+                f"gradient)"
+                if spec.mean_gradient_loss is not None
                 else "register a deterministic loss for its mean and use that"
             )
-            raise ValueError(
+            raise UserError(
                 f"loss {criterion!r} is random (it draws new noise at every call), so it has "
                 f"no fixed value or curvature at a point; {instead}"
             )
@@ -91,14 +92,14 @@ def flat_params(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, 
     """
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError("model has no parameters with requires_grad=True to diagnose")
+        raise UserError("model has no parameters with requires_grad=True to diagnose")
     names = [k for k, _ in named]
     shapes = [p.shape for _, p in named]
     sizes = [p.numel() for _, p in named]
     w = torch.cat([p.detach().reshape(-1) for _, p in named])  # (P,) a copy
     if not torch.isfinite(w).all():
         bad = [k for k, p in named if not torch.isfinite(p).all()]
-        raise ValueError(
+        raise UserError(
             f"model parameters {bad} hold non-finite values (training diverged?); there is "
             f"nothing to diagnose: use an earlier checkpoint or a smaller learning rate"
         )
@@ -126,7 +127,7 @@ def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
         return [batches]
     out = list(batches)
     if not out:
-        raise ValueError("batches is empty; pass an (x, y) pair or a list of them")
+        raise UserError("batches is empty; pass an (x, y) pair or a list of them")
     return out
 
 
@@ -193,7 +194,7 @@ def lanczos(
     the eigenvalues. The start vector is Gaussian from `generator` unless given.
     """
     if not 1 <= steps <= dim:
-        raise ValueError(f"steps must be in [1, dim={dim}], got {steps}")
+        raise UserError(f"steps must be in [1, dim={dim}], got {steps}")
     device = generator.device if generator is not None else None
     q = (
         start
@@ -259,7 +260,7 @@ def hutchinson_trace(
     """Hutchinson's estimate of tr H = E[zᵀHz] with Rademacher z, and its standard error
     (sample std / √samples)."""
     if samples < 2:
-        raise ValueError(f"samples must be >= 2 to give a standard error, got {samples}")
+        raise UserError(f"samples must be >= 2 to give a standard error, got {samples}")
     gen = torch.Generator().manual_seed(seed)
     vals = []
     for _ in range(samples):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qmse.errors import UserError
 from qmse.sources import (
     DATASETS,
     IDX_CONTENT_MD5,
@@ -97,7 +98,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 def check_name(name: str) -> None:
     if name not in DATASETS:
-        raise ValueError(f"dataset name={name!r} is not supported; expected one of {DATASETS}")
+        raise UserError(f"dataset name={name!r} is not supported; expected one of {DATASETS}")
 
 
 def _fix(name: str) -> str:
@@ -177,7 +178,7 @@ def read_bytes(path: Path, name: str) -> bytes:
     try:
         return gzip.decompress(data)
     except (EOFError, OSError, zlib.error) as e:
-        raise ValueError(
+        raise UserError(
             f"{path}: corrupt or truncated gzip ({type(e).__name__}: {e}); {_fix(name)}"
         ) from e
 
@@ -187,22 +188,22 @@ def _read_idx(path: Path, name: str, magic: int, ndim: int) -> np.ndarray:
     data = read_bytes(path, name)
     header = 4 * (1 + ndim)
     if len(data) < header:
-        raise ValueError(
+        raise UserError(
             f"{path}: {len(data)} bytes, too short for an IDX header of {header}; {_fix(name)}"
         )
     seen, *dims = struct.unpack(f">{1 + ndim}i", data[:header])
     if seen != magic:
         kind = "images" if magic == _IDX_IMAGES else "labels"
-        raise ValueError(
+        raise UserError(
             f"{path}: IDX magic number {seen}, expected {magic} ({kind}); it is not an "
             f"MNIST-format {kind} file or it is corrupt; {_fix(name)}"
         )
     if min(dims) < 0:
-        raise ValueError(f"{path}: negative sizes {dims} in its IDX header; {_fix(name)}")
+        raise UserError(f"{path}: negative sizes {dims} in its IDX header; {_fix(name)}")
     expected = header + math.prod(dims)
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
-        raise ValueError(
+        raise UserError(
             f"{path}: {len(data)} bytes but its header (sizes {dims}) implies {expected}: the "
             f"file is {what}; {_fix(name)}"
         )
@@ -213,7 +214,7 @@ def _labels(labels: np.ndarray, where: str, num_classes: int, name: str) -> Tens
     """Labels as int64 (N,), checked to lie in [0, num_classes)."""
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
+        raise UserError(
             f"{where}: labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}) "
             f"for {name}; {_fix(name)}"
         )
@@ -232,7 +233,7 @@ def _load_idx(name: str, data_dir: str | os.PathLike | None) -> tuple[Dataset, l
         images = _read_idx(image_path, name, _IDX_IMAGES, 3)  # (N, H, W)
         labels = _read_idx(label_path, name, _IDX_LABELS, 1)  # (N,)
         if len(labels) != len(images):
-            raise ValueError(
+            raise UserError(
                 f"{label_path}: {len(labels)} labels but {image_path} holds {len(images)} "
                 f"images; the two files come from different releases or one is damaged; "
                 f"{_fix(name)}"
@@ -296,23 +297,23 @@ def _unpickle_batch(
         # Written by Python 2: its str become bytes (keys b"data", ...), as CIFAR's page says.
         batch = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as e:  # any failure to parse untrusted bytes means a bad file
-        raise ValueError(
+        raise UserError(
             f"{where}: refused or corrupt pickle ({type(e).__name__}: {e}); {_fix(name)}"
         ) from e
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(
+        raise UserError(
             f"{where}: not a {name} batch (expected keys b'data' and {label_key!r}, got "
             f"{keys}); {_fix(name)}"
         )
     data, labels = batch[b"data"], batch[label_key]
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         shape = getattr(data, "shape", type(data).__name__)
-        raise ValueError(f"{where}: b'data' is {shape}, expected (N, 3072) uint8; {_fix(name)}")
+        raise UserError(f"{where}: b'data' is {shape}, expected (N, 3072) uint8; {_fix(name)}")
     if not isinstance(labels, list) or not all(type(x) is int for x in labels):
-        raise ValueError(f"{where}: {label_key!r} is not a list of ints; {_fix(name)}")
+        raise UserError(f"{where}: {label_key!r} is not a list of ints; {_fix(name)}")
     if len(labels) != len(data):
-        raise ValueError(f"{where}: {len(labels)} labels for {len(data)} images; {_fix(name)}")
+        raise UserError(f"{where}: {len(labels)} labels for {len(data)} images; {_fix(name)}")
     return data, np.asarray(labels, dtype=np.int64)
 
 
@@ -323,7 +324,7 @@ def _cifar_members(path: Path, name: str) -> dict[str, bytes]:
     if path.is_dir():
         missing = [m for m in members if not (path / m).is_file()]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{path} lacks {missing}: the extracted folder is incomplete; {_fix(name)}"
             )
         return {m: (path / m).read_bytes() for m in members}
@@ -335,13 +336,13 @@ def _cifar_members(path: Path, name: str) -> dict[str, bytes]:
                 if info.name in wanted and info.isfile():
                     blobs[wanted[info.name]] = tar.extractfile(info).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ValueError(
+        raise UserError(
             f"{path}: unreadable archive ({type(e).__name__}: {e}); it is truncated or "
             f"corrupt; {_fix(name)}"
         ) from e
     missing = [m for m in wanted if wanted[m] not in blobs]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{path} lacks {missing}: not the official archive or truncated; {_fix(name)}"
         )
     return blobs
@@ -394,7 +395,7 @@ def load(
         md5 = _digests(name, path)["md5"]
         dataset.files[str(path.resolve())] = {"md5": md5, "verified": verified}
         if verified is False and not allow_unverified:
-            raise ValueError(
+            raise UserError(
                 f"{path}: MD5 {md5} is not the published one of {name} (the file differs from "
                 f"the official release: damaged, modified or another version); {_fix(name)}; "
                 f"or pass --allow-unverified-data (allow_unverified=True) to use it anyway, "

@@ -45,6 +45,7 @@ from qmse.curvature import (
     ritz_extremes,
     spectral_density,
 )
+from qmse.errors import UserError
 from qmse.loss import get_loss
 from qmse.rundir import load_run, prepare_data, run_key
 from qmse.runs import (
@@ -69,18 +70,18 @@ def _float_targets(y: Tensor, out: Tensor) -> Tensor:
     """Targets as floats shaped like the output: int class indices become one-hot."""
     if y.is_floating_point():
         if y.shape != out.shape:
-            raise ValueError(
+            raise UserError(
                 f"target shape {tuple(y.shape)} does not match model output "
                 f"{tuple(out.shape)}; pass targets of the output's shape or int class indices"
             )
         return y.to(out.dtype)
     if y.shape != out.shape[:1] or out.dim() != 2:
-        raise ValueError(
+        raise UserError(
             f"integer targets must be class indices of shape ({out.shape[0]},) for output "
             f"{tuple(out.shape)}, got {tuple(y.shape)}"
         )
     if (y < 0).any() or (y >= out.shape[1]).any():
-        raise ValueError(f"class indices must lie in [0, {out.shape[1]}), got {y.min()}..{y.max()}")
+        raise UserError(f"class indices must lie in [0, {out.shape[1]}), got {y.min()}..{y.max()}")
     return F.one_hot(y.long(), out.shape[1]).to(out.dtype)  # (N, C)
 
 
@@ -108,7 +109,7 @@ def gradient_geometry(
     with eval_mode(model), torch.no_grad():
         out = f(w, x)  # (N, C)
         if out.dim() != 2:
-            raise ValueError(f"model output must be (N, C), got {tuple(out.shape)}")
+            raise UserError(f"model output must be (N, C), got {tuple(out.shape)}")
         r = _float_targets(y, out) - out  # (N, C)
         N, C = r.shape
         P = w.numel()
@@ -196,7 +197,7 @@ def classify_stop(
         ("tol_ratio", tol_ratio),
     ):
         if not tol >= 0:
-            raise ValueError(f"{name} must be >= 0, got {tol}")
+            raise UserError(f"{name} must be >= 0, got {tol}")
     ps, ws = geometry["per_sample"], geometry["whole_set"]
     res, out_grad, ratio = ps["residual_norm"], ps["output_grad_norms"], ps["ratio"]
     case = torch.zeros_like(res, dtype=torch.long)
@@ -236,7 +237,7 @@ def label_curvature(lambda_min: float, lambda_max: float, rel_tol: float = 1e-3)
     what the curvature is; it describes a critical point only where the gradient is ~0.
     """
     if not rel_tol >= 0:
-        raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
+        raise UserError(f"rel_tol must be >= 0, got {rel_tol}")
     tol = rel_tol * abs(lambda_max)
     if lambda_min < -tol:
         return "saddle"
@@ -250,10 +251,10 @@ def _criteria(criterion: Criterion | Sequence[Criterion]) -> dict[str, Criterion
     """One criterion or a list of them, keyed by their report labels (`criterion_name`)."""
     many = list(criterion) if isinstance(criterion, (list, tuple)) else [criterion]
     if not many:
-        raise ValueError("criterion is an empty list; give at least one loss")
+        raise UserError("criterion is an empty list; give at least one loss")
     named = {criterion_name(c): c for c in many}
     if len(named) != len(many):
-        raise ValueError(
+        raise UserError(
             f"criteria {[criterion_name(c) for c in many]} share a label; give each its own "
             f"name (e.g. a def instead of two lambdas)"
         )
@@ -337,12 +338,14 @@ def diagnose_model(
 
 def run_criteria(run_loss: str) -> tuple[str, ...]:
     """The Hessian losses of a run trained with `run_loss`: MSE (the yardstick of sec. 2.2)
-    and the run's own loss, or for a random one its registered expectation (QMSE's is
+    and the run's own loss, or for a random one its registered mean-gradient loss (QMSE's is
     expected-QMSE, docs/theory.md "Its expectation over v")."""
     spec = get_loss(run_loss)
-    own = spec.expectation if spec.random else spec.name
+    own = spec.mean_gradient_loss if spec.random else spec.name
     if own is None:
-        raise ValueError(f"loss {run_loss!r} is random and registers no expectation to diagnose")
+        raise UserError(
+            f"loss {run_loss!r} is random and registers no mean_gradient_loss to diagnose"
+        )
     return ("mse",) if own == "mse" else ("mse", own)
 
 
@@ -378,7 +381,7 @@ def diagnose_run(
     data = prepare_data(run_config, device)
     n_train = data.x_train.shape[0]
     if not 1 <= n_samples <= n_train:
-        raise ValueError(f"n_samples={n_samples}; the run's training set has {n_train} images")
+        raise UserError(f"n_samples={n_samples}; the run's training set has {n_train} images")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n_train, generator=gen)[:n_samples].sort().values.to(data.x_train.device)
     result = diagnose_model(

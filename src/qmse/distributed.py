@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from qmse.errors import UserError
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) outside a process group."""
@@ -46,7 +48,7 @@ def init_distributed(device: torch.device | str) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise ValueError(f"device={device}; data-parallel runs need cpu (gloo) or cuda (nccl)")
+        raise UserError(f"device={device}; data-parallel runs need cpu (gloo) or cuda (nccl)")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(dist.destroy_process_group)

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from qmse.data import check_name, locate, resolve_data_dir, verify
+from qmse.errors import QmseError, UserError
 from qmse.runs import progress
 from qmse.sources import DATASETS, MEMBER_MD5, SOURCES, file_md5
 
@@ -23,7 +24,7 @@ RETRY_WAIT_S = 1.0  # retry k of a mirror waits k * RETRY_WAIT_S seconds first
 _USER_AGENT = "qmse-data (python urllib)"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(QmseError, RuntimeError):
     """No mirror delivered a file with the published MD5; the message says what to do."""
 
 
@@ -172,9 +173,9 @@ def download(
     """
     check_name(name)
     if retries < 0:
-        raise ValueError(f"retries={retries} must be >= 0")
+        raise UserError(f"retries={retries} must be >= 0")
     if not timeout > 0:
-        raise ValueError(f"timeout={timeout} must be > 0 seconds")
+        raise UserError(f"timeout={timeout} must be > 0 seconds")
     urls = list(mirrors) if mirrors else list(SOURCES[name].mirrors)
     folder = resolve_data_dir(data_dir) / name
     folder.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,9 @@ def full_set_state(
     with torch.no_grad(), eval_mode(model):
         for start in range(0, n, CHUNK):
             out = model(x[start : start + CHUNK]).double()  # (b, C)
-            norms.append((2 * mse.value(out, labels[start : start + CHUNK])).sqrt())  # (b,) ‖r_i‖
+            norms.append(
+                (2 * mse.expected(out, labels[start : start + CHUNK])).sqrt()
+            )  # (b,) ‖r_i‖
     r = torch.cat(norms)  # (n,)
     grad_norms = {}
     for criterion in criteria:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from qmse.curvature import Criterion, criterion_fn, criterion_name, eval_mode
+from qmse.errors import UserError
 from qmse.rundir import load_run, prepare_data
 from qmse.runs import atomic_write, progress, provenance, save_figure, save_json
 from qmse.symmetry import PermutationSpec, count_equivalent, permutation_spec, weight_matching
@@ -125,14 +126,14 @@ def evaluate_points(
     crit = criterion_fn(criterion)
     x, y = data
     if coeffs.dim() != 2 or coeffs.size(1) != len(directions):
-        raise ValueError(
+        raise UserError(
             f"coeffs must be (P, {len(directions)}) for {len(directions)} directions, got "
             f"{tuple(coeffs.shape)}"
         )
     if x.size(0) != y.size(0) or x.size(0) == 0:
-        raise ValueError(f"x and y must hold the same N ≥ 1 samples, got {len(x)} and {len(y)}")
+        raise UserError(f"x and y must hold the same N ≥ 1 samples, got {len(x)} and {len(y)}")
     if group_size < 1 or batch_size < 1:
-        raise ValueError(f"group_size and batch_size must be ≥ 1, got {group_size}, {batch_size}")
+        raise UserError(f"group_size and batch_size must be ≥ 1, got {group_size}, {batch_size}")
     labels = _labels(y)  # (N,) or None
     stacked = {k: torch.stack([d[k] for d in directions]) for k in base}  # (K, *shape) each
     coeffs = coeffs.to(device=x.device, dtype=next(iter(base.values())).dtype)
@@ -155,7 +156,7 @@ def evaluate_points(
         saved = np.load(resume_file)
         same = set(key) <= set(saved.files) and saved["coeffs"].shape == key["coeffs"].shape
         if not (same and all(np.array_equal(saved[k], v) for k, v in key.items())):
-            raise ValueError(
+            raise UserError(
                 f"resume_file {resume_file} holds a different evaluation (points, data, "
                 f"criterion or directions differ); delete it to start afresh"
             )
@@ -196,10 +197,10 @@ def interpolate(
     """Loss and accuracy on `data` at (1 − α)·θ_a + α·θ_b for `points` values of α evenly in
     [0, 1] (`evaluate_points`); the two models need the same parameter names and shapes."""
     if points < 2:
-        raise ValueError(f"points={points}; need at least 2 to include both ends")
+        raise UserError(f"points={points}; need at least 2 to include both ends")
     base, end = parameters_of(model_a), parameters_of(model_b)
     if base.keys() != end.keys() or any(base[k].shape != end[k].shape for k in base):
-        raise ValueError("model_a and model_b must have the same parameter names and shapes")
+        raise UserError("model_a and model_b must have the same parameter names and shapes")
     alphas = torch.linspace(0, 1, points, dtype=torch.float64)
     direction = {k: end[k] - base[k] for k in base}
     losses, acc = evaluate_points(model_a, criterion, data, base, [direction], alphas.unsqueeze(1),
@@ -216,7 +217,7 @@ def barrier(values: np.ndarray) -> float:
     largest drop below the line between the ends' accuracies."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or values.size < 2:
-        raise ValueError(f"values must be a path of ≥ 2 points, got shape {values.shape}")
+        raise UserError(f"values must be a path of ≥ 2 points, got shape {values.shape}")
     alphas = np.linspace(0.0, 1.0, values.size)
     chord = (1 - alphas) * values[0] + alphas * values[-1]
     return float(np.max(values - chord))
@@ -281,9 +282,9 @@ def random_slice(
     `compile`, `resume_file`: see `evaluate_points`.
     """
     if dims not in (1, 2):
-        raise ValueError(f"dims={dims}; a slice is 1- or 2-dimensional")
+        raise UserError(f"dims={dims}; a slice is 1- or 2-dimensional")
     if points < 2 or span <= 0:
-        raise ValueError(f"need points ≥ 2 and span > 0, got points={points}, span={span}")
+        raise UserError(f"need points ≥ 2 and span > 0, got points={points}, span={span}")
     g = torch.Generator().manual_seed(seed)
     directions = [filter_normalized_direction(model, g) for _ in range(dims)]
     coords = torch.linspace(-span, span, points, dtype=torch.float64)
@@ -323,7 +324,7 @@ def plot_slices(results: dict[str, dict], title: str = "") -> Figure:
     """
     dims = {r["loss"].ndim for r in results.values()}
     if len(dims) != 1:
-        raise ValueError("plot_slices draws slices of one dimension at a time")
+        raise UserError("plot_slices draws slices of one dimension at a time")
     if dims == {1}:
         fig = Figure(figsize=(10, 4), layout="tight")
         ax_l, ax_a = fig.subplots(1, 2)
@@ -358,7 +359,7 @@ def plot_slices(results: dict[str, dict], title: str = "") -> Figure:
 def _training_sample(config: dict, samples: int, device: torch.device | str):
     """The first `samples` training images and labels of a run's data (as it saw them)."""
     if samples < 1:
-        raise ValueError(f"samples={samples}; need at least one training sample")
+        raise UserError(f"samples={samples}; need at least one training sample")
     data = prepare_data(config, device)
     return data.x_train[:samples], data.y_train[:samples]
 
@@ -391,7 +392,7 @@ def match_runs(
     model_a, config_a = load_run(run_a, device)
     model_b, config_b = load_run(run_b, device)
     if config_a["dataset"] != config_b["dataset"]:
-        raise ValueError(
+        raise UserError(
             f"run_a was trained on {config_a['dataset']} and run_b on {config_b['dataset']}; "
             f"matching compares two runs of the same data set"
         )
@@ -506,7 +507,7 @@ def landscapes_of_runs(
     summaries."""
     names = [Path(r).resolve().name for r in run_dirs]
     if len(set(names)) != len(names):
-        raise ValueError(f"run folders {names} share a name; give runs distinct folder names")
+        raise UserError(f"run folders {names} share a name; give runs distinct folder names")
     out = Path(out)
     summaries = [landscape_of_run(r, out / n, **options) for r, n in zip(run_dirs, names)]
     dims = summaries[0]["dims"]

@@ -24,13 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qmse.errors import UserError
+
 REDUCTIONS = ("mean", "sum", "none")
 SCOPES = ("sample", "batch")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; expected one of {choices}")
+        raise UserError(f"{name}={value!r} is not supported; expected one of {choices}")
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -54,21 +56,21 @@ def _check_input(input: Tensor, target: Tensor) -> None:
         )
     if input.dim() == 1:
         (n,) = input.shape
-        raise ValueError(
+        raise UserError(
             f"input has shape ({n},): 1-D is ambiguous; pass N = {n} scalar outputs as "
             f"input.unsqueeze(-1) of shape ({n}, 1) (with target.unsqueeze(-1) for float "
             f"targets), or one sample of C = {n} outputs as input.unsqueeze(0) of shape (1, {n})"
         )
     if input.dim() != 2:
-        raise ValueError(
+        raise UserError(
             f"input must be (N, C), got shape {tuple(input.shape)}; flatten extra "
             f"dimensions into the batch with input.reshape(-1, C)"
         )
     C = input.size(-1)
     if C == 0:
-        raise ValueError(f"input has C = 0 outputs (shape {tuple(input.shape)}); need C >= 1")
+        raise UserError(f"input has C = 0 outputs (shape {tuple(input.shape)}); need C >= 1")
     if input.size(0) == 0:
-        raise ValueError(f"input is an empty batch (shape {tuple(input.shape)}); need N >= 1")
+        raise UserError(f"input is an empty batch (shape {tuple(input.shape)}); need N >= 1")
 
 
 def _prepare(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,14 +89,14 @@ def _prepare(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         raise TypeError(f"target has dtype {target.dtype}; expected floating or int64 classes")
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError(
+            raise UserError(
                 f"target shape {tuple(target.shape)} does not match input shape "
                 f"{tuple(input.shape)}; pass one-hot/regression targets of the same shape or "
                 f"int64 class indices of shape {tuple(input.shape[:-1])}"
             )
         return x, target.reshape(-1, C).to(x.dtype)
     if target.shape != input.shape[:-1]:
-        raise ValueError(
+        raise UserError(
             f"integer target (class indices) must have shape {tuple(input.shape[:-1])} for "
             f"input of shape {tuple(input.shape)}, got {tuple(target.shape)}"
         )
@@ -103,7 +105,7 @@ def _prepare(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         if idx.device.type == "cpu":
             bad = (idx < 0) | (idx >= C)
             if bad.any():
-                raise ValueError(
+                raise UserError(
                     f"target class index {int(idx[bad][0])} is out of range [0, {C}) for "
                     f"input with C = {C} outputs"
                 )
@@ -141,17 +143,19 @@ def sample_directions(
     return F.normalize(z, dim=-1).to(device)
 
 
-def _check_v(v: Tensor, shape: tuple[int, ...], per_row: bool) -> None:
-    """v must have `shape` and unit norm per row (scope "sample") or as a whole ("batch").
+def _check_noise(noise: Tensor, shape: tuple[int, ...], per_row: bool) -> None:
+    """QMSE's draw v (`noise`) must have `shape` and unit norm per row (scope "sample") or
+    as a whole ("batch").
 
     The norm is checked on the host for CPU tensors only; elsewhere an async device assert.
     """
-    if not isinstance(v, Tensor) or not v.is_floating_point():
-        raise TypeError(f"v must be a floating-point tensor of shape {shape}")
-    if tuple(v.shape) != shape:
-        raise ValueError(f"v has shape {tuple(v.shape)}; expected {shape}")
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise (v) must be a floating-point tensor of shape {shape}")
+    if tuple(noise.shape) != shape:
+        raise UserError(f"noise (v) has shape {tuple(noise.shape)}; expected {shape}")
     if torch.compiler.is_compiling():
         return
+    v = noise
     norms = v.reshape(-1, shape[-1]).norm(dim=-1) if per_row else v.norm().reshape(1)
     unit = ((norms - 1).abs() <= 1e-4).all()
     if v.device.type != "cpu":  # no host sync on an accelerator: assert on the device
@@ -159,7 +163,7 @@ def _check_v(v: Tensor, shape: tuple[int, ...], per_row: bool) -> None:
         return
     if not unit:
         what = "unit-norm rows" if per_row else "unit norm as a whole (scope='batch')"
-        raise ValueError(
+        raise UserError(
             f"v must have {what} (v on the unit sphere), got norms in "
             f"[{norms.min().item():.6g}, {norms.max().item():.6g}]; normalise it with "
             f"torch.nn.functional.normalize"
@@ -172,7 +176,7 @@ def qmse_loss(
     *,
     reduction: str = "mean",
     generator: torch.Generator | None = None,
-    v: Tensor | None = None,
+    noise: Tensor | None = None,
     scope: str = "sample",
 ) -> Tensor:
     """QMSE loss ½‖y − f‖²_Q with Q = (r + v)(r + v)ᵀ held constant (paper eqs. 6-8).
@@ -181,33 +185,34 @@ def qmse_loss(
     outputs as (N, 1), one sample of C outputs as (1, C)). target: same shape, or int64
     class indices of shape (N,) (made one-hot with C = input.size(-1)).
     scope="sample" (the paper's method, one sample at a time): one independent v per sample,
-    drawn from `generator` (or the global RNG) unless given as `v` of shape (N, C).
+    drawn from `generator` (or the global RNG) unless given as `noise` of shape (N, C), unit
+    rows (the name every loss of the registry uses for its random draw).
     scope="batch" is a different method: one v on the unit sphere of R^{N·C} for the whole
-    flattened batch residual R, loss ½⟨R + v, R⟩²; `v` then has input's shape,
+    flattened batch residual R, loss ½⟨R + v, R⟩²; `noise` then has input's shape,
     reduction="sum" returns that value, "mean" divides it by N, "none" is not defined.
     Reductions: "mean" over samples, "sum", "none" (per-sample vector).
     Computed in float32 at least: fp16/bf16 inputs (e.g. under autocast) are upcast first.
     """
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("scope", scope, SCOPES)
-    _check_input(input, target)  # before v is checked against input's shape
+    _check_input(input, target)  # before noise is checked against input's shape
     if scope == "batch":
         x, t = _prepare(input, target)
         r = t - x  # (N, C)
         N, C = r.shape
         if reduction == "none":
-            raise ValueError('scope="batch" gives one value per batch; use reduction="sum"')
-        if v is None:
+            raise UserError('scope="batch" gives one value per batch; use reduction="sum"')
+        if noise is None:
             flat = sample_directions(1, N * C, generator=generator, device=r.device, dtype=r.dtype)
         else:
-            _check_v(v, tuple(input.shape), per_row=False)
-            flat = v.reshape(1, N * C).to(r)
+            _check_noise(noise, tuple(input.shape), per_row=False)
+            flat = noise.reshape(1, N * C).to(r)
         R = r.reshape(1, N * C)
         total = 0.5 * ((R + flat).detach() * R).sum() ** 2
         return total / N if reduction == "mean" else total
-    if v is not None:
-        _check_v(v, tuple(input.shape), per_row=True)
-    return LOSSES["qmse"](input, target, noise=v, generator=generator, reduction=reduction)
+    if noise is not None:
+        _check_noise(noise, tuple(input.shape), per_row=True)
+    return LOSSES["qmse"](input, target, noise=noise, generator=generator, reduction=reduction)
 
 
 def mse_loss_half(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -252,18 +257,20 @@ class Loss:
         draw (QMSE's v, label noise's ξ), None for a deterministic loss.
     draw(n, C, *, generator, device, dtype, **params) -> (n, C): that draw; None when the
         loss is deterministic. A trainer may draw a whole epoch's noise at once and slice it.
-    mean(input, target, **params) -> (N,): the mean of per_sample over the draw (the value
-        reports show for a random loss); None for a deterministic one.
-    expectation: the registered deterministic loss whose gradient is the mean of this one's
-        gradient over the draw (docs/theory.md), or None.
-    params: the keyword parameters draw and mean accept (e.g. label noise's sigma).
+    expected_value(input, target, **params) -> (N,): E over the draw of per_sample, the
+        value reports show for a random loss (QMSE: ½‖r‖⁴ + ‖r‖²/(2C)); None for a
+        deterministic one. `expected` applies it (or the loss itself when deterministic).
+    mean_gradient_loss: the name of the registered deterministic loss whose *gradient* is the
+        mean of this one's gradient over the draw (QMSE: "expected-qmse", ¼‖r‖⁴ + ‖r‖²/(2C),
+        which is not E[QMSE]: see docs/theory.md), or None.
+    params: the keyword parameters draw and expected_value accept (label noise's sigma).
     """
 
     name: str
     per_sample: Callable[[Tensor, Tensor, Tensor | None], Tensor]
     draw: Callable[..., Tensor] | None = None
-    mean: Callable[..., Tensor] | None = None
-    expectation: str | None = None
+    expected_value: Callable[..., Tensor] | None = None
+    mean_gradient_loss: str | None = None
     params: tuple[str, ...] = ()
     description: str = ""
 
@@ -292,20 +299,21 @@ class Loss:
             )
         elif noise is not None:
             if not self.random:
-                raise ValueError(f"loss {self.name!r} is deterministic; it takes no noise")
+                raise UserError(f"loss {self.name!r} is deterministic; it takes no noise")
             if tuple(noise.shape) != tuple(input.shape):
-                raise ValueError(
+                raise UserError(
                     f"noise has shape {tuple(noise.shape)}; expected input's {tuple(input.shape)}"
                 )
             noise = noise.reshape(x.shape).to(x)
         return _reduce(self.per_sample(x, t, noise), reduction)
 
-    def value(self, input: Tensor, target: Tensor, **params: float) -> Tensor:
-        """(N,) per-sample value without randomness: `mean` for a random loss, else the loss."""
+    def expected(self, input: Tensor, target: Tensor, **params: float) -> Tensor:
+        """(N,) per-sample value without randomness: E over the draw for a random loss
+        (`expected_value`), else the loss itself."""
         self._check_params(params)
         x, t = _prepare(input, target)
         if self.random:
-            return self.mean(x, t, **params)
+            return self.expected_value(x, t, **params)
         return self.per_sample(x, t, None)
 
     def _check_params(self, params: dict) -> None:
@@ -324,9 +332,11 @@ def register_loss(loss: Loss) -> Loss:
     if not isinstance(loss, Loss):
         raise TypeError(f"register_loss takes a qmse.loss.Loss, got {type(loss).__name__}")
     if loss.name in LOSSES and LOSSES[loss.name] is not loss:
-        raise ValueError(f"a loss named {loss.name!r} is already registered")
-    if loss.random and loss.mean is None:
-        raise ValueError(f"random loss {loss.name!r} needs `mean` (its value without noise)")
+        raise UserError(f"a loss named {loss.name!r} is already registered")
+    if loss.random and loss.expected_value is None:
+        raise UserError(
+            f"random loss {loss.name!r} needs `expected_value` (its mean over the draw)"
+        )
     LOSSES[loss.name] = loss
     return loss
 
@@ -336,7 +346,7 @@ def get_loss(loss: str | Loss) -> Loss:
     if isinstance(loss, Loss):
         return loss
     if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is not registered; expected one of {tuple(LOSSES)}")
+        raise UserError(f"loss={loss!r} is not registered; expected one of {tuple(LOSSES)}")
     return LOSSES[loss]
 
 
@@ -356,8 +366,8 @@ register_loss(
         "qmse",
         lambda x, t, v: 0.5 * (((t - x) + v).detach() * (t - x)).sum(-1) ** 2,
         draw=sample_directions,
-        mean=lambda x, t: 0.5 * _sq(t - x) ** 2 + _sq(t - x) / (2 * x.size(-1)),
-        expectation="expected-qmse",
+        expected_value=lambda x, t: 0.5 * _sq(t - x) ** 2 + _sq(t - x) / (2 * x.size(-1)),
+        mean_gradient_loss="expected-qmse",
         description="½⟨r + v, r⟩², v uniform on the unit sphere, r + v constant (eqs. 6-8)",
     )
 )
@@ -373,8 +383,8 @@ register_loss(
         "label-noise",
         lambda x, t, xi: 0.5 * _sq(t + xi - x),
         draw=_label_noise_draw,
-        mean=lambda x, t, sigma=0.1: 0.5 * _sq(t - x) + 0.5 * x.size(-1) * sigma**2,
-        expectation="mse",
+        expected_value=lambda x, t, sigma=0.1: 0.5 * _sq(t - x) + 0.5 * x.size(-1) * sigma**2,
+        mean_gradient_loss="mse",
         params=("sigma",),
         description="½‖y + ξ − f‖², ξ ~ N(0, σ²I) fresh at every step",
     )
@@ -404,7 +414,8 @@ def compute_loss(
 
 
 class QMSELoss(nn.Module):
-    """Module form of `qmse_loss`, mirroring `torch.nn.MSELoss`; `v` may be passed per call."""
+    """Module form of `qmse_loss`, mirroring `torch.nn.MSELoss`; `noise` (v) may be passed per
+    call."""
 
     def __init__(
         self,
@@ -418,13 +429,13 @@ class QMSELoss(nn.Module):
         _check_choice("scope", scope, SCOPES)
         self.reduction, self.generator, self.scope = reduction, generator, scope
 
-    def forward(self, input: Tensor, target: Tensor, v: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, noise: Tensor | None = None) -> Tensor:
         return qmse_loss(
             input,
             target,
             reduction=self.reduction,
             generator=self.generator,
-            v=v,
+            noise=noise,
             scope=self.scope,
         )
 

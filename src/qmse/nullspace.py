@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from qmse.curvature import eval_mode, model_fn
+from qmse.errors import UserError
 from qmse.loss import sample_directions
 
 
@@ -24,10 +25,10 @@ def null_space_mask(model: nn.Module, x: Tensor, v: Tensor, tol: float = 1e-6) -
     which is ≥ 1 for a model with an output bias: then nothing is ever flagged for tol < 1.
     """
     if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+        raise UserError(f"tol must be >= 0, got {tol}")
     w, f = model_fn(model)
     if v.dim() != 2 or v.shape[0] != x.shape[0]:
-        raise ValueError(f"v must be (N, C) with N = {x.shape[0]} rows, got {tuple(v.shape)}")
+        raise UserError(f"v must be (N, C) with N = {x.shape[0]} rows, got {tuple(v.shape)}")
 
     def norm_one(xi: Tensor, vi: Tensor) -> Tensor:
         _, pull = vjp(lambda wv: f(wv, xi.unsqueeze(0)).squeeze(0), w)
@@ -56,7 +57,7 @@ def resample_null_v(
     flagged samples only.
     """
     if max_tries < 0:
-        raise ValueError(f"max_tries must be >= 0, got {max_tries}")
+        raise UserError(f"max_tries must be >= 0, got {max_tries}")
     v = v.clone()
     idx = torch.nonzero(null_space_mask(model, x, v, tol)).squeeze(1)  # (k,)
     n_resampled = 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qmse import runs
 from qmse.endstate import RESIDUAL_THRESHOLDS
+from qmse.errors import UserError
 from qmse.gridplot import (
     losses_of,
     lr_label,
@@ -468,7 +469,7 @@ def write_outputs(out_dir: str | Path) -> dict[str, Path]:
     if recorded is not None:
         replayed = [None if t.chosen is None else asdict(t.chosen) for _, t in sweeps]
         if json.loads(json.dumps(replayed)) != recorded:
-            raise ValueError(
+            raise UserError(
                 f"{out / 'grid.json'} records other step-size choices than its sweep runs give "
                 f"(in {out / SWEEP_DIR}); the folder mixes two grids: rerun the grid in its own "
                 f"directory"

@@ -36,6 +36,7 @@ import torch
 from qmse import runs
 from qmse.data import DATASETS
 from qmse.endstate import diagnose_end
+from qmse.errors import UserError
 from qmse.loss import get_loss
 from qmse.report import SWEEP_DIR, load_results, replay_sweeps, write_outputs
 from qmse.rundir import (
@@ -65,7 +66,7 @@ def loss_params_for(losses: Sequence[str], given: Mapping[str, float]) -> dict[s
     for loss in losses:
         spec = get_loss(loss)
         if missing := [p for p in spec.params if p not in given]:
-            raise ValueError(
+            raise UserError(
                 f"loss {loss!r} needs {', '.join(missing)}: give "
                 f"{' '.join(f'--{p} VALUE' for p in missing)} (with tuning: its start value)"
             )
@@ -95,10 +96,10 @@ def grid_configs(
     0..seeds−1, at the paper's learning rate for `dataset` (PAPER_LR) unless `lr` is given,
     each loss with its `loss_params` ({loss: {name: value}}, e.g. label noise's sigma)."""
     if seeds < 1:
-        raise ValueError(f"seeds={seeds}; need at least one seed (the report wants >= 3)")
+        raise UserError(f"seeds={seeds}; need at least one seed (the report wants >= 3)")
     if lr is None:
         if dataset not in PAPER_LR:
-            raise ValueError(f"no paper learning rate for dataset {dataset!r}; pass lr")
+            raise UserError(f"no paper learning rate for dataset {dataset!r}; pass lr")
         lr = PAPER_LR[dataset]
     losses = list(dict.fromkeys([*losses, *(ABLATION if with_ablation else ())]))
     params = dict(loss_params or {})
@@ -181,24 +182,24 @@ def run_grid(
     the run directories are the same either way.
     """
     if parallel < 1:
-        raise ValueError(f"parallel={parallel}; expected a positive number of runs at once")
+        raise UserError(f"parallel={parallel}; expected a positive number of runs at once")
     if backend != "local" and dataset is not None:
-        raise ValueError("dataset= is for backend='local'; Ray workers load it from data_dir")
+        raise UserError("dataset= is for backend='local'; Ray workers load it from data_dir")
     if not configs:
-        raise ValueError("configs is empty; grid_configs makes the paper's grid")
+        raise UserError("configs is empty; grid_configs makes the paper's grid")
     if tensorboard is not None:
         if backend != "local":
-            raise ValueError("tensorboard logs from this process: use it with backend='local'")
+            raise UserError("tensorboard logs from this process: use it with backend='local'")
         summary_writer_class()  # a missing extra fails before anything is trained
     if not common_lr and tuning is None:
-        raise ValueError("common_lr=False leaves no runs without tuning; give tuning")
+        raise UserError("common_lr=False leaves no runs without tuning; give tuning")
     if tuning is not None and tuning.seed in {c.seed for c in configs}:
-        raise ValueError(
+        raise UserError(
             f"the sweeps' held-out seed {tuning.seed} is an evaluation seed; choose another "
             f"(--sweep-seed), e.g. {max(c.seed for c in configs) + 100}"
         )
     if diagnosis is not None and configs[0].dataset not in DATASETS:
-        raise ValueError(
+        raise UserError(
             f"diagnosis reads each run's data from disk (qmse.diagnose.diagnose_run), and "
             f"{configs[0].dataset!r} is not a data set qmse reads: leave diagnosis out"
         )
@@ -221,7 +222,7 @@ def _check_piece(piece: str, configs: Sequence[TrainConfig], tuning: Tuning | No
     pieces = ["all", *(["sweep"] + [f"sweep-m{m:g}" for m in momenta] if tuning else [])]
     pieces += [f"seed{s}" for s in seeds]
     if piece not in pieces:
-        raise ValueError(f"piece={piece!r}; this grid's pieces are {', '.join(pieces)}")
+        raise UserError(f"piece={piece!r}; this grid's pieces are {', '.join(pieces)}")
 
 
 def _run_grid(
@@ -242,7 +243,7 @@ def _run_grid(
     grid = _grid_record(configs, bases, out, tuning, common_lr, diagnosis, trainer.device)
     if piece == "all" or piece.startswith("seed"):
         if tuning is not None and any(t["need"] for t in _replayed(out, grid)):
-            raise ValueError(
+            raise UserError(
                 f"the step-size sweeps in {out / SWEEP_DIR} are not finished, so the runs at "
                 f"each method's own lr are not known yet: run the sweep pieces first "
                 f"(--piece sweep, or one per momentum)"
@@ -350,7 +351,7 @@ def _grid_record(
     for _, _, members in sets:
         for name, cfg in members:
             if unique.setdefault(name, cfg) != cfg:
-                raise ValueError(f"two runs of this grid would share the folder {name}")
+                raise UserError(f"two runs of this grid would share the folder {name}")
     record = {
         "runs": list(unique),
         "configs": [asdict(c) for c in unique.values()],
@@ -427,7 +428,7 @@ def _groups(
             wanted = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists
             if diff := [k for k in differing_keys(saved, wanted) if k != "model"]:
                 settings = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
-                raise ValueError(
+                raise UserError(
                     f"{run} holds a run with other settings ({settings}); use another "
                     f"output directory for this grid"
                 )

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from qmse import data as qdata
 from qmse import runs
 from qmse.distributed import is_main
+from qmse.errors import QmseError, UserError
 from qmse.loss import LOSSES, Loss, sample_directions
 from qmse.models import SimpleCNN
 
@@ -63,28 +64,28 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}; expected one of {tuple(LOSSES)}")
+            raise UserError(f"loss={self.loss!r}; expected one of {tuple(LOSSES)}")
         self.loss_params = _check_loss_params(LOSSES[self.loss], self.loss_params)
         if self.resample_null and LOSSES[self.loss].draw is not sample_directions:
-            raise ValueError(
+            raise UserError(
                 f"resample_null redraws directions on the unit sphere; loss {self.loss!r} draws "
                 f"no such directions (it applies to losses drawn by qmse.loss.sample_directions)"
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr}; the learning rate must be a positive number")
+            raise UserError(f"lr={self.lr}; the learning rate must be a positive number")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum}; expected 0 <= momentum < 1")
+            raise UserError(f"momentum={self.momentum}; expected 0 <= momentum < 1")
         for name in ("batch_size", "epochs", "eval_every"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+                raise UserError(f"{name}={getattr(self, name)}; expected a positive integer")
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; expected None or n >= 1")
+                raise UserError(f"{name}={getattr(self, name)}; expected None or n >= 1")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed}; expected a non-negative integer")
+            raise UserError(f"seed={self.seed}; expected a non-negative integer")
         self.channels = tuple(int(c) for c in self.channels)
         if len(self.channels) != 2:
-            raise ValueError(f"channels={self.channels}; expected two conv widths")
+            raise UserError(f"channels={self.channels}; expected two conv widths")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -99,20 +100,20 @@ def _check_loss_params(spec: Loss, params: Mapping[str, Any]) -> dict[str, float
     if not isinstance(params, Mapping):
         raise TypeError(f"loss_params must be a dict of numbers, got {type(params).__name__}")
     if missing := [p for p in spec.params if p not in params]:
-        raise ValueError(
+        raise UserError(
             f"loss {spec.name!r} needs {', '.join(missing)} in loss_params (qmse train: "
             f"{' '.join(f'--{p}' for p in missing)})"
         )
     if extra := sorted(set(params) - set(spec.params)):
         takes = f"takes only {list(spec.params)}" if spec.params else "takes no parameters"
-        raise ValueError(f"loss {spec.name!r} {takes}; got {', '.join(extra)}")
+        raise UserError(f"loss {spec.name!r} {takes}; got {', '.join(extra)}")
     out = {}
     for name in spec.params:
         value = params[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"loss parameter {name}={value!r}; expected a number")
         if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"loss parameter {name}={value}; expected a finite number >= 0")
+            raise UserError(f"loss parameter {name}={value}; expected a finite number >= 0")
         out[name] = float(value)
     return out
 
@@ -125,17 +126,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(
+        raise UserError(
             f"device {device!r} is not a torch device: use cpu, cuda, cuda:0 or auto"
         ) from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise UserError(
                 f"device {device}: no CUDA device is visible (torch {torch.__version__}, built "
                 f"for CUDA {torch.version.cuda}); use --device cpu, or auto"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise UserError(
                 f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
             )
     return device
@@ -220,7 +221,7 @@ def prepare_data(
         )
         source = load_dataset(cfg)
         if recorded is not None and (found := qdata.fingerprint(source)) != recorded:
-            raise ValueError(
+            raise UserError(
                 f"the {cfg.dataset} data found now (data_dir={cfg.data_dir!r}) is not the data "
                 f"the run was trained on (fingerprint {found}, recorded {recorded}); point "
                 f"data_dir (--data-dir) at the data the run used"
@@ -239,9 +240,9 @@ def prepare_data(
         )
     n, m = source.train_images.size(0), source.test_images.size(0)
     if train_subset is not None and not 1 <= train_subset <= n:
-        raise ValueError(f"train_subset={train_subset}; the training set has {n} images")
+        raise UserError(f"train_subset={train_subset}; the training set has {n} images")
     if test_subset is not None and not 1 <= test_subset <= m:
-        raise ValueError(f"test_subset={test_subset}; the test set has {m} images")
+        raise UserError(f"test_subset={test_subset}; the test set has {m} images")
     mean, std = channel_stats(source.train_images)
     return Data(
         normalize(source.train_images[:train_subset], mean, std).to(device),
@@ -256,7 +257,7 @@ def model_args(cfg: TrainConfig, data: Data) -> dict[str, Any]:
     """SimpleCNN's constructor arguments for `cfg` on `data` (stored in config.json)."""
     _, ch, h, w = data.x_train.shape
     if h != w:
-        raise ValueError(f"SimpleCNN needs square images, got {h}×{w}")
+        raise UserError(f"SimpleCNN needs square images, got {h}×{w}")
     return {
         "in_channels": ch,
         "image_size": h,
@@ -279,7 +280,7 @@ def build_model(args: Mapping[str, Any], seed: int) -> SimpleCNN:
             torch.set_default_dtype(dtype)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(QmseError, RuntimeError):
     """Training produced a non-finite loss; the run directory keeps the last good epoch."""
 
 
@@ -338,7 +339,7 @@ def _config(path: Path) -> dict[str, Any]:
     config = runs.load_json(path)
     if not isinstance(config, dict) or not {"model", "seed", "loss"} <= set(config):
         keys = sorted(config) if isinstance(config, dict) else type(config).__name__
-        raise ValueError(
+        raise UserError(
             f"{path}: not the config.json of a qmse train run (needs model, seed and loss; "
             f"has {keys}); restore it, or delete the directory to start afresh"
         )
@@ -353,7 +354,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     its keys; load_state_dict moves weights and optimizer state to the model's device."""
     ckpt = runs.load_torch(path)
     if not isinstance(ckpt, dict) or not set(ckpt) >= _CHECKPOINT_KEYS:
-        raise ValueError(
+        raise UserError(
             f"{path}: not a qmse checkpoint (needs {sorted(_CHECKPOINT_KEYS)}); restore it, or "
             f"delete the directory to start afresh"
         )
@@ -385,7 +386,7 @@ def open_run(out: Path, resolved: dict[str, Any], device: torch.device) -> dict 
             runs.save_json(config_path, resolved)
         return None
     if saved is None:
-        raise ValueError(
+        raise UserError(
             f"{out} holds checkpoint.pt but no config.json; restore config.json, or delete "
             f"{out} to start afresh"
         )
@@ -393,14 +394,14 @@ def open_run(out: Path, resolved: dict[str, Any], device: torch.device) -> dict 
         ended = ""
         if diverged.exists():
             ended = f" (it diverged in epoch {runs.load_json(diverged).get('epoch')})"
-        raise ValueError(
+        raise UserError(
             f"{out} holds a run with other settings{ended}: "
             + ", ".join(f"{k} {saved.get(k)!r} there, {resolved.get(k)!r} now" for k in diff)
             + "; give the same settings to continue it, or write elsewhere (another --out)"
         )
     before, now = saved.get("data", {}).get("fingerprint"), resolved["data"]["fingerprint"]
     if before is not None and before != now:
-        raise ValueError(
+        raise UserError(
             f"{out} was trained on other data: fingerprint {before} (from "
             f"{saved['data'].get('path')}), now {now} (from {resolved['data']['path']}); "
             f"continue it with the data it was trained on, or write elsewhere (another --out)"
@@ -408,7 +409,7 @@ def open_run(out: Path, resolved: dict[str, Any], device: torch.device) -> dict 
     ckpt = load_checkpoint(ckpt_path)  # on the CPU: generator states must stay there
     done, epochs = len(ckpt["metrics"]), resolved["epochs"]
     if done > epochs:
-        raise ValueError(
+        raise UserError(
             f"{out} holds {done} epochs, more than epochs={epochs} (--epochs): give "
             f"--epochs {done} or more to continue it (its first {epochs} epochs are the first "
             f"rows of metrics.jsonl), or write elsewhere (another --out)"
@@ -475,7 +476,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[n
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise ValueError(
+        raise UserError(
             f"{run_dir / 'checkpoint.pt'}: its weights do not fit the model of config.json "
             f"({str(e).splitlines()[0]}); the two files come from different runs"
         ) from e

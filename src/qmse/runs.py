@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from qmse import __version__
+from qmse.errors import QmseError, UserError
 
 KIND_FILE = "kind.json"  # {"kind": ...}: what wrote the directory
 LOCK_FILE = ".lock"  # flock'ed by the writer; holds its pid, host and command
@@ -87,7 +88,7 @@ def load_json(path: str | os.PathLike) -> Any:
         try:
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(
+            raise UserError(
                 f"{path}: not valid JSON ({e}); the file is damaged or was not written by qmse: "
                 f"restore it, or delete the directory to start afresh"
             ) from e
@@ -107,14 +108,14 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise UserError(
             f"{path}: refused checkpoint: it holds objects other than tensors and plain data, "
             f"and loading them could run code; it was not written by qmse: delete it, or "
             f"restore the run's own"
         ) from e
     except (RuntimeError, EOFError, IndexError, zipfile.BadZipFile) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(
+        raise UserError(
             f"{path}: unreadable checkpoint ({reason}); it is truncated or damaged: delete it "
             f"to start afresh, or restore it"
         ) from e
@@ -135,11 +136,11 @@ def content_key(files: Iterable[str | os.PathLike] = (), **arguments: Any) -> st
     return digest.hexdigest()
 
 
-class DirectoryBusyError(RuntimeError):
+class DirectoryBusyError(QmseError, RuntimeError):
     """Another process holds the output directory's lock."""
 
 
-class DirectoryKindError(ValueError):
+class DirectoryKindError(QmseError, ValueError):
     """The output directory belongs to a command of another kind."""
 
 

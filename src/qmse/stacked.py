@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from qmse import runs
+from qmse.errors import UserError
 from qmse.loss import Loss, get_loss
 from qmse.rundir import (
     Data,
@@ -124,15 +125,15 @@ def train_many(
     cfgs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
     outs, device = [Path(o) for o in out_dirs], resolve_device(device)
     if not cfgs or len(cfgs) != len(outs):
-        raise ValueError(f"got {len(cfgs)} configs and {len(outs)} out_dirs; need as many, >= 1")
+        raise UserError(f"got {len(cfgs)} configs and {len(outs)} out_dirs; need as many, >= 1")
     hooks = list(on_epoch) if on_epoch is not None else [None] * len(cfgs)
     if len(hooks) != len(cfgs):
-        raise ValueError(f"got {len(hooks)} on_epoch hooks for {len(cfgs)} runs; give one each")
+        raise UserError(f"got {len(hooks)} on_epoch hooks for {len(cfgs)} runs; give one each")
     if any(c.resample_null for c in cfgs):
-        raise ValueError("resample_null is supported by train_run only; train those runs alone")
+        raise UserError("resample_null is supported by train_run only; train those runs alone")
     for name in SHARED_FIELDS:
         if len({getattr(c, name) for c in cfgs}) > 1:
-            raise ValueError(
+            raise UserError(
                 f"train_many needs one {name} for all runs, got "
                 f"{sorted({str(getattr(c, name)) for c in cfgs})}; train them in groups"
             )
@@ -187,7 +188,7 @@ def _train_many(
             }
         rows[m], timings[m] = ckpt["metrics"], ckpt.get("timings", [])
     if len({len(r) for r in rows}) > 1:
-        raise ValueError(
+        raise UserError(
             f"train_many resumes runs at one epoch; these are at epochs "
             f"{[len(r) for r in rows]}: bring them level with train_run first"
         )
@@ -250,7 +251,7 @@ def stacked_forwards(args: Mapping[str, Any], batching: str) -> tuple[Any, Any]:
     (docs/benchmarks.md). Both give the same outputs and gradients to float rounding.
     """
     if batching not in BATCHINGS:
-        raise ValueError(
+        raise UserError(
             f"batching={batching!r}; expected one of {BATCHINGS} (train_many: or 'auto')"
         )
     base = build_model(args, 0).to("meta")
@@ -347,8 +348,8 @@ def _evaluate_many(
             sums[m] += torch.stack(
                 [
                     (out[m].argmax(-1) == y).sum().double(),
-                    spec.value(out[m], onehot, **cfg.loss_params).sum().double(),
-                    mse.value(out[m], onehot).sum().double(),
+                    spec.expected(out[m], onehot, **cfg.loss_params).sum().double(),
+                    mse.expected(out[m], onehot).sum().double(),
                 ]
             )
     values = (sums / x.size(0)).tolist()

@@ -61,11 +61,11 @@ def yardstick(loss: str) -> str:
     other, e.g. cross-entropy, whose infimum lies at infinite logits so that ½‖r‖² of its
     logits measures nothing it minimises."""
     spec = get_loss(loss)
-    if spec.random and spec.expectation is None:
+    if spec.random and spec.mean_gradient_loss is None:
         return "train_loss"
-    deterministic = get_loss(spec.expectation) if spec.random else spec
+    deterministic = get_loss(spec.mean_gradient_loss) if spec.random else spec
     y = torch.eye(3, dtype=torch.float64)  # (3, 3): three samples of C = 3, f = y
-    return "train_mse" if bool((deterministic.value(y, y) == 0).all()) else "train_loss"
+    return "train_mse" if bool((deterministic.expected(y, y) == 0).all()) else "train_loss"
 
 
 def sweep_name(cfg: TrainConfig) -> str:

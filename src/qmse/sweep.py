@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from qmse import runs
+from qmse.errors import QmseError, UserError
 from qmse.rundir import NonFiniteLossError, TrainConfig, load_dataset, resolve_device
 from qmse.stacked import train_many
 from qmse.train import train_run
@@ -50,16 +51,16 @@ def run_tasks(
     """
     tasks = list(tasks)
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+        raise UserError(f"backend={backend!r}; expected one of {BACKENDS}")
     if not num_cpus_per_task > 0:
-        raise ValueError(f"num_cpus_per_task={num_cpus_per_task}; expected a positive number")
+        raise UserError(f"num_cpus_per_task={num_cpus_per_task}; expected a positive number")
     if num_gpus_per_task < 0:
-        raise ValueError(f"num_gpus_per_task={num_gpus_per_task}; expected a number >= 0")
+        raise UserError(f"num_gpus_per_task={num_gpus_per_task}; expected a number >= 0")
     if max_retries < 0:
-        raise ValueError(f"max_retries={max_retries}; expected an integer >= 0")
+        raise UserError(f"max_retries={max_retries}; expected an integer >= 0")
     if backend == "local":
         if address is not None:
-            raise ValueError(f"address={address!r} needs backend='ray'; drop it or add that")
+            raise UserError(f"address={address!r} needs backend='ray'; drop it or add that")
         return [fn(task) for task in runs.progress(tasks, quiet=quiet, desc=desc, unit="task")]
 
     with ray_session(address, quiet=quiet) as ray:
@@ -86,7 +87,7 @@ def ray_session(address: str | None = None, *, quiet: bool = False) -> Iterator[
     ray = import_ray()
     if ray.is_initialized():
         if address is not None:
-            raise ValueError(
+            raise UserError(
                 f"address={address!r} but this process is already connected to a Ray "
                 f"cluster; call ray.shutdown() first or drop address"
             )
@@ -105,7 +106,7 @@ def _call_with_threads(fn: Callable[[Any], Any], task: Any, threads: int) -> Any
     return fn(task)
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(QmseError, ImportError):
     """An optional dependency (an extra of the qmse package) is not installed."""
 
 
@@ -134,7 +135,7 @@ def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
     cfgs = [TrainConfig.from_dict(c) for c in task["configs"]]
     dirs = [str(d) for d in task["out_dirs"]]
     if not cfgs or len(cfgs) != len(dirs):
-        raise ValueError(
+        raise UserError(
             f"task has {len(cfgs)} configs and {len(dirs)} out_dirs; expected n ≥ 1 each"
         )
     kw = {

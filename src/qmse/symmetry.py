@@ -39,6 +39,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from qmse.curvature import eval_mode
+from qmse.errors import UserError
 from qmse.models import MLP, SimpleCNN
 
 Perms = dict[str, Tensor]
@@ -67,7 +68,7 @@ class PermutationSpec:
             triples = []
             for entry in entries:
                 if not isinstance(entry, tuple) or len(entry) not in (2, 3):
-                    raise ValueError(
+                    raise UserError(
                         f"permutation {name!r}: {entry!r} is not (name, axis) or "
                         f"(name, axis, block)"
                     )
@@ -75,16 +76,16 @@ class PermutationSpec:
                 if not (isinstance(key, str) and isinstance(axis, int) and isinstance(block, int)):
                     raise TypeError(f"permutation {name!r}: {entry!r} must be (str, int[, int])")
                 if block < 1:
-                    raise ValueError(f"permutation {name!r}: block of {key!r} must be >= 1")
+                    raise UserError(f"permutation {name!r}: block of {key!r} must be >= 1")
                 if (key, axis) in owner:
-                    raise ValueError(
+                    raise UserError(
                         f"axis {axis} of {key!r} is claimed by both {owner[key, axis]!r} and "
                         f"{name!r}; one axis carries one permutation"
                     )
                 owner[key, axis] = name
                 triples.append((key, axis, block))
             if not triples:
-                raise ValueError(f"permutation {name!r} acts on nothing")
+                raise UserError(f"permutation {name!r} acts on nothing")
             normal[name] = tuple(triples)
         object.__setattr__(self, "axes", normal)
 
@@ -95,19 +96,19 @@ class PermutationSpec:
         for name, triples in self.axes.items():
             for key, axis, block in triples:
                 if key not in params:
-                    raise ValueError(
+                    raise UserError(
                         f"permutation {name!r} acts on {key!r}, which the model does not have; "
                         f"its entries are {list(params)}"
                     )
                 shape = params[key].shape
                 if not -len(shape) <= axis < len(shape) or shape[axis] % block:
-                    raise ValueError(
+                    raise UserError(
                         f"permutation {name!r}: {key!r} of shape {tuple(shape)} has no axis "
                         f"{axis} made of blocks of {block}"
                     )
                 n = shape[axis] // block
                 if out.setdefault(name, n) != n:
-                    raise ValueError(
+                    raise UserError(
                         f"permutation {name!r} moves {out[name]} units on {triples[0][0]!r} "
                         f"but {n} on axis {axis} of {key!r} (block {block}); every entry of a "
                         f"permutation must hold the same units"
@@ -218,7 +219,7 @@ def probe_input(model: nn.Module, n: int = 4) -> Tensor:
                 except RuntimeError:  # a shape mismatch further down: try the next size
                     continue
                 return x
-    raise ValueError(
+    raise UserError(
         f"cannot build a probe input for a {type(model).__name__}; pass probe=, a small batch "
         f"of inputs"
     )
@@ -258,13 +259,13 @@ def _permuted_params(
 def _check_perms(sizes: dict[str, int], perms: Perms) -> None:
     if not isinstance(perms, dict) or set(perms) != set(sizes):
         got = sorted(perms) if isinstance(perms, dict) else type(perms).__name__
-        raise ValueError(f"perms must have the keys {sorted(sizes)}, got {got}")
+        raise UserError(f"perms must have the keys {sorted(sizes)}, got {got}")
     for name, n in sizes.items():
         p = perms[name]
         if not isinstance(p, Tensor) or p.dtype != torch.int64:
             raise TypeError(f"perms[{name!r}] must be an int64 tensor, got {p!r}")
         if p.shape != (n,) or not torch.equal(p.sort().values, torch.arange(n, device=p.device)):
-            raise ValueError(
+            raise UserError(
                 f"perms[{name!r}] must be a permutation of range({n}), got {p.tolist()}"
             )
 
@@ -296,7 +297,7 @@ def permute(
     scale = want.abs().max().clamp_min(1).item()
     err = (got - want).abs().max().item()
     if not err <= 1e4 * torch.finfo(want.dtype).eps * scale:
-        raise ValueError(
+        raise UserError(
             f"the permuted model's outputs differ from the original's by up to {err:.3g} (output "
             f"scale {scale:.3g}) on a probe input: the PermutationSpec is not a symmetry of this "
             f"model; check which axes each permutation acts on, and the block after a flatten"
@@ -386,7 +387,7 @@ def weight_matching(
     params_b = {k: v.detach().cpu().double() for k, v in model_b.state_dict().items()}
     shapes_a = {k: v.shape for k, v in params_a.items()}
     if shapes_a != {k: v.shape for k, v in params_b.items()}:
-        raise ValueError(
+        raise UserError(
             "model_a and model_b have different architectures (state-dict names or shapes "
             "differ); weight matching needs the same shapes"
         )

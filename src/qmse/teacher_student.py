@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qmse.errors import UserError
 from qmse.loss import compute_loss
 
 
@@ -87,16 +88,16 @@ def make_problem(
     teacher and student, which then needs n = k."""
     n = k if n is None else n
     if k < 1:
-        raise ValueError(f"k={k}: the teacher needs at least one hidden unit")
+        raise UserError(f"k={k}: the teacher needs at least one hidden unit")
     if n < 1:
-        raise ValueError(f"n={n}: the student needs at least one hidden unit")
+        raise UserError(f"n={n}: the student needs at least one hidden unit")
     if outputs < 1:
-        raise ValueError(f"outputs={outputs}: need C >= 1 outputs")
+        raise UserError(f"outputs={outputs}: need C >= 1 outputs")
     V = torch.eye(k, dtype=dtype)
     if outputs == 1:
         return Problem(V, torch.ones(1, k, dtype=dtype), torch.ones(1, n, dtype=dtype))
     if n != k:
-        raise ValueError(
+        raise UserError(
             f"the vector-output variant (outputs={outputs}) shares A between teacher and "
             f"student, so it needs n = k; got n={n}, k={k} (use n_extra=0)"
         )
@@ -176,7 +177,7 @@ def _check_weights(W: Tensor, problem: Problem) -> None:
     if not isinstance(W, Tensor) or not W.is_floating_point():
         raise TypeError(f"W must be a floating-point tensor of shape (S, n, d), got {type(W)}")
     if W.dim() < 2 or tuple(W.shape[-2:]) != (problem.n, problem.d):
-        raise ValueError(
+        raise UserError(
             f"W has shape {tuple(W.shape)}; expected (..., n, d) = (..., {problem.n}, "
             f"{problem.d}) for this problem"
         )
@@ -208,7 +209,7 @@ def population_hessian(W: Tensor, problem: Problem) -> Tensor:
     """Hessian of `population_loss` at one point W (n, d), as an (n·d, n·d) matrix, by
     autograd (Jacobian of the closed-form gradient); use float64."""
     if W.dim() != 2:
-        raise ValueError(f"W must be one point of shape (n, d), got {tuple(W.shape)}")
+        raise UserError(f"W must be one point of shape (n, d), got {tuple(W.shape)}")
     nd = W.numel()
     H = torch.autograd.functional.jacobian(lambda w: population_grad(w, problem), W)
     H = H.reshape(nd, nd)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from qmse import runs
 from qmse.distributed import data_parallel, is_main, world
+from qmse.errors import UserError
 from qmse.loss import get_loss
 from qmse.nullspace import resample_null_v
 from qmse.rundir import (
@@ -90,8 +91,8 @@ def evaluate(
         sums += torch.stack(
             [
                 (out.argmax(-1) == y).sum().double(),
-                spec.value(out, onehot, **params).sum().double(),
-                mse.value(out, onehot).sum().double(),
+                spec.expected(out, onehot, **params).sum().double(),
+                mse.expected(out, onehot).sum().double(),
             ]
         )
     model.train(was_training)
@@ -171,7 +172,7 @@ def load_data(cfg: TrainConfig, dataset: Any, device: torch.device) -> tuple[Dat
     if dataset is None:
         dataset = load_dataset(cfg)
     elif getattr(dataset, "name", cfg.dataset) != cfg.dataset:
-        raise ValueError(f"dataset is {dataset.name!r} but config.dataset is {cfg.dataset!r}")
+        raise UserError(f"dataset is {dataset.name!r} but config.dataset is {cfg.dataset!r}")
     data = prepare_data(dataset, device, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
     layout = memory_format(device)
     data = data._replace(
@@ -284,7 +285,7 @@ def train_run(
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if cfg.resample_null and world()[1] > 1:
-        raise ValueError("resample_null is not supported under torchrun; train in one process")
+        raise UserError("resample_null is not supported under torchrun; train in one process")
     out, device = Path(out_dir), resolve_device(device)
     data, dataset = load_data(cfg, dataset, device)
     resolved = resolved_config(cfg, data, device, dataset)

@@ -16,10 +16,8 @@ from qmse.cli.analysis import add_diagnose, add_symmetry
 from qmse.cli.common import Formatter
 from qmse.cli.escape import add_escape
 from qmse.cli.run import add_data, add_demo, add_train
-from qmse.download import DownloadError
-from qmse.rundir import NonFiniteLossError
-from qmse.runs import DirectoryBusyError, describe_os_error
-from qmse.sweep import MissingExtraError
+from qmse.errors import QmseError
+from qmse.runs import describe_os_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. What the user or the environment got wrong (bad arguments, a run
     directory of another run or kind or in use, data that does not verify, a missing device,
-    a full disk, no permission, a damaged file) ends in one line naming the file and the fix,
-    exit status 2; a bug still shows its traceback."""
+    a full disk, no permission, a damaged file: a `qmse.errors.QmseError` or an OSError)
+    ends in one line naming the file and the fix, exit status 2; any other exception is a
+    bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -47,14 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:  # FileNotFoundError, PermissionError, ENOSPC, ...
         message = describe_os_error(e) if e.errno is not None else str(e)
-    except (
-        ValueError,
-        NonFiniteLossError,
-        DirectoryBusyError,
-        DownloadError,
-        MissingExtraError,
-        torch.cuda.OutOfMemoryError,
-    ) as e:
+    except (QmseError, torch.cuda.OutOfMemoryError) as e:
         message = str(e)
     print(f"qmse {args.command}: error: {message}", file=sys.stderr)
     return 2

@@ -9,6 +9,7 @@ import torch
 
 from qmse import convexity, diagnose
 from qmse.cli.common import Formatter
+from qmse.errors import UserError
 from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
 from qmse.loss import LOSSES
 from qmse.symmetry import count_equivalent, permute, worked_example
@@ -60,7 +61,7 @@ def add_diagnose(sub: argparse._SubParsersAction) -> None:
             print(f"{out}/convexity.json, {out}/diagnose-convexity.png")
             return 0
         if (args.run_dir is None) == (args.compare is None):
-            raise ValueError("give exactly one of RUN_DIR, --compare RUN_A RUN_B or 'convexity'")
+            raise UserError("give exactly one of RUN_DIR, --compare RUN_A RUN_B or 'convexity'")
         kwargs = dict(
             n_samples=args.samples, seed=args.seed, device=torch.device(args.device),
             quiet=args.quiet, k=args.k, lanczos_steps=args.lanczos_steps,

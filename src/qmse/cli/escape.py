@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from qmse.cli.common import Formatter, add_backend_args
+from qmse.errors import UserError
 from qmse.escape import (
     BUILTIN_METHODS,
     PROTOCOLS,
@@ -84,14 +85,14 @@ def add_escape(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         if args.device == "cuda" and args.backend == "ray" and args.gpus_per_task <= 0:
-            raise ValueError("--device cuda --backend ray: give each task a GPU, --gpus-per-task")
+            raise UserError("--device cuda --backend ray: give each task a GPU, --gpus-per-task")
         if args.device == "cuda" and args.backend == "local" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+            raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
         torch.set_num_threads(args.threads)
         try:
             ks = [int(k) for k in args.k.split(",")]
         except ValueError as e:
-            raise ValueError(f"--k {args.k!r}: expected integers like 6,8,10") from e
+            raise UserError(f"--k {args.k!r}: expected integers like 6,8,10") from e
         hyper = parse_hyper(args.hyper)
         for method, radius in parse_values(args.radius, "--radius").items():
             hyper.setdefault(method, {})["radius"] = radius

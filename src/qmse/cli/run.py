@@ -10,6 +10,7 @@ from qmse.cli.common import Formatter, add_backend_args, add_unverified
 from qmse.data import DATASETS
 from qmse.distributed import init_distributed, is_main
 from qmse.download import download, status
+from qmse.errors import UserError
 from qmse.loss import LOSSES
 from qmse.report import write_outputs
 from qmse.reproduce import (
@@ -278,7 +279,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             return 0
         losses = [name.strip() for name in args.losses.split(",") if name.strip()]
         if unknown := [name for name in losses if name not in LOSSES]:
-            raise ValueError(f"--losses: {', '.join(unknown)} not registered; use {tuple(LOSSES)}")
+            raise UserError(f"--losses: {', '.join(unknown)} not registered; use {tuple(LOSSES)}")
         configs = grid_configs(
             args.dataset,
             seeds=args.seeds,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from scipy.stats import fisher_exact
 
+from qmse.errors import UserError
 from qmse.escape.config import (
     EscapeConfig,
     cell_name,
@@ -277,7 +278,7 @@ def _check_config(out: Path, cfg: EscapeConfig) -> None:
     diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
     if diff:
         what = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
-        raise ValueError(f"{out} holds a benchmark with other settings ({what}); use another --out")
+        raise UserError(f"{out} holds a benchmark with other settings ({what}); use another --out")
 
 
 def _remote_phases(out: Path, cfg: EscapeConfig) -> Iterator[list[tuple]]:

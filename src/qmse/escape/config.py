@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from qmse.errors import UserError
 from qmse.escape.engine import make_job
 from qmse.escape.methods import get_method, load_plugin
 from qmse.escape.population import population_runs, stuck_points
@@ -57,20 +58,20 @@ class EscapeConfig:
             get_method(name)  # an error naming the registered methods
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad:
-            raise ValueError(f"protocols {bad} unknown; choose from {PROTOCOLS}")
+            raise UserError(f"protocols {bad} unknown; choose from {PROTOCOLS}")
         if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"ks={self.ks}: need at least one k >= 1")
+            raise UserError(f"ks={self.ks}: need at least one k >= 1")
         if self.n_extra < 0:
-            raise ValueError(f"n_extra={self.n_extra}: need >= 0 (n = k + n_extra)")
+            raise UserError(f"n_extra={self.n_extra}: need >= 0 (n = k + n_extra)")
         for name in ("seeds", "sample_seeds", "steps", "batch", "tune_seeds", "tune_pool"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: need >= 1")
+                raise UserError(f"{name}={getattr(self, name)}: need >= 1")
         fixed = {m: {"lr": v} for m, v in self.lr.items()}
         for m, values in self.hyper.items():
             fixed.setdefault(m, {}).update(values)
         for m, values in fixed.items():
             if m not in sample:
-                raise ValueError(
+                raise UserError(
                     f"a value is fixed for {m!r}, which is not among the sample-based methods "
                     f"run here ({', '.join(sample)})"
                 )
@@ -93,7 +94,7 @@ def parse_values(text: str | None, option: str) -> dict[str, float]:
                 raise ValueError
             out[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"{option} {text!r}: expected NAME=NUMBER[,NAME=NUMBER...], e.g. sgd=0.3,qmse=0.03"
             ) from None
     return out
@@ -105,7 +106,7 @@ def parse_hyper(text: str | None, option: str = "--hyper") -> dict[str, dict[str
     for name, value in parse_values(text, option).items():
         method, dot, param = name.rpartition(".")
         if not dot or not method or not param:
-            raise ValueError(f"{option}: {name!r} must read METHOD.NAME, e.g. pgd.radius=0.5")
+            raise UserError(f"{option}: {name!r} must read METHOD.NAME, e.g. pgd.radius=0.5")
         out.setdefault(method, {})[param] = value
     return out
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qmse.errors import UserError
 from qmse.escape.methods import Method, Run, get_method
 from qmse.loss import get_loss
 from qmse.runs import progress
@@ -61,7 +62,7 @@ def make_job(
     method = get_method(method) if isinstance(method, str) else method
     hyper = dict(hyper or {})
     if unknown := set(hyper) - set(method.hyper):
-        raise ValueError(
+        raise UserError(
             f"method {method.name!r} has no hyperparameter {sorted(unknown)}; it has "
             f"{sorted(method.hyper) or 'none'}"
         )
@@ -70,9 +71,9 @@ def make_job(
     G = max(len(v) for v in tensors.values())
     for name, v in tensors.items():
         if len(v) not in (1, G):
-            raise ValueError(f"{name}: {len(v)} values where the others have {G}")
+            raise UserError(f"{name}: {len(v)} values where the others have {G}")
         if not torch.isfinite(v).all() or (v < 0).any() or (name == "lr" and (v <= 0).any()):
-            raise ValueError(f"{method.name}: need lr > 0 and hyperparameters >= 0; {name}={v}")
+            raise UserError(f"{method.name}: need lr > 0 and hyperparameters >= 0; {name}={v}")
     tensors = {k: v.expand(G).clone() for k, v in tensors.items()}
     return Job(method, tensors.pop("lr"), tensors)
 
@@ -152,9 +153,9 @@ def run_methods(
     −1 if none), diverged (bool), moved (‖W_T − W_0‖_F / ‖W_0‖_F), W (float32), and the
     state tensors the method names in `report`."""
     if steps < 1 or batch < 1 or eval_every < 1:
-        raise ValueError(f"need steps, batch, eval_every >= 1; got {steps}, {batch}, {eval_every}")
+        raise UserError(f"need steps, batch, eval_every >= 1; got {steps}, {batch}, {eval_every}")
     if W0.dim() != 3 or tuple(W0.shape[1:]) != (problem.n, problem.d):
-        raise ValueError(
+        raise UserError(
             f"W0 has shape {tuple(W0.shape)}; expected (m, {problem.n}, {problem.d}) starts"
         )
     dev, m = W0.device, W0.shape[0]

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qmse.errors import UserError
 from qmse.escape.keys import content_key
 from qmse.loss import LOSSES, get_loss
 from qmse.teacher_student import Problem, outputs, sample_inputs
@@ -82,7 +83,7 @@ class Run:
             with torch.no_grad():
                 f = outputs(chunk.float(), p.A_student, x).reshape(-1, C)
                 y = outputs(p.V.expand(S, -1, -1), p.A_teacher, x).reshape(-1, C)
-                out.append(mse.value(f, y).view(S, HELD_OUT).double().mean(1))
+                out.append(mse.expected(f, y).view(S, HELD_OUT).double().mean(1))
         return torch.cat(out)
 
     def fresh_weights(self, count: int, generator: torch.Generator) -> Tensor:
@@ -127,10 +128,10 @@ _LOADING: list[list[str]] = []  # names registered by the plug-in being imported
 def check_grid(what: str, grid: tuple[float, ...]) -> None:
     """A sweep grid: positive, increasing, neighbours at most GRID_RATIO apart."""
     if not grid or any(not (isinstance(v, (int, float)) and v > 0) for v in grid):
-        raise ValueError(f"{what}={grid!r}: need a non-empty tuple of positive numbers")
+        raise UserError(f"{what}={grid!r}: need a non-empty tuple of positive numbers")
     for a, b in zip(grid, grid[1:]):
         if not a < b <= a * GRID_RATIO * (1 + 1e-9):
-            raise ValueError(
+            raise UserError(
                 f"{what}={grid!r}: need increasing values, neighbours at most "
                 f"{GRID_RATIO:g}x apart (a log grid such as (0.05, 0.1, 0.2)); {a} -> {b}"
             )
@@ -168,16 +169,14 @@ def register_method(method: Method) -> Method:
     if not isinstance(method, Method):
         raise TypeError(f"register_method takes a qmse.escape.Method, got {type(method).__name__}")
     if not method.name or set(method.name) & set(",= \t\n"):
-        raise ValueError(
-            f"method name {method.name!r}: need a non-empty name without , = or spaces"
-        )
+        raise UserError(f"method name {method.name!r}: need a non-empty name without , = or spaces")
     if method.name == "gd-population":
-        raise ValueError("'gd-population' is the reproduction's name; choose another")
+        raise UserError("'gd-population' is the reproduction's name; choose another")
     if not callable(method.update):
         raise TypeError(f"method {method.name!r}: update must be callable (W, grad, state, t, lr)")
     if isinstance(method.loss, str):
         if method.loss not in LOSSES:
-            raise ValueError(
+            raise UserError(
                 f"method {method.name!r}: loss {method.loss!r} is not registered in qmse.loss "
                 f"(one of {tuple(LOSSES)}), nor a callable"
             )
@@ -186,11 +185,11 @@ def register_method(method: Method) -> Method:
     check_grid(f"{method.name}: lr_grid", tuple(method.lr_grid))
     for name, grid in method.hyper.items():
         if name in ("rng", "lr"):
-            raise ValueError(f"method {method.name!r}: a hyperparameter may not be named {name!r}")
+            raise UserError(f"method {method.name!r}: a hyperparameter may not be named {name!r}")
         check_grid(f"{method.name}: hyper[{name!r}]", tuple(grid))
     old = METHODS.get(method.name)
     if old is not None and method_key(old) != method_key(method):
-        raise ValueError(f"a different method named {method.name!r} is already registered")
+        raise UserError(f"a different method named {method.name!r} is already registered")
     METHODS[method.name] = method
     if _LOADING:
         _LOADING[-1].append(method.name)
@@ -200,7 +199,7 @@ def register_method(method: Method) -> Method:
 def get_method(name: str) -> Method:
     """A registered method by name."""
     if name not in METHODS:
-        raise ValueError(
+        raise UserError(
             f"method {name!r} is not registered; expected one of {tuple(METHODS)} "
             f"(or load a plug-in that registers it: qmse escape --plugin FILE.py)"
         )
@@ -219,7 +218,7 @@ def load_plugin(path: str | os.PathLike) -> list[str]:
     name = f"qmse_escape_plugin_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise ValueError(f"plug-in {path}: not an importable Python file")
+        raise UserError(f"plug-in {path}: not an importable Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     _LOADING.append([])

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qmse.errors import UserError
 from qmse.escape.engine import STUCK_LOSS
 from qmse.escape.keys import content_key
 from qmse.runs import load_torch, progress, save_torch
@@ -49,7 +50,7 @@ def gd_population(
     slow seeds. Returns W (S, n, d), loss (S,), grad_norm (S,) (largest per-neuron norm),
     steps (S,) (steps taken) and converged (S,) bool."""
     if lr <= 0 or tol <= 0 or max_steps < 1 or check_every < 1:
-        raise ValueError(
+        raise UserError(
             f"need lr > 0, tol > 0, max_steps >= 1 and check_every >= 1; got lr={lr}, "
             f"tol={tol}, max_steps={max_steps}, check_every={check_every}"
         )

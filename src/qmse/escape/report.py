@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from scipy.stats import binomtest
 
+from qmse.errors import UserError
 from qmse.runs import atomic_write, save_figure
 
 PROTOCOLS = ("random-init", "spurious-minima")  # from Xavier starts; from certified minima
@@ -39,7 +40,7 @@ def mcnemar(failed: str, failed_ref: str) -> dict:
     method failed where the reference succeeded), better (c: the reverse) and the two-sided
     exact p-value of b against Binomial(b + c, ½) (1 when there is no discordant start)."""
     if len(failed) != len(failed_ref):
-        raise ValueError(f"paired outcomes differ in length: {len(failed)} vs {len(failed_ref)}")
+        raise UserError(f"paired outcomes differ in length: {len(failed)} vs {len(failed_ref)}")
     worse = sum(a == "1" and b == "0" for a, b in zip(failed, failed_ref))
     better = sum(a == "0" and b == "1" for a, b in zip(failed, failed_ref))
     p = binomtest(better, worse + better, 0.5).pvalue if worse + better else 1.0
@@ -109,7 +110,7 @@ def wall_times(timings: Mapping[str, float]) -> list[str]:
     sums: dict[tuple[int, int, int], dict[str, float]] = {}
     for piece, seconds in timings.items():
         if (match := re.search(r"_k(\d+)_n(\d+)_C(\d+)$", piece)) is None:
-            raise ValueError(
+            raise UserError(
                 f"timings.json names a piece {piece!r} that does not end in _k<k>_n<n>_C<C>: "
                 "it was not written by qmse.escape (remove it from timings/ and rerun)"
             )
