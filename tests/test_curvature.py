@@ -1,14 +1,17 @@
 """qmse.curvature against dense references: torch.func.hessian / autograd Hessians of the
-same loss, eigvalsh of known matrices, Gauss quadrature identities; registered losses,
-torch's own criteria and user functions, on qmse's MLP and on models qmse does not define."""
+same loss, eigvalsh of known matrices, scipy's eigsh on the operator, Gauss quadrature
+identities; registered losses, torch's own criteria and user functions, on qmse's MLP and on
+models qmse does not define."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import leaves_untouched
+from scipy.sparse.linalg import eigsh
 from torch import nn
 from torch.func import functional_call
 
@@ -70,10 +73,72 @@ def test_hvp_matches_the_dense_hessian(criterion):
     crit = crit.get(criterion, criterion)
     reference = crit if callable(crit) else (lambda out, t: get_loss(criterion)(out, t))
     H = _dense_hessian(model, reference, x, y)
-    hvp, P = curvature.hessian_operator(model, crit, (x, y))
-    assert H.shape[0] == P
-    v = torch.randn(P, generator=torch.Generator().manual_seed(3), dtype=DT)
-    torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+    op = curvature.hessian_operator(model, crit, (x, y))
+    assert op.shape == H.shape
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3), dtype=DT)
+    torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_the_operator_multiplies_vectors_and_columns_like_the_dense_hessian():
+    model = _mlp()
+    x, y = _data()
+    H = _dense_hessian(model, _half_sq, x, y)
+    P = sum(p.numel() for p in model.parameters())
+    op = curvature.hessian_operator(model, "mse", (x, y))
+    assert op.shape == (P, P) and op.dtype == DT and op.device == torch.device("cpu")
+    V = torch.randn(P, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    torch.testing.assert_close(op @ V, H @ V, rtol=1e-10, atol=1e-12)  # (P, 4): one per column
+    torch.testing.assert_close(op @ V[:, 0], H @ V[:, 0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op(V[:, 1]), H @ V[:, 1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op @ V.float(), H @ V, rtol=1e-6, atol=1e-6)  # cast to op's dtype
+    value, grad, from_triple = curvature.loss_gradient_hessian(model, "mse", (x, y))
+    assert grad.shape == (P,)
+    torch.testing.assert_close(from_triple @ V, H @ V, rtol=1e-10, atol=1e-12)
+    for bad in (torch.ones(P + 1), torch.ones(P, 2, 1)):
+        with pytest.raises(ValueError, match=rf"shape \({P}, {P}\).*got"):
+            op @ bad
+
+
+def test_scipy_eigsh_on_the_operator_gives_the_dense_top_eigenvalue():
+    model = _conv_net()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 1, 3, 3, generator=g, dtype=DT), torch.randn(5, 3, generator=g, dtype=DT)
+    H = _dense_hessian(model, _half_sq, x, y)
+    exact = torch.linalg.eigvalsh(H)
+    linop = curvature.hessian_operator(model, "mse", (x, y)).to_scipy()
+    assert linop.shape == tuple(H.shape) and linop.dtype == np.float64
+    top = eigsh(linop, k=1, which="LA", return_eigenvectors=False)
+    assert math.isclose(top[0], exact[-1].item(), rel_tol=1e-8)
+    X = np.random.default_rng(0).standard_normal((H.shape[0], 3))
+    np.testing.assert_allclose(linop @ X, H.numpy() @ X, rtol=1e-9, atol=1e-12)  # matmat
+    np.testing.assert_allclose(linop.rmatvec(X[:, 0]), H.numpy() @ X[:, 0], rtol=1e-9, atol=1e-12)
+
+
+def test_estimators_take_a_dense_symmetric_matrix_and_its_size():
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(12, 12, generator=g, dtype=DT)
+    A = M + M.T
+    exact = torch.linalg.eigvalsh(A)
+    top, bottom = curvature.hessian_eigs(A, k=2, steps=12)
+    assert top.dtype == DT  # the operator's dtype, not float32
+    torch.testing.assert_close(top, exact.flip(0)[:2], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(bottom, exact[:2], rtol=1e-9, atol=1e-10)
+    est, se = curvature.hutchinson_trace(A, samples=400, seed=1)
+    assert se > 0 and abs(est - torch.trace(A).item()) < 3 * se
+    assert curvature.hutchinson_trace(A, samples=400, seed=1) == curvature.hutchinson_trace(
+        lambda v: A @ v, 12, samples=400, seed=1, dtype=DT
+    )  # the (matvec, dim) form is the same estimator
+    (nodes, weights), *_ = curvature.spectral_density(A, steps=12, vectors=1)
+    torch.testing.assert_close(nodes, exact, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(curvature.lanczos(A, steps=12)[0], exact, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="dim=5 does not match"):
+        curvature.hessian_eigs(A, 5)
+    with pytest.raises(ValueError, match="square"):
+        curvature.hutchinson_trace(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="needs its size"):
+        curvature.spectral_density(lambda v: A @ v)
+    with pytest.raises(ValueError, match="steps="):
+        curvature.lanczos(A)
 
 
 def test_user_conv_model_and_huber_loss_eigenvalues():
@@ -84,8 +149,8 @@ def test_user_conv_model_and_huber_loss_eigenvalues():
     crit = nn.HuberLoss(delta=0.3)
     H = _dense_hessian(model, crit, x, y)
     exact = torch.linalg.eigvalsh(H)
-    hvp, P = curvature.hessian_operator(model, crit, (x, y))
-    top, bottom = curvature.hessian_eigs(hvp, P, k=3, steps=P, dtype=DT)
+    op = curvature.hessian_operator(model, crit, (x, y))
+    top, bottom = curvature.hessian_eigs(op, k=3, steps=op.shape[0])
     torch.testing.assert_close(top, exact.flip(0)[:3], rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(bottom, exact[:3], rtol=1e-7, atol=1e-9)
     value, grad, _ = curvature.loss_gradient_hessian(model, crit, (x, y))
@@ -121,19 +186,20 @@ def test_hvp_over_batches_is_the_sample_weighted_mean():
     model = _mlp()
     x, y = _data(9)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
-    whole, _ = curvature.hessian_operator(model, _half_sq, (x, y))
-    split, _ = curvature.hessian_operator(model, _half_sq, [(x[:2], y[:2]), (x[2:], y[2:])])
-    torch.testing.assert_close(split(v), whole(v), rtol=1e-10, atol=1e-12)
-    registered, _ = curvature.hessian_operator(model, "mse", (x, y))  # the same loss by name
-    torch.testing.assert_close(registered(v), whole(v), rtol=1e-10, atol=1e-12)
+    whole = curvature.hessian_operator(model, _half_sq, (x, y))
+    split = curvature.hessian_operator(model, _half_sq, [(x[:2], y[:2]), (x[2:], y[2:])])
+    torch.testing.assert_close(split @ v, whole @ v, rtol=1e-10, atol=1e-12)
+    registered = curvature.hessian_operator(model, "mse", (x, y))  # the same loss by name
+    torch.testing.assert_close(registered @ v, whole @ v, rtol=1e-10, atol=1e-12)
 
 
 def test_lanczos_full_run_gives_the_hessian_spectrum():
     model = _mlp()
     x, y = _data()
     exact = torch.linalg.eigvalsh(_dense_hessian(model, _half_sq, x, y))
-    hvp, P = curvature.hessian_operator(model, "mse", (x, y))
-    top, bottom = curvature.hessian_eigs(hvp, P, k=3, steps=P, dtype=DT)
+    op = curvature.hessian_operator(model, "mse", (x, y))
+    P = op.shape[0]
+    top, bottom = curvature.hessian_eigs(op, P, k=3, steps=P, dtype=DT)  # dim given: checked
     torch.testing.assert_close(top, exact.flip(0)[:3], rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(bottom, exact[:3], rtol=1e-7, atol=1e-9)
 
@@ -171,24 +237,25 @@ def test_hutchinson_within_its_standard_error_and_seeded():
     model = _mlp()
     x, y = _data()
     exact = torch.trace(_dense_hessian(model, _half_sq, x, y)).item()
-    hvp, P = curvature.hessian_operator(model, "mse", (x, y))
-    est, se = curvature.hutchinson_trace(hvp, P, samples=200, seed=4, dtype=DT)
+    op = curvature.hessian_operator(model, "mse", (x, y))
+    est, se = curvature.hutchinson_trace(op, samples=200, seed=4)
     assert se > 0 and abs(est - exact) < 3 * se
-    assert curvature.hutchinson_trace(hvp, P, samples=200, seed=4, dtype=DT) == (est, se)
+    assert curvature.hutchinson_trace(op, samples=200, seed=4) == (est, se)
 
 
 def test_spectral_density_matches_the_exact_spectrum():
     model = _mlp()
     x, y = _data()
     exact = torch.linalg.eigvalsh(_dense_hessian(model, _half_sq, x, y))
-    hvp, P = curvature.hessian_operator(model, "mse", (x, y))
-    runs = curvature.spectral_density(hvp, P, steps=P, vectors=4, dtype=DT)
+    op = curvature.hessian_operator(model, "mse", (x, y))
+    P = op.shape[0]
+    runs = curvature.spectral_density(op, steps=P, vectors=4)
     assert len(runs) == 4
     for nodes, weights in runs:
         assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-12)
         used = nodes[weights > 1e-10]
         assert (used[:, None] - exact[None]).abs().amin(1).max() < 1e-7  # nodes are eigenvalues
-    top, bottom = curvature.hessian_eigs(hvp, P, k=2, steps=P, dtype=DT)
+    top, bottom = curvature.hessian_eigs(op, k=2, steps=P)
     first = curvature.ritz_extremes(runs[0][0], 2)  # same seed, same first start vector
     assert torch.equal(first[0], top) and torch.equal(first[1], bottom)
     grid = torch.linspace(exact[0] - 1, exact[-1] + 1, 4001, dtype=DT)
@@ -203,11 +270,12 @@ def test_model_is_left_untouched():
     model.layers[1].eval()  # a mixed state must be restored exactly
     x, y = _data()
     with leaves_untouched(model):
-        hvp, P = curvature.hessian_operator(model, nn.MSELoss(), (x, y))
+        op = curvature.hessian_operator(model, nn.MSELoss(), (x, y))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        assert trainable == P  # the frozen bias enters as a constant
-        curvature.hessian_eigs(hvp, P, k=2, dtype=DT)
-        curvature.hutchinson_trace(hvp, P, samples=3, dtype=DT)
+        assert op.shape == (trainable, trainable)  # the frozen bias enters as a constant
+        curvature.hessian_eigs(op, k=2)
+        curvature.hutchinson_trace(op, samples=3)
+        op.to_scipy() @ np.ones(trainable)
 
 
 def test_bad_arguments_are_named():

@@ -87,8 +87,7 @@ def test_least_squares_with_residual_is_case_3_for_the_set():
     # per sample J_iᵀ r_i = x_i r_i ≠ 0: no single sample is stuck, only their sum cancels
     assert out["per_sample_counts"]["not-stationary"] == 20
     assert out["tolerances"] == {"tol_residual": 1e-6, "tol_gradient": 1e-9, "tol_ratio": 1e-8}
-    hvp, P = curvature.hessian_operator(model, "mse", (X, Y))
-    top, bottom = curvature.hessian_eigs(hvp, P, k=1, dtype=DT)
+    top, bottom = curvature.hessian_eigs(curvature.hessian_operator(model, "mse", (X, Y)), k=1)
     assert dg.label_curvature(bottom.item(), top.item()) == "minimum"
 
 
@@ -119,8 +118,7 @@ def test_all_dead_relu_network_is_case_2():
 def test_product_network_origin_is_a_case_2_saddle():
     model = Product()
     x, y = torch.ones(4, 1, dtype=DT), torch.ones(4, 1, dtype=DT)
-    hvp, P = curvature.hessian_operator(model, "mse", (x, y))
-    top, bottom = curvature.hessian_eigs(hvp, P, k=1, dtype=DT)
+    top, bottom = curvature.hessian_eigs(curvature.hessian_operator(model, "mse", (x, y)), k=1)
     assert math.isclose(bottom.item(), -1.0) and math.isclose(top.item(), 1.0)
     assert dg.label_curvature(bottom.item(), top.item()) == "saddle"
     assert dg.classify_stop(dg.gradient_geometry(model, x, y))["whole_set_case"] == 2

@@ -8,9 +8,12 @@ The loss is a `criterion`: a deterministic loss of the registry `qmse.loss.LOSSE
 or any callable (output, target) -> scalar mean loss, as in PyHessian's
 `hessian(model, criterion, data)`; see `criterion_fn`.
 
-Second order: Hessian-vector products (reverse-over-reverse, `torch.func.vjp` of
-`torch.func.grad_and_value`), Lanczos with full reorthogonalisation for the extreme eigenvalues,
-Hutchinson's trace estimate and stochastic Lanczos quadrature (SLQ) for the spectral density.
+Second order: the Hessian as a linear operator, `HessianOperator` (``op @ v``, ``op.shape``,
+``op.to_scipy()``), built on Hessian-vector products (reverse-over-reverse, `torch.func.vjp`
+of `torch.func.grad_and_value`); Lanczos with full reorthogonalisation for the extreme
+eigenvalues, Hutchinson's trace estimate and stochastic Lanczos quadrature (SLQ) for the
+spectral density. The estimators take any symmetric operator: a `HessianOperator`, a dense
+(P, P) tensor, anything with ``@`` and ``.shape``, or a matvec callable with its size.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
 import torch
+from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vjp
 
@@ -151,11 +158,56 @@ def loss_fn(
     return w, loss_at
 
 
+@dataclass(frozen=True, eq=False)
+class HessianOperator:
+    """The Hessian ∇²L(w) (P × P) of a mean loss at fixed weights w, as a linear operator.
+
+    The matrix is never formed: ``op @ v`` is one Hessian-vector product (one more backward
+    pass) for v of shape (P,), and one product per column for V of shape (P, k). v is cast
+    to the operator's `dtype` and `device` (those of w) and the product returned in them.
+    ``op(v)`` is ``op @ v`` (scipy's `LinearOperator` idiom); `to_scipy` hands the operator
+    to scipy's solvers (`eigsh`, `cg`, `lobpcg`). The estimators of this module take it as it
+    is. Build one with `hessian_operator` or `loss_gradient_hessian`.
+    """
+
+    hvp: MatVec = field(repr=False)  # v (P,) -> H v (P,)
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        P = self.shape[0]
+        if not isinstance(v, Tensor) or v.dim() not in (1, 2) or v.shape[0] != P:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise UserError(
+                f"HessianOperator of shape {self.shape} multiplies a tensor of shape ({P},) "
+                f"or ({P}, k), got {got}"
+            )
+        v = v.to(dtype=self.dtype, device=self.device)
+        if v.dim() == 1:
+            return self.hvp(v)  # (P,)
+        return torch.stack([self.hvp(c) for c in v.unbind(1)], dim=1)  # (P, k)
+
+    __call__ = __matmul__
+
+    def to_scipy(self) -> LinearOperator:
+        """A `scipy.sparse.linalg.LinearOperator` (float64 NumPy in and out) on this one."""
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            out = self @ torch.as_tensor(np.asarray(x, dtype=np.float64))
+            return out.detach().cpu().double().numpy()
+
+        return LinearOperator(  # symmetric: the adjoint is the operator itself
+            self.shape, matvec=apply, matmat=apply, rmatvec=apply, rmatmat=apply, dtype=np.float64
+        )
+
+
 def loss_gradient_hessian(
     model: nn.Module, criterion: Criterion, batches: Batch | Sequence[Batch]
-) -> tuple[Tensor, Tensor, MatVec]:
-    """(L, ∇L, hvp) at the model's weights, for the mean loss of `loss_fn`: the value, the
-    gradient (P,) and hvp(v) = ∇²L v, all from one forward and backward pass.
+) -> tuple[Tensor, Tensor, HessianOperator]:
+    """(L, ∇L, H) at the model's weights, for the mean loss of `loss_fn`: the value, the
+    gradient (P,) and the Hessian as a `HessianOperator`, all from one forward and backward
+    pass.
 
     Reverse-over-reverse (`vjp` of `grad_and_value`; the Hessian is symmetric): the gradient
     graph is built once and each product is one more backward pass, so keep `batches` small
@@ -164,37 +216,122 @@ def loss_gradient_hessian(
     w, loss_at = loss_fn(model, criterion, batches)
     with eval_mode(model):
         g, pull, value = vjp(grad_and_value(loss_at), w, has_aux=True)
-    return value.detach(), g.detach(), lambda v: pull(v.to(w))[0]
+    P = w.numel()
+    op = HessianOperator(lambda v: pull(v)[0], (P, P), w.dtype, w.device)
+    return value.detach(), g.detach(), op
 
 
 def hessian_operator(
     model: nn.Module, criterion: Criterion, batches: Batch | Sequence[Batch]
-) -> tuple[MatVec, int]:
-    """(hvp, P): hvp(v) = ∇²L(w) v for the mean `criterion` over `batches` at the model's
-    weights, P the number of trainable weights (see `loss_gradient_hessian`)."""
-    _, g, hvp = loss_gradient_hessian(model, criterion, batches)
-    return hvp, g.numel()
+) -> HessianOperator:
+    """The Hessian ∇²L(w) of the mean `criterion` over `batches` at the model's weights w,
+    as a `HessianOperator` (see `loss_gradient_hessian`).
+
+    Args:
+        model: any `nn.Module`; its trainable parameters (requires_grad=True) are w.
+        criterion: a deterministic registered loss name ("mse", "expected-qmse", "ce") or a
+            callable (output, target) -> scalar mean loss, e.g. `torch.nn.HuberLoss()`.
+        batches: one (x, y) pair or a list of them (the mean over all their samples).
+
+    Shape:
+        - Operator: (P, P), P the number of trainable weights.
+        - ``op @ v``: v of shape (P,) or (P, k); the output has v's shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from qmse import curvature
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> H = curvature.hessian_operator(model, "mse", (x, y))
+        >>> H.shape
+        (8, 8)
+        >>> (H @ torch.ones(8)).shape, (H @ torch.eye(8)).shape
+        (torch.Size([8]), torch.Size([8, 8]))
+        >>> from scipy.sparse.linalg import eigsh
+        >>> top = eigsh(H.to_scipy(), k=1, return_eigenvectors=False)
+        >>> round(float(top[0]), 4)
+        1.7336
+        >>> lanczos_top, _ = curvature.hessian_eigs(H, k=1, steps=8)  # the same, by Lanczos
+        >>> round(lanczos_top.item(), 4)
+        1.7336
+    """
+    return loss_gradient_hessian(model, criterion, batches)[2]
+
+
+class Operator(Protocol):
+    """What the estimators accept as an operator: `@` on a (P,) tensor and a square `.shape`
+    (a `HessianOperator`, a dense symmetric tensor, a curvlinops-style operator)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __matmul__(self, v: Tensor) -> Tensor: ...
+
+
+def _as_matvec(op: Operator | MatVec, dim: int | None) -> tuple[MatVec, int, torch.dtype | None]:
+    """(matvec, P, dtype) of an operator (anything with `@` and a square `.shape`; its
+    `dtype`, when a torch dtype, casts the inputs) or of a (matvec callable, dim) pair
+    (dtype None)."""
+    if hasattr(op, "shape") and hasattr(op, "__matmul__"):
+        shape = tuple(op.shape)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise UserError(f"the operator must be square (P, P), got shape {shape}")
+        if dim is not None and dim != shape[0]:
+            raise UserError(
+                f"dim={dim} does not match the operator's shape {shape}; leave dim out, the "
+                f"size is taken from the operator"
+            )
+        dtype = op.dtype if isinstance(getattr(op, "dtype", None), torch.dtype) else None
+        device = getattr(op, "device", None)
+        if dtype is None:
+            return (lambda v: op @ v), shape[0], None
+        return (lambda v: op @ v.to(dtype=dtype, device=device)), shape[0], dtype
+    if not callable(op):
+        raise TypeError(
+            f"expected an operator (with @ and .shape) or a matvec callable, got "
+            f"{type(op).__name__}"
+        )
+    if dim is None:
+        raise UserError("a matvec callable needs its size: pass dim=P, or pass an operator")
+    return op, dim, None
+
+
+def _basis_dtype(dtype: torch.dtype | None, op_dtype: torch.dtype | None) -> torch.dtype:
+    """The estimators' working dtype: `dtype` if given, else the operator's, at least float32."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if op_dtype is None else torch.promote_types(op_dtype, torch.float32)
 
 
 def lanczos(
-    matvec: MatVec,
-    dim: int,
-    steps: int,
+    op: Operator | MatVec,
+    dim: int | None = None,
+    steps: int | None = None,
     *,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`steps` Lanczos iterations with full reorthogonalisation on a symmetric operator.
 
-    Returns (nodes, weights) in float64: the Ritz values (ascending, length ≤ steps; fewer if
-    the Krylov space closes) and the squared first components of the Ritz vectors, which
-    are the quadrature weights of SLQ. Ritz values interlace the spectrum: the smallest one
-    is ≥ λ_min, so a negative one proves a negative eigenvalue; with steps = dim they are
-    the eigenvalues. The start vector is Gaussian from `generator` unless given.
+    `op`: an operator (anything with `@` and `.shape` (P, P): a `HessianOperator`, a dense
+    symmetric tensor), its size taken from it, or a matvec callable v -> A v with its size
+    `dim`. Returns (nodes, weights) in float64: the Ritz values (ascending, length ≤ steps;
+    fewer if the Krylov space closes) and the squared first components of the Ritz vectors,
+    which are the quadrature weights of SLQ. Ritz values interlace the spectrum: the smallest
+    one is ≥ λ_min, so a negative one proves a negative eigenvalue; with steps = P they are
+    the eigenvalues. The start vector is Gaussian from `generator` unless given; the basis is
+    kept in `dtype` (default: the operator's, at least float32).
     """
+    matvec, dim, op_dtype = _as_matvec(op, dim)
+    if steps is None:
+        raise UserError("lanczos needs steps=, the number of products (1 <= steps <= P)")
     if not 1 <= steps <= dim:
         raise UserError(f"steps must be in [1, dim={dim}], got {steps}")
+    dtype = _basis_dtype(dtype, op_dtype)
     device = generator.device if generator is not None else None
     q = (
         start
@@ -232,66 +369,110 @@ def ritz_extremes(nodes: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def hessian_eigs(
-    hvp: MatVec,
-    dim: int,
+    op: Operator | MatVec,
+    dim: int | None = None,
     *,
     k: int = 5,
     steps: int = 40,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(top, bottom): the k largest (descending) and k smallest (ascending) Ritz values of
-    one Lanczos run of `steps` products (capped at dim). Extremes converge first; take
-    steps ≳ 3k, and steps = dim for the exact spectrum of a small model."""
-    steps = min(steps, dim)
+    one Lanczos run of `steps` products (capped at P).
+
+    Extremes converge first; take steps ≳ 3k, and steps = P for the exact spectrum of a
+    small model. `op` is a symmetric operator (a `HessianOperator`, a dense tensor, anything
+    with `@` and `.shape`), or a matvec callable with its size `dim`; `dtype` is the Lanczos
+    basis's (default: the operator's, at least float32). Seeded by `seed`, not by the global
+    RNG.
+
+    Shape:
+        - op: (P, P).
+        - Output: (top, bottom), each (min(k, steps),), float64.
+
+    Examples::
+
+        >>> import torch
+        >>> from qmse import curvature
+        >>> A = torch.diag(torch.tensor([-2.0, 0.5, 1.0, 3.0], dtype=torch.float64))
+        >>> top, bottom = curvature.hessian_eigs(A, k=2, steps=4)
+        >>> [round(x, 4) for x in top.tolist()], [round(x, 4) for x in bottom.tolist()]
+        ([3.0, 1.0], [-2.0, 0.5])
+    """
+    matvec, dim, op_dtype = _as_matvec(op, dim)
     gen = torch.Generator().manual_seed(seed)
-    nodes, _ = lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
+    dtype = _basis_dtype(dtype, op_dtype)
+    nodes, _ = lanczos(matvec, dim, min(steps, dim), generator=gen, dtype=dtype)
     return ritz_extremes(nodes, k)
 
 
 def hutchinson_trace(
-    hvp: MatVec,
-    dim: int,
+    op: Operator | MatVec,
+    dim: int | None = None,
     *,
     samples: int = 30,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> tuple[float, float]:
     """Hutchinson's estimate of tr H = E[zᵀHz] with Rademacher z, and its standard error
-    (sample std / √samples)."""
+    (sample std / √samples).
+
+    `op` is a symmetric operator (a `HessianOperator`, a dense tensor, anything with `@` and
+    `.shape`), or a matvec callable with its size `dim`; the probes z are drawn in `dtype`
+    (default: the operator's, at least float32) from a generator seeded by `seed`.
+
+    Shape:
+        - op: (P, P).
+        - Output: (estimate, standard error), two Python floats.
+
+    Examples::
+
+        >>> import torch
+        >>> from qmse import curvature
+        >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))  # trace 55
+        >>> est, se = curvature.hutchinson_trace(A, samples=10)
+        >>> round(est, 4), round(se, 4)  # exact for a diagonal matrix: zᵢ² = 1
+        (55.0, 0.0)
+        >>> M = torch.ones(10, 10, dtype=torch.float64)  # trace 10, rank one
+        >>> est, se = curvature.hutchinson_trace(M, samples=400)
+        >>> abs(est - 10) < 3 * se
+        True
+    """
     if samples < 2:
         raise UserError(f"samples must be >= 2 to give a standard error, got {samples}")
+    matvec, dim, op_dtype = _as_matvec(op, dim)
+    dtype = _basis_dtype(dtype, op_dtype)
     gen = torch.Generator().manual_seed(seed)
     vals = []
     for _ in range(samples):
         z = torch.randint(0, 2, (dim,), generator=gen).to(dtype) * 2 - 1
-        vals.append(torch.dot(z, hvp(z).to(z)).item())
+        vals.append(torch.dot(z, matvec(z).to(z)).item())
     t = torch.tensor(vals, dtype=torch.float64)
     return t.mean().item(), (t.std() / math.sqrt(samples)).item()
 
 
 def spectral_density(
-    hvp: MatVec,
-    dim: int,
+    op: Operator | MatVec,
+    dim: int | None = None,
     *,
     steps: int = 30,
     vectors: int = 3,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """Stochastic Lanczos quadrature: one (nodes, weights) pair per random start vector.
 
-    The density of the Hessian's eigenvalues (normalised to 1, each eigenvalue weighing
-    1/dim) is estimated by (1/vectors) Σ_l Σ_j weights_l[j] δ(λ − nodes_l[j]); smooth it
-    with `density_on_grid`. One Lanczos run of `steps` products per vector; the first run
-    starts where `hessian_eigs` with the same seed does, so its nodes are those Ritz values.
+    The density of the eigenvalues of `op` (P × P, normalised to 1, each eigenvalue weighing
+    1/P) is estimated by (1/vectors) Σ_l Σ_j weights_l[j] δ(λ − nodes_l[j]); smooth it with
+    `density_on_grid`. One Lanczos run of `steps` products per vector; the first run starts
+    where `hessian_eigs` with the same seed does, so its nodes are those Ritz values. `op`
+    and `dtype` are those of `hessian_eigs`.
     """
+    matvec, dim, op_dtype = _as_matvec(op, dim)
+    dtype = _basis_dtype(dtype, op_dtype)
     steps = min(steps, dim)
     gen = torch.Generator().manual_seed(seed)
-    return [
-        lanczos(lambda v: hvp(v).to(dtype), dim, steps, generator=gen, dtype=dtype)
-        for _ in range(vectors)
-    ]
+    return [lanczos(matvec, dim, steps, generator=gen, dtype=dtype) for _ in range(vectors)]
 
 
 def density_on_grid(runs: Sequence[tuple[Tensor, Tensor]], grid: Tensor, sigma: float) -> Tensor:

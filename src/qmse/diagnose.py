@@ -287,7 +287,34 @@ def diagnose_model(
     (`criterion_name`): its value and gradient norm, the top-k/bottom-k Hessian Ritz values,
     the curvature label (meaningful where that gradient is ~0), the Hutchinson trace ±
     standard error and the SLQ nodes/weights (`slq_vectors` Lanczos runs of
-    `lanczos_steps` products; the extremes are the first run's Ritz values).
+    `lanczos_steps` products; the extremes are the first run's Ritz values), all from the
+    criterion's `qmse.curvature.HessianOperator`.
+
+    Shape:
+        - data: x of shape (N, *) (whatever the model takes), y of shape (N, C) (float
+          targets) or (N,) (int64 class indices).
+        - model(x): (N, C).
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from qmse.diagnose import diagnose_model
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+        >>> y = torch.randn(20, 1, generator=g, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1, bias=False).double()
+        >>> with torch.no_grad():  # the least-squares fit: MSE's gradient is zero, r is not
+        ...     _ = model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+        >>> d = diagnose_model(model, "mse", (x, y), k=1, lanczos_steps=3, quiet=True)
+        >>> d["stop"]["whole_set_label"], d["hessian"]["mse"]["label"]
+        ('null-space', 'minimum')
+        >>> round(d["geometry"]["whole_set"]["mse"], 4)  # the mean ½‖r‖² left
+        0.3381
+        >>> round(d["hessian"]["mse"]["top"][0], 4)  # λ_max of the Hessian xᵀx / N
+        1.3958
+        >>> round(torch.linalg.eigvalsh(x.T @ x / 20)[-1].item(), 4)
+        1.3958
     """
     named = _criteria(criterion)
     x, y = data
@@ -314,10 +341,10 @@ def diagnose_model(
     }
     P = geo["n_params"]
     for label, crit in named.items():
-        value, g, hvp = loss_gradient_hessian(model, crit, (x, y))
-        runs = spectral_density(hvp, P, steps=lanczos_steps, vectors=slq_vectors, seed=seed)
+        value, g, H = loss_gradient_hessian(model, crit, (x, y))
+        runs = spectral_density(H, steps=lanczos_steps, vectors=slq_vectors, seed=seed)
         bar.update()
-        trace, trace_se = hutchinson_trace(hvp, P, samples=trace_samples, seed=seed)
+        trace, trace_se = hutchinson_trace(H, samples=trace_samples, seed=seed)
         bar.update()
         top, bottom = ritz_extremes(runs[0][0], k)  # spectral_density's first run = hessian_eigs
         out["hessian"][label] = {
