@@ -192,6 +192,33 @@ def qmse_loss(
     reduction="sum" returns that value, "mean" divides it by N, "none" is not defined.
     Reductions: "mean" over samples, "sum", "none" (per-sample vector).
     Computed in float32 at least: fp16/bf16 inputs (e.g. under autocast) are upcast first.
+
+    Shape:
+        - Input: (N, C), N samples of C outputs.
+        - Target: (N, C) floats, or (N,) int64 class indices in [0, C).
+        - noise: (N, C), unit rows (scope="sample"); input's shape, unit as a whole ("batch").
+        - Output: scalar; (N,) for reduction="none".
+
+    Examples::
+
+        >>> import torch
+        >>> from qmse.loss import qmse_loss
+        >>> input = torch.zeros(1, 2, requires_grad=True)
+        >>> target = torch.tensor([[1.0, 0.0]])
+        >>> v = torch.tensor([[0.0, 1.0]])  # a unit direction
+        >>> loss = qmse_loss(input, target, noise=v)  # ½⟨r + v, r⟩², r = y − f = (1, 0)
+        >>> loss.item()
+        0.5
+        >>> loss.backward()
+        >>> input.grad  # −(r + v)⟨r + v, r⟩, with r + v held constant
+        tensor([[-1., -1.]])
+        >>> g = torch.Generator().manual_seed(0)
+        >>> input = torch.randn(4, 3, generator=g)
+        >>> target = torch.randint(0, 3, (4,), generator=g)  # class indices: one-hot inside
+        >>> round(qmse_loss(input, target, generator=g).item(), 4)  # v drawn from g
+        22.8082
+        >>> qmse_loss(input, target, generator=g, reduction="none").shape
+        torch.Size([4])
     """
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("scope", scope, SCOPES)
@@ -219,6 +246,25 @@ def mse_loss_half(input: Tensor, target: Tensor, *, reduction: str = "mean") -> 
     """Per-sample ½‖y − f‖² (paper eq. 3), averaged over samples: the MSE every comparison uses.
 
     Equals 0.5 * C * F.mse_loss(input, target) for reduction="mean".
+
+    Shape:
+        - Input: (N, C).
+        - Target: (N, C) floats, or (N,) int64 class indices in [0, C).
+        - Output: scalar; (N,) for reduction="none".
+
+    Examples::
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from qmse.loss import mse_loss_half
+        >>> input = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+        >>> target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> mse_loss_half(input, target, reduction="none")  # ½‖r‖² per sample
+        tensor([0.6250, 2.5000])
+        >>> mse_loss_half(input, target).item(), (0.5 * 2 * F.mse_loss(input, target)).item()
+        (1.5625, 1.5625)
+        >>> mse_loss_half(input, torch.tensor([0, 1])).item()  # class indices, one-hot inside
+        1.5625
     """
     return LOSSES["mse"](input, target, reduction=reduction)
 
@@ -228,6 +274,20 @@ def expected_qmse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean"
 
     E[v] = 0 and E[vvᵀ] = I/C give E_v[Q r] = (‖r‖² + 1/C) r, the gradient of this loss.
     Training with it keeps QMSE's reshaped landscape and removes its noise (the ablation).
+
+    Shape:
+        - Input: (N, C).
+        - Target: (N, C) floats, or (N,) int64 class indices in [0, C).
+        - Output: scalar; (N,) for reduction="none".
+
+    Examples::
+
+        >>> import torch
+        >>> from qmse.loss import expected_qmse_loss
+        >>> input = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+        >>> target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # ‖r‖² = 1.25 and 5, C = 2
+        >>> expected_qmse_loss(input, target, reduction="none")  # ¼‖r‖⁴ + ‖r‖²/4
+        tensor([0.7031, 7.5000])
     """
     return LOSSES["expected-qmse"](input, target, reduction=reduction)
 
@@ -415,7 +475,36 @@ def compute_loss(
 
 class QMSELoss(nn.Module):
     """Module form of `qmse_loss`, mirroring `torch.nn.MSELoss`; `noise` (v) may be passed per
-    call."""
+    call.
+
+    Args:
+        reduction: "mean" over samples, "sum" or "none", as in `qmse_loss`.
+        generator: the source of the draws v when `noise` is not given (else the global RNG).
+        scope: "sample" (the paper's method, one v per sample) or "batch" (`qmse_loss`).
+
+    Shape:
+        - Input: (N, C).
+        - Target: (N, C) floats, or (N,) int64 class indices in [0, C).
+        - noise: (N, C), optional, unit rows.
+        - Output: scalar; (N,) for reduction="none".
+
+    Examples::
+
+        >>> import torch
+        >>> from qmse.loss import QMSELoss
+        >>> loss = QMSELoss(generator=torch.Generator().manual_seed(0))
+        >>> loss
+        QMSELoss(reduction='mean', scope='sample')
+        >>> input = torch.zeros(1, 2, requires_grad=True)
+        >>> target = torch.tensor([[1.0, 0.0]])
+        >>> output = loss(input, target, torch.tensor([[0.0, 1.0]]))  # v given: ½⟨r + v, r⟩²
+        >>> output.backward()
+        >>> output.item(), input.grad
+        (0.5, tensor([[-1., -1.]]))
+        >>> per_sample = QMSELoss(reduction="none", generator=torch.Generator().manual_seed(0))
+        >>> per_sample(torch.zeros(4, 1), torch.ones(4, 1))  # C = 1: v = ±1, ½(1 + v)² ∈ {0, 2}
+        tensor([2., 0., 0., 2.])
+    """
 
     def __init__(
         self,

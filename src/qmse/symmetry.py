@@ -284,6 +284,24 @@ def permute(
     original on `probe` (default `probe_input(model)`) in eval mode; outputs that differ by
     more than rounding (10⁴ machine epsilons of the output's scale) raise a ValueError: the
     spec is not a symmetry of this model. The input model is left untouched.
+
+    Shape:
+        - perms[name]: (n,) int64, a permutation of range(n), n the units it reorders.
+        - probe: a batch the model accepts, e.g. (B, in_features).
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from qmse.symmetry import permute
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> twin = permute(model, {"0": torch.tensor([2, 0, 1])})  # hidden layer "0": 3 units
+        >>> torch.equal(twin[0].weight, model[0].weight[[2, 0, 1]])  # new unit j = old p[j]
+        True
+        >>> x = torch.randn(5, 2)
+        >>> torch.allclose(twin(x), model(x))  # another point of weight space, same function
+        True
     """
     spec = spec if spec is not None else permutation_spec(model)
     params = {k: v.detach() for k, v in model.state_dict().items()}
@@ -350,6 +368,24 @@ def count_equivalent(model: nn.Module, *, spec: PermutationSpec | None = None) -
     equal outgoing weights (then, layer by layer from the input, the stabiliser can move only
     identical units). That holds for generic trained networks (all mⱼ = 1: ∏ nₗ!) and for
     duplicated units. Returned as an exact Python int (it overflows floats for SimpleCNN).
+
+    Shape:
+        - Output: a Python int, no tensor (∏ nₗ! overflows float64 for SimpleCNN).
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from qmse.symmetry import count_equivalent
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> count_equivalent(model)  # 3 distinct hidden units: 3!
+        6
+        >>> with torch.no_grad():  # make unit 1 a copy of unit 0: 3! / 2!
+        ...     model[0].weight[1], model[0].bias[1] = model[0].weight[0], model[0].bias[0]
+        ...     model[2].weight[0, 1] = model[2].weight[0, 0]
+        >>> count_equivalent(model)
+        3
     """
     spec = spec if spec is not None else permutation_spec(model)
     params = model.state_dict()
@@ -381,6 +417,20 @@ def weight_matching(
     improves nothing, or `max_iter` sweeps. `spec` (default `permutation_spec(model_a)`) and
     `probe` are those of `permute`. Returns (perms, aligned copy of model_b); neither input is
     changed, and the aligned model computes model_b's function (checked by `permute`).
+
+    Shape:
+        - Output perms[name]: (n,) int64, new unit j of the aligned model = model_b's p[j].
+
+    Examples::
+
+        >>> import torch
+        >>> from qmse.symmetry import weight_matching, worked_example
+        >>> a, b = worked_example()  # two 2-2-1 networks, hidden units swapped
+        >>> perms, aligned = weight_matching(a, b)
+        >>> perms
+        {'layers.0': tensor([1, 0])}
+        >>> all(torch.equal(p, q) for p, q in zip(aligned.parameters(), a.parameters()))
+        True
     """
     spec = spec if spec is not None else permutation_spec(model_a)
     params_a = {k: v.detach().cpu().double() for k, v in model_a.state_dict().items()}
