@@ -7,7 +7,8 @@ import math
 import pytest
 
 from qmse.cli import main
-from qmse.escape import parse_hyper, parse_values, wilson
+from qmse.escape import parse_hyper, parse_values
+from qmse.stats import wilson
 
 TINY = [
     "--seeds", "6", "--sample-seeds", "4", "--steps", "60", "--protocols", "random-init",

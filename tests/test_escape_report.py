@@ -1,11 +1,9 @@
-"""qmse.escape.report: McNemar's exact test and Holm's correction against cases computed by
-hand, Wilson intervals against the closed form, the paired tables and the figures."""
-
-import math
+"""qmse.escape.report: the paired tests stored per row (McNemar against each reference,
+Holm-adjusted per protocol), the tables and the figures. The statistics themselves (Wilson,
+McNemar, Holm) are tested in tests/test_stats.py."""
 
 import pytest
 
-from qmse.escape import holm, mcnemar, wilson
 from qmse.escape.report import (
     add_paired_tests,
     plot_results,
@@ -13,38 +11,7 @@ from qmse.escape.report import (
     wall_times,
     write_table,
 )
-
-
-def test_mcnemar_matches_a_hand_computed_case():
-    """10 starts: the method fails on 1 where the reference succeeds and succeeds on 9 where
-    it fails (b = 1, c = 9), 3 concordant. Two-sided exact p = 2·P(X ≤ 1), X ~ Bin(10, ½)
-    = 2·(1 + 10)/1024 = 22/1024."""
-    method = "1" + "0" * 9 + "110"
-    ref = "0" + "1" * 9 + "110"
-    test = mcnemar(method, ref)
-    assert (test["worse"], test["better"]) == (1, 9)
-    assert test["p"] == pytest.approx(22 / 1024, rel=1e-12)
-    assert mcnemar("0101", "0101")["p"] == 1.0  # no discordant start
-    assert mcnemar("1", "0")["p"] == 1.0  # one discordant start: P(X ≤ 0)·2 = 1
-    with pytest.raises(ValueError, match="length"):
-        mcnemar("01", "011")
-
-
-def test_holm_matches_a_hand_computed_case():
-    """p = (0.01, 0.04, 0.03): sorted 0.01·3 = 0.03, 0.03·2 = 0.06, max(0.06, 0.04·1)."""
-    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
-    assert holm([]) == []
-
-
-@pytest.mark.parametrize("failures,seeds", [(0, 100), (12, 100), (100, 100), (3, 7)])
-def test_wilson_matches_the_closed_form(failures, seeds):
-    z = 1.959963984540054
-    p = failures / seeds
-    centre = (p + z * z / (2 * seeds)) / (1 + z * z / seeds)
-    half = z * math.sqrt(p * (1 - p) / seeds + z * z / (4 * seeds**2)) / (1 + z * z / seeds)
-    assert wilson(failures, seeds) == pytest.approx((centre - half, centre + half), abs=1e-12)
-    assert wilson(0, 0) == (0.0, 1.0)
+from qmse.stats import holm, wilson
 
 
 def _row(method, k, failed, protocol="spurious-minima", **extra):

@@ -17,7 +17,7 @@ from qmse.escape.config import EscapeConfig, parse_hyper, parse_values
 from qmse.escape.engine import DIVERGED_NORM, STUCK_LOSS, Job, make_job, run_method, run_methods
 from qmse.escape.methods import METHODS, Method, Run, get_method, load_plugin, register_method
 from qmse.escape.population import PUBLISHED, certify_minima, gd_population, population_runs
-from qmse.escape.report import PROTOCOLS, holm, mcnemar, wilson, write_table
+from qmse.escape.report import PROTOCOLS, write_table
 from qmse.escape.rules import BUILTIN_METHODS
 
 __all__ = [
@@ -34,10 +34,8 @@ __all__ = [
     "certify_minima",
     "gd_population",
     "get_method",
-    "holm",
     "load_plugin",
     "make_job",
-    "mcnemar",
     "parse_hyper",
     "parse_values",
     "population_runs",
@@ -45,6 +43,5 @@ __all__ = [
     "run_benchmark",
     "run_method",
     "run_methods",
-    "wilson",
     "write_table",
 ]

@@ -18,44 +18,13 @@ from collections.abc import Mapping, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
-from scipy.stats import binomtest
 
 from qmse.errors import UserError
 from qmse.runs import atomic_write, save_figure
+from qmse.stats import holm, mcnemar
+from qmse.stats import wilson as wilson  # re-exported: qmse.escape.cells imports it here
 
 PROTOCOLS = ("random-init", "spurious-minima")  # from Xavier starts; from certified minima
-
-
-def wilson(failures: int, seeds: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of failures / seeds; (0, 1) when there are no seeds."""
-    if seeds <= 0:
-        return (0.0, 1.0)
-    ci = binomtest(failures, seeds).proportion_ci(confidence_level=confidence, method="wilson")
-    return (float(ci.low), float(ci.high))
-
-
-def mcnemar(failed: str, failed_ref: str) -> dict:
-    """McNemar's exact test of a method against a reference on the same starts. `failed`,
-    `failed_ref`: one character per start, "1" failed, "0" succeeded. Returns worse (b: the
-    method failed where the reference succeeded), better (c: the reverse) and the two-sided
-    exact p-value of b against Binomial(b + c, ½) (1 when there is no discordant start)."""
-    if len(failed) != len(failed_ref):
-        raise UserError(f"paired outcomes differ in length: {len(failed)} vs {len(failed_ref)}")
-    worse = sum(a == "1" and b == "0" for a, b in zip(failed, failed_ref))
-    better = sum(a == "0" and b == "1" for a, b in zip(failed, failed_ref))
-    p = binomtest(better, worse + better, 0.5).pvalue if worse + better else 1.0
-    return {"worse": worse, "better": better, "p": float(p)}
-
-
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment: the i-th smallest of m p-values becomes
-    max over j ≤ i of min(1, (m − j + 1)·p_(j)); returned in the input's order."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def add_paired_tests(rows: list[dict], references: Sequence[str]) -> None:
