@@ -37,7 +37,7 @@ import torch
 from qmse.escape import BUILTIN_METHODS, get_method, make_job
 from qmse.escape.engine import EVAL_EVERY, job_gradient, run_methods, teacher_outputs
 from qmse.escape.methods import Run
-from qmse.escape.rules import PGD_WINDOW
+from qmse.escape.rules import PGD
 from qmse.teacher_student import (
     init_weights,
     make_problem,
@@ -111,7 +111,7 @@ def time_parts(k: int, starts: int, batch: int, repeats: int) -> dict[str, float
     run = Run(STEPS, batch, problem, torch.zeros(starts, dtype=torch.bool))
     # timed on its own: its large draws would disturb the parts timed round-robin
     held_out = _median_ms(lambda: run.held_out_loss(W0, gen), 3)
-    out["pgd"] += 2 * held_out / PGD_WINDOW  # at most two held-out losses per window
+    out["pgd"] += 2 * held_out / PGD["window"]  # at most two held-out losses per window
     out["restart"] += 2 * held_out / STEPS  # two at the end of the run
     plain = [n for n in BUILTIN_METHODS if not get_method(n).after_step]  # no hooks' extras
     jobs = [make_job(n, get_method(n).lr_grid[0] / 10) for n in plain]

@@ -62,8 +62,10 @@ def test_the_sweep_figure_is_drawn_from_the_records(tmp_path):
         "points": [{"value": v, "failures": f, "seeds": 10, "diverged": d}
                    for v, f, d in ((0.1, 5, 0), (0.2, 2, 0), (0.4, 9, 8))],
     }  # fmt: skip
+    new = {**stage, "points": [p | {"score": p["failures"] / 10} for p in stage["points"]]}
     records = [{"method": "sgd", "protocol": "random-init", "k": 8, "stages": [stage]}]
-    plot_sweeps(records, tmp_path / "sweeps.png")
+    records.append({"method": "qmse", "protocol": "random-init", "k": 8, "stages": [new]})
+    plot_sweeps(records, tmp_path / "sweeps.png")  # an older record (counts only) and a new one
     assert (tmp_path / "sweeps.png").stat().st_size > 0
     plot_sweeps([], tmp_path / "none.png")  # nothing swept: no figure
     assert not (tmp_path / "none.png").exists()

@@ -9,10 +9,11 @@ import torch
 
 from qmse.escape import STUCK_LOSS, Method, make_job, run_method
 from qmse.escape.engine import job_gradient, teacher_outputs
-from qmse.escape.rules import MOMENTUM, sgd, uniform_ball
+from qmse.escape.rules import HEAVY_BALL, sgd, uniform_ball
 from qmse.loss import get_loss, sample_directions
 from qmse.teacher_student import init_weights, make_problem, outputs
 
+MOMENTUM = HEAVY_BALL["beta"]
 K, M, B, LR, SEED, METHOD_SEED = 3, 2, 5, 0.05, 11, 12
 
 

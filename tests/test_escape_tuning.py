@@ -6,12 +6,20 @@ import torch
 
 from qmse.escape import METHODS, Method, register_method
 from qmse.escape.rules import sgd
-from qmse.escape.tuning import MAX_EXTEND, plan, summarize, tune_methods
+from qmse.escape.tuning import plan, summarize, tune_methods
 from qmse.teacher_student import init_weights, make_problem
+from qmse.tuning import Param
 
+MAX_EXTEND = Param("lr", (1.0,)).max_extend
 GRID = (0.1, 0.2, 0.4)
 SGD_LIKE = Method("test-tune-sgd", "mse", sgd, GRID)
 NOISY = Method("test-tune-noisy", "mse", sgd, GRID, hyper={"sigma": (0.01, 0.02, 0.04)})
+
+
+def plan3(method, fixed, points):
+    """plan's answer as (settings to run, chosen, stages)."""
+    found = plan(method, fixed, points)
+    return found.need, found.chosen, found.stages
 
 
 def point(lr, failures, *, diverged=0, log_loss=-3.0, moved=0.5, seeds=10, **hyper):
@@ -26,18 +34,18 @@ def point(lr, failures, *, diverged=0, log_loss=-3.0, moved=0.5, seeds=10, **hyp
 
 
 def test_an_empty_sweep_asks_for_the_whole_grid():
-    todo, chosen, _ = plan(SGD_LIKE, {}, [])
+    todo, chosen, _ = plan3(SGD_LIKE, {}, [])
     assert [s["lr"] for s in todo] == list(GRID) and chosen is None
 
 
 def test_the_grid_widens_while_the_best_value_is_on_its_top_edge():
     points = [point(0.1, 9), point(0.2, 6), point(0.4, 3)]
-    todo, chosen, _ = plan(SGD_LIKE, {}, points)
+    todo, chosen, _ = plan3(SGD_LIKE, {}, points)
     assert [s["lr"] for s in todo] == [0.8] and chosen is None
     points.append(point(0.8, 2))
-    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [1.6]
+    assert [s["lr"] for s in plan3(SGD_LIKE, {}, points)[0]] == [1.6]
     points.append(point(1.6, 10, diverged=10))
-    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    todo, chosen, (stage,) = plan3(SGD_LIKE, {}, points)
     assert todo == [] and chosen == {"lr": 0.8}
     assert stage["interior"] and stage["range"] == [0.1, 1.6]
     assert stage["stopped"] == {"top": "inside", "bottom": "inside"}
@@ -45,9 +53,9 @@ def test_the_grid_widens_while_the_best_value_is_on_its_top_edge():
 
 def test_the_grid_widens_downwards_until_nothing_moves():
     points = [point(0.1, 3), point(0.2, 5), point(0.4, 9)]
-    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [0.05]
+    assert [s["lr"] for s in plan3(SGD_LIKE, {}, points)[0]] == [0.05]
     points.append(point(0.05, 3, moved=1e-4))  # tied with 0.1, and frozen: stop
-    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    todo, chosen, (stage,) = plan3(SGD_LIKE, {}, points)
     assert todo == [] and chosen == {"lr": 0.1}  # the tie goes to the value inside
     assert stage["stopped"]["bottom"] == "frozen" and stage["interior"]
 
@@ -57,11 +65,11 @@ def test_when_everything_fails_both_edges_widen_until_their_stops():
     escape, so the top widens until most starts diverge; the bottom until halving changes
     nothing; the choice is inside."""
     points = [point(v, 10, log_loss=-1.7 + i / 25) for i, v in enumerate(GRID)]
-    assert sorted(s["lr"] for s in plan(SGD_LIKE, {}, points)[0]) == [0.05, 0.8]
+    assert sorted(s["lr"] for s in plan3(SGD_LIKE, {}, points)[0]) == [0.05, 0.8]
     points += [point(0.05, 10, log_loss=-1.705), point(0.8, 10, log_loss=-1.5)]
-    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [1.6]
+    assert [s["lr"] for s in plan3(SGD_LIKE, {}, points)[0]] == [1.6]
     points.append(point(1.6, 10, diverged=8, log_loss=30.0))
-    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    todo, chosen, (stage,) = plan3(SGD_LIKE, {}, points)
     assert todo == [] and stage["stopped"] == {"top": "most diverged", "bottom": "flat"}
     assert stage["interior"] and chosen == {"lr": 0.1}
 
@@ -72,7 +80,7 @@ def test_escapes_beyond_the_top_of_an_all_failing_grid_are_found():
     points = [point(v, 10, log_loss=-1.7 + i / 25) for i, v in enumerate(GRID)]
     points += [point(0.05, 10, log_loss=-1.705), point(0.8, 10, log_loss=-1.5)]
     points += [point(1.6, 6, log_loss=-2.0), point(3.2, 10, diverged=9, log_loss=30.0)]
-    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    todo, chosen, (stage,) = plan3(SGD_LIKE, {}, points)
     assert todo == [] and chosen == {"lr": 1.6} and stage["interior"]
 
 
@@ -80,11 +88,11 @@ def test_a_grid_where_everything_diverges_widens_downwards():
     """Diverged starts all score alike (log₁₀ loss 30), which is not "nothing moves": the
     grid widens down until a value does not diverge."""
     points = [point(v, 10, diverged=10, log_loss=30.0, moved=1e3) for v in GRID]
-    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [0.05]
+    assert [s["lr"] for s in plan3(SGD_LIKE, {}, points)[0]] == [0.05]
     points.append(point(0.05, 10, diverged=10, log_loss=30.0, moved=1e3))
-    assert [s["lr"] for s in plan(SGD_LIKE, {}, points)[0]] == [0.025]
+    assert [s["lr"] for s in plan3(SGD_LIKE, {}, points)[0]] == [0.025]
     points += [point(0.025, 4), point(0.0125, 7)]
-    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    todo, chosen, (stage,) = plan3(SGD_LIKE, {}, points)
     assert todo == [] and chosen == {"lr": 0.025} and stage["interior"]
 
 
@@ -94,23 +102,23 @@ def test_the_widening_stops_at_its_cap():
     for i in range(MAX_EXTEND):
         v *= 2
         points.append(point(v, 16 - i, seeds=20))  # always better: the edge keeps winning
-    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
-    assert todo == [] and stage["stopped"]["top"] == "cap" and chosen["lr"] == v
+    todo, chosen, (stage,) = plan3(SGD_LIKE, {}, points)
+    assert todo == [] and stage["stopped"]["top"] == "limit" and chosen["lr"] == v
     assert not stage["interior"]  # recorded, and marked in the table
 
 
 def test_hyperparameters_are_swept_after_lr_at_the_chosen_lr():
     points = [point(0.1, 5, sigma=0.02), point(0.2, 2, sigma=0.02), point(0.4, 6, sigma=0.02)]
-    todo, _, stages = plan(NOISY, {}, points)
+    todo, _, stages = plan3(NOISY, {}, points)
     assert [s["param"] for s in stages] == ["lr"]
     assert todo == [{"lr": 0.2, "sigma": 0.01}, {"lr": 0.2, "sigma": 0.04}]  # 0.02 is done
     points += [point(0.2, 4, sigma=0.01), point(0.2, 1, sigma=0.04)]
-    assert plan(NOISY, {}, points)[0] == [{"lr": 0.2, "sigma": 0.08}]
+    assert plan3(NOISY, {}, points)[0] == [{"lr": 0.2, "sigma": 0.08}]
     points.append(point(0.2, 3, sigma=0.08))
-    todo, chosen, stages = plan(NOISY, {}, points)  # a second pass: lr again at σ = 0.04
+    todo, chosen, stages = plan3(NOISY, {}, points)  # a second pass: lr again at σ = 0.04
     assert todo == [{"lr": 0.1, "sigma": 0.04}, {"lr": 0.4, "sigma": 0.04}]
     points += [point(0.1, 3, sigma=0.04), point(0.4, 6, sigma=0.04)]
-    todo, chosen, stages = plan(NOISY, {}, points)
+    todo, chosen, stages = plan3(NOISY, {}, points)
     assert todo == [] and chosen == {"lr": 0.2, "sigma": 0.04}  # nothing changed: done
     assert [(s["param"], s["pass"]) for s in stages] == [
         ("lr", 1),
@@ -126,24 +134,24 @@ def test_a_second_pass_retunes_lr_chosen_at_a_poor_default():
     points = [point(v, 10, log_loss=-1.5 - i / 10, sigma=0.02) for i, v in enumerate(GRID)]
     points += [point(0.05, 10, log_loss=-1.5, moved=1e-4, sigma=0.02)]  # frozen below
     points += [point(0.8, 10, diverged=9, sigma=0.02)]
-    todo, _, stages = plan(NOISY, {}, points)
+    todo, _, stages = plan3(NOISY, {}, points)
     lr1 = stages[0]["chosen"]
     assert [s["sigma"] for s in todo] == [0.01, 0.04] and {s["lr"] for s in todo} == {lr1}
     points += [point(lr1, 6, sigma=0.01), point(lr1, 10, sigma=0.04)]
-    todo = plan(NOISY, {}, points)[0]
+    todo = plan3(NOISY, {}, points)[0]
     assert [s["sigma"] for s in todo] == [0.005]  # the best σ is on the low edge: widen
     points.append(point(lr1, 6, log_loss=-3.0, sigma=0.005, moved=0.3))  # = 0.01: flat, stop
-    todo = plan(NOISY, {}, points)[0]
+    todo = plan3(NOISY, {}, points)[0]
     assert {s["sigma"] for s in todo} == {0.01} and lr1 not in {s["lr"] for s in todo}
     points += [point(s["lr"], 1 if s["lr"] == 0.2 else 8, sigma=0.01) for s in todo]
-    todo, chosen, stages = plan(NOISY, {}, points)
+    todo, chosen, stages = plan3(NOISY, {}, points)
     while todo:  # the σ stage at the new lr
         points += [point(s["lr"], 2, sigma=s["sigma"]) for s in todo]
-        todo, chosen, stages = plan(NOISY, {}, points)
+        todo, chosen, stages = plan3(NOISY, {}, points)
     assert chosen["lr"] == 0.2 and stages[-1]["pass"] >= 2
     # a fixed lr is not swept; nor is anything when everything is fixed
-    assert [s["lr"] for s in plan(NOISY, {"lr": 0.3}, [])[0]] == [0.3, 0.3, 0.3]
-    assert plan(NOISY, {"lr": 0.3, "sigma": 0.1}, []) == ([], {"lr": 0.3, "sigma": 0.1}, [])
+    assert [s["lr"] for s in plan3(NOISY, {"lr": 0.3}, [])[0]] == [0.3, 0.3, 0.3]
+    assert plan3(NOISY, {"lr": 0.3, "sigma": 0.1}, []) == ([], {"lr": 0.3, "sigma": 0.1}, [])
 
 
 def test_summarize_counts_failures_and_divergence():
@@ -196,6 +204,6 @@ def test_a_flat_high_side_stops_the_widening():
     """Every value succeeds alike (e.g. PGD's radius where no start needs a kick): doubling
     and halving change nothing, so both sides stop; the choice is inside."""
     points = [point(v, 0, log_loss=loss) for v, loss in zip(GRID, (-5.1, -5.105, -5.11))]
-    todo, chosen, (stage,) = plan(SGD_LIKE, {}, points)
+    todo, chosen, (stage,) = plan3(SGD_LIKE, {}, points)
     assert todo == [] and stage["stopped"] == {"top": "flat", "bottom": "flat"}
     assert chosen == {"lr": 0.2}

@@ -47,15 +47,15 @@ def test_the_choice_is_the_best_point_inside_the_grid(centre):
     )
     assert tried[0] < answer.chosen.lr < tried[-1]
     assert tried == [0.01 * 2.0**k for k in range(min(centre, 0) - 1, max(centre, 0) + 2)]
-    (sweep,) = answer.sweeps
-    assert not sweep["bounded"] and answer.converged
+    (sweep,) = answer.stages
+    assert sweep["interior"] and answer.converged
 
 
 def test_a_best_value_past_the_allowed_range_is_bounded_out():
     base = tiny_config(loss="mse", lr=0.01)
     answer, asked = run_to_end(base, bowl(10), Tuning(max_extend=2))
     assert answer.chosen.lr == 0.01 * 2.0**3  # 1 + max_extend points above the start
-    assert answer.sweeps[-1]["bounded"] and len(asked) == 3 + 2
+    assert not answer.stages[-1]["interior"] and len(asked) == 3 + 2
 
 
 def test_diverged_runs_are_worst_and_all_diverged_chooses_nothing():
@@ -65,7 +65,7 @@ def test_diverged_runs_are_worst_and_all_diverged_chooses_nothing():
         return math.inf if cfg.lr > 0.02 else -cfg.lr
 
     answer, _ = run_to_end(base, score, Tuning())
-    assert answer.chosen.lr == 0.02 and not answer.sweeps[-1]["bounded"]
+    assert answer.chosen.lr == 0.02 and answer.stages[-1]["interior"]
     answer, asked = run_to_end(base, lambda c: math.inf, Tuning())
     assert answer.chosen is None and answer.need == [] and len(asked) == 3
 
@@ -87,7 +87,7 @@ def test_label_noise_sweeps_lr_then_sigma_until_a_pass_changes_nothing():
 
     answer, asked = run_to_end(base, score, Tuning())
     assert answer.chosen.lr == 0.04 and answer.chosen.loss_params == {"sigma": 0.025}
-    assert [s["knob"] for s in answer.sweeps] == ["lr", "sigma", "lr", "sigma"]
+    assert [s["param"] for s in answer.stages] == ["lr", "sigma", "lr", "sigma"]
     assert answer.converged and answer.passes == 2
     assert len({sweep_name(c) for c in asked}) == len(asked)  # no run asked twice
     assert sweep_name(answer.chosen) == "label-noise-m0.9-s100-lr0.04-sigma0.025"
@@ -111,8 +111,8 @@ def test_a_knob_that_always_wants_less_stops_at_its_floor_and_the_passes_end():
     answer, asked = run_to_end(base, score, Tuning(max_extend=2))
     assert answer.converged and answer.chosen.lr == 0.02
     assert answer.chosen.loss_params == {"sigma": 0.1 * 2.0**-3}
-    last = {s["knob"]: s for s in answer.sweeps}
-    assert last["sigma"]["bounded"] and not last["lr"]["bounded"]
+    last = {s["param"]: s for s in answer.stages}
+    assert not last["sigma"]["interior"] and last["lr"]["interior"]
     assert min(c.loss_params["sigma"] for c in asked) == 0.1 * 2.0**-3  # never below the range
 
 

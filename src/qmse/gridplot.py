@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from qmse import runs
 from qmse.stepsize import yardstick
+from qmse.tuningplot import Sweep, plot_sweeps
 
 STYLE = {  # loss -> (colour, label); other registered losses get PALETTE colours
     "mse": ("tab:blue", "MSE"),
@@ -150,56 +151,20 @@ def write_mse_figure(sets: dict[str, list[dict]], path: str | Path) -> Path:
 
 
 def write_sweep_figure(sweeps: Sequence[tuple], path: str | Path) -> Path | None:
-    """The step-size sweeps (`qmse.report.replay_sweeps`: (base config, `Tuned`) pairs): the
-    final score of each swept run against its knob's value on log–log axes, one panel per
-    momentum (rows) and knob (columns: lr, then σ…); each loss's sweep of a knob that
-    decided is solid, its earlier passes (at other values of the other knobs) dashed; the
-    chosen value ringed, a diverged run an × on the panel's top edge. None (no figure)
-    before any sweep run has finished."""
-    knobs = list(dict.fromkeys(s["knob"] for _, t in sweeps for s in t.sweeps))
-    if not knobs:
-        return None
-    path = Path(path)
-    momenta = sorted({base.momentum for base, _ in sweeps})
+    """The step-size sweeps (`qmse.stepsize.replay_sweeps`: (base config, `Tuned`) pairs)
+    drawn by `qmse.tuningplot.plot_sweeps`: the final score of each swept run against its
+    knob's value, one row of panels per momentum; None (no figure) before any sweep run has
+    finished."""
     losses = list(dict.fromkeys(base.loss for base, _ in sweeps))
-    fig = Figure(figsize=(5.2 * len(knobs), 3.6 * len(momenta) + 0.6))
-    axes = fig.subplots(len(momenta), len(knobs), squeeze=False)
-    for base, tuned in sweeps:
-        row = momenta.index(base.momentum)
+    drawn = []
+    for base, tuned in sorted(sweeps, key=lambda s: s[0].momentum):
         colour, label = style(base.loss, losses)
-        for ax, knob in zip(axes[row], knobs):
-            passes = [s for s in tuned.sweeps if s["knob"] == knob]
-            passes = [s for i, s in enumerate(passes) if s not in passes[i + 1 :]]  # repeats
-            for i, s in enumerate(passes):
-                final = i == len(passes) - 1  # the sweep that decided
-                pts = [(v, sc) for v, sc in zip(s["values"], s["scores"]) if sc is not None]
-                finite = [(v, sc) for v, sc in pts if math.isfinite(sc)]
-                name = f"{label} ({_judged_on(base.loss)})" if final else None
-                if finite:
-                    ax.plot(*zip(*finite), "o-" if final else "o--", color=colour, ms=4,
-                            lw=1.2, alpha=1 if final else 0.45, label=name)  # fmt: skip
-                for v, sc in finite:
-                    if final and v == s["best"]:
-                        ax.plot(v, sc, "o", ms=11, mfc="none", mec=colour, mew=1.5)
-                for v, _ in (p for p in pts if not math.isfinite(p[1])):
-                    ax.plot(v, 1, "x", color=colour, ms=7, mew=1.5,
-                            transform=ax.get_xaxis_transform(), clip_on=False)  # fmt: skip
-    for row, momentum in enumerate(momenta):
-        for col, knob in enumerate(knobs):
-            ax = axes[row, col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(f"{knob} sweeps, momentum {momentum:g}", fontsize=9)
-            ax.set_xlabel(knob)
-            ax.grid(alpha=0.3, which="both")
-            if ax.lines:
-                ax.legend(fontsize=7)
-        axes[row, 0].set_ylabel("final score")
-    fig.suptitle("Sweeps on the held-out seed: final score per run (ringed: chosen; ×: "
-                 "diverged; dashed: an earlier pass)", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    runs.save_figure(path, fig)
-    return path
+        name = f"{label} ({_judged_on(base.loss)})"
+        drawn.append(Sweep(f"momentum {base.momentum:g}", name, tuned.stages, colour))
+    title = "Sweeps on the held-out seed: final score per run"
+    if not plot_sweeps(drawn, path, ylabel="final score", log_y=True, title=title):
+        return None
+    return Path(path)
 
 
 def _judged_on(loss: str) -> str:

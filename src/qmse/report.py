@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,11 +35,10 @@ from qmse.gridplot import (
 )
 from qmse.rundir import TrainConfig, run_name
 from qmse.stats import mean_ci, mean_std
-from qmse.stepsize import Tuned, Tuning, sweep_name, tune, yardstick
+from qmse.stepsize import SWEEP_DIR, Tuned, Tuning, replay_sweeps, yardstick
 
 MIN_PAIRS = 3  # fewer paired seeds: the verdict is "undetermined"
 SHOWN_THRESHOLD = 0.1  # the ‖r_i‖ threshold of the report's fit column (RESIDUAL_THRESHOLDS)
-SWEEP_DIR = "sweep"  # the sweeps' runs, in <grid>/sweep/<sweep_name>
 
 
 # ---------------------------------------------------------------- reading a grid
@@ -77,34 +76,6 @@ def load_results(
             }
         )
     return results
-
-
-def sweep_score(out_dir: str | Path) -> Callable[[TrainConfig], float | None]:
-    """`qmse.stepsize.tune`'s score from the sweep runs in out_dir/sweep: the final value of
-    the run's yardstick, math.inf if it diverged, None if it is not finished."""
-    folder = Path(out_dir) / SWEEP_DIR
-
-    def score(cfg: TrainConfig) -> float | None:
-        run = folder / sweep_name(cfg)
-        if (run / "diverged.json").exists():
-            return math.inf
-        rows = runs.read_jsonl(run / "metrics.jsonl")
-        if len(rows) < cfg.epochs:
-            return None
-        return rows[cfg.epochs - 1][yardstick(cfg.loss)]
-
-    return score
-
-
-def replay_sweeps(out_dir: str | Path, grid: dict) -> list[tuple[TrainConfig, Tuned]]:
-    """Every step-size sweep of grid.json replayed from the sweep runs' metrics (no
-    checkpoints): (its base config, `tune`'s answer), in grid.json's order; [] without one."""
-    if not grid.get("tuning"):
-        return []
-    tuning = Tuning(**grid["tuning"]["settings"])
-    score = sweep_score(out_dir)
-    bases = [TrainConfig.from_dict(c) for c in grid["tuning"]["bases"]]
-    return [(base, tune(base, score, tuning)) for base in bases]
 
 
 # ---------------------------------------------------------------- statistics
@@ -332,20 +303,20 @@ def _sweep_lines(sweeps: list[tuple[TrainConfig, Tuned]], tuning: Tuning) -> lis
                 [f"lr {tuned.chosen.lr:g}"]
                 + [f"{k} {v:g}" for k, v in sorted(tuned.chosen.loss_params.items())]
             )
-            last = {s["knob"]: s for s in tuned.sweeps}  # each knob's final sweep decides
-            bounded = [knob for knob, s in last.items() if s["bounded"]]
+            last = {s["param"]: s for s in tuned.stages}  # each knob's final stage decides
+            bounded = [knob for knob, s in last.items() if not s["interior"]]
             if bounded:
                 chosen += f" (**bounded out**: {', '.join(bounded)} at the edge of the range)"
             if not tuned.converged:
                 chosen += " (not converged)"
         steps = "; ".join(
-            f"{s['knob']}: "
+            f"{s['param']}: "
             + ", ".join(
-                ("diverged" if math.isinf(sc) else f"{v:g} → {sc:.4g}")
-                + (" ✓" if v == s["best"] else "")
-                for v, sc in zip(s["values"], s["scores"])
+                ("diverged" if math.isinf(p["score"]) else f"{p['value']:g} → {p['score']:.4g}")
+                + (" ✓" if p["value"] == s["chosen"] else "")
+                for p in s["points"]
             )
-            for s in tuned.sweeps
+            for s in tuned.stages
         )
         lines.append(
             f"| {base.momentum:g} | {base.loss} | {yardstick(base.loss)} | {chosen} | {steps} |"

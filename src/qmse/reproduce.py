@@ -38,7 +38,7 @@ from qmse.data import DATASETS
 from qmse.endstate import diagnose_end
 from qmse.errors import UserError
 from qmse.loss import get_loss
-from qmse.report import SWEEP_DIR, load_results, replay_sweeps, write_outputs
+from qmse.report import load_results, write_outputs
 from qmse.rundir import (
     NonFiniteLossError,
     TrainConfig,
@@ -48,7 +48,7 @@ from qmse.rundir import (
     run_name,
 )
 from qmse.stacked import train_many
-from qmse.stepsize import Tuning, sweep_name
+from qmse.stepsize import SWEEP_DIR, Tuning, replay_sweeps, sweep_name
 from qmse.sweep import run_tasks, train_task
 from qmse.tblog import summary_writer_class, tensorboard_logger
 from qmse.train import PAPER_LR, train_run

@@ -35,6 +35,7 @@ from qmse import data as qdata
 from qmse import runs
 from qmse.distributed import is_main
 from qmse.errors import QmseError, UserError
+from qmse.keys import content_key
 from qmse.loss import LOSSES, Loss, sample_directions
 from qmse.models import SimpleCNN
 
@@ -484,12 +485,12 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[n
 
 
 def run_key(run_dir: str | Path, **arguments: Any) -> str:
-    """The content key (`qmse.runs.content_key`) of a result computed from the run in
+    """The content key (`qmse.keys.content_key`) of a result computed from the run in
     `run_dir` with `arguments`: it changes when the run's config.json or checkpoint.pt do
     (an extended run, another run written there), so a cache stored with it is not served
     stale."""
     run_dir = Path(run_dir)
-    return runs.content_key([run_dir / "config.json", run_dir / "checkpoint.pt"], **arguments)
+    return content_key(arguments, files=[run_dir / "config.json", run_dir / "checkpoint.pt"])
 
 
 def run_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:

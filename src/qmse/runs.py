@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -119,21 +118,6 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             f"{path}: unreadable checkpoint ({reason}); it is truncated or damaged: delete it "
             f"to start afresh, or restore it"
         ) from e
-
-
-def content_key(files: Iterable[str | os.PathLike] = (), **arguments: Any) -> str:
-    """The key of a cached result: the MD5 of the named files' contents (in order, each with
-    its name) and of `arguments` (as sorted JSON). Store it beside the result and compute
-    again when it differs, so a cache follows what it was computed from (a run extended
-    since, other arguments), not the arguments alone."""
-    digest = hashlib.md5(usedforsecurity=False)
-    for path in files:
-        digest.update(f"{Path(path).name}\0".encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    digest.update(json.dumps(arguments, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
 
 
 class DirectoryBusyError(QmseError, RuntimeError):

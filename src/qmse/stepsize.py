@@ -1,23 +1,18 @@
-"""Each method at its own step size: the sweep that chooses a run's lr (and its loss's
-parameters, e.g. label noise's σ) on a held-out seed.
+"""Each method of the CNN grid at its own step size: the sweep that chooses a run's lr (and
+its loss's parameters, e.g. label noise's σ) on a held-out seed, with `qmse.tuning`.
 
-The rule (docs/theory.md, "Fair baselines for escaping": a value chosen at the edge of its
-grid is not yet chosen):
+The search space of a run (`space`): the lr, then each parameter of its loss, each on a
+factor-2 grid v·2^{−1, 0, 1} around its current value (re-centred at every stage), within
+v·2^±(1 + max_extend) of its starting value v; every trial is a full run (all epochs) on the
+held-out seed, scored by its final `yardstick`, lower is better, a diverged run unusable. The
+sweep is `qmse.tuning.plan` with no stop rule beyond the limits: a best value at a limit is
+reported as bounded out. Powers of two keep every grid value exact in floating point, so a
+value found twice is the same run.
 
-- a knob (lr, then each parameter of the loss) is swept on a factor-2 grid around its
-  current value, v·2^k for k = −1, 0, 1; every point is a full run (all epochs) on the
-  held-out seed, judged on its final `yardstick`, lower is better, a diverged run worst;
-- while the best point sits on an edge of the grid, the grid grows one point past that
-  edge, up to v·2^±(1 + max_extend) around the knob's starting value v; a best point at
-  that limit is reported as bounded out;
-- with several knobs, they are swept in turn (coordinate descent) until a full pass changes
-  nothing, at most `max_passes` passes.
-
-`tune` replays that rule from the start against the scores known so far and returns either
-the runs it needs next or the choice. It is a pure function of the scores, so a sweep
-killed half-way resumes by calling it again, and a report recomputes the choice from the
-runs' metrics files alone. Powers of two keep every grid value exact in floating point, so
-a value found twice is the same run.
+`tune` replays that sweep against the scores of the runs finished so far and returns either
+the runs it needs next or the choice; `replay_sweeps` does so for every sweep of a grid from
+its sweep runs' metrics files alone, so a killed sweep resumes and a report recomputes every
+choice.
 """
 
 from __future__ import annotations
@@ -26,11 +21,16 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from qmse import runs
 from qmse.loss import get_loss
 from qmse.rundir import TrainConfig, run_name
+from qmse.tuning import Param, Rule, Space, Trial, plan
+
+SWEEP_DIR = "sweep"  # the sweeps' runs, in <grid>/sweep/<sweep_name>
 
 
 @dataclass(frozen=True)
@@ -91,65 +91,84 @@ def knob_value(cfg: TrainConfig, knob: str) -> float:
     return cfg.lr if knob == "lr" else cfg.loss_params[knob]
 
 
+def space(base: TrainConfig, tuning: Tuning) -> Space:
+    """The search space of `base`'s sweep: lr, then each parameter of its loss, each a
+    centred factor-2 grid around its starting value (`tuning.start(base)`)."""
+    start = tuning.start(base)
+
+    def param(name: str, v: float) -> Param:
+        return Param(name, (v * 0.5, v, v * 2.0), max_extend=tuning.max_extend, centred=True)
+
+    return Space(tuple(param(k, knob_value(start, k)) for k in knobs(start)))
+
+
 @dataclass
 class Tuned:
     """`tune`'s answer: the runs still needed (`need`, empty once decided), the chosen config
-    (None until decided, or when every run of a grid diverged), and one record per knob
-    sweep: {"knob", "values", "scores", "best", "bounded"} (scores: inf = diverged)."""
+    (None until decided, or when every run of a stage diverged), one `qmse.tuning.Stage`
+    record per finished stage (points scored by the final yardstick, inf = diverged)."""
 
     need: list[TrainConfig]
     chosen: TrainConfig | None
-    sweeps: list[dict]
+    stages: list[dict]
     passes: int = 0
     converged: bool = False
 
 
 def tune(base: TrainConfig, score: Callable[[TrainConfig], float | None], tuning: Tuning) -> Tuned:
-    """Replay the sweep of `base`'s knobs (module docstring), starting from
-    `tuning.start(base)`, with `score(cfg)` the final yardstick of a finished run, math.inf
-    for a diverged one, None for one not trained yet. Each knob's values are v·2^j, v its
-    starting value, |j| <= 1 + tuning.max_extend: a range fixed for all passes, so that
-    passes end and a choice at its edge is bounded out."""
-    limit = 1 + tuning.max_extend
-    base = current = tuning.start(base)
-    position = dict.fromkeys(knobs(base), 0)  # j of each knob's current value
-    sweeps: list[dict] = []
-    for done in range(tuning.max_passes):
-        changed = False
-        for knob in knobs(base):
-            start, j = knob_value(base, knob), position[knob]
-            lo, hi = max(j - 1, -limit), min(j + 1, limit)
-            while True:
-                grid = {k: with_knob(current, knob, start * 2.0**k) for k in range(lo, hi + 1)}
-                scores = {k: score(c) for k, c in grid.items()}
-                if missing := [grid[k] for k, s in scores.items() if s is None]:
-                    return Tuned(need=missing, chosen=None, sweeps=sweeps, passes=done)
-                best = min(scores, key=lambda k: (scores[k], k))
-                if math.isinf(scores[best]):  # every point diverged
-                    sweeps.append(_record(knob, grid, scores, None, bounded=False))
-                    return Tuned(need=[], chosen=None, sweeps=sweeps, passes=done + 1)
-                if best == lo > -limit:
-                    lo -= 1
-                elif best == hi < limit:
-                    hi += 1
-                else:
-                    break
-            sweeps.append(_record(knob, grid, scores, best, bounded=abs(best) == limit))
-            changed |= best != j
-            position[knob], current = best, grid[best]
-        if not changed or len(position) == 1:
-            return Tuned(need=[], chosen=current, sweeps=sweeps, passes=done + 1, converged=True)
-    return Tuned(need=[], chosen=current, sweeps=sweeps, passes=tuning.max_passes)
+    """Replay the sweep of `base`'s knobs (module docstring) from `tuning.start(base)`, with
+    `score(cfg)` the final yardstick of a finished run, math.inf for a diverged one, None for
+    one not trained yet."""
+    start = tuning.start(base)
+
+    def config(settings: dict[str, float]) -> TrainConfig:
+        cfg = start
+        for knob, value in settings.items():
+            cfg = with_knob(cfg, knob, value)
+        return cfg
+
+    def lookup(settings: dict[str, float]) -> Trial | None:
+        s = score(config(settings))
+        return None if s is None else Trial(s, diverged=float(math.isinf(s)))
+
+    found = plan(
+        space(base, tuning),
+        {k: knob_value(start, k) for k in knobs(start)},
+        lookup,
+        Rule(max_passes=tuning.max_passes),
+    )
+    return Tuned(
+        need=[config(s) for s in found.need],
+        chosen=None if found.chosen is None else config(found.chosen),
+        stages=found.stages,
+        passes=found.passes,
+        converged=found.converged,
+    )
 
 
-def _record(
-    knob: str, grid: dict, scores: dict, best: int | None, *, bounded: bool
-) -> dict[str, object]:
-    ks = sorted(grid)
-    return {
-        "knob": knob,
-        "values": [knob_value(grid[k], knob) for k in ks],
-        "scores": [scores[k] for k in ks],
-        "best": None if best is None else knob_value(grid[best], knob),
-        "bounded": bounded,
-    }
+def sweep_score(out_dir: str | Path) -> Callable[[TrainConfig], float | None]:
+    """`tune`'s score from the sweep runs in out_dir/sweep: the final value of the run's
+    yardstick, math.inf if it diverged, None if it is not finished."""
+    folder = Path(out_dir) / SWEEP_DIR
+
+    def score(cfg: TrainConfig) -> float | None:
+        run = folder / sweep_name(cfg)
+        if (run / "diverged.json").exists():
+            return math.inf
+        rows = runs.read_jsonl(run / "metrics.jsonl")
+        if len(rows) < cfg.epochs:
+            return None
+        return rows[cfg.epochs - 1][yardstick(cfg.loss)]
+
+    return score
+
+
+def replay_sweeps(out_dir: str | Path, grid: dict) -> list[tuple[TrainConfig, Tuned]]:
+    """Every step-size sweep of grid.json replayed from the sweep runs' metrics (no
+    checkpoints): (its base config, `tune`'s answer), in grid.json's order; [] without one."""
+    if not grid.get("tuning"):
+        return []
+    tuning = Tuning(**grid["tuning"]["settings"])
+    score = sweep_score(out_dir)
+    bases = [TrainConfig.from_dict(c) for c in grid["tuning"]["bases"]]
+    return [(base, tune(base, score, tuning)) for base in bases]

@@ -7,7 +7,7 @@ is decided by the closed-form population loss.
 - `engine`: methods trained in lockstep with common random numbers (`run_methods`);
 - `population`: Safran & Shamir's gradient descent (`gd_population`), certified minima;
 - `tuning`: sweeps that widen their grids past an edge;
-- `report`: Wilson intervals, McNemar's paired tests with Holm's correction, tables, figures;
+- `report`: tables and figures (the statistics are `qmse.stats`'s);
 - `config`: what defines a benchmark (`EscapeConfig`) and its cells' starting points;
 - `cells`: the benchmark's cells, caches and outputs (`run_benchmark`).
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -33,21 +34,22 @@ from qmse.escape.config import (
     starts,
     streams,
 )
-from qmse.escape.engine import EVAL_EVERY, STUCK_LOSS, make_job, run_methods
-from qmse.escape.keys import content_key
+from qmse.escape.engine import STUCK_LOSS, engine_key, make_job, run_methods
 from qmse.escape.methods import get_method, load_plugin, method_key
 from qmse.escape.population import PUBLISHED, certify_minima
 from qmse.escape.report import (
     add_paired_tests,
     plot_results,
     plot_sweeps,
-    wilson,
     write_table,
 )
-from qmse.escape.tuning import final_stages, tune_methods
+from qmse.escape.tuning import tune_methods
+from qmse.keys import FORMAT, content_key, stale
 from qmse.runs import claim, load_json, load_torch, provenance, save_json
+from qmse.stats import wilson
 from qmse.sweep import ray_session, run_tasks
 from qmse.teacher_student import population_loss
+from qmse.tuning import final_stages
 
 
 def _sweeps(cfg: EscapeConfig, name: str) -> bool:
@@ -129,9 +131,36 @@ def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key) -> 
     }
     for name in get_method(method).report:
         row[f"mean_{name}"] = float(result[name].double().mean()) if seeds else None
-    row |= {"tuning": tuned, "starts_key": starts_key, "key": key}
+    row |= {"tuning": tuned, "starts_key": starts_key, "key": key, "format": FORMAT}
     row["failed"] = "".join("1" if f else "0" for f in failed.tolist())
     return row
+
+
+def row_key(method, starts_key, problem, cfg, seed, method_seed, settings) -> str:
+    """The key of an evaluation row: the method's declared definition, the starts, the
+    problem, the budget, the streams, the settings, the device and the engine's thresholds."""
+    return content_key(
+        "row",
+        method_key(method),
+        starts_key,
+        problem.A_student,
+        problem.A_teacher,
+        cfg.steps,
+        cfg.batch,
+        seed,
+        method_seed,
+        settings,
+        cfg.device,
+        engine_key(),
+    )
+
+
+def _stale(path: Path, saved: dict, key: str, quiet: bool) -> bool:
+    """Whether a cached file is stale; says why when it was written by an older format."""
+    reason = stale(saved, key)
+    if reason is not None and saved.get("format") != FORMAT and not quiet:
+        print(f"{path}: recomputed: {reason}", file=sys.stderr)
+    return reason is not None
 
 
 def _record_time(out: Path, part: str, seconds: float) -> None:
@@ -163,12 +192,10 @@ def evaluate_cell(
     for name in names:
         record = records.get(name)
         settings = record["chosen"] if record else cfg.fixed(name)
-        key = content_key("row", method_key(get_method(name)), starts_key, problem.A_student)
-        key = content_key(key, problem.A_teacher, cfg.steps, cfg.batch, seed, method_seed)
-        key = content_key(key, settings, EVAL_EVERY, cfg.device)
+        key = row_key(get_method(name), starts_key, problem, cfg, seed, method_seed, settings)
         path = out / "rows" / f"{protocol}_{name}_{cell}.json"
-        if path.exists() and (saved := load_json(path)).get("key") == key:
-            rows[name] = saved
+        if path.exists() and not _stale(path, load_json(path), key, quiet):
+            rows[name] = load_json(path)
         else:
             todo[name] = (settings, _tuning_summary(cfg, name, record, tune_k), key, path)
     if todo:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from qmse.errors import UserError
-from qmse.escape.methods import Method, Run, get_method
+from qmse.escape.methods import HELD_OUT, Method, Run, get_method
 from qmse.loss import get_loss
 from qmse.runs import progress
 from qmse.teacher_student import Problem, population_loss, sample_inputs
@@ -36,6 +36,16 @@ from qmse.teacher_student import Problem, population_loss, sample_inputs
 STUCK_LOSS = 1e-3  # a run fails (is stuck) if its population loss ends ≥ this (S&S 2018)
 DIVERGED_NORM = 1e4  # ‖W‖_F beyond this (or non-finite) counts as divergence
 EVAL_EVERY = 50  # steps between evaluations of the closed-form loss
+
+
+def engine_key() -> dict[str, float]:
+    """The thresholds that judge every row and sweep: part of their cache keys."""
+    return {
+        "stuck_loss": STUCK_LOSS,
+        "diverged_norm": DIVERGED_NORM,
+        "eval_every": EVAL_EVERY,
+        "held_out": HELD_OUT,
+    }
 
 
 @dataclass(frozen=True)
@@ -167,7 +177,8 @@ def run_methods(
         rows = job.settings * m
         rng = torch.Generator(device=dev).manual_seed(method_seed)
         per_row = {h: v.to(dev, torch.float32).repeat_interleave(m) for h, v in job.hyper.items()}
-        state = {"rng": rng} | {h: v.view(-1, 1, 1) for h, v in per_row.items()}
+        state = {"rng": rng} | dict(job.method.constants)
+        state |= {h: v.view(-1, 1, 1) for h, v in per_row.items()}
         run = Run(steps, batch, p32, torch.zeros(rows, dtype=torch.bool, device=dev))
         W = start.repeat(job.settings, 1, 1)  # (G·m, n, d)
         if job.method.init is not None:

@@ -16,8 +16,8 @@ A method is a training loss and an update rule, run on S students at once:
   differentiates it; a random loss draws its noise from the method's own generator.
 - `update(W, grad, state, t, lr) -> (W, state)`: one step at step index t (0, 1, ...). `state`
   is a dict kept across steps. It starts as {"rng": the method's torch.Generator (its own
-  stream, never the inputs'), NAME: (S, 1, 1) tensor for each hyperparameter}; a rule keeps
-  its buffers in it.
+  stream, never the inputs'), NAME: (S, 1, 1) tensor for each hyperparameter, NAME: float for
+  each of `constants`}; a rule keeps its buffers in it.
 - `lr_grid`: the learning rates swept first (a log grid, neighbours at most 2x apart; the
   sweep widens it while its best value is on an edge).
 - `hyper`: further hyperparameters, NAME -> grid, swept after lr at the chosen lr (the middle
@@ -28,6 +28,9 @@ A method is a training loss and an update rule, run on S students at once:
   and divergence check (PGD's kicks, restart's fresh start); `finish(W, state, run) -> W`
   after the last step (restart's choice of segment). `run` is a `Run`.
 - `report`: names of (S,) state tensors whose mean goes into the results (PGD's kicks).
+- `constants`: the fixed numbers a rule reads (momentum's β, PGD's window): NAME -> float,
+  put in `state` before the first step. They, the grids and `version` (raise it when you
+  change a rule's code) make the method's cache key (`method_key`), not its source text.
 
 Every built-in method (`qmse.escape.rules`) is registered through this same interface.
 """
@@ -48,9 +51,10 @@ import torch
 from torch import Tensor
 
 from qmse.errors import UserError
-from qmse.escape.keys import content_key
+from qmse.keys import content_key
 from qmse.loss import LOSSES, get_loss
 from qmse.teacher_student import Problem, outputs, sample_inputs
+from qmse.tuning import Param, Space
 
 GRID_RATIO = 2.0  # neighbouring grid values differ by at most this factor
 HELD_OUT = 4096  # fresh samples per start on which `Run.held_out_loss` compares weights
@@ -106,7 +110,16 @@ class Method:
     after_step: Callable[[Tensor, dict, int, Tensor, Run], tuple[Tensor, dict]] | None = None
     finish: Callable[[Tensor, dict, Run], Tensor] | None = None
     report: tuple[str, ...] = ()
+    constants: Mapping[str, float] = field(default_factory=dict)
+    version: str = "1"
     description: str = ""
+
+    def space(self, exclude: Mapping[str, float] = {}) -> Space:  # noqa: B006 (read only)
+        """The method's declared search space: lr over `lr_grid`, then each hyperparameter over
+        its grid, each widened by factors of 2 up to 8 values past an edge
+        (`qmse.tuning.Param`); the names in `exclude` (values fixed by the user) left out."""
+        grids = {"lr": tuple(self.lr_grid), **{k: tuple(v) for k, v in self.hyper.items()}}
+        return Space(tuple(Param(k, g) for k, g in grids.items() if k not in exclude))
 
     def default(self, name: str) -> float:
         """The value of hyperparameter `name` while lr is swept: the middle of its grid."""
@@ -137,29 +150,47 @@ def check_grid(what: str, grid: tuple[float, ...]) -> None:
             )
 
 
-def _source(obj: object) -> str:
-    """Source text of a function (its qualified name where there is none)."""
-    if obj is None or isinstance(obj, str):
-        return repr(obj)
+def _name(obj: object) -> str | None:
+    """A function's qualified name (None for None): hooks are keyed by name."""
+    return None if obj is None else getattr(obj, "__qualname__", repr(obj))
+
+
+def _source(obj: object) -> str | None:
+    """A function's source text (its name where there is none): what tells two definitions
+    registered under one name apart."""
     try:
-        return inspect.getsource(obj)
+        return None if obj is None else inspect.getsource(obj)
     except (OSError, TypeError):
-        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+        return _name(obj)
+
+
+def _same(a: Method, b: Method) -> bool:
+    """Whether two registrations define the same method: the same key and the same code."""
+    hooks = ("loss", "update", "init", "after_step", "finish")
+    return method_key(a) == method_key(b) and all(
+        _source(getattr(a, h)) == _source(getattr(b, h)) for h in hooks
+    )
 
 
 def method_key(method: Method) -> str:
-    """A hash of everything that defines a method's results: its loss (for a registered one,
-    the source of its formula and draw), the source of its update and hooks, its grids.
-    Cached rows and sweeps store it and are recomputed when a method's definition changes."""
-    loss = method.loss
-    if isinstance(loss, str) and loss in LOSSES:  # the registered formula and its draw
-        loss = [loss, _source(LOSSES[loss].per_sample), _source(LOSSES[loss].draw)]
-    else:
-        loss = _source(loss)
-    parts = [method.name, loss, _source(method.update), list(method.lr_grid)]
-    parts += [{k: list(v) for k, v in sorted(method.hyper.items())}, list(method.report)]
-    parts += [_source(h) for h in (method.init, method.after_step, method.finish)]
-    return content_key(parts)
+    """The key of everything a method declares: its name, loss (a registered name, or a
+    callable's qualified name), update and hooks (by qualified name), grids, constants and
+    `version`. Not its source text: a rule reads its constants from `Method.constants`, so a
+    changed constant changes the key; change `version` when you change a rule's code.
+    Cached rows and sweeps store it (with the engine's thresholds, `engine.ENGINE`)."""
+    loss = method.loss if isinstance(method.loss, str) else _name(method.loss)
+    hooks = [_name(h) for h in (method.update, method.init, method.after_step, method.finish)]
+    return content_key(
+        "method",
+        method.name,
+        loss,
+        hooks,
+        list(method.lr_grid),
+        {k: list(v) for k, v in method.hyper.items()},
+        dict(method.constants),
+        list(method.report),
+        method.version,
+    )
 
 
 def register_method(method: Method) -> Method:
@@ -187,8 +218,13 @@ def register_method(method: Method) -> Method:
         if name in ("rng", "lr"):
             raise UserError(f"method {method.name!r}: a hyperparameter may not be named {name!r}")
         check_grid(f"{method.name}: hyper[{name!r}]", tuple(grid))
+    if clash := set(method.constants) & ({"rng", "lr"} | set(method.hyper)):
+        raise UserError(
+            f"method {method.name!r}: constants {sorted(clash)} clash with a hyperparameter "
+            f"or a name the engine uses (rng, lr); rename them"
+        )
     old = METHODS.get(method.name)
-    if old is not None and method_key(old) != method_key(method):
+    if old is not None and not _same(old, method):
         raise UserError(f"a different method named {method.name!r} is already registered")
     METHODS[method.name] = method
     if _LOADING:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from qmse.errors import UserError
 from qmse.escape.engine import STUCK_LOSS
-from qmse.escape.keys import content_key
+from qmse.keys import content_key
 from qmse.runs import load_torch, progress, save_torch
 from qmse.teacher_student import (
     Problem,

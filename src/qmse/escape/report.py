@@ -1,6 +1,6 @@
-"""The escape benchmark's statistics, tables and figures.
+"""The escape benchmark's tables and figures, with the statistics of `qmse.stats`.
 
-Rates carry Wilson 95 % intervals (scipy.stats.binomtest(...).proportion_ci). Methods are
+Rates carry Wilson 95 % intervals (`qmse.stats.wilson`). Methods are
 compared on the same starts (common random numbers), so each comparison is paired: McNemar's
 exact test on the discordant starts (those where exactly one of the two methods failed; under
 the null hypothesis each is equally likely to go either way, so their split is Binomial(b + c,
@@ -11,18 +11,17 @@ escaping").
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
 
 from qmse.errors import UserError
 from qmse.runs import atomic_write, save_figure
 from qmse.stats import holm, mcnemar
-from qmse.stats import wilson as wilson  # re-exported: qmse.escape.cells imports it here
+from qmse.tuningplot import Sweep
+from qmse.tuningplot import plot_sweeps as plot_sweeps_figure
 
 PROTOCOLS = ("random-init", "spurious-minima")  # from Xavier starts; from certified minima
 
@@ -217,45 +216,26 @@ def plot_results(rows: list[dict], path: str | os.PathLike, published: dict | No
 
 
 def plot_sweeps(records: list[dict], path: str | os.PathLike) -> None:
-    """Every sweep: failure rate (solid) and divergence share (dotted) against the swept
-    value (log scale), one curve per method, a star at the chosen value; one panel per
-    (protocol, tuning k, swept parameter)."""
-    panels: dict[tuple, list] = {}
-    for rec in records:
-        for stage in {s["param"]: s for s in rec.get("stages") or []}.values():  # final ones
-            panels.setdefault((rec["protocol"], rec["k"], stage["param"]), []).append(
-                (rec["method"], stage)
-            )
-    if not panels:
-        return
-    keys = sorted(panels, key=lambda p: (p[2] != "lr", p[2], PROTOCOLS.index(p[0]), p[1]))
-    names = list(dict.fromkeys(r["method"] for r in records))
-    cols = min(4, len(keys))
-    rows_n = math.ceil(len(keys) / cols)
-    fig = Figure(figsize=(5.2 * cols, 4.0 * rows_n))
-    axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
-    for ax, key in zip(axes, keys):
-        protocol, k, param = key
-        for name, stage in panels[key]:
-            i = names.index(name)
-            x = [p["value"] for p in stage["points"]]
-            rate = [p["failures"] / p["seeds"] for p in stage["points"]]
-            div = [p["diverged"] / p["seeds"] for p in stage["points"]]
-            colour, style = f"C{i % 10}", "-" if i < 10 else "--"
-            ax.plot(x, rate, style, marker="o", ms=3, color=colour, label=name)
-            ax.plot(x, div, ":", color=colour, lw=1)
-            chosen = stage["points"][x.index(stage["chosen"])]
-            ax.plot([stage["chosen"]], [chosen["failures"] / chosen["seeds"]], "*", ms=11,
-                    color=colour, mec="k")  # fmt: skip
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor labels
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel(param)
-        ax.set_ylabel("failure rate (solid), diverged (dotted)")
-        ax.set_title(f"{protocol}, k={k}: sweep of {param}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=5, ncol=2)
-    for ax in axes[len(keys) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    save_figure(path, fig)
+    """Every sweep (`qmse.tuningplot.plot_sweeps`): failure rate (and the share diverged,
+    dotted) against the swept value, one row of panels per (protocol, tuning k), one curve per
+    method, every pass drawn (earlier ones faint)."""
+    order = sorted(records, key=lambda r: (PROTOCOLS.index(r["protocol"]), r["k"]))
+    sweeps = [
+        Sweep(
+            f"{r['protocol']}, k={r['k']}", r["method"], [_stage(s) for s in r.get("stages") or []]
+        )
+        for r in order
+    ]
+    plot_sweeps_figure(sweeps, path, ylabel="failure rate on the tuning starts", log_y=False)
+
+
+def _stage(stage: dict) -> dict:
+    """A stage record in `qmse.tuning`'s format; records written before it (points with
+    failure and divergence counts, no score) are converted."""
+    if all("score" in p for p in stage["points"]):
+        return stage
+    points = [
+        p | {"score": p["failures"] / p["seeds"], "diverged": p["diverged"] / p["seeds"]}
+        for p in stage["points"]
+    ]
+    return stage | {"points": points}

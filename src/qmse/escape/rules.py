@@ -2,7 +2,7 @@
 
 Update rules (W, grad: (S, n, d); lr and hyperparameters: (S, 1, 1); draws from state["rng"]):
 - `sgd`: W ← W − lr·g;
-- `momentum`: heavy ball, PyTorch's convention: b ← 0.9·b + g, W ← W − lr·b;
+- `momentum`: heavy ball, PyTorch's convention: b ← β·b + g, W ← W − lr·b (β = 0.9);
 - `adam`: Adam (0.9, 0.999, eps 1e-8) with bias correction;
 - `gradient_noise` (+ momentum): g + σ·z, z ~ N(0, I) fresh at every step, in place of g;
 - `anticorrelated` (+ momentum): W ← W − lr·g + (ξ_{t+1} − ξ_t), ξ_t ~ N(0, σ²I) i.i.d.
@@ -22,10 +22,10 @@ from torch import Tensor
 
 from qmse.escape.methods import Method, Run, register_method
 
-MOMENTUM = 0.9  # heavy-ball coefficient (b ← 0.9·b + g; W ← W − lr·b)
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-PGD_WINDOW = 500  # t_thres: steps between gradient tests / after a perturbation
-PGD_GRAD = 0.05  # g_thres on the window-averaged gradient norm
+# Each rule reads its constants from `state` (declared in `Method.constants`, part of the key)
+HEAVY_BALL = {"beta": 0.9}  # b ← β·b + g; W ← W − lr·b
+ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+PGD = {"window": 500, "grad_threshold": 0.05}  # t_thres steps; g_thres on the window's gradient
 
 
 def _normal(W: Tensor, state: dict) -> Tensor:
@@ -40,21 +40,21 @@ def sgd(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tenso
 
 
 def momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tensor, dict]:
-    """Heavy ball: b ← 0.9·b + g (b = 0 before the first step), W ← W − lr·b."""
-    state["buf"] = MOMENTUM * state["buf"] + grad if "buf" in state else grad
+    """Heavy ball: b ← β·b + g (b = 0 before the first step), W ← W − lr·b."""
+    state["buf"] = state["beta"] * state["buf"] + grad if "buf" in state else grad
     return W - lr * state["buf"], state
 
 
 def adam(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tensor, dict]:
     """Adam with bias correction at step t + 1."""
-    b1, b2 = ADAM_BETAS
+    b1, b2 = state["beta1"], state["beta2"]
     m = state.get("m", torch.zeros_like(W))
     v = state.get("v", torch.zeros_like(W))
     state["m"] = b1 * m + (1 - b1) * grad
     state["v"] = b2 * v + (1 - b2) * grad * grad
     m_hat = state["m"] / (1 - b1 ** (t + 1))
     v_hat = state["v"] / (1 - b2 ** (t + 1))
-    return W - lr * m_hat / (v_hat.sqrt() + ADAM_EPS), state
+    return W - lr * m_hat / (v_hat.sqrt() + state["eps"]), state
 
 
 def gradient_noise(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
@@ -83,8 +83,8 @@ def anticorrelated(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
 
 
 def anticorrelated_momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
-    """Heavy ball b ← 0.9·b + g, W ← W − lr·b + (ξ_{t+1} − ξ_t)."""
-    state["buf"] = MOMENTUM * state["buf"] + grad if "buf" in state else grad
+    """Heavy ball b ← β·b + g, W ← W − lr·b + (ξ_{t+1} − ξ_t)."""
+    state["buf"] = state["beta"] * state["buf"] + grad if "buf" in state else grad
     return _anticorrelated(W, lr * state["buf"], state)
 
 
@@ -98,7 +98,7 @@ def uniform_ball(shape: tuple[int, ...], radius: Tensor, generator: torch.Genera
 
 def pgd_init(W: Tensor, state: dict, run: Run) -> dict:
     """PGD's bookkeeping: the window's anchor, the point before a kick and its loss."""
-    state["anchor"] = W.clone()  # weights PGD_WINDOW steps ago
+    state["anchor"] = W.clone()  # weights one window ago
     state["saved"] = W.clone()  # the point before the last kick
     state["saved_loss"] = torch.full(
         (W.shape[0],), float("inf"), dtype=torch.float64, device=W.device
@@ -111,12 +111,14 @@ def pgd_after_step(W: Tensor, state: dict, t: int, lr: Tensor, run: Run):
     """PGD's end-of-window test (Jin et al. 2017, Alg. 1 with its "return the point before
     the perturbation unless the descent after it decreased f" rule, applied as a revert).
 
-    Every PGD_WINDOW steps: a start kicked at the previous window's end keeps its new point
+    Every state["window"] steps: a start kicked at the previous window's end keeps its new point
     only if its held-out loss fell below the loss before the kick; otherwise it goes back.
-    Then starts whose gradient averaged over the window (‖W − anchor‖ / (lr·PGD_WINDOW): a
-    single minibatch gradient at a minimum is all noise) is ≤ PGD_GRAD get a kick uniform in
-    the ball of radius state["radius"]·‖W‖_F, unless no full window is left to descend."""
-    if (t + 1) % PGD_WINDOW:
+    Then starts whose gradient averaged over the window (‖W − anchor‖ / (lr·window): a
+    single minibatch gradient at a minimum is all noise) is ≤ state["grad_threshold"] get a
+    kick uniform in the ball of radius state["radius"]·‖W‖_F, unless no full window is left
+    to descend."""
+    window = int(state["window"])
+    if (t + 1) % window:
         return W, state
     rng = state["rng"]
     saved_loss = state["saved_loss"]
@@ -126,9 +128,9 @@ def pgd_after_step(W: Tensor, state: dict, t: int, lr: Tensor, run: Run):
         revert = pending & ~(now < saved_loss)
         W = torch.where(revert.view(-1, 1, 1), state["saved"], W)
         saved_loss = torch.full_like(saved_loss, float("inf"))
-    if t + 1 + PGD_WINDOW <= run.steps:
-        mean_grad = (state["anchor"] - W).flatten(1).norm(dim=1) / (lr.flatten() * PGD_WINDOW)
-        kick = (mean_grad <= PGD_GRAD) & ~pending & ~run.diverged
+    if t + 1 + window <= run.steps:
+        mean_grad = (state["anchor"] - W).flatten(1).norm(dim=1) / (lr.flatten() * window)
+        kick = (mean_grad <= state["grad_threshold"]) & ~pending & ~run.diverged
         if kick.any():
             state["saved"] = W.clone()
             saved_loss = torch.where(kick, run.held_out_loss(W, rng), saved_loss)
@@ -179,12 +181,20 @@ BUILTIN_METHODS = tuple(
     register_method(m).name
     for m in (
         Method("sgd", "mse", sgd, SGD_LR, description="SGD on ½(f − y)²"),
-        Method("momentum", "mse", momentum, MOMENTUM_LR, description="heavy ball 0.9 on MSE"),
+        Method(
+            "momentum",
+            "mse",
+            momentum,
+            MOMENTUM_LR,
+            constants=HEAVY_BALL,
+            description="heavy ball 0.9 on MSE",
+        ),
         Method(
             "adam",
             "mse",
             adam,
             (0.001, 0.002, 0.004, 0.008, 0.016, 0.032),
+            constants=ADAM,
             description="Adam on MSE",
         ),
         Method(
@@ -196,6 +206,7 @@ BUILTIN_METHODS = tuple(
             init=pgd_init,
             after_step=pgd_after_step,
             report=("perturbations",),
+            constants=PGD,
             description="SGD plus perturbations of radius r·‖W‖ (Jin et al. 2017)",
         ),
         Method(
@@ -209,7 +220,12 @@ BUILTIN_METHODS = tuple(
         ),
         Method("qmse", "qmse", sgd, QMSE_LR, description="SGD on QMSE (paper eqs. 6-8)"),
         Method(
-            "qmse-momentum", "qmse", momentum, QMSE_MOMENTUM_LR, description="heavy ball on QMSE"
+            "qmse-momentum",
+            "qmse",
+            momentum,
+            QMSE_MOMENTUM_LR,
+            constants=HEAVY_BALL,
+            description="heavy ball on QMSE",
         ),
         Method(
             "expected-qmse", "expected-qmse", sgd, QMSE_LR, description="QMSE's landscape, no noise"
@@ -219,6 +235,7 @@ BUILTIN_METHODS = tuple(
             "expected-qmse",
             momentum,
             QMSE_MOMENTUM_LR,
+            constants=HEAVY_BALL,
             description="heavy ball on expected-QMSE",
         ),
         Method(
@@ -235,6 +252,7 @@ BUILTIN_METHODS = tuple(
             momentum,
             MOMENTUM_LR,
             hyper={"sigma": LABEL_SIGMA},
+            constants=HEAVY_BALL,
             description="heavy ball on label-noise targets",
         ),
         Method(
@@ -251,6 +269,7 @@ BUILTIN_METHODS = tuple(
             gradient_noise_momentum,
             MOMENTUM_LR,
             hyper={"sigma": GRAD_SIGMA},
+            constants=HEAVY_BALL,
             description="heavy ball on g + σz",
         ),
         Method(
@@ -267,6 +286,7 @@ BUILTIN_METHODS = tuple(
             anticorrelated_momentum,
             MOMENTUM_LR,
             hyper={"sigma": ANTI_SIGMA},
+            constants=HEAVY_BALL,
             description="heavy ball plus ξ_{t+1} − ξ_t",
         ),
     )

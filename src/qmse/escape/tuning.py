@@ -1,34 +1,31 @@
-"""Tuning that cannot be fooled: sweeps on log grids that widen themselves past their edges.
+"""The escape benchmark's tuning: every method's declared search space (`Method.space`), swept
+by `qmse.tuning.plan` on tuning starts disjoint from the evaluation starts.
 
-For one method, k and protocol, on tuning starts disjoint from the evaluation starts:
+For one method, k and protocol:
 
-1. lr is swept over the method's `lr_grid` (neighbours at most 2x apart), its other
-   hyperparameters at their defaults (the middle of their grids); then each further
-   hyperparameter over its grid at the chosen lr; then lr again at the chosen values, and so
-   on until a pass changes nothing (at most MAX_PASSES passes). Values fixed by the user are
-   not swept.
-2. Each value is scored by its failures on the tuning starts (population loss ≥ 1e-3 at
-   the end, divergence included).
-3. While an edge of the swept values has the fewest failures (alone or tied: when every
-   value fails on every start, larger steps or more noise may still escape), the grid is
-   widened on that side by a factor of 2 and the new value is run, unless
-   - high side: most starts (more than half) diverged at the top value, or doubling the
-     value changed neither the failures nor the median log₁₀ final loss (by more than
-     FLAT_LOG10);
+1. The method's space: lr over its `lr_grid`, then each further hyperparameter over its grid
+   (the others at the middle of their grids while lr is swept); values fixed by the user are
+   not swept. The coordinate passes repeat until one changes nothing (at most 3).
+2. Each value is scored by its failure rate on the tuning starts (population loss ≥ 1e-3 at
+   the end, divergence included); ties go to a value with neighbours on both sides, then to
+   the lowest median log₁₀ final loss (a diverged start counts as 10³⁰).
+3. While an edge of the swept values has the lowest failure rate (alone or tied: when every
+   value fails on every start, larger steps or more noise may still escape), the sweep
+   widens past it by a factor of 2 (`qmse.tuning`), at most 8 values past each edge of the
+   grid ("limit"), unless `stop` says:
+   - high side: most starts (more than half) diverged at the top value ("most diverged"), or
+     doubling the value changed neither the failures nor the median log₁₀ final loss (by
+     more than FLAT_LOG10; "flat");
    - low side: nothing moves at the bottom value: the median relative displacement
-     ‖W_T − W_0‖_F / ‖W_0‖_F is below FROZEN, or (with at most half of its starts diverged)
-     halving the value changed neither the failures nor the median log₁₀ final loss;
-   - MAX_EXTEND values have been added on that side.
-4. The chosen value has the fewest failures; ties go to a value with swept neighbours on
-   both sides, then to the lowest median log₁₀ final loss (a diverged start counts as
-   10³⁰). So a chosen value lies strictly inside its swept range unless one of the stops of
-   rule 3 ended the widening with an edge value alone in having the fewest failures
-   (recorded per stage).
+     ‖W_T − W_0‖_F / ‖W_0‖_F is below FROZEN ("frozen"), or (with at most half of its starts
+     diverged) halving the value changed neither the failures nor the median log₁₀ loss.
+   So a chosen value lies strictly inside its swept range unless one of those stops ended
+   the widening with an edge value alone in having the fewest failures (recorded per stage).
 
 Every setting of every round runs on the same tuning starts and input batches (common
 random numbers) with `qmse.escape.engine.run_methods`, all methods of a round in lockstep.
 Every swept point is saved (out/tuning/*.json) after each round, so a killed sweep resumes;
-a record whose key (method definition, starts, budget, fixed values) differs is recomputed.
+a record whose key (method, starts, budget, fixed values, thresholds) differs is recomputed.
 """
 
 from __future__ import annotations
@@ -40,16 +37,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmse.escape.engine import STUCK_LOSS, make_job, run_methods
-from qmse.escape.keys import content_key
+from qmse.escape.engine import STUCK_LOSS, engine_key, make_job, run_methods
 from qmse.escape.methods import Method, method_key
+from qmse.keys import FORMAT, content_key
 from qmse.runs import load_json, save_json
 from qmse.teacher_student import Problem
+from qmse.tuning import Plan, Rule, Trial
+from qmse.tuning import plan as tuning_plan
 
-MAX_EXTEND = 8  # values added beyond the initial grid on one side (a factor 2⁸ = 256)
 FROZEN = 1e-3  # median ‖W_T − W_0‖ / ‖W_0‖ below this: nothing moves
 FLAT_LOG10 = 0.01  # halving changed the median log₁₀ loss by at most this: nothing moves
-WIDEN = 2.0  # factor of each widening step
 MAX_PASSES = 3  # passes over (lr, hyperparameters) until one changes nothing
 
 
@@ -66,112 +63,47 @@ def summarize(loss: Tensor, diverged: Tensor, moved: Tensor) -> dict:
     }
 
 
-def _flat(a: dict, b: dict) -> bool:
-    """Two neighbouring values gave the same failures and median log₁₀ loss (±FLAT_LOG10)."""
-    return a["failures"] == b["failures"] and (
-        abs(a["median_log10_loss"] - b["median_log10_loss"]) <= FLAT_LOG10
+def trial(point: dict) -> Trial:
+    """A saved point (`summarize` and its params) as a `qmse.tuning.Trial`."""
+    seeds = point["seeds"]
+    return Trial(
+        score=point["failures"] / seeds,
+        tiebreak=point["median_log10_loss"],
+        diverged=point["diverged"] / seeds,
+        info={k: point[k] for k in ("failures", "seeds", "median_log10_loss", "moved")},
     )
 
 
-def _widen(values: list[float], done: Mapping[float, dict], grid: Sequence[float]):
-    """The values to add to a stage (rule 3 of the module docstring) and why each side
-    stopped: "inside" (that edge does not have the fewest failures), "most diverged",
-    "frozen", "flat" or "cap"."""
-    fewest = min(done[v]["failures"] for v in values)
-    top, bottom = done[values[-1]], done[values[0]]
-    add, stopped = [], {}
-    if top["failures"] != fewest:
-        stopped["top"] = "inside"
-    elif top["diverged"] > top["seeds"] / 2:
-        stopped["top"] = "most diverged"
-    elif len(values) > 1 and _flat(top, done[values[-2]]):
-        stopped["top"] = "flat"
-    elif sum(v > max(grid) for v in values) >= MAX_EXTEND:
-        stopped["top"] = "cap"
-    else:
-        add.append(values[-1] * WIDEN)
-    if bottom["failures"] != fewest:
-        stopped["bottom"] = "inside"
-    elif bottom["moved"] < FROZEN:
-        stopped["bottom"] = "frozen"
-    elif (
-        len(values) > 1
-        and bottom["diverged"] <= bottom["seeds"] / 2  # diverging is not "nothing moves"
-        and _flat(bottom, done[values[1]])
-    ):
-        stopped["bottom"] = "flat"
-    elif sum(v < min(grid) for v in values) >= MAX_EXTEND:
-        stopped["bottom"] = "cap"
-    else:
-        add.append(values[0] / WIDEN)
-    return add, stopped
-
-
-def _choose(values: list[float], done: Mapping[float, dict]) -> float:
-    """Rule 4: fewest failures, then a value with swept neighbours on both sides, then the
-    lowest median log₁₀ final loss (then the smaller value)."""
-    edges = (values[0], values[-1])
-    return min(
-        values, key=lambda v: (done[v]["failures"], v in edges, done[v]["median_log10_loss"], v)
+def stop(side: str, edge: Trial, inner: Trial | None) -> str | None:
+    """Rule 3 of the module docstring: why not to widen past `edge`, or None."""
+    flat = inner is not None and (
+        edge.info["failures"] == inner.info["failures"]
+        and abs(edge.tiebreak - inner.tiebreak) <= FLAT_LOG10
     )
+    if side == "top":
+        if edge.diverged > 0.5:
+            return "most diverged"
+        return "flat" if flat else None
+    if edge.info["moved"] < FROZEN:
+        return "frozen"
+    return "flat" if flat and edge.diverged <= 0.5 else None  # diverging is not "nothing moves"
 
 
-def final_stages(stages: Sequence[dict]) -> list[dict]:
-    """The last stage of each swept parameter: the one that fixed its value."""
-    return list({s["param"]: s for s in stages}.values())
+RULE = Rule(stop=stop, max_passes=MAX_PASSES)
 
 
-def plan(
-    method: Method, fixed: Mapping[str, float], points: Sequence[dict]
-) -> tuple[list[dict], dict | None, list[dict]]:
+def plan(method: Method, fixed: Mapping[str, float], points: Sequence[dict]) -> Plan:
     """Where a method's sweep stands, from the points run so far (a pure function of them,
-    so a resumed sweep continues exactly): (settings still to run, the chosen settings when
-    none are left, one report per finished stage).
+    so a resumed sweep continues exactly): `qmse.tuning.plan` over the method's space
+    without the `fixed` values, from the middle of each grid."""
+    space = method.space(exclude=fixed)
+    start = {p.name: p.grid[len(p.grid) // 2] for p in space.params} | dict(fixed)
+    found = {_settings_key(p["params"]): trial(p) for p in points}
+    return tuning_plan(space, start, lambda s: found.get(_settings_key(s)), RULE)
 
-    The parameters are swept in turn (lr, then each hyperparameter), and the passes repeat
-    until one changes no value (at most MAX_PASSES): a step size chosen at a poor default
-    of another hyperparameter is chosen again at that hyperparameter's chosen value."""
-    current = {"lr": fixed.get("lr")} | {h: fixed.get(h, method.default(h)) for h in method.hyper}
-    params = [p for p in ("lr", *method.hyper) if p not in fixed]
-    stages = []
-    for sweep in range(1, MAX_PASSES + 1):
-        changed = False
-        for param in params:
-            grid = tuple(method.lr_grid if param == "lr" else method.hyper[param])
-            others = {k: v for k, v in current.items() if k != param}
-            done = {
-                p["params"][param]: p
-                for p in points
-                if all(p["params"][k] == v for k, v in others.items())
-            }
-            values = sorted(set(grid) | set(done))
-            if missing := [v for v in values if v not in done]:
-                return [others | {param: v} for v in missing], None, stages
-            add, stopped = _widen(values, done, grid)
-            if add:
-                return [others | {param: v} for v in add], None, stages
-            chosen = _choose(values, done)
-            edges = (values[0], values[-1])
-            changed |= chosen != current[param]
-            current[param] = chosen
-            stages.append(
-                {
-                    "param": param,
-                    "pass": sweep,
-                    "others": others,
-                    "chosen": chosen,
-                    "interior": chosen not in edges,
-                    "range": [values[0], values[-1]],
-                    "stopped": stopped,
-                    "points": [
-                        {"value": v, **{s: done[v][s] for s in ("failures", "seeds", "diverged")}}
-                        for v in values
-                    ],
-                }
-            )
-        if not changed or len(params) < 2:
-            break
-    return [], current, stages
+
+def _settings_key(settings: Mapping[str, float]) -> tuple:
+    return tuple(sorted(settings.items()))
 
 
 def tune_methods(
@@ -197,9 +129,23 @@ def tune_methods(
     records = {}
     for method in methods:
         pinned = dict(fixed.get(method.name, {}))
-        key = content_key("tune", method_key(method), W0, problem.V, problem.A_teacher)
-        key = content_key(key, problem.A_student, steps, batch, seed, method_seed, pinned)
-        record = {"key": key, "method": method.name, "starts": int(W0.shape[0]), "points": []}
+        key = content_key(
+            "tune",
+            method_key(method),
+            W0,
+            problem.V,
+            problem.A_teacher,
+            problem.A_student,
+            steps,
+            batch,
+            seed,
+            method_seed,
+            pinned,
+            engine_key(),
+            {"frozen": FROZEN, "flat_log10": FLAT_LOG10, "max_passes": MAX_PASSES},
+        )
+        record = {"key": key, "format": FORMAT, "method": method.name, "starts": int(W0.shape[0])}
+        record["points"] = []
         record |= dict(meta or {}) | {"fixed": pinned, "steps": steps, "batch": batch}
         record["seconds"] = 0.0
         file = path(method.name)
@@ -212,9 +158,8 @@ def tune_methods(
     while True:
         todo = {}
         for name, record in records.items():
-            settings, _, _ = plan(by_name[name], record["fixed"], record["points"])
-            if settings:
-                todo[name] = settings
+            if need := plan(by_name[name], record["fixed"], record["points"]).need:
+                todo[name] = need
         if not todo:
             break
         jobs = [
@@ -254,8 +199,8 @@ def tune_methods(
             record["seconds"] += seconds * len(settings) / rows  # its share of the round
             save_json(path(name), record)
     for name, record in records.items():
-        _, chosen, stages = plan(by_name[name], record["fixed"], record["points"])
-        if record.get("chosen") != chosen or record.get("stages") != stages:
-            record |= {"chosen": chosen, "stages": stages}
+        found = plan(by_name[name], record["fixed"], record["points"])
+        if record.get("chosen") != found.chosen or record.get("stages") != found.stages:
+            record |= {"chosen": found.chosen, "stages": found.stages}
             save_json(path(name), record)
     return records
