@@ -2,10 +2,14 @@
 Holm-adjusted per protocol), the tables and the figures. The statistics themselves (Wilson,
 McNemar, Holm) are tested in tests/test_stats.py."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
+from qmse.cli import main
+from qmse.escape.cells import add_paired_tests
 from qmse.escape.report import (
-    add_paired_tests,
     plot_results,
     plot_sweeps,
     wall_times,
@@ -91,3 +95,19 @@ def test_wall_times_sum_each_problem_by_kind(tmp_path):
     assert text.endswith("\n".join(lines))
     with pytest.raises(ValueError, match="'notes' that does not end in _k<k>_n<n>_C<C>"):
         wall_times({"notes": 1.0})
+
+
+COMMITTED = sorted(
+    p.parent for p in (Path(__file__).parent.parent / "docs").glob("escape-*/**/table.md")
+)
+
+
+@pytest.mark.parametrize("folder", COMMITTED, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_committed_table_is_rewritten_byte_for_byte_from_its_files(folder, tmp_path):
+    """`qmse escape --report-only` on a copy of a committed benchmark: table.md from
+    results.json and timings.json alone, equal to the committed one."""
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.png"))
+    assert main(["escape", "--report-only", "--out", str(copy)]) == 0
+    assert (copy / "table.md").read_bytes() == (folder / "table.md").read_bytes()
+    assert (copy / "figure.png").stat().st_size > 0

@@ -16,7 +16,10 @@ from qmse.escape import (
     parse_hyper,
     parse_values,
     run_benchmark,
+    write_outputs,
 )
+from qmse.escape.config import REFERENCES, is_benchmark_dir
+from qmse.runs import claim
 
 
 def add_escape(sub: argparse._SubParsersAction) -> None:
@@ -71,8 +74,14 @@ def add_escape(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--problem-seed", type=int, default=0, help="seed of A when outputs > 1")
     p.add_argument(
         "--references",
-        default="sgd,momentum,qmse",
-        help="methods every method is paired against (McNemar)",
+        default=None,
+        help=f"methods every method is paired against (McNemar); default: those of "
+        f"{','.join(REFERENCES)} that run",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite table.md and the figures of --out from its files (nothing is computed)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -84,6 +93,12 @@ def add_escape(sub: argparse._SubParsersAction) -> None:
         return [m.strip() for m in text.split(",") if m.strip()]
 
     def run(args: argparse.Namespace) -> int:
+        if args.report_only:
+            with claim(args.out, "escape-benchmark", recognise=is_benchmark_dir):
+                paths = write_outputs(args.out)
+            print(paths["table"].read_text())
+            print("\n".join(f"wrote {path}" for path in paths.values()))
+            return 0
         if args.device == "cuda" and args.backend == "ray" and args.gpus_per_task <= 0:
             raise UserError("--device cuda --backend ray: give each task a GPU, --gpus-per-task")
         if args.device == "cuda" and args.backend == "local" and not torch.cuda.is_available():
@@ -115,7 +130,7 @@ def add_escape(sub: argparse._SubParsersAction) -> None:
             lr=parse_values(args.lr, "--lr"),
             hyper=hyper,
             plugins=[str(Path(f).resolve()) for f in args.plugin],
-            references=names(args.references),
+            references=None if args.references is None else names(args.references),
         )
         run_benchmark(
             args.out,
@@ -126,7 +141,9 @@ def add_escape(sub: argparse._SubParsersAction) -> None:
             gpus_per_task=args.gpus_per_task,
             quiet=args.quiet,
         )
-        print((Path(args.out) / "table.md").read_text())
+        paths = write_outputs(args.out)
+        print(paths["table"].read_text())
+        print("\n".join(f"wrote {path}" for path in paths.values()))
         return 0
 
     p.set_defaults(func=run)

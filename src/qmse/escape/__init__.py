@@ -13,11 +13,11 @@ is decided by the closed-form population loss.
 """
 
 from qmse.escape.cells import run_benchmark
-from qmse.escape.config import EscapeConfig, parse_hyper, parse_values
+from qmse.escape.config import PROTOCOLS, EscapeConfig, parse_hyper, parse_values
 from qmse.escape.engine import DIVERGED_NORM, STUCK_LOSS, Job, make_job, run_method, run_methods
 from qmse.escape.methods import METHODS, Method, Run, get_method, load_plugin, register_method
 from qmse.escape.population import PUBLISHED, certify_minima, gd_population, population_runs
-from qmse.escape.report import PROTOCOLS, write_table
+from qmse.escape.report import write_outputs, write_table
 from qmse.escape.rules import BUILTIN_METHODS
 
 __all__ = [
@@ -43,5 +43,6 @@ __all__ = [
     "run_benchmark",
     "run_method",
     "run_methods",
+    "write_outputs",
     "write_table",
 ]

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,8 +26,10 @@ from scipy.stats import fisher_exact
 
 from qmse.errors import UserError
 from qmse.escape.config import (
+    PROTOCOLS,
     EscapeConfig,
     cell_name,
+    is_benchmark_dir,
     population,
     problem_of,
     spurious_minima,
@@ -37,16 +39,10 @@ from qmse.escape.config import (
 from qmse.escape.engine import STUCK_LOSS, engine_key, make_job, run_methods
 from qmse.escape.methods import get_method, load_plugin, method_key
 from qmse.escape.population import PUBLISHED, certify_minima
-from qmse.escape.report import (
-    add_paired_tests,
-    plot_results,
-    plot_sweeps,
-    write_table,
-)
 from qmse.escape.tuning import tune_methods
 from qmse.keys import FORMAT, content_key, stale
 from qmse.runs import claim, load_json, load_torch, provenance, save_json
-from qmse.stats import wilson
+from qmse.stats import holm, mcnemar, wilson
 from qmse.sweep import ray_session, run_tasks
 from qmse.teacher_student import population_loss
 from qmse.tuning import final_stages
@@ -161,6 +157,34 @@ def _stale(path: Path, saved: dict, key: str, quiet: bool) -> bool:
     if reason is not None and saved.get("format") != FORMAT and not quiet:
         print(f"{path}: recomputed: {reason}", file=sys.stderr)
     return reason is not None
+
+
+def add_paired_tests(rows: list[dict], references: Sequence[str]) -> None:
+    """For every sample-method row, McNemar's test against each reference method's row of
+    the same cell (same starts), Holm-adjusted over all comparisons of its protocol; stored
+    in place as row["paired"][reference] = {worse, better, p, p_holm}."""
+    for protocol in PROTOCOLS:
+        tests = []
+        cells = [r for r in rows if r["protocol"] == protocol and r.get("failed")]
+        for row in cells:
+            row["paired"] = {}
+            for ref in references:
+                other = next(
+                    (
+                        r
+                        for r in cells
+                        if r["method"] == ref
+                        and (r["k"], r["n"], r["outputs"]) == (row["k"], row["n"], row["outputs"])
+                        and r["starts_key"] == row["starts_key"]
+                    ),
+                    None,
+                )
+                if other is None or ref == row["method"]:
+                    continue
+                row["paired"][ref] = mcnemar(row["failed"], other["failed"])
+                tests.append(row["paired"][ref])
+        for test, p in zip(tests, holm([t["p"] for t in tests])):
+            test["p_holm"] = p
 
 
 def _record_time(out: Path, part: str, seconds: float) -> None:
@@ -286,12 +310,6 @@ def minima_report(out: Path, cfg: EscapeConfig, k: int, *, check: int = 3, quiet
     return report
 
 
-def _is_escape_dir(directory: Path) -> bool:
-    """An escape benchmark written before directories recorded their kind."""
-    config = directory / "config.json"
-    return config.exists() and {"ks", "protocols"} <= set(load_json(config))
-
-
 def _check_config(out: Path, cfg: EscapeConfig) -> None:
     """A finished benchmark keeps its settings: cells, methods, fixed values and plug-ins may
     be added; any other difference from its config.json is refused, naming the keys. An
@@ -313,7 +331,7 @@ def _remote_phases(out: Path, cfg: EscapeConfig) -> Iterator[list[tuple]]:
     before the next is asked for): gd-population from the evaluation seeds; the tuning
     pools' runs where the spurious-minima protocol has minima; the sweeps per (protocol,
     tuning k); the cells and minima reports. No two tasks of a phase write the same file."""
-    sample = [m for m in cfg.methods if m != "gd-population"]
+    sample = cfg.sample_methods
     minima = "spurious-minima" in cfg.protocols
     yield [("population", k, "eval") for k in cfg.ks if minima or "gd-population" in cfg.methods]
     sweeps = set()
@@ -335,7 +353,7 @@ def _remote_task(task: tuple) -> None:
     out = Path(out)
     for path in cfg.plugins:  # a worker process imports the plug-ins itself
         load_plugin(path)
-    sample = [m for m in cfg.methods if m != "gd-population"]
+    sample = cfg.sample_methods
     if kind == "population":
         population(out, cfg, args[0], tag=args[1], quiet=True)
     elif kind == "tune":
@@ -357,15 +375,18 @@ def run_benchmark(
     quiet: bool = False,
 ) -> list[dict]:
     """Every (k, protocol) cell, each piece cached so an interrupted run resumes; then
-    results.json (without the per-start outcomes, which stay in rows/), table.md,
-    figure.png, sweeps.png and timings.json. config.json is written once the configuration
-    is valid (`EscapeConfig` checks it when made) and matches the directory's.
+    results.json (the rows with their paired tests, without the per-start outcomes, which
+    stay in rows/), sweeps.json (the sweeps the rows used) and timings.json, from which
+    `qmse.escape.report.write_outputs` writes the tables and figures. The plug-ins are
+    loaded and the methods checked first (`EscapeConfig.check_methods`); config.json is
+    written once that passed and the configuration matches the directory's.
 
     `backend="ray"` computes the pieces as Ray tasks (`qmse.sweep.run_tasks`: the cluster at
     `address`, else a local one; `cpus_per_task` CPUs and `gpus_per_task` GPUs each; a task
     whose worker dies is retried) in dependency order; the same files result."""
     out = Path(out)
-    with claim(out, "escape-benchmark", recognise=_is_escape_dir):
+    cfg.check_methods()
+    with claim(out, "escape-benchmark", recognise=is_benchmark_dir):
         _check_config(out, cfg)
         save_json(out / "config.json", asdict(cfg))
         save_json(out / "provenance.json", provenance(cfg.device))
@@ -382,7 +403,7 @@ def run_benchmark(
                         desc=f"phase {i + 1}",
                         **kw,
                     )
-        sample = [m for m in cfg.methods if m != "gd-population"]
+        sample = cfg.sample_methods
         rows, records = [], []
         for protocol in cfg.protocols:
             for k in cfg.ks:
@@ -394,13 +415,13 @@ def run_benchmark(
                     cell_rows, cell_records = evaluate_cell(out, cfg, k, protocol, sample, quiet)
                     rows += cell_rows
                     records += [r for r in cell_records if r not in records]
-        add_paired_tests(rows, cfg.references)
-        results = [{k: v for k, v in r.items() if k != "failed"} for r in rows]
-        save_json(out / "results.json", results)
-        write_table(rows, out / "table.md", _write_timings(out))
-        published = PUBLISHED if cfg.n_extra == 0 and cfg.outputs == 1 else None
-        plot_results(rows, out / "figure.png", published)
-        plot_sweeps(records, out / "sweeps.png")
+        add_paired_tests(rows, cfg.paired_references())
+        _write_timings(out)
+        sweeps = [{k: r[k] for k in ("method", "protocol", "k", "stages")} for r in records]
+        save_json(out / "sweeps.json", sweeps)
+        save_json(
+            out / "results.json", [{k: v for k, v in r.items() if k != "failed"} for r in rows]
+        )
     return rows
 
 

@@ -17,18 +17,20 @@ from qmse.errors import UserError
 from qmse.escape.engine import make_job
 from qmse.escape.methods import get_method, load_plugin
 from qmse.escape.population import population_runs, stuck_points
-from qmse.escape.report import PROTOCOLS
 from qmse.escape.rules import BUILTIN_METHODS
+from qmse.runs import load_json
 from qmse.teacher_student import Problem, init_weights, make_problem
 
+PROTOCOLS = ("random-init", "spurious-minima")  # from Xavier starts; from certified minima
 TUNE_SEEDS = 10**6  # tuning initialisations: seeds 10⁶ + i (evaluation seeds are 0 … S−1)
 REFERENCES = ("sgd", "momentum", "qmse")  # paired tests of every method against these
 
 
 @dataclass
 class EscapeConfig:
-    """Everything that defines one benchmark directory (saved as config.json). Plug-in files
-    are imported when the config is made, so that `methods` may name what they register."""
+    """Everything that defines one benchmark directory (saved as config.json). Making one
+    checks its numbers and names but runs no plug-in code: `check_methods` loads the plug-ins
+    and checks the methods, references and fixed values where a benchmark starts."""
 
     ks: list[int]
     n_extra: int = 0  # student width n = k + n_extra
@@ -48,14 +50,9 @@ class EscapeConfig:
     lr: dict[str, float] = field(default_factory=dict)  # method -> fixed lr (not swept)
     hyper: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> fixed values
     plugins: list[str] = field(default_factory=list)  # files that register methods
-    references: list[str] = field(default_factory=lambda: list(REFERENCES))
+    references: list[str] | None = None  # paired against; None: those of REFERENCES run
 
     def __post_init__(self) -> None:
-        for path in self.plugins:
-            load_plugin(path)
-        sample = [m for m in self.methods if m != "gd-population"]
-        for name in sample:
-            get_method(name)  # an error naming the registered methods
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad:
             raise UserError(f"protocols {bad} unknown; choose from {PROTOCOLS}")
@@ -66,6 +63,27 @@ class EscapeConfig:
         for name in ("seeds", "sample_seeds", "steps", "batch", "tune_seeds", "tune_pool"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: need >= 1")
+        if len(set(self.methods)) != len(self.methods):
+            raise UserError(f"methods {self.methods} name a method twice")
+
+    @property
+    def sample_methods(self) -> list[str]:
+        """The sample-based methods run (all but the reproduction, gd-population)."""
+        return [m for m in self.methods if m != "gd-population"]
+
+    def check_methods(self) -> None:
+        """Load the plug-ins (running their code) and check that every method, reference and
+        fixed value names a registered method of this run: where a benchmark starts."""
+        for path in self.plugins:
+            load_plugin(path)
+        sample = self.sample_methods
+        for name in sample:
+            get_method(name)  # an error naming the registered methods
+        if missing := [r for r in self.references or () if r not in sample]:
+            raise UserError(
+                f"references {missing} are not among the sample-based methods run here "
+                f"({', '.join(sample)}): add them to the methods or drop them from references"
+            )
         fixed = {m: {"lr": v} for m, v in self.lr.items()}
         for m, values in self.hyper.items():
             fixed.setdefault(m, {}).update(values)
@@ -77,9 +95,23 @@ class EscapeConfig:
                 )
             make_job(m, values.get("lr", 1.0), {h: v for h, v in values.items() if h != "lr"})
 
+    def paired_references(self) -> list[str]:
+        """The methods every method is paired against: `references`, or those of REFERENCES
+        that this benchmark runs."""
+        if self.references is not None:
+            return list(self.references)
+        return [r for r in REFERENCES if r in self.sample_methods]
+
     def fixed(self, method: str) -> dict[str, float]:
         """The values of `method` fixed by the user (not swept)."""
         return ({"lr": self.lr[method]} if method in self.lr else {}) | self.hyper.get(method, {})
+
+
+def is_benchmark_dir(directory: Path) -> bool:
+    """A benchmark directory written before directories recorded their kind (or committed
+    without kind.json): its config.json names ks and protocols."""
+    config = directory / "config.json"
+    return config.exists() and {"ks", "protocols"} <= set(load_json(config))
 
 
 def parse_values(text: str | None, option: str) -> dict[str, float]:

@@ -13,45 +13,17 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from qmse.errors import UserError
-from qmse.runs import atomic_write, save_figure
-from qmse.stats import holm, mcnemar
+from qmse.escape.config import PROTOCOLS
+from qmse.escape.population import PUBLISHED
+from qmse.runs import atomic_write, load_json, save_figure
 from qmse.tuningplot import Sweep
 from qmse.tuningplot import plot_sweeps as plot_sweeps_figure
-
-PROTOCOLS = ("random-init", "spurious-minima")  # from Xavier starts; from certified minima
-
-
-def add_paired_tests(rows: list[dict], references: Sequence[str]) -> None:
-    """For every sample-method row, McNemar's test against each reference method's row of
-    the same cell (same starts), Holm-adjusted over all comparisons of its protocol; stored
-    in place as row["paired"][reference] = {worse, better, p, p_holm}."""
-    for protocol in PROTOCOLS:
-        tests = []
-        cells = [r for r in rows if r["protocol"] == protocol and r.get("failed")]
-        for row in cells:
-            row["paired"] = {}
-            for ref in references:
-                other = next(
-                    (
-                        r
-                        for r in cells
-                        if r["method"] == ref
-                        and (r["k"], r["n"], r["outputs"]) == (row["k"], row["n"], row["outputs"])
-                        and r["starts_key"] == row["starts_key"]
-                    ),
-                    None,
-                )
-                if other is None or ref == row["method"]:
-                    continue
-                row["paired"][ref] = mcnemar(row["failed"], other["failed"])
-                tests.append(row["paired"][ref])
-        for test, p in zip(tests, holm([t["p"] for t in tests])):
-            test["p_holm"] = p
 
 
 def _settings(row: dict) -> str:
@@ -239,3 +211,26 @@ def _stage(stage: dict) -> dict:
         for p in stage["points"]
     ]
     return stage | {"points": points}
+
+
+def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
+    """table.md, figure.png and sweeps.png of the benchmark in `out`, from its files alone:
+    results.json (the rows with their paired tests), timings.json, config.json and
+    sweeps.json (the sweeps the rows used; a directory written before it: tuning/*.json).
+    Returns the paths written, by kind."""
+    out = Path(out)
+    rows = load_json(out / "results.json")
+    timings = load_json(out / "timings.json") if (out / "timings.json").exists() else {}
+    cfg = load_json(out / "config.json")
+    write_table(rows, out / "table.md", timings)
+    published = PUBLISHED if cfg.get("n_extra", 0) == 0 and cfg.get("outputs", 1) == 1 else None
+    plot_results(rows, out / "figure.png", published)
+    paths = {"table": out / "table.md", "figure": out / "figure.png"}
+    if (out / "sweeps.json").exists():
+        records = load_json(out / "sweeps.json")
+    else:
+        records = [load_json(p) for p in sorted((out / "tuning").glob("*.json"))]
+    if any(r.get("stages") for r in records):
+        plot_sweeps(records, out / "sweeps.png")
+        paths["sweeps"] = out / "sweeps.png"
+    return paths
