@@ -51,13 +51,17 @@ def test_the_diagnosis_is_cached_by_content(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed a diagnosis whose key matches")
 
-    monkeypatch.setattr(diagnose, "diagnose_run", refuse)
+    monkeypatch.setattr(diagnose, "run_diagnosis", refuse)
     assert endstate.diagnose_end(run, **kw) == first
     monkeypatch.undo()
 
     train_run(tiny_config(**{**cfg.__dict__, "epochs": 3}), run, quiet=True)  # extended
     again = endstate.diagnose_end(run, **kw)
-    assert again["endstate_key"] != first["endstate_key"]
+    assert again["key"] != first["key"]
     assert again["run"]["final_metrics"]["epoch"] == 3
     other = endstate.diagnose_end(run, **{**kw, "samples": 10})  # other arguments
     assert other["n_samples"] == 10
+    # one file, one key: `qmse diagnose` of the run replaces the end-of-training diagnosis
+    run_only = diagnose.diagnose_run(run, n_samples=10, lanczos_steps=5, quiet=True)
+    assert run_only["key"] != other["key"] and "full_set" not in run_only
+    assert "full_set" in endstate.diagnose_end(run, **{**kw, "samples": 10})

@@ -376,34 +376,22 @@ def run_criteria(run_loss: str) -> tuple[str, ...]:
     return ("mse",) if own == "mse" else ("mse", own)
 
 
-def diagnose_run(
+def run_diagnosis(
     run_dir: str | os.PathLike,
     *,
     n_samples: int = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    out_dir: str | os.PathLike | None = None,
     quiet: bool = False,
     **options: Any,
 ) -> dict:
-    """Diagnose a finished `qmse train` run on a fixed subset of its training set.
+    """The diagnosis of a finished `qmse train` run on a fixed subset of its training set,
+    computed (nothing is read from or written to a cache: see `diagnose_run`).
 
     The subset is `n_samples` training images drawn without replacement by a generator
     seeded with `seed` (the same images for every run of the same data: comparable). The
-    Hessian losses are `run_criteria` of the run's loss. Writes diagnosis.json (with the
-    diagnosis config and provenance) and diagnosis.txt to `out_dir` (default: the run
-    directory) and returns the dict. A diagnosis.json with the same config is reused rather
-    than recomputed. `options` go to `diagnose_model`.
-    """
+    Hessian losses are `run_criteria` of the run's loss. `options` go to `diagnose_model`."""
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir
-    config = {"run_dir": str(run_dir), "n_samples": n_samples, "seed": seed, **options}
-    key = run_key(run_dir, n_samples=n_samples, seed=seed, **options)
-    done = out_dir / "diagnosis.json"
-    if done.exists():
-        old = load_json(done)
-        if old.get("key") == key:  # same run contents and arguments: not stale
-            return old
     model, run_config = load_run(run_dir, device)
     data = prepare_data(run_config, device)
     n_train = data.x_train.shape[0]
@@ -420,9 +408,8 @@ def diagnose_run(
         **options,
     )
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    result = {
-        "config": config,
-        "key": key,
+    return {
+        "config": {"run_dir": str(run_dir), "n_samples": n_samples, "seed": seed, **options},
         "run": {
             "loss": run_config["loss"],
             "lr": run_config.get("lr"),
@@ -433,9 +420,52 @@ def diagnose_run(
         **result,
         "provenance": provenance(device),
     }
+
+
+def cached_diagnosis(out_dir: str | os.PathLike, key: str) -> dict | None:
+    """The diagnosis.json of `out_dir` if it was computed under `key` (the same run contents
+    and arguments: not stale), else None."""
+    path = Path(out_dir) / "diagnosis.json"
+    if path.exists():
+        held = load_json(path)
+        if isinstance(held, dict) and held.get("key") == key:
+            return held
+    return None
+
+
+def write_diagnosis(out_dir: str | os.PathLike, diagnosis: dict) -> None:
+    """The one writer of diagnosis.json (and its summary diagnosis.txt), in a directory
+    claimed as a diagnosis (or the train run it diagnoses)."""
+    out_dir = Path(out_dir)
     with claim(out_dir, "diagnosis", accept=("train-run",)):
-        save_json(done, result)
-        atomic_write(out_dir / "diagnosis.txt", summary_text(result))
+        save_json(out_dir / "diagnosis.json", diagnosis)
+        atomic_write(out_dir / "diagnosis.txt", summary_text(diagnosis))
+
+
+def diagnose_run(
+    run_dir: str | os.PathLike,
+    *,
+    n_samples: int = 256,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    out_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+    **options: Any,
+) -> dict:
+    """`run_diagnosis`, cached in `out_dir` (default: the run directory): a diagnosis.json
+    with the same key (the run's config.json and checkpoint.pt, and these arguments) is
+    returned as it is; else the diagnosis is computed and written there (`write_diagnosis`,
+    with its key)."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    key = run_key(run_dir, diagnosis="run", n_samples=n_samples, seed=seed, **options)
+    if (held := cached_diagnosis(out_dir, key)) is not None:
+        return held
+    result = run_diagnosis(
+        run_dir, n_samples=n_samples, seed=seed, device=device, quiet=quiet, **options
+    )
+    result = {"key": key, **result}
+    write_diagnosis(out_dir, result)
     return result
 
 

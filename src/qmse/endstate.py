@@ -11,10 +11,9 @@ Two parts, written together to the run directory's diagnosis.json:
   MSE and of the run's own loss, and the distribution of the residual norms ‖r_i‖ with the
   fraction of samples below each of RESIDUAL_THRESHOLDS.
 
-The file is keyed by content (`qmse.rundir.run_key` of the run and the arguments, in
-"endstate_key" beside diagnose_run's own "key"), so a run extended since, or other
-arguments, give a new diagnosis and never a stale one; the file keeps `qmse diagnose`'s
-layout (`qmse.diagnose.summary_text` reads it).
+The file is keyed by content (`qmse.rundir.run_key` of the run and the arguments), so a run
+extended since, or other arguments, give a new diagnosis and never a stale one; it has one
+writer, `qmse.diagnose.write_diagnosis`, and keeps `qmse diagnose`'s layout.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from qmse import diagnose
 from qmse.curvature import eval_mode, loss_fn
 from qmse.loss import get_loss
 from qmse.rundir import load_run, prepare_data, run_key
-from qmse.runs import claim, load_json, save_json
 
 # ‖r_i‖ thresholds counted on the full training set. 1e-3 is classify_stop's default
 # tol_residual (case 1, the sample is fit); 0.1 is a sample fit to a tenth of the distance
@@ -100,14 +98,11 @@ def diagnose_end(
         "trace_samples": trace_samples,
         "thresholds": list(RESIDUAL_THRESHOLDS),
     }
-    key = run_key(run_dir, **arguments)
-    path = run_dir / "diagnosis.json"
-    if path.exists():
-        held = load_json(path)
-        if isinstance(held, dict) and held.get("endstate_key") == key:
-            return held
-    t0 = time.perf_counter()  # diagnose_run reuses its part when its own key matches
-    result = diagnose.diagnose_run(
+    key = run_key(run_dir, diagnosis="end", **arguments)
+    if (held := diagnose.cached_diagnosis(run_dir, key)) is not None:
+        return held
+    t0 = time.perf_counter()
+    result = diagnose.run_diagnosis(
         run_dir,
         n_samples=samples,
         seed=seed,
@@ -121,12 +116,11 @@ def diagnose_end(
     data = prepare_data(config, device)
     criteria = diagnose.run_criteria(config["loss"])
     result = {
+        "key": key,
         **result,
-        "endstate_key": key,
         "arguments": arguments,
         "full_set": full_set_state(model, data.x_train, data.y_train, criteria),
         "wall_s": time.perf_counter() - t0,
     }
-    with claim(run_dir, "diagnosis", accept=("train-run",)):
-        save_json(path, result)
+    diagnose.write_diagnosis(run_dir, result)
     return result
