@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qmse.escape import METHODS, Method, load_plugin, register_method
+from qmse.errors import UserError
+from qmse.escape import METHODS, Method, load_plugin, register_method, run_method
 from qmse.escape.methods import check_grid, method_key
 from qmse.escape.rules import BUILTIN_METHODS, sgd
+from qmse.teacher_student import init_weights, make_problem
 
 PLUGIN = """
 from qmse.escape import Method, register_method
@@ -91,3 +93,45 @@ def test_the_fine_grid_plugin_reregisters_the_builtins_on_a_finer_grid():
         assert set(base.lr_grid) <= set(fine.lr_grid)  # the coarse values are swept again
         assert (fine.loss, fine.update, fine.hyper) == (base.loss, base.update, base.hyper)
         assert method_key(fine) != method_key(base)
+
+
+@pytest.mark.parametrize(
+    "source, line, what",
+    [
+        ("x = 1\ndef f(:\n", 2, "SyntaxError"),
+        ("import not_a_module_anywhere_qmse\n", 1, "ModuleNotFoundError"),
+        ("x = 1\n\nraise RuntimeError('boom')\n", 3, "RuntimeError: boom"),
+    ],
+)
+def test_a_broken_plugin_is_one_line_naming_the_file_and_the_line(tmp_path, source, line, what):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    with pytest.raises(UserError, match=rf"plug-in {path}, line {line}: .*{what}") as err:
+        load_plugin(path)
+    assert err.value.__cause__ is not None  # the traceback is kept for a debugger
+
+
+def test_a_plugin_that_fails_after_registering_leaves_nothing_registered(tmp_path):
+    path = tmp_path / "half.py"
+    path.write_text(PLUGIN.replace("sign-sgd", "half-sgd") + "\nraise ValueError('late')\n")
+    with pytest.raises(UserError, match="late"):
+        load_plugin(path)
+    assert "half-sgd" not in METHODS
+
+
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        (lambda W, g, s, t, lr: W - lr * g, "must return the pair"),
+        (lambda W, g, s, t, lr: ((W - lr * g)[:, :1], s), r"shape \(4, 1, 3\)"),
+        (lambda W, g, s, t, lr: ((W - lr * g).double(), s), "float64"),
+        (lambda W, g, s, t, lr: (W * float("nan"), s), "non-finite"),
+        (lambda W, g, s, t, lr: (W, None), r"\(Tensor, NoneType\)"),
+    ],
+)
+def test_a_wrong_update_is_an_error_naming_the_method(update, message):
+    problem = make_problem(3)
+    W0 = init_weights(range(4), 3, 3)
+    bad = Method("test-bad-update", "mse", update, (0.1,))
+    with pytest.raises(UserError, match=rf"method 'test-bad-update': update returned .*{message}"):
+        run_method(bad, W0, problem, steps=2, lr=0.1, batch=4)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from qmse.errors import UserError
-from qmse.escape.methods import HELD_OUT, Method, Run, get_method
+from qmse.escape.methods import HELD_OUT, Method, Run, check_step, get_method
 from qmse.loss import get_loss
 from qmse.runs import progress
 from qmse.teacher_student import Problem, population_loss, sample_inputs
@@ -196,11 +196,16 @@ def run_methods(
         for j, job in enumerate(jobs):
             run = runs[j]
             grad = job_gradient(job, Ws[j], x, y, p32, rngs[j])
-            new, states[j] = job.method.update(Ws[j], grad, states[j], t, lrs[j])
+            out = job.method.update(Ws[j], grad, states[j], t, lrs[j])
+            # at the first step a plug-in's mistake is an error, never broadcast into a result
+            new, states[j] = check_step(job.method, "update", out, Ws[j]) if t == 0 else out
             run.diverged.logical_or_(~(new.flatten(1).norm(dim=1) <= DIVERGED_NORM))  # or NaN
             Ws[j] = torch.where(run.diverged.view(-1, 1, 1), Ws[j], new)
             if job.method.after_step is not None:
-                Ws[j], states[j] = job.method.after_step(Ws[j], states[j], t, lrs[j], run)
+                out = job.method.after_step(Ws[j], states[j], t, lrs[j], run)
+                if t == 0:
+                    out = check_step(job.method, "after_step", out, Ws[j])
+                Ws[j], states[j] = out
             if evaluate:
                 loss = population_loss(Ws[j].double(), p64)
                 hit = (loss < STUCK_LOSS) & ~run.diverged & (firsts[j] < 0)

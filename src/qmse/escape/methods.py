@@ -43,6 +43,7 @@ import inspect
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,9 +243,46 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def _where(path: Path, error: Exception) -> str:
+    """ "FILE, line N" of the innermost frame of `error` in the plug-in file (a syntax error
+    carries its own line), or FILE alone."""
+    line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if Path(frame.filename).resolve() == path.resolve():
+            line = frame.lineno
+    return f"{path}, line {line}" if line else str(path)
+
+
+def check_step(method: Method, hook: str, out: object, W: Tensor) -> tuple[Tensor, dict]:
+    """What a method's `update` or `after_step` returned on the first step, checked: a pair
+    (W, state) with W of the input's shape, dtype and device and finite, state a dict. A
+    wrong return is a UserError naming the method, never broadcast into a result."""
+    where = f"method {method.name!r}: {hook} returned"
+    if not (isinstance(out, tuple) and len(out) == 2):
+        got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, tuple) else "")
+        raise UserError(f"{where} {got}; it must return the pair (W, state)")
+    new, state = out
+    if not isinstance(new, Tensor) or not isinstance(state, dict):
+        raise UserError(
+            f"{where} ({type(new).__name__}, {type(state).__name__}); it must return "
+            f"(W: Tensor, state: dict)"
+        )
+    if (new.shape, new.dtype, new.device) != (W.shape, W.dtype, W.device):
+        raise UserError(
+            f"{where} W of shape {tuple(new.shape)}, {new.dtype} on {new.device}; it must "
+            f"match the weights it was given: {tuple(W.shape)}, {W.dtype} on {W.device}"
+        )
+    if not bool(torch.isfinite(new).all()):
+        raise UserError(f"{where} non-finite weights at the first step (NaN or inf)")
+    return new, state
+
+
 def load_plugin(path: str | os.PathLike) -> list[str]:
     """Import the Python file `path`, which registers methods with `register_method`; return
-    their names. The same file content is imported once per process."""
+    their names. The same file content is imported once per process. A file that fails to
+    import (a syntax error, a failed import, an exception) is a UserError of one line naming
+    the file and the line; what it registered before failing is removed again (the
+    traceback stays in the error's __cause__)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plug-in {path} does not exist (give a .py file)")
@@ -260,6 +298,11 @@ def load_plugin(path: str | os.PathLike) -> list[str]:
     _LOADING.append([])
     try:
         spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        for method in _LOADING[-1]:
+            METHODS.pop(method, None)
+        raise UserError(f"plug-in {_where(path, e)}: {type(e).__name__}: {e}") from e
     except BaseException:
         del sys.modules[name]
         raise
