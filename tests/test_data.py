@@ -412,7 +412,7 @@ def test_a_file_that_differs_from_the_published_one_is_refused(tmp_path, monkeyp
     assert ds.files[str(labels)]["verified"] is False and (ds.train_labels[:500] == 0).all()
 
 
-def test_md5s_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+def test_md5s_are_cached_by_a_stamp_an_edit_in_place_cannot_fake(tmp_path, monkeypatch):
     write_mnist(tmp_path / "mnist")
     _patch_mnist_md5(monkeypatch, tmp_path / "mnist")
     hashed = []
@@ -428,12 +428,27 @@ def test_md5s_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     data.load("mnist", tmp_path)
     assert len(hashed) == 4  # nothing hashed again
     images = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
-    blob = gzip.decompress(images.read_bytes())
+    original = images.read_bytes()
+    blob = gzip.decompress(original)
     images.write_bytes(gzip.compress(blob[:-1] + bytes([blob[-1] ^ 1]), mtime=0))  # same size
     os.utime(images, ns=(0, images.stat().st_mtime_ns + 10**9))
     with pytest.raises(ValueError, match="t10k-images.*is not the published"):
         data.load("mnist", tmp_path)  # the stale entry is not used
     assert hashed[4:] == ["t10k-images-idx3-ubyte.gz"]
+    images.write_bytes(original)
+    data.load("mnist", tmp_path)
+    # an edit in place with its size and modification time restored is still seen (ctime)
+    labels = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    before = labels.stat()
+    blob = gzip.decompress(labels.read_bytes())
+    edited = gzip.compress(blob[:-1] + bytes([blob[-1] ^ 1]), mtime=0)
+    assert len(edited) == before.st_size
+    with open(labels, "r+b") as f:  # same inode, same size
+        f.write(edited)
+    os.utime(labels, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert labels.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(ValueError, match="t10k-labels.*is not the published"):
+        data.load("mnist", tmp_path)
 
 
 def test_an_extracted_cifar_folder_is_checked_member_by_member(tmp_path, monkeypatch):

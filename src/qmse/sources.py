@@ -7,8 +7,12 @@ gunzipped one is recognised; the members of the CIFAR archives have theirs, so t
 extracted folder is checked too.
 
 A file is hashed once: `digests` keeps its MD5s in a JSON file in the user's cache folder
-(`md5_cache_path()`), keyed by the file's absolute path, size and modification time, and
-hashes it again when any of them changes.
+(`md5_cache_path()`), keyed by the file's absolute path, inode, size, modification time and
+inode change time (ctime), and hashes it again when any of them changes. The ctime is what
+an edit in place cannot hide: restoring the modification time (`touch -d`, `os.utime`)
+itself sets the ctime to now, and no call sets it back. (Hashing every file at every run
+instead costs 0.4 s for Fashion-MNIST's four files on a 2-core machine, and about 2 s for
+CIFAR's 170 MB archive: the stamp keeps a run's start free of it.)
 """
 
 from __future__ import annotations
@@ -127,11 +131,12 @@ def file_md5(path: Path) -> str:
 
 def digests(path: Path, compute: Callable[[Path], dict[str, str]]) -> dict[str, str]:
     """`compute(path)` (a dict of MD5s, e.g. {"md5": ..., "content_md5": ...}) from the cache
-    file when it holds an entry for this path, size and modification time, else computed
+    file when it holds an entry for this path with the same stamp (inode, size, mtime,
+    ctime: the module docstring), else computed
     and stored. The cache is an optimisation: an unreadable or unwritable one is ignored."""
     path = Path(path).resolve()
     stat = path.stat()
-    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    key, stamp = str(path), [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     cache_file = md5_cache_path()
     try:
         cache = json.loads(cache_file.read_text())
