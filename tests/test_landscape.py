@@ -2,6 +2,7 @@
 on qmse's models and on a model and criterion qmse does not define."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,3 +325,39 @@ def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch, capsys):
     assert main(["landscape", str(tmp_path / "s0"), "--loss", "qmse"]) == 2
     assert '"expected-qmse"' in capsys.readouterr().err
     assert main(["symmetry", "example"]) == 0
+
+
+def test_every_writing_command_claims_its_directory(tmp_path, monkeypatch, capsys):
+    """Each pair of analysis commands on one --out: the second is refused in one line and
+    the first's files stay; a diverged checkpoint and a non-finite span are refused too."""
+    monkeypatch.setattr(qdata, "load", lambda name, data_dir=None: tiny_images())
+    for seed in (0, 1):
+        cfg = tiny_config(loss="mse", epochs=1, seed=seed)
+        train_run(cfg, tmp_path / f"s{seed}", dataset=tiny_images(), quiet=True)
+    runs = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    small = ["--points", "3", "--samples", "20"]
+    commands = {
+        "weight-matching": lambda out: ["symmetry", "match", *runs, "--out", out, *small],
+        "landscape": lambda out: ["landscape", runs[0], "--out", out, *small, "--quiet"],
+        "convexity": lambda out: ["diagnose", "convexity", "--out", out, "--segments", "5"],
+        "diagnosis": lambda out: ["diagnose", runs[0], "--out", out, "--samples", "16"],
+    }
+    for first, make in commands.items():
+        out = str(tmp_path / f"out-{first}")
+        assert main(make(out)) == 0, first
+        held = sorted(p.name for p in Path(out).iterdir())
+        for second, other in commands.items():
+            if second == first:
+                continue
+            capsys.readouterr()
+            assert main(other(out)) == 2, (first, second)
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"holds a {first}" in err, (first, second, err)
+        assert sorted(p.name for p in Path(out).iterdir()) == held
+    state = torch.load(tmp_path / "s1" / "checkpoint.pt", weights_only=True)
+    next(v for v in state["model"].values() if v.is_floating_point())[0] = float("nan")
+    torch.save(state, tmp_path / "s1" / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["landscape", runs[1], "--out", str(tmp_path / "nan"), *small]) == 2
+    assert "non-finite weights" in capsys.readouterr().err
+    assert main(["landscape", runs[0], "--out", str(tmp_path / "span"), "--span", "nan"]) == 2

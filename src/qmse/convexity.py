@@ -25,7 +25,7 @@ from torch.func import vmap
 
 from qmse.curvature import loss_fn
 from qmse.models import MLP
-from qmse.runs import provenance, save_figure, save_json
+from qmse.runs import claim, provenance, save_figure, save_json
 
 
 def segment_losses(
@@ -132,10 +132,11 @@ def convexity_report(
 ) -> dict:
     """Run `convexity_demo` and write convexity.json (config, results, provenance) and the
     figure diagnose-convexity.png to `out_dir`; return the results."""
-    result = convexity_demo(segments=segments, points=points, seed=seed)
     out = Path(out_dir)
-    save_json(out / "convexity.json",
-              {"config": {"segments": segments, "points": points, "seed": seed},
-               "results": result, "provenance": provenance("cpu")})  # fmt: skip
-    save_figure(out / "diagnose-convexity.png", plot_convexity(result))
+    with claim(out, "convexity", recognise=lambda d: (d / "convexity.json").exists()):
+        result = convexity_demo(segments=segments, points=points, seed=seed)
+        save_json(out / "convexity.json",
+                  {"config": {"segments": segments, "points": points, "seed": seed},
+                   "results": result, "provenance": provenance("cpu")})  # fmt: skip
+        save_figure(out / "diagnose-convexity.png", plot_convexity(result))
     return result

@@ -34,7 +34,7 @@ from torch.func import functional_call, vmap
 from qmse.curvature import Criterion, criterion_fn, criterion_name, eval_mode
 from qmse.errors import UserError
 from qmse.rundir import load_run, prepare_data
-from qmse.runs import atomic_write, progress, provenance, save_figure, save_json
+from qmse.runs import atomic_write, claim, progress, provenance, save_figure, save_json
 from qmse.symmetry import PermutationSpec, count_equivalent, permutation_spec, weight_matching
 
 Params = dict[str, Tensor]
@@ -283,8 +283,8 @@ def random_slice(
     """
     if dims not in (1, 2):
         raise UserError(f"dims={dims}; a slice is 1- or 2-dimensional")
-    if points < 2 or span <= 0:
-        raise UserError(f"need points ≥ 2 and span > 0, got points={points}, span={span}")
+    if points < 2 or not 0 < span < math.inf:
+        raise UserError(f"need points ≥ 2 and a finite span > 0, got points={points}, span={span}")
     g = torch.Generator().manual_seed(seed)
     directions = [filter_normalized_direction(model, g) for _ in range(dims)]
     coords = torch.linspace(-span, span, points, dtype=torch.float64)
@@ -293,7 +293,18 @@ def random_slice(
                                   group_size=group_size, batch_size=batch_size, compile=compile,
                                   resume_file=resume_file, quiet=quiet)  # fmt: skip
     shape = (points,) * dims
+    _check_finite(losses, "the loss on the slice")
     return {"coords": coords.numpy(), "loss": losses.reshape(shape), "accuracy": acc.reshape(shape)}
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    """A non-finite value is an error, never a figure."""
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise UserError(
+            f"{what} is not finite at {bad} of {values.size} points (the model overflows "
+            f"there): use a smaller span, or check the run"
+        )
 
 
 def plot_interpolation(result: dict, title: str = "") -> Figure:
@@ -364,6 +375,12 @@ def _training_sample(config: dict, samples: int, device: torch.device | str):
     return data.x_train[:samples], data.y_train[:samples]
 
 
+def _older(directory: Path) -> bool:
+    """A directory written by match_runs or landscape_of_run before directories recorded
+    their kind: it holds their summary.json (or run folders that do)."""
+    return (directory / "summary.json").exists() or any(directory.glob("*/summary.json"))
+
+
 def _short(run_dir: str | os.PathLike) -> str:
     """A run's folder and its parent, e.g. "diagnose-fmnist/mse", for figure titles."""
     path = Path(run_dir).resolve()
@@ -397,10 +414,20 @@ def match_runs(
             f"matching compares two runs of the same data set"
         )
     x, y = _training_sample(config_a, samples, device)
+    with claim(out, "weight-matching", recognise=_older):
+        return _match_runs(run_a, run_b, Path(out), model_a, model_b, config_a, config_b,
+                           loss, (x, y), points, seed, device)  # fmt: skip
+
+
+def _match_runs(run_a, run_b, out, model_a, model_b, config_a, config_b, loss, data, points,
+                seed, device) -> dict:  # fmt: skip
+    """match_runs's work once `out` is claimed."""
+    x, _ = data
     start, cpu = time.perf_counter(), time.process_time()
-    res = interpolation_barriers(model_a, model_b, loss, (x, y), points=points, seed=seed)
+    res = interpolation_barriers(model_a, model_b, loss, data, points=points, seed=seed)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    out = Path(out)
+    for path in ("naive", "aligned"):
+        _check_finite(res[f"{path}_loss"], f"the loss along the {path} path")
     _save_npz(
         out / "interpolation.npz", {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
     )
@@ -460,8 +487,17 @@ def landscape_of_run(
     """
     model, config = load_run(run_dir, device)
     x, y = _training_sample(config, samples, device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim(out, "landscape", recognise=_older):
+        return _landscape_of_run(
+            run_dir, Path(out), model, config, (x, y), dims, points, span, loss, seed,
+            group_size, batch_size, compile, device, quiet,
+        )  # fmt: skip
+
+
+def _landscape_of_run(run_dir, out, model, config, data, dims, points, span, loss, seed,
+                      group_size, batch_size, compile, device, quiet) -> dict:  # fmt: skip
+    """landscape_of_run's work once `out` is claimed."""
+    x, y = data
     partial = out / f"partial-{dims}d.npz"
     start, cpu = time.perf_counter(), time.process_time()
     res = random_slice(model, loss, (x, y), dims=dims, points=points, span=span, seed=seed,
@@ -509,6 +545,12 @@ def landscapes_of_runs(
     if len(set(names)) != len(names):
         raise UserError(f"run folders {names} share a name; give runs distinct folder names")
     out = Path(out)
+    with claim(out, "landscape", recognise=_older):
+        return _landscapes_of_runs(run_dirs, names, out, options)
+
+
+def _landscapes_of_runs(run_dirs, names, out: Path, options: dict) -> list[dict]:
+    """landscapes_of_runs's work once `out` is claimed."""
     summaries = [landscape_of_run(r, out / n, **options) for r, n in zip(run_dirs, names)]
     dims = summaries[0]["dims"]
     results = {}

@@ -465,7 +465,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[n
     """The trained model of a run directory (eval mode, on `device`) and its config dict.
 
     Rebuild the run's data with `prepare_data(config, device)`. A missing, damaged or foreign
-    config.json or checkpoint.pt is an error naming the file.
+    config.json or checkpoint.pt, or one holding non-finite weights, is an error naming the
+    file.
     """
     run_dir = Path(run_dir)
     for name in ("config.json", "checkpoint.pt"):
@@ -481,6 +482,14 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[n
             f"{run_dir / 'checkpoint.pt'}: its weights do not fit the model of config.json "
             f"({str(e).splitlines()[0]}); the two files come from different runs"
         ) from e
+    bad = [
+        k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise UserError(
+            f"{run_dir / 'checkpoint.pt'}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}"
+            f"{' …' if len(bad) > 3 else ''}: the run diverged; diagnose a run that finished"
+        )
     return model.to(device).eval(), config
 
 

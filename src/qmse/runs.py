@@ -40,7 +40,17 @@ from qmse.errors import QmseError, UserError
 
 KIND_FILE = "kind.json"  # {"kind": ...}: what wrote the directory
 LOCK_FILE = ".lock"  # flock'ed by the writer; holds its pid, host and command
-KINDS = ("train-run", "grid", "escape-benchmark", "diagnosis")  # the kinds qmse's commands write
+# the kinds of directory qmse's commands write
+KINDS = (
+    "train-run",
+    "grid",
+    "escape-benchmark",
+    "diagnosis",
+    "weight-matching",
+    "landscape",
+    "convexity",
+    "benchmark",
+)
 
 
 def _write_all(fd: int, payload: bytes) -> None:
