@@ -361,3 +361,22 @@ def test_every_writing_command_claims_its_directory(tmp_path, monkeypatch, capsy
     assert main(["landscape", runs[1], "--out", str(tmp_path / "nan"), *small]) == 2
     assert "non-finite weights" in capsys.readouterr().err
     assert main(["landscape", runs[0], "--out", str(tmp_path / "span"), "--span", "nan"]) == 2
+
+
+def test_interpolating_models_with_different_buffers_is_refused():
+    """BatchNorm's running statistics are buffers: blending parameters alone would keep model
+    a's statistics along the whole path, so L(1) would not be model b's loss."""
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+    a, b = net(), net()
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    for model in (a, b):  # different running statistics
+        model.train()
+        model(x + torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"different buffers \(1.running_mean"):
+        interpolate(a.eval(), b.eval(), "mse", (x, y), points=3)
+    b.load_state_dict(a.state_dict())
+    assert interpolate(a, b, "mse", (x, y), points=3)["loss"].shape == (3,)

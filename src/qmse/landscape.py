@@ -195,12 +195,27 @@ def interpolate(
     batch_size: int = BATCH_SIZE,
 ) -> dict[str, np.ndarray]:
     """Loss and accuracy on `data` at (1 − α)·θ_a + α·θ_b for `points` values of α evenly in
-    [0, 1] (`evaluate_points`); the two models need the same parameter names and shapes."""
+    [0, 1] (`evaluate_points`); the two models need the same parameter names and shapes.
+    Only parameters are blended, so models whose floating-point buffers differ (BatchNorm's
+    running statistics) are refused: the path would keep model a's buffers to its end, and
+    L(1) would not be model b's loss."""
     if points < 2:
         raise UserError(f"points={points}; need at least 2 to include both ends")
     base, end = parameters_of(model_a), parameters_of(model_b)
     if base.keys() != end.keys() or any(base[k].shape != end[k].shape for k in base):
         raise UserError("model_a and model_b must have the same parameter names and shapes")
+    buffers_b = dict(model_b.named_buffers())
+    differ = [
+        k
+        for k, v in model_a.named_buffers()
+        if v.is_floating_point() and (k not in buffers_b or not torch.equal(v, buffers_b[k]))
+    ]
+    if differ:
+        raise UserError(
+            f"model_a and model_b have different buffers ({', '.join(differ[:3])}): "
+            f"interpolating their parameters alone would keep model a's buffers (BatchNorm's "
+            f"running statistics) along the whole path; not supported for such models"
+        )
     alphas = torch.linspace(0, 1, points, dtype=torch.float64)
     direction = {k: end[k] - base[k] for k in base}
     losses, acc = evaluate_points(model_a, criterion, data, base, [direction], alphas.unsqueeze(1),
