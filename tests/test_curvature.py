@@ -291,3 +291,10 @@ def test_bad_arguments_are_named():
         model.layers[2].bias[0] = float("nan")
     with pytest.raises(ValueError, match=r"layers\.2\.bias.*non-finite"):
         curvature.hessian_operator(model, "mse", (x, y))
+
+
+def test_a_criterion_that_does_not_reduce_is_named():
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"MSELoss\(\) returned \(5, 2\), not a scalar"):
+        curvature.hessian_operator(model, torch.nn.MSELoss(reduction="none"), (x, y))

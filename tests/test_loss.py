@@ -388,3 +388,10 @@ X, Y = torch.randn(3, 4), torch.randn(3, 4)
 def test_bad_input_is_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         qmse_loss(**kwargs)
+
+
+def test_a_generator_that_is_not_torchs_is_named():
+    import numpy as np
+
+    with pytest.raises(TypeError, match="numpy.random._generator.Generator; make one with torch"):
+        qmse_loss(torch.randn(2, 3), torch.randn(2, 3), generator=np.random.default_rng(0))

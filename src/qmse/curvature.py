@@ -79,7 +79,18 @@ def criterion_fn(criterion: Criterion) -> Callable[[Tensor, Tensor], Tensor]:
             f"criterion must be a registered loss name or a callable (output, target) -> "
             f"scalar, got {type(criterion).__name__}"
         )
-    return criterion
+
+    def scalar(output: Tensor, target: Tensor) -> Tensor:
+        loss = criterion(output, target)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise UserError(
+                f"criterion {criterion_name(criterion)} returned {shape}, not a scalar: it must "
+                f"return the mean loss over the batch (e.g. reduction='mean', not 'none')"
+            )
+        return loss
+
+    return scalar
 
 
 def criterion_name(criterion: Criterion) -> str:

@@ -39,6 +39,15 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _check_generator(generator: object) -> None:
+    """A random draw's generator is a torch.Generator (or None: the global RNG)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator (or None), got {type(generator).__module__}."
+            f"{type(generator).__name__}; make one with torch.Generator().manual_seed(seed)"
+        )
+
+
 def _check_input(input: Tensor, target: Tensor) -> None:
     """Both tensors, input floating (N, C) with N, C >= 1. A 1-D input is refused rather than
     guessed: (N,) could be N scalar outputs or one sample of C outputs, two different losses
@@ -223,6 +232,7 @@ def qmse_loss(
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("scope", scope, SCOPES)
     _check_input(input, target)  # before noise is checked against input's shape
+    _check_generator(generator)
     if scope == "batch":
         x, t = _prepare(input, target)
         r = t - x  # (N, C)
@@ -351,6 +361,7 @@ class Loss:
         """The loss of (input, target), reduced; a random loss draws its noise from
         `generator` (or the global RNG) unless `noise` (N, C) is given."""
         _check_choice("reduction", reduction, REDUCTIONS)
+        _check_generator(generator)
         self._check_params(params)
         x, t = _prepare(input, target)  # (N, C) each
         if self.random and noise is None:
