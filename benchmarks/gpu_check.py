@@ -89,6 +89,14 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}; command: `make gpu-check`.",
         "",
     ]
+    with runs.claim(out.parent, "benchmark", recognise=lambda d: (d / out.name).exists()):
+        failed = _run_parts(lines, root, out)
+    print(f"gpu-check: report in {out}" + (" (a part failed)" if failed else ""))
+    return 1 if failed else 0
+
+
+def _run_parts(lines: list[str], root: Path, out: Path) -> bool:
+    """Run every part, rewriting the report after each; whether a part failed."""
     failed = False
     for title, argv, limit in PARTS:
         print(f"gpu-check: {title} ...", file=sys.stderr, flush=True)
@@ -106,8 +114,7 @@ def main() -> int:
             "",
         ]
         runs.atomic_write(out, "\n".join(lines))  # what is done so far survives a kill
-    print(f"gpu-check: report in {out}" + (" (a part failed)" if failed else ""))
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
