@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules: a tiny learnable image set, IDX files of it in the
-official MNIST format, small models and a small training config.
+official MNIST format, small models and a small training config, and the shared cases of the
+curvature tests (`CASES`: a model, a criterion and data each, curvlinops-style) with a dense
+Hessian reference.
 
 The helpers are plain functions (importable as `from conftest import ...`, also from the
 subprocesses some tests start) with pytest fixtures around the common cases.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from qmse import curvature
 from qmse.models import MLP, SimpleCNN
@@ -163,3 +167,61 @@ def leaves_untouched(model: nn.Module):
     assert [p.requires_grad for p in model.parameters()] == flags
     assert [m.training for m in model.modules()] == modes
     assert all(p.grad is None for p in model.parameters())
+
+
+def dense_hessian(model: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∇² of criterion(model(x), y) in the flat trainable weights (P, P), by
+    torch.func.hessian on a function written here (not qmse.curvature.loss_fn): the
+    independent reference of every curvature test."""
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in named]
+    w = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss(wv):
+        chunks = wv.split([math.prod(s) for s in shapes])
+        params = {k: c.view(s) for (k, _), c, s in zip(named, chunks, shapes)}
+        return criterion(functional_call(model, params, (x,)), y)
+
+    return torch.func.hessian(loss)(w)
+
+
+def _case_mlp_mse():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g)
+    return tiny_mlp(), "mse", x, y.double()
+
+
+def _case_mlp_ce():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    return tiny_mlp(seed=1), nn.CrossEntropyLoss(), x, torch.randint(0, 3, (9,), generator=g)
+
+
+def _case_cnn_mse():
+    images = tiny_images(n_train=6, n_test=1)
+    x = images.train_images.double() / 255
+    y = nn.functional.one_hot(images.train_labels, 3).double()
+    return tiny_cnn().double(), "mse", x, y
+
+
+def _case_scalar_bce():
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1), nn.Flatten(0)).double()
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    return model, nn.BCEWithLogitsLoss(), x, torch.randint(0, 2, (8,), generator=g).double()
+
+
+CASES = {  # name -> () -> (model, criterion, x, y): float64, small enough for a dense Hessian
+    "mlp-mse": _case_mlp_mse,
+    "mlp-ce": _case_mlp_ce,
+    "cnn-mse": _case_cnn_mse,
+    "scalar-bce": _case_scalar_bce,
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request) -> SimpleNamespace:
+    """One shared curvature case: model, criterion, x, y (see CASES)."""
+    model, criterion, x, y = CASES[request.param]()
+    return SimpleNamespace(name=request.param, model=model, criterion=criterion, x=x, y=y)

@@ -10,10 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import leaves_untouched
+from conftest import dense_hessian, leaves_untouched
 from scipy.sparse.linalg import eigsh
 from torch import nn
-from torch.func import functional_call
 
 from qmse import curvature
 from qmse.loss import LOSSES, get_loss
@@ -40,28 +39,13 @@ def _conv_net(seed: int = 0) -> nn.Sequential:
     ).to(DT)
 
 
-def _dense_hessian(model: nn.Module, criterion, x, y) -> torch.Tensor:
-    """∇² of criterion(model(x), y) in the flat trainable weights, by torch.func.hessian on
-    a function written here (not curvature.loss_fn): the independent reference."""
-    names = [k for k, p in model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for k, p in model.named_parameters() if p.requires_grad]
-    w = torch.cat([p.detach().reshape(-1) for k, p in model.named_parameters() if p.requires_grad])
-
-    def loss(wv):
-        chunks = wv.split([math.prod(s) for s in shapes])
-        params = {k: c.view(s) for k, c, s in zip(names, chunks, shapes)}
-        return criterion(functional_call(model, params, (x,)), y)
-
-    return torch.func.hessian(loss)(w)  # (P, P)
-
-
 def _half_sq(out, y):
     """A user function: ½‖r‖² summed over outputs, mean over samples (the registry's 'mse')."""
     return 0.5 * ((out - y) ** 2).sum(-1).mean()
 
 
 @pytest.mark.parametrize("criterion", ["mse", "expected-qmse", "ce", "huber", "lambda"])
-def test_hvp_matches_the_dense_hessian(criterion):
+def test_hvp_matches_thedense_hessian(criterion):
     model = _mlp()
     x, y = _data()
     if criterion == "ce":
@@ -72,17 +56,17 @@ def test_hvp_matches_the_dense_hessian(criterion):
     }
     crit = crit.get(criterion, criterion)
     reference = crit if callable(crit) else (lambda out, t: get_loss(criterion)(out, t))
-    H = _dense_hessian(model, reference, x, y)
+    H = dense_hessian(model, reference, x, y)
     op = curvature.hessian_operator(model, crit, (x, y))
     assert op.shape == H.shape
     v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3), dtype=DT)
     torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
 
 
-def test_the_operator_multiplies_vectors_and_columns_like_the_dense_hessian():
+def test_the_operator_multiplies_vectors_and_columns_like_thedense_hessian():
     model = _mlp()
     x, y = _data()
-    H = _dense_hessian(model, _half_sq, x, y)
+    H = dense_hessian(model, _half_sq, x, y)
     P = sum(p.numel() for p in model.parameters())
     op = curvature.hessian_operator(model, "mse", (x, y))
     assert op.shape == (P, P) and op.dtype == DT and op.device == torch.device("cpu")
@@ -103,7 +87,7 @@ def test_scipy_eigsh_on_the_operator_gives_the_dense_top_eigenvalue():
     model = _conv_net()
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(5, 1, 3, 3, generator=g, dtype=DT), torch.randn(5, 3, generator=g, dtype=DT)
-    H = _dense_hessian(model, _half_sq, x, y)
+    H = dense_hessian(model, _half_sq, x, y)
     exact = torch.linalg.eigvalsh(H)
     linop = curvature.hessian_operator(model, "mse", (x, y)).to_scipy()
     assert linop.shape == tuple(H.shape) and linop.dtype == np.float64
@@ -147,7 +131,7 @@ def test_user_conv_model_and_huber_loss_eigenvalues():
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(5, 1, 3, 3, generator=g, dtype=DT), torch.randn(5, 3, generator=g, dtype=DT)
     crit = nn.HuberLoss(delta=0.3)
-    H = _dense_hessian(model, crit, x, y)
+    H = dense_hessian(model, crit, x, y)
     exact = torch.linalg.eigvalsh(H)
     op = curvature.hessian_operator(model, crit, (x, y))
     top, bottom = curvature.hessian_eigs(op, k=3, steps=op.shape[0])
@@ -196,7 +180,7 @@ def test_hvp_over_batches_is_the_sample_weighted_mean():
 def test_lanczos_full_run_gives_the_hessian_spectrum():
     model = _mlp()
     x, y = _data()
-    exact = torch.linalg.eigvalsh(_dense_hessian(model, _half_sq, x, y))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, _half_sq, x, y))
     op = curvature.hessian_operator(model, "mse", (x, y))
     P = op.shape[0]
     top, bottom = curvature.hessian_eigs(op, P, k=3, steps=P, dtype=DT)  # dim given: checked
@@ -236,7 +220,7 @@ def test_lanczos_stops_when_the_krylov_space_closes():
 def test_hutchinson_within_its_standard_error_and_seeded():
     model = _mlp()
     x, y = _data()
-    exact = torch.trace(_dense_hessian(model, _half_sq, x, y)).item()
+    exact = torch.trace(dense_hessian(model, _half_sq, x, y)).item()
     op = curvature.hessian_operator(model, "mse", (x, y))
     est, se = curvature.hutchinson_trace(op, samples=200, seed=4)
     assert se > 0 and abs(est - exact) < 3 * se
@@ -246,7 +230,7 @@ def test_hutchinson_within_its_standard_error_and_seeded():
 def test_spectral_density_matches_the_exact_spectrum():
     model = _mlp()
     x, y = _data()
-    exact = torch.linalg.eigvalsh(_dense_hessian(model, _half_sq, x, y))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, _half_sq, x, y))
     op = curvature.hessian_operator(model, "mse", (x, y))
     P = op.shape[0]
     runs = curvature.spectral_density(op, steps=P, vectors=4)
@@ -298,3 +282,16 @@ def test_a_criterion_that_does_not_reduce_is_named():
     x, y = torch.randn(5, 3), torch.randn(5, 2)
     with pytest.raises(ValueError, match=r"MSELoss\(\) returned \(5, 2\), not a scalar"):
         curvature.hessian_operator(model, torch.nn.MSELoss(reduction="none"), (x, y))
+
+
+def test_the_operator_matches_the_dense_hessian_on_every_shared_case(case):
+    crit = case.criterion
+    reference = crit if callable(crit) else (lambda out, t: get_loss(crit)(out, t))
+    H = dense_hessian(case.model, reference, case.x, case.y)
+    op = curvature.hessian_operator(case.model, crit, (case.x, case.y))
+    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(5), dtype=DT)
+    torch.testing.assert_close(op @ V, H @ V, rtol=1e-9, atol=1e-10)
+    top, bottom = curvature.hessian_eigs(op, k=1, steps=op.shape[0], dtype=DT)
+    eig = torch.linalg.eigvalsh(H)
+    torch.testing.assert_close(top[0], eig[-1], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(bottom[0], eig[0], rtol=1e-7, atol=1e-9)
