@@ -4,14 +4,14 @@ An epoch here is `--samples` random images of MNIST or CIFAR shape, batch 128, t
 steps only (no evaluation). Styles:
   naive            DataLoader(shuffle=True) on CPU tensors, each batch copied to the device,
                    loss read with .item() every step (the usual tutorial loop)
-  resident         qmse.train's loop: data on the device in `memory_format(device)`, index
-                   slices of a seeded permutation, metrics accumulated on the device and read
-                   once per epoch (MSE, then QMSE)
+  resident         qmse.train's loop with one model (train_run): data on the device in
+                   `memory_format(device)`, index slices of a seeded permutation, metrics
+                   accumulated on the device and read once per epoch (MSE, then QMSE)
   resident NCHW / resident channels_last
                    the resident MSE loop in the other memory layout (an option measured)
-  resident compile the resident MSE loop with the model under torch.compile
+  resident compile the resident MSE loop with its forward under torch.compile
   resident tf32    (CUDA only) with TF32 matmuls and convolutions allowed
-  vmap M, loop M   qmse.stacked.train_many's loop, M MSE models stacked and trained at once, with
+  vmap M, loop M   the same loop with M MSE models stacked and trained at once (train_many),
                    batching="vmap" (one batched model) and "loop" (models one after another)
 Each style runs one warm-up epoch, then `--repeats` timed epochs, round-robin over the
 styles; the median is reported, with the naive loop's time divided by each and the resident
@@ -29,12 +29,11 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from torch.func import stack_module_state
 
 from benchmarks.loss_overhead import SHAPES, sync
 from qmse.loss import compute_loss
 from qmse.rundir import Data, TrainConfig, build_model, run_generators
-from qmse.stacked import _train_epoch_many, stacked_forwards
+from qmse.stacked import stack_parameters, stacked_forwards
 from qmse.train import _train_epoch, memory_format
 
 
@@ -77,17 +76,20 @@ def measure(
     other = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
     other_name = "NCHW" if other == torch.contiguous_format else "channels_last"
 
-    def resident(loss: str, fmt: torch.memory_format, wrap: Callable = lambda m: m) -> Callable:
+    def stacked(
+        loss: str, fmt: torch.memory_format, M: int, batching: str, wrap: Callable = lambda f: f
+    ) -> Callable:
         x = x_cpu.to(device).contiguous(memory_format=fmt)
         data = Data(x, y_cpu.to(device), x[:1], y_cpu[:1].to(device), classes)
-        model = build_model(args, 0).to(device, memory_format=fmt)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        cfg, gens, net = (
-            TrainConfig(dataset="random", loss=loss),
-            run_generators(0),
-            wrap(model),
-        )
-        return lambda: _train_epoch(net, opt, data, cfg, *gens, _NoBar())
+        params = stack_parameters([build_model(args, s).to(device) for s in range(M)], fmt)
+        bufs = {k: torch.zeros_like(p) for k, p in params.items()}
+        cfgs = [TrainConfig(dataset="random", loss=loss, seed=s) for s in range(M)]
+        forward = wrap(stacked_forwards(args, batching)[0])
+        gens = [run_generators(s) for s in range(M)]
+        return partial(_train_epoch, forward, params, bufs, cfgs, data, gens, _NoBar())
+
+    def resident(loss: str, fmt: torch.memory_format, wrap: Callable = lambda f: f) -> Callable:
+        return stacked(loss, fmt, 1, "loop", wrap)
 
     model = build_model(args, 0).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -122,18 +124,9 @@ def measure(
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
         epochs["resident tf32"] = tf32
-    data = Data(*(t.to(device) for t in (x_cpu, y_cpu, x_cpu[:1], y_cpu[:1])), classes)
-    data = data._replace(x_train=data.x_train.contiguous(memory_format=layout))
     for M in models:
-        cfgs = [TrainConfig(dataset="random", loss="mse", seed=s) for s in range(M)]
-        gens = [run_generators(s) for s in range(M)]
         for batching in ("vmap", "loop"):
-            params, _ = stack_module_state([build_model(args, s).to(device) for s in range(M)])
-            bufs = {k: torch.zeros_like(p) for k, p in params.items()}
-            forward, _ = stacked_forwards(args, batching)
-            epochs[f"{batching} M={M}"] = partial(
-                _train_epoch_many, forward, params, bufs, cfgs, data, gens, _NoBar()
-            )
+            epochs[f"{batching} M={M}"] = stacked("mse", layout, M, batching)
     times = _interleaved(epochs, repeats, device)
     return {k: v / int(k.split("=")[1]) if "=" in k else v for k, v in times.items()}
 

@@ -19,7 +19,7 @@ from qmse import distributed, runs, sweep
 from qmse.cli import main
 from qmse.reproduce import grid_configs
 from qmse.rundir import TrainConfig, run_name
-from qmse.train import METRIC_KEYS, train_run
+from qmse.train import METRIC_KEYS, train_run, train_task
 
 GRID = ["--dataset", "mnist", "--seeds", "2", "--epochs", "2", "--lr", "0.05"]
 GRID += ["--batch-size", "16", "--device", "cpu", "--quiet"]  # 8 runs
@@ -27,7 +27,7 @@ GRID += ["--allow-unverified-data"]  # the fixture's files are not the published
 
 
 def grid_tasks(out: Path, data_dir: Path) -> list[dict]:
-    """GRID's runs as sweep.train_task tasks, one run each."""
+    """GRID's runs as train_task tasks, one run each."""
     configs = grid_configs(
         "mnist",
         seeds=2,
@@ -69,10 +69,14 @@ def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
         sweep.run_tasks(abs, [1], backend="ray")
 
 
-def test_outside_a_process_group_data_parallel_is_the_model_itself():
-    model = torch.nn.Linear(2, 3)
+def test_outside_a_process_group_data_parallel_is_the_forward_itself():
+    def forward(params, x):
+        return x
+
+    grads = [torch.ones(2), torch.zeros(3, 1)]
     assert distributed.world() == (0, 1)
-    assert distributed.data_parallel(model) is model
+    assert distributed.data_parallel(forward, dim=1) is forward
+    assert all(s is g for s, g in zip(distributed.sum_over_ranks(grads), grads, strict=True))
     assert distributed.init_distributed("cpu") == torch.device("cpu")  # no WORLD_SIZE: nothing
 
 
@@ -131,7 +135,7 @@ def test_a_group_task_trains_its_runs_together(local_grid, data_dir, tmp_path):
         "configs": [t["configs"][0] for t in tasks],
         "out_dirs": [t["out_dirs"][0] for t in tasks],
     }
-    assert sweep.train_task({**group, "device": "cpu"}) == [
+    assert train_task({**group, "device": "cpu"}) == [
         {"out_dir": d, "epochs": 2, "diverged": False} for d in group["out_dirs"]
     ]
     for name, rows in metrics(tmp_path).items():
@@ -170,7 +174,7 @@ def test_ray_escape_benchmark_gives_the_local_files(ray_cluster, tmp_path):
 
 
 def trapped_train_task(task: dict) -> dict:
-    """sweep.train_task, except that the first attempt at a task with a "trap" path writes
+    """train_task, except that the first attempt at a task with a "trap" path writes
     its pid there after saving its epoch-1 checkpoint (before metrics.jsonl) and waits to be
     killed. A retry finds the trap file and runs normally: it must resume from epoch 1."""
     trap = Path(task.pop("trap", os.devnull))
@@ -183,7 +187,7 @@ def trapped_train_task(task: dict) -> dict:
             time.sleep(600)
 
         runs.save_torch = save_then_wait  # this worker process is about to die with it
-    return sweep.train_task(task)
+    return train_task(task)
 
 
 def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_dir, tmp_path):
@@ -214,7 +218,7 @@ def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_d
     assert len(runs.load_json(run / "config.json")["resumed"]) == 1  # resumed, not restarted
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
-    again = sweep.run_tasks(sweep.train_task, grid_tasks(out, data_dir), backend="ray", quiet=True)
+    again = sweep.run_tasks(train_task, grid_tasks(out, data_dir), backend="ray", quiet=True)
     assert [r["epochs"] for [r] in again] == [2] * 8
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished runs: not retrained
 

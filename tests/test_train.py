@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from conftest import TESTS, tiny_config
 from conftest import tiny_images as tiny_dataset
+from torch.func import stack_module_state
 
-from qmse import runs
+from qmse import runs, train
 from qmse.loss import compute_loss, qmse_loss, sample_directions
 from qmse.rundir import (
     NonFiniteLossError,
@@ -27,12 +28,16 @@ from qmse.rundir import (
     load_run,
     normalize,
     prepare_data,
+    run_generators,
     run_key,
+    save_epoch,
     subseed,
 )
 from qmse.runs import DirectoryBusyError
-from qmse.stacked import train_many
-from qmse.train import METRIC_KEYS, evaluate, train_run
+from qmse.stacked import stacked_forwards
+from qmse.train import METRIC_KEYS, evaluate, train_many, train_run
+
+TINY_MODEL = {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": [2, 4], "hidden": 8}
 
 
 def test_subseed_is_deterministic_and_separates_streams():
@@ -91,14 +96,15 @@ def test_build_model_is_seeded_and_float32_whatever_the_default_dtype():
 
 @pytest.mark.parametrize("loss", ["mse", "qmse", "expected-qmse", "ce", "label-noise"])
 def test_evaluate_matches_per_sample_reference(loss):
-    ds = tiny_dataset()
-    d = prepare_data(ds)
-    model = build_model(
-        {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": [2, 4], "hidden": 8}, 0
-    )
+    """Two stacked models, `loss` and MSE, each against its own per-sample reference."""
+    d = prepare_data(tiny_dataset())
+    models = [build_model(TINY_MODEL, seed) for seed in (0, 1)]
     params = {"sigma": 0.3} if loss == "label-noise" else {}
-    got = evaluate(model, d.x_test, d.y_test, loss, **params)
-    out = model(d.x_test).detach().double()  # (M, C)
+    cfgs = [tiny_config(loss=loss, loss_params=params), tiny_config(loss="mse")]
+    stacked, _ = stack_module_state(models)
+    _, forward = stacked_forwards(TINY_MODEL, "loop")
+    got, got_mse = evaluate(forward, stacked, d.x_test, d.y_test, cfgs)
+    out = models[0](d.x_test).detach().double()  # (N, C)
     onehot = F.one_hot(d.y_test, 3).double()
     r2 = ((onehot - out) ** 2).sum(-1)
     assert math.isclose(got["acc"], (out.argmax(-1) == d.y_test).double().mean().item())
@@ -120,6 +126,10 @@ def test_evaluate_matches_per_sample_reference(loss):
     else:
         target = d.y_test if loss == "ce" else onehot
         assert math.isclose(got["loss"], compute_loss(loss, out, target).item(), rel_tol=1e-5)
+    other = models[1](d.x_test).detach().double()
+    r2 = ((onehot - other) ** 2).sum(-1)
+    assert math.isclose(got_mse["acc"], (other.argmax(-1) == d.y_test).double().mean().item())
+    assert math.isclose(got_mse["loss"], 0.5 * r2.mean().item(), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["mse", "qmse", "ce", "label-noise"])
@@ -166,8 +176,54 @@ def test_first_epoch_matches_a_hand_written_loop(tmp_path, loss):
     assert row["running_train_acc"] == correct / 96
     assert math.isclose(row["grad_norm"], sum(norms) / len(norms), rel_tol=1e-5)
     assert math.isclose(row["running_train_loss"], loss_sum / 96, rel_tol=1e-5)
-    assert row["train_acc"] == evaluate(ref, d.x_train, d.y_train, loss, **params)["acc"]
+    assert row["train_acc"] == (ref(d.x_train).argmax(-1) == d.y_train).double().mean().item()
     assert runs.read_jsonl(tmp_path / "metrics.jsonl") == rows
+
+
+def qmse_epoch_by_hand(model, opt, d, batch_size, order_gen, direction_gen) -> None:
+    """One QMSE epoch with torch.optim.SGD: the run's permutation and directions drawn from
+    its generators, the loss ½⟨r + v, r⟩² with r + v held constant, written out."""
+    n = d.x_train.size(0)
+    perm = torch.randperm(n, generator=order_gen)
+    v = F.normalize(torch.randn(n, 3, generator=direction_gen), dim=-1)
+    for s in range(0, n, batch_size):
+        idx = perm[s : s + batch_size]
+        r = F.one_hot(d.y_train[idx], 3).float() - model(d.x_train[idx])
+        loss = 0.5 * (((r + v[s : s + batch_size]).detach() * r).sum(-1) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_qmse_with_momentum_matches_torch_sgd_and_continues_its_checkpoint(tmp_path):
+    """Two epochs of QMSE at momentum 0.9 against torch.optim.SGD by hand; the second
+    continues from a checkpoint.pt holding the reference's own state_dicts (channels_last
+    weights, SGD's momentum buffers: what train_run wrote before its engine was stacked),
+    and the checkpoint it writes loads back into torch.optim.SGD."""
+    ds, cfg = tiny_dataset(), tiny_config(loss="qmse", momentum=0.9, epochs=1)
+    d = prepare_data(ds)
+    ref = build_model(TINY_MODEL, cfg.seed).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    gens = run_generators(cfg.seed)
+
+    def assert_matches(ckpt: dict) -> None:
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(ckpt["model"][name], p, rtol=1e-5, atol=1e-6)
+        back = torch.optim.SGD(build_model(TINY_MODEL, 0).parameters(), lr=0.5)
+        back.load_state_dict(ckpt["optimizer"])  # SGD's own format
+        assert back.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+        for i, p in enumerate(ref.parameters()):
+            got = back.state_dict()["state"][i]["momentum_buffer"]
+            torch.testing.assert_close(got, opt.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+    rows = train_run(cfg, tmp_path, dataset=ds, quiet=True)
+    qmse_epoch_by_hand(ref, opt, d, cfg.batch_size, *gens)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert_matches(ckpt)
+    save_epoch(tmp_path, ref.state_dict(), opt.state_dict(), gens, rows, ckpt["timings"])
+    train_run(dataclasses.replace(cfg, epochs=2), tmp_path, dataset=ds, quiet=True)
+    qmse_epoch_by_hand(ref, opt, d, cfg.batch_size, *gens)
+    assert_matches(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
 
 
 # Metrics of train_run(tiny_config(loss="qmse", epochs=2), dataset=tiny_images()) recorded
@@ -212,7 +268,7 @@ def test_run_directory_contract(tmp_path):
     model, _ = load_run(tmp_path)
     assert not model.training
     d = prepare_data(ds)
-    assert evaluate(model, d.x_test, d.y_test, "qmse")["acc"] == rows[-1]["test_acc"]
+    assert (model(d.x_test).argmax(-1) == d.y_test).double().mean().item() == rows[-1]["test_acc"]
 
 
 def test_an_existing_run_continues_with_the_same_settings_and_data_only(tmp_path, capsys):
@@ -420,5 +476,17 @@ def test_resample_null_never_fires_with_an_output_bias(tmp_path):
     )
     assert [r.pop("resampled_v") for r in checked] == [0]
     assert (checked) == (plain)
-    with pytest.raises(ValueError, match="resample_null"):
-        train_many([tiny_config(resample_null=True)], [tmp_path / "many"], dataset=data)
+    with pytest.raises(ValueError, match="resample_null takes one run"):
+        train_many([tiny_config(resample_null=True), tiny_config(seed=1)],
+                   [tmp_path / "m0", tmp_path / "m1"], dataset=data)  # fmt: skip
+
+
+def test_torchrun_takes_one_run_and_no_resample_null(tmp_path, monkeypatch):
+    """Under a process group of two ranks (faked: the check comes before any collective)."""
+    monkeypatch.setattr(train, "world", lambda: (0, 2))
+    data, dirs = tiny_dataset(), [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(ValueError, match="one run at a time, got 2: call train_run per run"):
+        train_many([tiny_config(seed=0), tiny_config(seed=1)], dirs, dataset=data)
+    with pytest.raises(ValueError, match="resample_null is not supported under torchrun"):
+        train_run(tiny_config(resample_null=True), dirs[0], dataset=data)
+    assert not dirs[0].exists() and not dirs[1].exists()

@@ -8,10 +8,9 @@ import pytest
 from conftest import tiny_config, tiny_images
 
 from qmse.cli import main
-from qmse.stacked import train_many
 from qmse.sweep import MissingExtraError
 from qmse.tblog import summary_writer_class, tensorboard_logger
-from qmse.train import EVAL_KEYS, METRIC_KEYS, RUNNING_KEYS, train_run
+from qmse.train import EVAL_KEYS, METRIC_KEYS, RUNNING_KEYS, train_many, train_run
 
 
 def test_evaluating_every_few_epochs_gives_the_same_numbers(tmp_path):

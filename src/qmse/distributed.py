@@ -3,23 +3,27 @@
 Under `torchrun --nproc-per-node N` every rank holds the whole data set and the same
 generators, so every rank draws the same epoch permutation and the same QMSE directions v
 (one per sample, in step order): v is a function of (seed, epoch, position in the epoch),
-never of the rank. `data_parallel` wraps the model so that each rank runs the forward and
-backward pass on its 1/N share of every batch (DistributedDataParallel averages the
-gradients) and every rank sees the whole batch's output. The loss, the metrics and the update
-are then those of one process, up to the order of floating-point sums, whatever N is.
+never of the rank. `data_parallel` wraps the trainer's forward (a function of the stacked
+parameters, `qmse.stacked`) so that each rank runs the forward and backward pass on its 1/N
+share of every batch and every rank sees the whole batch's output; `sum_over_ranks` adds
+the ranks' gradients. The loss, the metrics and the update are then those of one process,
+up to the order of floating-point sums, whatever N is.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from qmse.errors import UserError
+
+Forward = Callable[[Any, Tensor], Tensor]  # (params, x) -> (M, B, C): M models' outputs
 
 
 def world() -> tuple[int, int]:
@@ -55,18 +59,48 @@ def init_distributed(device: torch.device | str) -> torch.device:
     return device
 
 
-def data_parallel(model: nn.Module) -> nn.Module:
-    """`model` itself outside a process group of several ranks, else a ShardedForward
-    around it (same parameters: optimise and checkpoint `model` as usual)."""
-    return ShardedForward(model) if world()[1] > 1 else model
+def data_parallel(forward: Forward, dim: int = 0) -> Forward:
+    """`forward` itself outside a process group of several ranks, else `forward` sharded over
+    the ranks: same arguments (params, x), x holding B rows along `dim`, same (M, B, C) output.
+
+    Rank r runs `forward` on rows [r·per, (r+1)·per) of x along `dim`, per = ⌈B/N⌉,
+    zero-padded to `per` rows when the batch runs short, and every rank gets the whole
+    output. A gradient through it reaches the parameters from the rank's own rows only: sum
+    the ranks' gradients with `sum_over_ranks` to get one process's gradient.
+    """
+    if world()[1] == 1:
+        return forward
+
+    def sharded(params: Any, x: Tensor) -> Tensor:
+        rank, size = world()
+        b = x.size(dim)
+        per = -(-b // size)
+        local = x[(slice(None),) * dim + (slice(rank * per, (rank + 1) * per),)]  # ≤ per rows
+        if local.size(dim) < per:
+            shape = list(x.shape)
+            shape[dim] = per - local.size(dim)
+            local = torch.cat([local, local.new_zeros(shape)], dim)  # per rows
+        return _GatherRows.apply(forward(params, local))[:, :b]  # (M, b, C)
+
+    return sharded
+
+
+def sum_over_ranks(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors summed over the ranks, on every rank (one all_reduce of them all); the
+    tensors themselves outside a process group of several ranks."""
+    if world()[1] == 1:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 class _GatherRows(torch.autograd.Function):
-    """(per, C) on each rank → (world·per, C), rank-major, on every rank.
+    """(M, per, C) on each rank → (M, world·per, C), rank-major along dim 1, on every rank.
 
     Backward: every rank computes the same loss from the same gathered output, so each holds
-    the whole gradient; a rank keeps its own rows, times the world size because
-    DistributedDataParallel averages (not sums) the ranks' parameter gradients.
+    the whole output gradient; a rank keeps its own rows (`sum_over_ranks` adds the ranks'
+    parameter gradients).
     """
 
     @staticmethod
@@ -74,36 +108,10 @@ class _GatherRows(torch.autograd.Function):
         rank, size = world()
         parts = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(parts, local.contiguous())
-        ctx.rows, ctx.rank, ctx.size = local.size(0), rank, size
-        return torch.cat(parts)
+        ctx.rows, ctx.rank = local.size(1), rank
+        return torch.cat(parts, 1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows] * ctx.size
-
-
-class ShardedForward(nn.Module):
-    """Data-parallel forward of a whole batch: rank r runs `module` (wrapped in
-    DistributedDataParallel) on rows [r·per, (r+1)·per) of the batch, per = ⌈B/N⌉, zero-padded
-    to `per` rows when the batch runs short, and every rank gets the whole (B, C) output.
-
-    The caller's loss over the whole batch then has the gradient of one process; the only
-    difference is the order of floating-point sums.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        device = next(module.parameters()).device
-        ids = [device.index] if device.type == "cuda" else None
-        self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-    def forward(self, x: Tensor) -> Tensor:
-        rank, size = world()
-        b = x.size(0)
-        per = -(-b // size)
-        local = x[rank * per : (rank + 1) * per]  # (≤ per, ...)
-        if local.size(0) < per:
-            pad = local.new_zeros((per - local.size(0), *x.shape[1:]))
-            local = torch.cat([local, pad])  # (per, ...)
-        return _GatherRows.apply(self.ddp(local))[:b]  # (b, C)
+        return grad[:, start : start + ctx.rows]

@@ -40,18 +40,16 @@ from qmse.errors import UserError
 from qmse.loss import get_loss
 from qmse.report import load_results, write_outputs
 from qmse.rundir import (
-    NonFiniteLossError,
     TrainConfig,
     differing_keys,
     load_dataset,
     resolve_device,
     run_name,
 )
-from qmse.stacked import train_many
 from qmse.stepsize import SWEEP_DIR, Tuning, replay_sweeps, sweep_name
-from qmse.sweep import run_tasks, train_task
+from qmse.sweep import run_tasks
 from qmse.tblog import summary_writer_class, tensorboard_logger
-from qmse.train import PAPER_LR, train_run
+from qmse.train import PAPER_LR, train_many, train_task
 
 PAPER_LOSSES = ("mse", "qmse")  # the paper's comparison
 ABLATION = ("expected-qmse", "ce")
@@ -396,16 +394,11 @@ def _train(
                 )
                 for d in group_dirs
             ]
-            try:
-                if len(group) == 1:
-                    rows = [train_run(group_cfgs[0], group_dirs[0], on_epoch=hooks[0], **kw)]
-                else:
-                    rows = train_many(group_cfgs, group_dirs, on_epoch=hooks, **kw)
-            except NonFiniteLossError as e:
-                bar.write(f"diverged: {e}")
-                rows = [[] for _ in group]
+            rows = train_many(group_cfgs, group_dirs, on_epoch=hooks, **kw)
         for d, r in zip(group_dirs, rows):
-            if not trainer.quiet and r:
+            if (d / "diverged.json").exists():  # in this call: _groups left out the others
+                bar.write(f"diverged: {runs.load_json(d / 'diverged.json')['message']}")
+            elif not trainer.quiet and r:
                 bar.write(
                     f"{what} {d.name}: epoch {r[-1]['epoch']} train ½‖r‖² "
                     f"{r[-1]['train_mse']:.5g} train acc {r[-1]['train_acc']:.4f} test acc "

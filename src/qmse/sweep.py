@@ -1,28 +1,24 @@
 """Sweeps on existing engines: a grid's independent tasks in this process or as Ray tasks.
 
-A grid (the paper's runs; the escape benchmark's cells) is a list of independent tasks, each
-writing its own output directory, resuming from its checkpoint and returning at once when it
-is finished. `run_tasks` runs such tasks in this process (`backend="local"`, no dependency)
-or as Ray tasks (`backend="ray"`, `pip install qmse[ray]`), one task per run, each asking for
-`num_cpus`/`num_gpus`. A task whose worker dies is retried by Ray and resumes from its last
-checkpoint, so both backends leave the same files. One run over several processes
-(torchrun) is `qmse.distributed`'s.
+A grid (the paper's runs, each task a `qmse.train.train_task`; the escape benchmark's
+cells) is a list of independent tasks, each writing its own output directory, resuming from
+its checkpoint and returning at once when it is finished. `run_tasks` runs such tasks in
+this process (`backend="local"`, no dependency) or as Ray tasks (`backend="ray"`,
+`pip install qmse[ray]`), one task per run, each asking for `num_cpus`/`num_gpus`. A task
+whose worker dies is retried by Ray and resumes from its last checkpoint, so both backends
+leave the same files. One run over several processes (torchrun) is `qmse.distributed`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from qmse import runs
 from qmse.errors import QmseError, UserError
-from qmse.rundir import NonFiniteLossError, TrainConfig, load_dataset, resolve_device
-from qmse.stacked import train_many
-from qmse.train import train_run
 
 BACKENDS = ("local", "ray")
 
@@ -120,41 +116,3 @@ def import_ray() -> Any:
             "or use the local backend"
         ) from e
     return ray
-
-
-def train_task(task: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Runs of a training grid, the unit of a sweep: {"configs": [TrainConfig fields, ...],
-    "out_dirs": [run directory, ...], "device": "auto" | "cpu" | "cuda" ...}.
-
-    One config is trained by `train_run`, several together by `train_many` (vectorised);
-    unfinished runs continue, finished ones return at once. The data set is read from the
-    configs' data_dir on the worker's own machine, once per task. Returns, per run, its
-    directory, the epochs it holds and whether its loss became non-finite (diverged runs do
-    not raise).
-    """
-    cfgs = [TrainConfig.from_dict(c) for c in task["configs"]]
-    dirs = [str(d) for d in task["out_dirs"]]
-    if not cfgs or len(cfgs) != len(dirs):
-        raise UserError(
-            f"task has {len(cfgs)} configs and {len(dirs)} out_dirs; expected n ≥ 1 each"
-        )
-    kw = {
-        "dataset": load_dataset(cfgs[0]),
-        "device": resolve_device(str(task.get("device", "auto"))),
-        "quiet": True,
-    }
-    try:
-        if len(cfgs) == 1:
-            train_run(cfgs[0], dirs[0], **kw)
-        else:
-            train_many(cfgs, dirs, **kw)
-    except NonFiniteLossError:
-        pass  # recorded in the run's diverged.json
-    return [
-        {
-            "out_dir": d,
-            "epochs": len(runs.read_jsonl(Path(d) / "metrics.jsonl")),
-            "diverged": (Path(d) / "diverged.json").exists(),
-        }
-        for d in dirs
-    ]
