@@ -28,9 +28,8 @@ from qmse.escape.engine import job_gradient, teacher_outputs
 from qmse.loss import LOSSES, get_loss, qmse_loss, sample_directions
 from qmse.reproduce import run_grid
 from qmse.rundir import load_run, prepare_data, run_name
-from qmse.stacked import train_many
 from qmse.teacher_student import init_weights, make_problem, sample_inputs
-from qmse.train import METRIC_KEYS, train_run
+from qmse.train import METRIC_KEYS, train_many, train_run
 
 CUDA = torch.device("cuda")
 ROOT = Path(__file__).resolve().parent.parent

@@ -46,6 +46,20 @@ def test_null_space_mask_matches_brute_force():
     assert nullspace.null_space_mask(model, x, v, tol).tolist() == (norms <= tol).tolist()
 
 
+def test_params_take_the_place_of_the_models_weights():
+    """The mask of one model's module with another's weights passed as params is the other
+    model's, by brute force; the module's own weights are untouched."""
+    model, other = _mlp(0), _mlp(5)
+    x = _inputs()
+    v = torch.nn.functional.normalize(torch.randn(8, 2, dtype=DT), dim=1)
+    norms = torch.einsum("ncp,nc->np", per_sample_jacobians(other, x), v).norm(dim=1)
+    own = torch.einsum("ncp,nc->np", per_sample_jacobians(model, x), v).norm(dim=1)
+    tol = norms.median().item()
+    weights = {k: p.detach() for k, p in other.named_parameters()}
+    got = nullspace.null_space_mask(model, x, v, tol, params=weights)
+    assert got.tolist() == (norms <= tol).tolist() != (own <= tol).tolist()
+
+
 def test_resample_null_v_redraws_only_null_directions():
     model = Tied()
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(8), dtype=DT)

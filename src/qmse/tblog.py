@@ -1,7 +1,7 @@
 """Training metrics to TensorBoard, for the tools people already use (optional extra).
 
 `tensorboard_logger(log_dir)` gives the `on_epoch` hook of `qmse.train.train_run` and
-`qmse.stacked.train_many`: every metric of a new metrics.jsonl row becomes a scalar at its
+`qmse.train.train_many`: every metric of a new metrics.jsonl row becomes a scalar at its
 epoch, under the same name. It needs `pip install 'qmse[tensorboard]'`; without it the
 error says so before anything is trained.
 """
