@@ -19,10 +19,11 @@ from scipy import stats
 
 from qmse import runs
 from qmse.cli import main
-from qmse.report import SWEEP_DIR, load_results, write_outputs, write_report
+from qmse.report import write_outputs, write_report
 from qmse.reproduce import grid_configs, loss_params_for, run_grid
+from qmse.results import load_results
 from qmse.rundir import run_name
-from qmse.stepsize import Tuning, yardstick
+from qmse.stepsize import SWEEP_DIR, Tuning, yardstick
 from qmse.train import train_run
 
 

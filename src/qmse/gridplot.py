@@ -1,7 +1,7 @@
 """The figures of a grid: accuracy per epoch in the paper's layout, and train ½‖r‖² per
-epoch on a log scale, the quantity the paper's claim is about. Each draws `qmse.report`
-results (one dict per run: config, metric rows, complete) with the object API of
-matplotlib and saves through `qmse.runs.save_figure`.
+epoch on a log scale, the quantity the paper's claim is about. Each draws
+`qmse.results.RunResult`s with the object API of matplotlib and saves through
+`qmse.runs.save_figure`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from qmse import runs
+from qmse.results import RunResult, curves, losses_of, lr_label
 from qmse.stepsize import yardstick
 from qmse.tuningplot import Sweep, plot_sweeps
 
@@ -36,44 +36,13 @@ def style(loss: str, losses: Sequence[str]) -> tuple[str, str]:
     return PALETTE[others.index(loss) % len(PALETTE)], loss
 
 
-def runs_of(results: list[dict], loss: str, momentum: float) -> list[dict]:
-    """The complete runs of a setting (loss, momentum)."""
-    return [
-        r
-        for r in results
-        if r["config"].loss == loss and r["config"].momentum == momentum and r["complete"]
-    ]
-
-
-def curves(results: list[dict], loss: str, momentum: float, key: str) -> tuple[np.ndarray, ...]:
-    """(epochs (E,), values (seeds, E)) of `key` over the epochs where it was measured, for
-    the complete runs of a setting; empty arrays without any."""
-    rows = [r["rows"] for r in runs_of(results, loss, momentum)]
-    if not rows:
-        return np.zeros(0), np.zeros((0, 0))
-    epochs = np.array([row["epoch"] for row in rows[0] if key in row])
-    return epochs, np.array([[row[key] for row in r if key in row] for r in rows])
-
-
-def losses_of(results: list[dict]) -> list[str]:
-    """The losses of `results`, the STYLE ones first in its order, then the others."""
-    seen = list(dict.fromkeys(r["config"].loss for r in results))
-    return [x for x in STYLE if x in seen] + [x for x in seen if x not in STYLE]
-
-
-def lr_label(results: list[dict], loss: str, momentum: float) -> str:
-    """'lr 0.01' (or 'lr 0.01/0.02' if a setting mixes them) of a setting's complete runs."""
-    lrs = sorted({r["config"].lr for r in runs_of(results, loss, momentum)})
-    return "lr " + "/".join(f"{x:g}" for x in lrs)
-
-
-def write_figure(results: list[dict], path: str | Path, title: str = "") -> Path:
+def write_figure(results: list[RunResult], path: str | Path, title: str = "") -> Path:
     """The paper's layout: one row per momentum (top 0, bottom 0.9), train (solid) and test
     (dashed) accuracy per evaluated epoch for each loss, mean over seeds with a min–max band;
     beside each panel a zoom on the last 20 % of epochs (shaded in the panel)."""
     path = Path(path)
     losses = losses_of(results)
-    momenta = sorted({r["config"].momentum for r in results})
+    momenta = sorted({r.config.momentum for r in results})
     fig = Figure(figsize=(11, 3.8 * len(momenta) + 0.8))
     axes = fig.subplots(len(momenta), 2, gridspec_kw={"width_ratios": [3, 1]}, squeeze=False)
     for (ax, zoom), momentum in zip(axes, momenta):
@@ -112,7 +81,7 @@ def write_figure(results: list[dict], path: str | Path, title: str = "") -> Path
     return path
 
 
-def write_mse_figure(sets: dict[str, list[dict]], path: str | Path) -> Path:
+def write_mse_figure(sets: dict[str, list[RunResult]], path: str | Path) -> Path:
     """Train ½‖r‖² per evaluated epoch on a log scale, the quantity the paper's claim is
     about: one panel per momentum (rows) and per set of runs (columns), one line per method
     (mean over seeds, min–max band). Losses not minimised at f = y (`qmse.stepsize.yardstick`:
@@ -121,7 +90,7 @@ def write_mse_figure(sets: dict[str, list[dict]], path: str | Path) -> Path:
     everything = [r for rs in sets.values() for r in rs]
     losses = [x for x in losses_of(everything) if yardstick(x) == "train_mse"]
     omitted = [x for x in losses_of(everything) if x not in losses]
-    momenta = sorted({r["config"].momentum for r in everything})
+    momenta = sorted({r.config.momentum for r in everything})
     fig = Figure(figsize=(5.5 * len(sets), 3.6 * len(momenta) + 0.6))
     axes = fig.subplots(len(momenta), len(sets), squeeze=False, sharey=True)
     for row, momentum in enumerate(momenta):
@@ -172,7 +141,7 @@ def _judged_on(loss: str) -> str:
     return "train ½‖r‖²" if yardstick(loss) == "train_mse" else "its train loss"
 
 
-def _setup_title(results: list[dict]) -> str:
-    cfg = results[0]["config"]
+def _setup_title(results: list[RunResult]) -> str:
+    cfg = results[0].config
     subset = f", first {cfg.train_subset} train images" if cfg.train_subset else ""
     return f"SimpleCNN on {cfg.dataset}{subset}, batch {cfg.batch_size}"

@@ -26,14 +26,12 @@ from qmse import runs
 from qmse.endstate import RESIDUAL_THRESHOLDS
 from qmse.errors import UserError
 from qmse.gridplot import (
-    losses_of,
-    lr_label,
-    runs_of,
     write_figure,
     write_mse_figure,
     write_sweep_figure,
 )
-from qmse.rundir import TrainConfig, run_name
+from qmse.results import RunResult, load_results, losses_of, lr_label, runs_of
+from qmse.rundir import TrainConfig
 from qmse.stats import mean_ci, mean_std
 from qmse.stepsize import SWEEP_DIR, Tuned, Tuning, replay_sweeps, yardstick
 
@@ -42,40 +40,6 @@ SHOWN_THRESHOLD = 0.1  # the ‖r_i‖ threshold of the report's fit column (RES
 
 
 # ---------------------------------------------------------------- reading a grid
-
-
-def load_results(
-    out_dir: str | Path, configs: Sequence[TrainConfig], names: Sequence[str] | None = None
-) -> list[dict]:
-    """One entry per config: its name (its folder in `out_dir`, default run_name), settings,
-    metric rows, seconds of its epochs (timings.jsonl), its diagnosis.json (None if absent),
-    whether it diverged, and whether it is complete (all its epochs without diverging; only
-    those enter figures and tables)."""
-    out = Path(out_dir)
-    names = [run_name(c) for c in configs] if names is None else list(names)
-    results = []
-    for cfg, name in zip(configs, names, strict=True):
-        run = out / name
-        rows = runs.read_jsonl(run / "metrics.jsonl")[: cfg.epochs]
-        timings = runs.read_jsonl(run / "timings.jsonl")[: cfg.epochs]
-        diverged = (run / "diverged.json").exists()
-        # a run extended past the grid's epochs may not have measured the grid's last one
-        complete = len(rows) >= cfg.epochs and not diverged and "train_mse" in rows[-1]
-        diagnosis = None
-        if complete and (run / "diagnosis.json").exists():
-            diagnosis = runs.load_json(run / "diagnosis.json")
-        results.append(
-            {
-                "name": name,
-                "config": cfg,
-                "rows": rows,
-                "wall_s": sum(t["wall_s"] for t in timings),
-                "diverged": diverged,
-                "complete": complete,
-                "diagnosis": diagnosis,
-            }
-        )
-    return results
 
 
 # ---------------------------------------------------------------- statistics
@@ -147,25 +111,23 @@ def _mean_std(values: Sequence[float], kind: str) -> str:
 # ---------------------------------------------------------------- report.md
 
 
-def _final(results: list[dict], loss: str, momentum: float) -> dict[int, dict]:
+def _final(results: list[RunResult], loss: str, momentum: float) -> dict[int, dict]:
     """seed -> last metric row, for the complete runs of a setting."""
-    return {r["config"].seed: r["rows"][-1] for r in runs_of(results, loss, momentum)}
+    return {r.config.seed: r.rows[-1] for r in runs_of(results, loss, momentum)}
 
 
-def _diagnoses(results: list[dict], loss: str, momentum: float) -> dict[int, dict]:
+def _diagnoses(results: list[RunResult], loss: str, momentum: float) -> dict[int, dict]:
     """seed -> diagnosis.json, for the complete and diagnosed runs of a setting."""
     return {
-        r["config"].seed: r["diagnosis"]
+        r.config.seed: r.diagnosis
         for r in runs_of(results, loss, momentum)
-        if r["diagnosis"] is not None
+        if r.diagnosis is not None
     }
 
 
-def _diverged(results: list[dict], momentum: float) -> Counter:
+def _diverged(results: list[RunResult], momentum: float) -> Counter:
     """loss -> number of diverged runs at `momentum`."""
-    return Counter(
-        r["config"].loss for r in results if r["diverged"] and r["config"].momentum == momentum
-    )
+    return Counter(r.config.loss for r in results if r.diverged and r.config.momentum == momentum)
 
 
 def _cases(diagnoses: dict[int, dict]) -> str:
@@ -174,8 +136,8 @@ def _cases(diagnoses: dict[int, dict]) -> str:
     return ", ".join(f"{case} ×{n}" for case, n in sorted(counts.items()))
 
 
-def _final_table(results: list[dict]) -> list[str]:
-    losses, momenta = losses_of(results), sorted({r["config"].momentum for r in results})
+def _final_table(results: list[RunResult]) -> list[str]:
+    losses, momenta = losses_of(results), sorted({r.config.momentum for r in results})
     lines = [
         "| momentum | loss | lr (loss parameters) | seeds | train acc | test acc | train ½‖r‖² |",
         "|---|---|---|---|---|---|---|",
@@ -186,7 +148,7 @@ def _final_table(results: list[dict]) -> list[str]:
             lr = lr_label(results, loss, momentum).removeprefix("lr ")
             params = {
                 f"{k} {v:g}" for r in runs_of(results, loss, momentum)
-                for k, v in r["config"].loss_params.items()
+                for k, v in r.config.loss_params.items()
             }  # fmt: skip
             lr += f" ({', '.join(sorted(params))})" if params else ""
             lost = _diverged(results, momentum)[loss]
@@ -202,8 +164,8 @@ def _final_table(results: list[dict]) -> list[str]:
     return lines
 
 
-def _diagnosis_table(results: list[dict]) -> list[str]:
-    losses, momenta = losses_of(results), sorted({r["config"].momentum for r in results})
+def _diagnosis_table(results: list[RunResult]) -> list[str]:
+    losses, momenta = losses_of(results), sorted({r.config.momentum for r in results})
     lines = [
         f"| momentum | loss | runs | stopping case | ‖∇ ½‖r‖²‖ (full set) | λ_max | λ_min | "
         f"‖r_i‖ < {SHOWN_THRESHOLD:g} (full set, %) |",
@@ -227,9 +189,9 @@ def _diagnosis_table(results: list[dict]) -> list[str]:
     return lines
 
 
-def _paired(results: list[dict], title: str) -> tuple[list[str], list[str]]:
+def _paired(results: list[RunResult], title: str) -> tuple[list[str], list[str]]:
     """The paired table against MSE and the verdict lines of one set of runs."""
-    losses, momenta = losses_of(results), sorted({r["config"].momentum for r in results})
+    losses, momenta = losses_of(results), sorted({r.config.momentum for r in results})
     lines = [
         "| momentum | loss − MSE | pairs | Δ train ½‖r‖² [95 % CI] | Δ train acc [95 % CI] | "
         "Δ test acc [95 % CI] |",
@@ -325,7 +287,7 @@ def _sweep_lines(sweeps: list[tuple[TrainConfig, Tuned]], tuning: Tuning) -> lis
 
 
 def write_report(
-    results: list[dict],
+    results: list[RunResult],
     path: str | Path,
     *,
     sets: Sequence[tuple[str, Sequence[str]]] = (),
@@ -340,12 +302,12 @@ def write_report(
     differences with 95 % intervals, and the verdict lines: which case MSE ended in, and
     QMSE's final train ½‖r‖² and train accuracy against MSE's."""
     path = Path(path)
-    sets = list(sets) or [("", [r["name"] for r in results])]
-    by_name = {r["name"]: r for r in results}
-    cfg = results[0]["config"]
-    seeds = sorted({r["config"].seed for r in results})
-    wall = sum(r["wall_s"] for r in results)
-    diagnosed = [r for r in results if r["diagnosis"] is not None]
+    sets = list(sets) or [("", [r.name for r in results])]
+    by_name = {r.name: r for r in results}
+    cfg = results[0].config
+    seeds = sorted({r.config.seed for r in results})
+    wall = sum(r.wall_s for r in results)
+    diagnosed = [r for r in results if r.diagnosis is not None]
     subset = f"first {cfg.train_subset}" if cfg.train_subset else "all"
     test = f"first {cfg.test_subset}" if cfg.test_subset else "all"
     every = (
@@ -356,11 +318,11 @@ def write_report(
         "",
         f"SimpleCNN, SGD, batch {cfg.batch_size}, {cfg.epochs} epochs planned, seeds "
         f"{seeds[0]}–{seeds[-1]} ({len(seeds)}), training images: {subset}, test images: "
-        f"{test}. {sum(r['complete'] for r in results)} of {len(results)} runs complete; "
+        f"{test}. {sum(r.complete for r in results)} of {len(results)} runs complete; "
         f"training + evaluation time summed over runs: {wall:.0f} s"
         + (f"; step-size sweep runs: {sweep_wall_s:.0f} s" if sweeps else "")
         + (
-            f"; diagnoses: {sum(r['diagnosis']['wall_s'] for r in diagnosed):.0f} s"
+            f"; diagnoses: {sum(r.diagnosis['wall_s'] for r in diagnosed):.0f} s"
             if diagnosed
             else ""
         )
@@ -368,14 +330,14 @@ def write_report(
         f"Accuracies in %, ½‖r‖² per sample (mean), measured on the full (sub)sets in eval "
         f"mode {every}; the tables give the last epoch.",
     ]
-    if any(r["config"].loss == "ce" for r in results):
+    if any(r.config.loss == "ce" for r in results):
         lines += ["For CE, ½‖r‖² is measured on the raw logits (not probabilities)."]
     lines += ["", *(f"![{name}]({name})" for name in figures)] if figures else []
     if sweeps:
         lines += ["", "## Step sizes", "", *_sweep_lines(list(sweeps), tuning or Tuning())]
     if diagnosed:
-        args = diagnosed[0]["diagnosis"]["arguments"]
-        tol = diagnosed[0]["diagnosis"]["stop"]["tolerances"]
+        args = diagnosed[0].diagnosis["arguments"]
+        tol = diagnosed[0].diagnosis["stop"]["tolerances"]
         lines += [
             "",
             "End-of-training diagnosis (`qmse.endstate`) of every final checkpoint: the "
@@ -394,19 +356,19 @@ def write_report(
         chosen = [by_name[n] for n in names if n in by_name]
         head = f"### {title}: " if title else "## "
         lines += ["", f"{head}Final epoch, mean ± std over seeds", "", *_final_table(chosen)]
-        if any(r["diagnosis"] is not None for r in chosen):
+        if any(r.diagnosis is not None for r in chosen):
             lines += ["", f"{head}Where the runs stopped", "", *_diagnosis_table(chosen)]
         paired, said = _paired(chosen, title or "All runs")
         lines += ["", f"{head}Paired differences against MSE (same seed: same initial "
                   f"weights and batch order)", "", *paired]  # fmt: skip
         verdicts += said
-    diverged = [r["name"] for r in results if r["diverged"]]
+    diverged = [r.name for r in results if r.diverged]
     if diverged:
         lines += ["", f"Diverged (non-finite loss, excluded): {', '.join(diverged)}."]
     unfinished = [
-        f"{r['name']} ({len(r['rows'])}/{r['config'].epochs} epochs)"
+        f"{r.name} ({len(r.rows)}/{r.config.epochs} epochs)"
         for r in results
-        if not r["complete"] and not r["diverged"]
+        if not r.complete and not r.diverged
     ]
     if unfinished:
         lines += ["", f"Unfinished (excluded): {', '.join(unfinished)}."]
@@ -434,7 +396,7 @@ def write_outputs(out_dir: str | Path) -> dict[str, Path]:
     grid = runs.load_json(out / "grid.json")
     configs = [TrainConfig.from_dict(c) for c in grid["configs"]]
     results = load_results(out, configs, grid["runs"])
-    by_name = {r["name"]: r for r in results}
+    by_name = {r.name: r for r in results}
     sweeps = replay_sweeps(out, grid)
     recorded = (grid.get("tuning") or {}).get("chosen")
     if recorded is not None:
@@ -449,7 +411,7 @@ def write_outputs(out_dir: str | Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     figures = []
     for i, s in enumerate(sets):
-        chosen = [by_name[n] for n in s["runs"] if by_name[n]["complete"]]
+        chosen = [by_name[n] for n in s["runs"] if by_name[n].complete]
         if not chosen:
             continue
         name = "figure.png" if i == 0 else f"figure-{s['name']}.png"
@@ -458,7 +420,7 @@ def write_outputs(out_dir: str | Path) -> dict[str, Path]:
         )
         figures.append(name)
     drawn = {s["title"] or "all runs": [by_name[n] for n in s["runs"]] for s in sets}
-    if any(r["complete"] for r in results):
+    if any(r.complete for r in results):
         paths["figure-mse"] = write_mse_figure(drawn, out / "figure-mse.png")
         figures.append("figure-mse.png")
     if (path := write_sweep_figure(sweeps, out / "figure-sweeps.png")) is not None:

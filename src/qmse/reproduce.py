@@ -38,7 +38,8 @@ from qmse.data import DATASETS
 from qmse.endstate import diagnose_end
 from qmse.errors import UserError
 from qmse.loss import get_loss
-from qmse.report import load_results, write_outputs
+from qmse.report import write_outputs
+from qmse.results import load_results
 from qmse.rundir import (
     TrainConfig,
     differing_keys,
@@ -440,7 +441,7 @@ def _diagnose(
 ) -> None:
     """The end-of-training diagnosis of every finished evaluation run (cached per run)."""
     results = load_results(dirs[0].parent, cfgs, [d.name for d in dirs]) if dirs else []
-    finished = [d for d, r in zip(dirs, results) if r["complete"]]
+    finished = [d for d, r in zip(dirs, results) if r.complete]
     bar = runs.progress(finished, quiet=trainer.quiet, desc="diagnose", unit="run")
     for run in bar:
         t0 = time.perf_counter()
