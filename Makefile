@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 # torch first, pinned: the CPU build on local disk. Any other request may pull a multi-GB CUDA build.
 TORCH   := torch==2.13.0
 
-.PHONY: setup test test-slow gpu-check demo fashion-mnist fmnist-end fmnist-end-docs lint format clean
+.PHONY: setup test test-fast test-slow gpu-check demo fashion-mnist fmnist-end fmnist-end-docs lint format clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ lint: setup
 
 test: lint
 	.venv/bin/pytest -m "not slow"
+
+# the same without the integration tests (Ray, torchrun, SIGKILL): a quick check while working
+test-fast: lint
+	.venv/bin/pytest -m "not slow and not integration"
 
 test-slow: setup
 	.venv/bin/pytest -m slow

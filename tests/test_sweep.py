@@ -120,6 +120,7 @@ def ray_cluster():
         ray.shutdown()
 
 
+@pytest.mark.integration
 def test_ray_grid_gives_the_local_backends_files(ray_cluster, local_grid, data_dir, tmp_path):
     args = ["reproduce", *GRID, "--data-dir", str(data_dir), "--out", str(tmp_path)]
     assert main([*args, "--backend", "ray"]) == 0
@@ -143,6 +144,7 @@ def test_a_group_task_trains_its_runs_together(local_grid, data_dir, tmp_path):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.integration
 def test_ray_escape_benchmark_gives_the_local_files(ray_cluster, tmp_path):
     """`qmse escape --backend ray` (its cells as Ray tasks in dependency order, a fixed
     tuning k so that cells share tunings) writes the local backend's files, byte for byte."""
@@ -190,6 +192,7 @@ def trapped_train_task(task: dict) -> dict:
     return train_task(task)
 
 
+@pytest.mark.integration
 def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_dir, tmp_path):
     out, trap = tmp_path / "grid", tmp_path / "pid"
     tasks = grid_tasks(out, data_dir)
@@ -223,6 +226,7 @@ def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_d
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished runs: not retrained
 
 
+@pytest.mark.integration
 def test_train_under_torchrun_on_two_gloo_processes_matches_one(data_dir, tmp_path):
     """`qmse train` under torchrun, 2 CPU ranks, batches of 15 (uneven shares, a short last
     batch): the metrics of one process to float tolerance; its checkpoint resumes in one."""

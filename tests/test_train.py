@@ -381,6 +381,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_sigkill_mid_epoch_then_a_rerun_gives_byte_identical_metrics(tmp_path):
     """kill -9 in epoch 2 of 3; the same call again continues on its own (no flag) and
     writes metrics.jsonl byte for byte as an uninterrupted run (timings go elsewhere)."""
