@@ -109,3 +109,80 @@ def test_bad_spaces_are_refused():
         Space((Param("lr", (0.1,)), Param("lr", (0.2,))))
     with pytest.raises(UserError, match="no start value"):
         plan(Space((Param("lr", (0.1,)),)), {}, lambda s: None)
+
+
+def feed(space, fixed, score, **kw):
+    """`search` fed the scores it asks for until it decides; (plan, settings run)."""
+    from qmse.tuning import search
+
+    seen = {}
+    while True:
+        found = search(space, fixed, lambda s: seen.get(tuple(sorted(s.items()))), **kw)
+        if not found.need:
+            return found, seen
+        for s in found.need:
+            seen[tuple(sorted(s.items()))] = Trial(score(s))
+
+
+SIGMAS = tuple(0.8 / 2**k for k in range(10, -1, -1))  # 0.00078 … 0.8
+NOISY = Space((Param("lr", (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)), Param("sigma", SIGMAS)))
+
+
+def works(s):
+    """A method that escapes (score 0) only at large steps lr in [0.2, 0.8] with moderate
+    noise σ in [0.025, 0.2]; everywhere else every start fails (score 1): no single
+    coordinate sees a slope, and a tie-break picks small values."""
+    return 0.0 if 0.2 <= s["lr"] <= 0.8 and 0.025 <= s["sigma"] <= 0.2 else 1.0
+
+
+def flat(side, edge, inner):
+    """Stop widening where the score does not change (the escape benchmark's "flat")."""
+    return "flat" if inner is not None and edge.score == inner.score else None
+
+
+def test_the_joint_search_finds_an_optimum_that_the_coordinate_passes_miss():
+    start = {"lr": 0.1, "sigma": SIGMAS[4]}
+    coordinate, _ = run_to_end(NOISY, start, works, Rule(stop=flat))
+    assert works(coordinate.chosen) == 1.0  # every pass ties at 1: an arbitrary choice
+    joint, seen = feed(NOISY, {}, works, budget=24, seed=0, rule=Rule(stop=flat))
+    assert works(joint.chosen) == 0.0 and len(seen) == 24  # the whole budget, no more
+
+
+def test_the_joint_search_spends_exactly_its_budget_and_replays():
+    from qmse.tuning import search
+
+    def bowl2(s):
+        return (math.log2(s["lr"] / 0.3)) ** 2 + (math.log2(s["sigma"] / 0.01)) ** 2
+
+    for budget in (1, 7, 16, 30):
+        found, seen = feed(NOISY, {"batch": 64}, bowl2, budget=budget, seed=3)
+        assert len(seen) == budget and found.chosen["batch"] == 64
+        assert found.chosen == dict(min(seen, key=lambda k: (seen[k].score, k)))
+        trials = dict(seen)
+
+        def lookup(s, trials=trials):
+            return trials.get(tuple(sorted(s.items())))
+
+        again = search(NOISY, {"batch": 64}, lookup, budget=budget, seed=3)
+        assert again.chosen == found.chosen and again.stages == found.stages
+    found, _ = feed(NOISY, {}, bowl2, budget=30, seed=3)
+    assert abs(math.log2(found.chosen["lr"] / 0.3)) <= 0.5  # refined near the optimum
+
+
+def test_the_joint_search_widens_past_a_limit_the_best_touches():
+    space = Space((Param("lr", (0.01, 0.02, 0.04)),))
+    found, seen = feed(space, {}, lambda s: -math.log(s["lr"]), budget=12, seed=1)
+    assert max(dict(k)["lr"] for k in seen) > 0.04 * 1.9  # went past the grid's top
+    assert found.chosen["lr"] == max(dict(k)["lr"] for k in seen)
+
+
+def test_the_sweep_figure_draws_coordinate_and_joint_stages(tmp_path):
+    from qmse.tuningplot import Sweep, plot_sweeps
+
+    coordinate, _ = run_to_end(Space((Param("lr", (0.1, 0.2, 0.4)),)), {"lr": 0.2}, bowl(0.8))
+    joint, _ = feed(NOISY, {}, works, budget=8, seed=0)
+    sweeps = [Sweep("row", "coordinate", coordinate.stages), Sweep("row", "joint", joint.stages)]
+    assert plot_sweeps(sweeps, tmp_path / "s.png", ylabel="score", log_y=False)
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert not plot_sweeps([Sweep("row", "none", [])], tmp_path / "none.png", ylabel="", log_y=True)
+    assert not (tmp_path / "none.png").exists()

@@ -17,10 +17,16 @@ then to the smaller value. Passes repeat until one changes no value (at most
 `Rule.max_passes`). A stage whose every value is unusable (score inf: every run diverged)
 chooses nothing and ends the plan.
 
-`plan` is a pure function of what `lookup` returns, so a sweep killed half-way resumes by
-calling it again, and a report recomputes every choice from the finished trials alone. Its
-stages are the one record format of a sweep (`Stage`), read by both reports and drawn by
-`qmse.tuningplot.plot_sweeps`.
+`search` is the other protocol, for equal tuning budgets: a joint search over all the
+parameters at once with a fixed number of trials (quasi-random Sobol points over the space's
+box, widening past a limit the best point touches, a local refinement 2^(±1/4), 2^(±1/2)
+around the best, the rest of the budget in further Sobol points), so that no parameter is
+tuned at a poor value of another, and every method gets the same number of trials.
+
+Both are pure functions of what `lookup` returns, so a sweep killed half-way resumes by
+calling it again, and a report recomputes every choice from the finished trials alone.
+Their stages are the one record format of a sweep (`Stage`), read by both reports and drawn
+by `qmse.tuningplot.plot_sweeps`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from scipy.stats import qmc
 
 from qmse.errors import UserError
 
@@ -256,3 +264,144 @@ def _exact(v: float) -> float:
 
 def _inside(v: float, lo: float, hi: float) -> bool:
     return lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)
+
+
+def search(
+    space: Space,
+    fixed: Mapping[str, float],
+    lookup: Callable[[Settings], Trial | None],
+    *,
+    budget: int,
+    seed: int = 0,
+    rule: Rule = Rule(),
+) -> Plan:
+    """A joint search of `space` with exactly `budget` trials (module docstring), the values
+    `fixed` going with every trial; replayed from `lookup` like `plan`. The phases, in order:
+
+    1. global: the first ⌈budget/2⌉ points of a scrambled Sobol sequence (`seed`) over the
+       box of the space, each parameter log-uniform between the ends of its grid;
+    2. widen: while the best trial holds the largest (smallest) value tried of a parameter,
+       that value doubled (halved) with the others at the best's is tried, within the
+       space's limits and unless `rule.stop` says no (4·d trials stay reserved for 3);
+    3. local: each parameter at 2^(±1/4) and 2^(±1/2) of the best's value, the others at
+       the best's (4·d trials), once more around a new best if the budget allows;
+    4. the rest of the budget: the next points of the Sobol sequence.
+
+    The choice is the best score, then the lower tie-break. `stages` holds one record per
+    parameter with every trial ("joint": a scatter of the score against that parameter's
+    value, the others varying)."""
+    if budget < 1:
+        raise UserError(f"budget={budget}; need at least one trial")
+    names, d = space.names, len(space.params)
+    box = [(math.log(p.grid[0]), math.log(p.grid[-1])) for p in space.params]
+    unit = qmc.Sobol(d, scramble=True, seed=seed).random(2 ** math.ceil(math.log2(budget)))
+    sobol = [
+        {n: _exact(math.exp(lo + u * (hi - lo))) for n, u, (lo, hi) in zip(names, row, box)}
+        for row in unit
+    ]
+    tried: dict[tuple, tuple[Settings, Trial]] = {}
+
+    def run(points: list[Settings]) -> list[Settings]:
+        """Record `points` (at most what the budget has left); those not run yet."""
+        fresh = [p for p in points if _key(p, fixed) not in tried][: budget - len(tried)]
+        found = {_key(p, fixed): (p, lookup(dict(fixed) | p)) for p in fresh}
+        tried.update({k: pt for k, pt in found.items() if pt[1] is not None})
+        return [dict(fixed) | p for p, t in found.values() if t is None]
+
+    def best() -> Settings:
+        return min(tried.values(), key=lambda pt: (pt[1].score, pt[1].tiebreak, _order(pt[0])))[0]
+
+    def pending(need: list[Settings]) -> Plan:
+        return Plan(need, None, _joint_stages(space, tried, None), passes=1)
+
+    if need := run(sobol[: (budget + 1) // 2]):
+        return pending(need)
+    while len(tried) < budget - 4 * d and (step := _widening(space, tried, best(), rule)):
+        if need := run([step]):
+            return pending(need)
+    for _ in range(2):
+        centre = best()
+        if need := run(_local(space, centre)):
+            return pending(need)
+        if best() == centre:
+            break
+    if need := run([p for p in sobol if _key(p, fixed) not in tried]):
+        return pending(need)
+    chosen = best()
+    return Plan(
+        [], dict(fixed) | chosen, _joint_stages(space, tried, chosen), passes=1, converged=True
+    )
+
+
+def _key(settings: Mapping[str, float], fixed: Mapping[str, float]) -> tuple:
+    return tuple(sorted((dict(fixed) | dict(settings)).items()))
+
+
+def _order(settings: Settings) -> tuple:
+    return tuple(sorted(settings.items()))
+
+
+def _widening(space: Space, tried: Mapping, best: Settings, rule: Rule) -> Settings | None:
+    """The next widening trial of `search` (phase 2), or None."""
+    trials = {_order(s): t for s, t in tried.values()}
+    for param in space.params:
+        values = sorted({s[param.name] for s, _ in tried.values()})
+        lo, hi = param.limits
+        for side, edge, step in (
+            ("top", values[-1], param.factor),
+            ("bottom", values[0], 1 / param.factor),
+        ):
+            if best[param.name] != edge:
+                continue
+            value = _exact(edge * step)
+            if not _inside(value, lo, hi):
+                continue
+            inner = [v for v in values if v != edge]
+            near = None
+            if inner:
+                nearest = min(inner, key=lambda v: abs(math.log(v / edge)))
+                near = trials.get(_order(best | {param.name: nearest}))
+            if rule.stop is not None and rule.stop(side, trials[_order(best)], near):
+                continue
+            return best | {param.name: value}
+    return None
+
+
+def _local(space: Space, centre: Settings) -> list[Settings]:
+    """Phase 3 of `search`: each parameter at 2^(±1/4), 2^(±1/2) of the centre's value."""
+    points = []
+    for param in space.params:
+        lo, hi = param.limits
+        for k in (-2, -1, 1, 2):
+            value = _exact(centre[param.name] * 2 ** (k / 4))
+            if _inside(value, lo, hi):
+                points.append(centre | {param.name: value})
+    return points
+
+
+def _joint_stages(space: Space, tried: Mapping, chosen: Settings | None) -> list[Stage]:
+    """One joint stage record per parameter: every trial, by that parameter's value."""
+    stages = []
+    for param in space.params:
+        name = param.name
+        rows = sorted(tried.values(), key=lambda pt: (pt[0][name], _order(pt[0])))
+        values = [s[name] for s, _ in rows]
+        value = None if chosen is None else chosen[name]
+        stages.append(
+            {
+                "param": name,
+                "pass": 1,
+                "joint": True,
+                "others": None,
+                "points": [
+                    {"value": s[name], "score": t.score, "diverged": t.diverged, "settings": s}
+                    | dict(t.info)
+                    for s, t in rows
+                ],
+                "chosen": value,
+                "interior": value is not None and values[0] < value < values[-1],
+                "range": [values[0], values[-1]] if values else None,
+                "stopped": {},
+            }
+        )
+    return stages

@@ -38,7 +38,9 @@ def plot_sweeps(
     (row, parameter). A parameter's last stage (the one that fixed it) is solid, earlier
     passes faint and dashed; the chosen value is ringed; an unusable value (score inf: every
     run diverged) is an × on the panel's top edge; on a linear score axis (failure rates) the
-    share of diverged runs is dotted. Colours by label (8, then markers change). Returns
+    share of diverged runs is dotted. A joint search's stage (`qmse.tuning.search`) is a
+    scatter against each parameter, the others varying. Colours by label (8, then markers
+    change). Returns
     False (and writes nothing) when no stage has finished."""
     rows = list(dict.fromkeys(s.panel for s in sweeps if s.stages))
     params = list(dict.fromkeys(st["param"] for s in sweeps for st in s.stages))
@@ -84,10 +86,11 @@ def _draw_stage(ax, stage: dict, colour: str, marker: str, label: str, final: bo
     points = stage["points"]
     finite = [(p["value"], p["score"]) for p in points if math.isfinite(p["score"])]
     style = dict(color=colour, alpha=1.0 if final else 0.35, lw=1.2 if final else 0.9)
+    line = "" if stage.get("joint") else "-" if final else "--"  # a joint search: a scatter
     if finite:
-        ax.plot(*zip(*finite), ("-" if final else "--"), marker=marker, ms=4,
-                label=label if final else None, **style)  # fmt: skip
-    if not log_y:
+        ax.plot(*zip(*finite), line, marker=marker, ms=4, label=label if final else None,
+                **style)  # fmt: skip
+    if not log_y and not stage.get("joint"):
         ax.plot([p["value"] for p in points], [p["diverged"] for p in points], ":", **style)
     for p in points:
         if not math.isfinite(p["score"]):
