@@ -38,12 +38,27 @@ class Tuning:
     """How `tune` sweeps: the held-out `seed` its runs use (not an evaluation seed), how far
     a grid may grow past each edge, how many coordinate passes at most."""
 
-    seed: int = 100
-    max_extend: int = 4  # points past the first grid's edges at most: lr within 2^±5 of start
-    max_passes: int = 3
-    # the step lr/(1 − momentum) each lr sweep starts at (0.1: the paper's lr 0.01 with
-    # momentum 0.9), so that momentum 0 starts near its best lr; None: at the base's lr
-    start_step: float | None = None
+    seed: int = dataclasses.field(
+        default=100, metadata={"help": "the held-out seed of the sweep's runs (no evaluation seed)"}
+    )
+    max_extend: int = dataclasses.field(
+        default=4,
+        metadata={
+            "help": "grid points past the first grid's edges at most: each value within "
+            "start·2^±(1 + N)"
+        },
+    )
+    max_passes: int = dataclasses.field(
+        default=3, metadata={"help": "coordinate passes over the searched values at most"}
+    )
+    start_step: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "start each lr sweep at lr = STEP·(1 − momentum) (0.1: the paper's lr 0.01 "
+            "with momentum 0.9), so that momentum 0 starts near its best lr; None: at the "
+            "base's lr"
+        },
+    )
 
     def start(self, base: TrainConfig) -> TrainConfig:
         """`base` at the held-out seed and the lr its sweep starts at."""

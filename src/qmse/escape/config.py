@@ -32,25 +32,62 @@ class EscapeConfig:
     checks its numbers and names but runs no plug-in code: `check_methods` loads the plug-ins
     and checks the methods, references and fixed values where a benchmark starts."""
 
-    ks: list[int]
-    n_extra: int = 0  # student width n = k + n_extra
-    outputs: int = 1  # C; > 1 is the vector-output variant y = A relu(Vx)
-    seeds: int = 1000  # gd-population initialisations per k (the reproduction)
-    sample_seeds: int = 1000  # evaluation starts per cell: seeds, or minima (all if fewer)
-    methods: list[str] = field(default_factory=lambda: ["gd-population", *BUILTIN_METHODS])
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
-    steps: int = 3000  # shared step budget of every sample-based method
-    batch: int = 64
-    tune_k: int | None = None  # tune at this k for every k; None: at each k
-    tune_seeds: int = 100  # tuning starts per swept value
-    tune_pool: int = 1000  # gd-population tuning seeds searched for minima
-    max_gd_steps: int = 100_000
-    problem_seed: int = 0  # draws A for outputs > 1
-    device: str = "cpu"
-    lr: dict[str, float] = field(default_factory=dict)  # method -> fixed lr (not swept)
-    hyper: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> fixed values
-    plugins: list[str] = field(default_factory=list)  # files that register methods
-    references: list[str] | None = None  # paired against; None: those of REFERENCES run
+    ks: list[int] = field(metadata={"help": "teacher widths k, one cell per k"})
+    n_extra: int = field(default=0, metadata={"help": "student width n = k + n_extra"})
+    outputs: int = field(
+        default=1, metadata={"help": "C; > 1 is the vector-output variant y = A relu(Vx)"}
+    )
+    seeds: int = field(
+        default=1000,
+        metadata={"help": "gd-population initialisations 0..N-1 per k (the reproduction)"},
+    )
+    sample_seeds: int = field(
+        default=1000,
+        metadata={
+            "help": "evaluation starts per cell: seeds (random-init) or minima "
+            "(spurious-minima; all of them if fewer)"
+        },
+    )
+    methods: list[str] = field(
+        default_factory=lambda: ["gd-population", *BUILTIN_METHODS],
+        metadata={"help": "gd-population, built-in methods, methods registered by plug-ins"},
+    )
+    protocols: list[str] = field(
+        default_factory=lambda: list(PROTOCOLS),
+        metadata={"help": f"starting points, of {', '.join(PROTOCOLS)}"},
+    )
+    steps: int = field(
+        default=3000, metadata={"help": "the shared step budget of every sample-based method"}
+    )
+    batch: int = field(default=64, metadata={"help": "fresh samples per step and start"})
+    tune_k: int | None = field(
+        default=None, metadata={"help": "tune at this k for every k; None: at each k"}
+    )
+    tune_seeds: int = field(default=100, metadata={"help": "tuning starts per swept value"})
+    tune_pool: int = field(
+        default=1000, metadata={"help": "gd-population tuning seeds searched for minima"}
+    )
+    max_gd_steps: int = field(default=100_000, metadata={"help": "gd-population's step cap"})
+    problem_seed: int = field(default=0, metadata={"help": "draws A when outputs > 1"})
+    device: str = field(default="cpu", metadata={"help": "where the cells run"})
+    lr: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "fixed learning rates (not swept), by method"}
+    )
+    hyper: dict[str, dict[str, float]] = field(
+        default_factory=dict,
+        metadata={"help": "fixed hyperparameters (not swept), by method, e.g. label-noise's sigma"},
+    )
+    plugins: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Python files that register methods (qmse.escape.register_method)"},
+    )
+    references: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"the methods every method is paired against (McNemar); None: those of "
+            f"{', '.join(REFERENCES)} that run"
+        },
+    )
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
