@@ -1,21 +1,33 @@
-"""The `qmse` command's errors: what the user or the environment got wrong ends in one line
-naming the file and the fix, exit status 2, no traceback; a bug keeps its traceback."""
+"""The `qmse` command line. What the user or the environment got wrong ends in one line
+naming the option or the file and the fix, exit status 2, no traceback, before any work (a
+bug keeps its traceback); options that fill a config dataclass take their default and help
+from its field; one vocabulary across commands; `qmse --help` answers without torch."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import errno
+import functools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_tiny_mnist
 
-from qmse import cli, runs
-from qmse.cli import main
+from qmse import runs
+from qmse.cli import COMMANDS, build_parser, main
+from qmse.cli import common as cli_common
+from qmse.cli import escape as cli_escape
 from qmse.cli import run as cli_run
+from qmse.errors import UserError
+from qmse.escape import EscapeConfig
+from qmse.rundir import PAPER_LR, TrainConfig
+from qmse.stepsize import Tuning
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +44,11 @@ def train_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def one_line_error(capsys, *fragments: str) -> str:
+def one_line_error(capsys, *fragments: str, command: str = "train") -> str:
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("qmse train: error: ") and "Traceback" not in err
+    assert lines[0].startswith(f"qmse {command}: error: ") and "Traceback" not in err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
@@ -53,7 +65,6 @@ def test_a_run_then_the_same_call_continues_it(data_dir, tmp_path, capsys):
     assert all(f["verified"] is False for f in config["data"]["files"].values())
     assert main(train_args(data_dir, out, "--epochs", "2")) == 0  # no --resume needed
     assert len(runs.read_jsonl(out / "metrics.jsonl")) == 2
-    assert main(train_args(data_dir, out, "--epochs", "2", "--resume")) == 0  # a no-op flag
 
 
 def test_data_that_does_not_verify_needs_the_flag(data_dir, tmp_path, capsys):
@@ -157,11 +168,354 @@ def test_the_installed_command_prints_one_line_without_a_traceback(data_dir, tmp
     ]
 
 
-def test_loss_choices_come_from_the_registry_and_sigma_is_checked(data_dir, tmp_path, capsys):
-    help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    assert "label-noise" in help_text and "--sigma SIGMA" in help_text
+def test_loss_choices_come_from_the_registry_and_loss_params_are_checked(
+    data_dir, tmp_path, capsys
+):
+    help_text = command_parser("train").format_help()
+    assert "label-noise" in help_text and "--loss-param NAME=VALUE" in help_text
+    assert "label-noise: sigma" in help_text  # the registry's declared params
     assert main(train_args(data_dir, tmp_path / "a", "--loss", "label-noise")) == 2
-    one_line_error(capsys, "loss 'label-noise' needs sigma", "--sigma")
-    argv = train_args(data_dir, tmp_path / "b", "--loss", "label-noise", "--sigma", "0.2")
-    assert main(argv) == 0
+    one_line_error(capsys, "loss 'label-noise' needs sigma", "--loss-param sigma=VALUE")
+    argv = train_args(data_dir, tmp_path / "b", "--loss", "label-noise")
+    assert main([*argv, "--loss-param", "sigma=0.2"]) == 0
     assert runs.load_json(tmp_path / "b" / "config.json")["loss_params"] == {"sigma": 0.2}
+    assert main([*argv, "--loss-param", "sigma=0.2", "--loss-param", "sigma=0.3"]) == 2
+    one_line_error(capsys, "--loss-param sigma given twice")
+    assert main(train_args(data_dir, tmp_path / "c", "--loss-param", "sigma=0.2")) == 2
+    one_line_error(capsys, "--loss-param sigma: no loss trained here (mse) takes it")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_lr_default_is_the_papers_for_the_dataset(data_dir, tmp_path):
+    """--lr's default is TrainConfig's: None, resolved to PAPER_LR in config.json."""
+    argv = train_args(data_dir, tmp_path / "run")
+    del argv[argv.index("--lr") : argv.index("--lr") + 2]
+    assert main(argv) == 0
+    assert runs.load_json(tmp_path / "run" / "config.json")["lr"] == PAPER_LR["mnist"] == 0.01
+    assert TrainConfig(dataset="cifar10").lr == 0.1 and TrainConfig(lr=0.3).lr == 0.3
+    with pytest.raises(UserError, match="dataset 'tiny' has no paper learning rate; give lr"):
+        TrainConfig(dataset="tiny")
+
+
+# --- the parser: lazy, declared from the configs, one vocabulary -------------------------
+
+
+def command_parser(words: str) -> argparse.ArgumentParser:
+    """The parser of the command `words` ("train", "diagnose convexity", "symmetry match")."""
+    parser = build_parser(words.split())
+    for word in words.split():
+        parser = parser._subparsers._group_actions[0].choices[word]
+    return parser
+
+
+def option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
+    return parser._option_string_actions[flag]
+
+
+def compact(text: str) -> str:
+    return "".join(text.split())  # argparse wraps lines, also at hyphens
+
+
+@functools.cache
+def loaded_modules(code: str) -> frozenset[str]:
+    """The modules a fresh interpreter holds after `code`."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}; import sys; print(' '.join(sys.modules))"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return frozenset(done.stdout.split())
+
+
+def best_of_3(argv: list[str]) -> float:
+    """The least wall time of three runs of `argv`, seconds."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run(argv, capture_output=True, timeout=120)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+HEAVY_PACKAGE = (
+    "qmse/__init__.py imports qmse.loss, hence torch, when any qmse module is imported: its "
+    "re-exports must become lazy before the command line can answer without torch"
+)
+
+
+def test_importing_the_command_line_loads_neither_torch_nor_matplotlib():
+    package, command_line = loaded_modules("import qmse"), loaded_modules("import qmse.cli")
+    added = {m for m in command_line - package if m.startswith("qmse")}
+    assert added <= {"qmse.cli", "qmse.cli.common", "qmse.errors"}, added
+    if "torch" in package:
+        pytest.xfail(HEAVY_PACKAGE)
+    assert not {"torch", "matplotlib"} & command_line
+
+
+def test_help_answers_in_under_half_the_time_of_importing_torch():
+    done = subprocess.run([sys.executable, "-m", "qmse.cli"], capture_output=True, text=True)
+    assert done.returncode == 2 and "usage: qmse" in done.stderr  # no command: the help
+    assert all(f"    {c}" in done.stderr for c in COMMANDS if " " not in c)
+    if "torch" in loaded_modules("import qmse"):
+        pytest.xfail(HEAVY_PACKAGE)
+    help_s = best_of_3([sys.executable, "-m", "qmse.cli", "--help"])
+    torch_s = best_of_3([sys.executable, "-c", "import torch"])
+    assert help_s < 0.5 * torch_s, (help_s, torch_s)
+
+
+def test_only_the_command_run_is_built():
+    """The other commands are listed with their help alone (their modules not consulted)."""
+    parser = build_parser(["diagnose", "convexity"])
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {c for c in COMMANDS if " " not in c}
+    assert (
+        option(commands["train"], "-h") and "--lr" not in commands["train"]._option_string_actions
+    )
+    assert "--segments" in command_parser("diagnose convexity")._option_string_actions
+
+
+TRAIN_FIELDS = [
+    "dataset", "data_dir", "lr", "batch_size", "epochs", "train_subset", "test_subset",
+    "eval_every", "allow_unverified_data", "loss", "momentum", "seed", "channels", "hidden",
+    "resample_null",
+]  # fmt: skip
+DECLARED = (
+    [("train", TrainConfig, name, "--" + name.replace("_", "-")) for name in TRAIN_FIELDS]
+    + [("reproduce", TrainConfig, name, "--" + name.replace("_", "-")) for name in TRAIN_FIELDS[:9]]
+    + [
+        ("reproduce", Tuning, "seed", "--sweep-seed"),
+        ("reproduce", Tuning, "start_step", "--sweep-start-step"),
+        ("reproduce", Tuning, "max_extend", "--max-extend"),
+        ("escape", EscapeConfig, "ks", "--teacher-widths"),
+        ("escape", EscapeConfig, "seeds", "--population-seeds"),
+        ("escape", EscapeConfig, "batch", "--batch-size"),
+        ("escape", EscapeConfig, "plugins", "--plugin"),
+    ]
+    + [
+        ("escape", EscapeConfig, name, "--" + name.replace("_", "-"))
+        for name in (
+            "n_extra", "outputs", "sample_seeds", "methods", "lr", "hyper", "protocols",
+            "steps", "tune_k", "tune_seeds", "tune_pool", "max_gd_steps", "problem_seed",
+            "references",
+        )
+    ]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("command, config, name, flag", DECLARED)
+def test_options_take_default_and_help_from_their_field(command, config, name, flag):
+    spec = {f.name: f for f in dataclasses.fields(config)}[name]
+    parser = command_parser(command)
+    assert compact(spec.metadata["help"]) in compact(parser.format_help())
+    assert option(parser, flag).help.startswith(spec.metadata["help"])
+    required = ["--out", "x"] if command == "escape" else []
+    args = build_parser([command]).parse_args([command, *required])
+    value = getattr(args, option(parser, flag).dest)
+    if spec.default is not dataclasses.MISSING:
+        assert value == spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        assert value == spec.default_factory()
+    else:
+        assert name == "ks" and value == [6, 8, 10, 12]  # the CLI's: the field has none
+
+
+def test_every_field_of_the_configs_has_help():
+    for config in (TrainConfig, Tuning, EscapeConfig):
+        assert all(f.metadata.get("help") for f in dataclasses.fields(config)), config
+
+
+def all_parsers():
+    """(words, parser) of every command and subcommand."""
+    for words in COMMANDS:
+        parser = command_parser(words)
+        actions = parser._subparsers._group_actions if parser._subparsers else []
+        yield words, parser
+        for name, sub in actions[0].choices.items() if actions else ():
+            yield f"{words} {name}", sub
+
+
+def test_one_vocabulary_across_commands():
+    seen = {}
+    for words, parser in all_parsers():
+        flags = parser._option_string_actions
+        if "--device" in flags:  # one default, one check
+            assert flags["--device"].default == "auto", words
+            assert flags["--device"].type is cli_common.device_name, words
+            seen.setdefault("--device", []).append(words)
+        if "--seeds" in flags:
+            assert flags["--seeds"].help == cli_run.SEEDS_HELP, words
+            seen.setdefault("--seeds", []).append(words)
+        for gone in ("--k", "--batch", "--sigma", "--resume"):
+            assert gone not in flags, (words, gone)
+        assert not parser.allow_abbrev, words  # --batch is not --batch-size
+    assert sorted(seen["--seeds"]) == ["demo", "reproduce"]
+    assert len(seen["--device"]) == 7  # demo train reproduce escape diagnose match landscape
+
+
+# --- validated before any work --------------------------------------------------------------
+
+ESCAPE = ["escape", "--out", "x"]
+BAD_VALUES = [
+    (["train", "--channels", "0", "0"], "--channels"),
+    (["train", "--hidden", "-3"], "--hidden"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--lr", "0"], "--lr"),
+    (["train", "--momentum", "1"], "--momentum"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--train-subset", "0"], "--train-subset"),
+    (["train", "--eval-every", "zero"], "--eval-every"),
+    (["train", "--loss-param", "sigma"], "--loss-param"),
+    (["train", "--loss-param", "sigma=inf"], "--loss-param"),
+    (["train", "--device", "frob"], "--device"),
+    ([*ESCAPE, "--threads", "0"], "--threads"),
+    ([*ESCAPE, "--teacher-widths", "6,0"], "--teacher-widths"),
+    ([*ESCAPE, "--teacher-widths", "6,6"], "--teacher-widths"),
+    ([*ESCAPE, "--population-seeds", "0"], "--population-seeds"),
+    ([*ESCAPE, "--batch-size", "0"], "--batch-size"),
+    ([*ESCAPE, "--n-extra", "-1"], "--n-extra"),
+    ([*ESCAPE, "--lr", "sgd=0.05,sgd=0.2"], "--lr"),
+    ([*ESCAPE, "--lr", "sgd=nan"], "--lr"),
+    ([*ESCAPE, "--hyper", "pgd=0.5"], "--hyper"),
+    ([*ESCAPE, "--hyper", "pgd.radius=0.5,pgd.radius=0.6"], "--hyper"),
+    ([*ESCAPE, "--protocols", "from-nowhere"], "--protocols"),
+    ([*ESCAPE, "--references", ""], "--references"),
+    ([*ESCAPE, "--methods", "sgd,,qmse"], "--methods"),
+    ([*ESCAPE, "--cpus-per-task", "0"], "--cpus-per-task"),
+    ([*ESCAPE, "--gpus-per-task", "-1"], "--gpus-per-task"),
+    ([*ESCAPE, "--device", "frob"], "--device"),
+    (["symmetry", "example", "--samples", "0"], "--samples"),
+    (["symmetry", "match", "a", "b", "--points", "1"], "--points"),
+    (["landscape", "r", "--span", "nan"], "--span"),
+    (["landscape", "r", "--span", "-1"], "--span"),
+    (["landscape", "r", "--group-size", "0"], "--group-size"),
+    (["reproduce", "--max-extend", "-3"], "--max-extend"),
+    (["reproduce", "--diagnose-samples", "0"], "--diagnose-samples"),
+    (["reproduce", "--lanczos-steps", "0"], "--lanczos-steps"),
+    (["reproduce", "--losses", ""], "--losses"),
+    (["reproduce", "--losses", "mse,hinge"], "--losses"),
+    (["reproduce", "--losses", "mse,mse"], "--losses"),
+    (["reproduce", "--seeds", "0"], "--seeds"),
+    (["reproduce", "--parallel", "0"], "--parallel"),
+    (["reproduce", "--sweep-start-step", "inf"], "--sweep-start-step"),
+    (["demo", "--seeds", "0"], "--seeds"),
+    (["diagnose", "r", "--eigenvalues", "0"], "--eigenvalues"),
+    (["diagnose", "r", "--lanczos-steps", "0"], "--lanczos-steps"),
+    (["diagnose", "r", "--tol-ratio", "-1"], "--tol-ratio"),
+    (["diagnose", "convexity", "--points", "2"], "--points"),
+    (["diagnose", "convexity", "--segments", "0"], "--segments"),
+]
+GONE = [  # renamed or removed options, and abbreviations, are refused
+    (["train", "--resume"], "--resume"),
+    (["train", "--sigma", "0.1"], "--sigma"),
+    (["reproduce", "--sigma", "0.1"], "--sigma"),
+    ([*ESCAPE, "--k", "6"], "--k"),
+    ([*ESCAPE, "--batch", "8"], "--batch"),
+    ([*ESCAPE, "--seeds", "8"], "--seeds"),
+    (["diagnose", "r", "--k", "3"], "--k"),
+    (["diagnose", "convexity", "--samples", "3"], "--samples"),  # only its own options
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_VALUES + GONE)
+def test_a_bad_value_is_one_line_naming_the_option(argv, flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("qmse "), err
+    named = f": error: argument {flag}: " if (argv, flag) in BAD_VALUES else f" {flag}"
+    assert named in err, err
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+REFUSED_BEFORE_WORK = [
+    (["reproduce", "--losses", "mse,label-noise"], "loss 'label-noise' needs sigma"),
+    (["reproduce", "--loss-param", "sigma=0.1"], "no loss trained here (mse, qmse) takes it"),
+    (
+        [*ESCAPE, "--methods", "sgd,qmse", "--references", "momentum"],
+        "--references momentum: not among the sample-based --methods (sgd,qmse)",
+    ),
+    (
+        [*ESCAPE, "--radius", "pgd=0.5", "--hyper", "pgd.radius=0.3"],
+        "--radius pgd and --hyper pgd.radius: give one",
+    ),
+    ([*ESCAPE, "--backend", "ray", "--device", "cuda"], "give each task a GPU, --gpus-per-task"),
+]
+
+
+@pytest.mark.parametrize("argv, message", REFUSED_BEFORE_WORK)
+def test_what_the_values_contradict_is_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--device", "cpu"] if "--device" not in argv else argv) == 2
+    one_line_error(capsys, message, command=argv[0])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    "argv",
+    [["train"], ["reproduce"], ["demo"], ESCAPE, ["diagnose", "r"], ["symmetry", "match", "a",
+     "b"], ["landscape", "r"]],
+)  # fmt: skip
+def test_cuda_without_cuda_is_the_same_line_in_every_command(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--device", "cuda"]) == 2
+    one_line_error(
+        capsys, "device cuda: no CUDA device is visible", "--device cpu", command=argv[0]
+    )
+    assert not list(tmp_path.iterdir())
+
+
+# --- the renamed options reach the library --------------------------------------------------
+
+
+def test_escape_options_fill_the_config(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def run_benchmark(out, cfg, **kwargs):
+        seen["cfg"] = cfg
+
+    def write_outputs(out):
+        (tmp_path / "table.md").write_text("table")
+        return {"table": tmp_path / "table.md"}
+
+    monkeypatch.setattr(cli_escape, "run_benchmark", run_benchmark)
+    monkeypatch.setattr(cli_escape, "write_outputs", write_outputs)
+    argv = [
+        "escape", "--teacher-widths", "3,4", "--population-seeds", "7", "--batch-size", "9",
+        "--methods", "gd-population,sgd,pgd,label-noise", "--references", "sgd",
+        "--lr", "sgd=0.2", "--radius", "pgd=0.5", "--hyper", "label-noise.sigma=0.3",
+        "--device", "cpu", "--out", str(tmp_path / "b"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert (cfg.ks, cfg.seeds, cfg.batch, cfg.device) == ([3, 4], 7, 9, "cpu")
+    assert cfg.references == ["sgd"] and cfg.lr == {"sgd": 0.2}
+    assert cfg.hyper == {"pgd": {"radius": 0.5}, "label-noise": {"sigma": 0.3}}
+
+
+def test_reproduce_options_fill_the_grid(monkeypatch, capsys):
+    seen = {}
+
+    def run_grid(configs, out, **kwargs):
+        seen.update(configs=configs, out=out, **kwargs)
+        return {}
+
+    monkeypatch.setattr(cli_run, "run_grid", run_grid)
+    argv = ["reproduce", "--losses", "mse,label-noise", "--loss-param", "sigma=0.3", "--seeds",
+            "2", "--tune", "--sweep-seed", "7", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    params = {c.loss: c.loss_params for c in seen["configs"]}
+    assert params == {"mse": {}, "label-noise": {"sigma": 0.3}}
+    assert {c.lr for c in seen["configs"]} == {PAPER_LR["fashion-mnist"]}
+    assert {c.seed for c in seen["configs"]} == {0, 1}
+    assert seen["tuning"] == Tuning(seed=7)  # the other fields' defaults: Tuning's
+    assert seen["device"] == torch.device("cpu") and seen["out"] == "runs/reproduce-fashion-mnist"
+
+
+def test_diagnose_convexity_is_a_subcommand_with_its_own_options():
+    run_help = command_parser("diagnose").format_help()
+    convexity_help = command_parser("diagnose convexity").format_help()
+    assert "qmsediagnoseconvexity" in compact(run_help) and "--segments" not in run_help
+    assert "--segments" in convexity_help and "--samples" not in convexity_help
+    assert "--eigenvalues" in run_help

@@ -11,8 +11,8 @@ from qmse.escape import parse_hyper, parse_values
 from qmse.stats import wilson
 
 TINY = [
-    "--seeds", "6", "--sample-seeds", "4", "--steps", "60", "--protocols", "random-init",
-    "--tune-seeds", "3", "--max-gd-steps", "3000", "--batch", "16", "--quiet",
+    "--population-seeds", "6", "--sample-seeds", "4", "--steps", "60", "--protocols", "random-init",
+    "--tune-seeds", "3", "--max-gd-steps", "3000", "--batch-size", "16", "--quiet",
 ]  # fmt: skip
 
 PLUGIN = """
@@ -36,7 +36,7 @@ def _rows(out):
 
 def test_cli_writes_rows_table_figures_and_resumes(tmp_path):
     out = tmp_path / "esc"
-    argv = ["escape", "--k", "3,4", "--methods", "gd-population,sgd,qmse,label-noise",
+    argv = ["escape", "--teacher-widths", "3,4", "--methods", "gd-population,sgd,qmse,label-noise",
             "--tune-k", "3", "--out", str(out), *TINY]  # fmt: skip
     assert main(argv) == 0
     rows = _rows(out)
@@ -63,7 +63,7 @@ def test_cli_writes_rows_table_figures_and_resumes(tmp_path):
     assert main(argv) == 0  # every piece cached: nothing recomputed
     assert row_file.stat().st_mtime_ns == stamp
     assert _rows(out) == rows
-    assert main([*argv, "--batch", "8"]) == 2  # a finished benchmark keeps its settings
+    assert main([*argv, "--batch-size", "8"]) == 2  # a finished benchmark keeps its settings
 
 
 def test_the_plugin_example_runs_through_the_cli(tmp_path):
@@ -72,8 +72,9 @@ def test_the_plugin_example_runs_through_the_cli(tmp_path):
     plugin = tmp_path / "plugin.py"
     plugin.write_text(PLUGIN)
     out = tmp_path / "esc"
-    argv = ["escape", "--k", "3", "--plugin", str(plugin), "--methods", "sign-sgd,plain-sgd,sgd",
-            "--lr", "plain-sgd=0.2,sgd=0.2", "--out", str(out), *TINY]  # fmt: skip
+    argv = ["escape", "--teacher-widths", "3", "--plugin", str(plugin), "--methods",
+            "sign-sgd,plain-sgd,sgd", "--lr", "plain-sgd=0.2,sgd=0.2", "--out", str(out),
+            *TINY]  # fmt: skip
     assert main(argv) == 0
     rows = {r["method"]: r for r in _rows(out)}
     assert set(rows) == {"sign-sgd", "plain-sgd", "sgd"}
@@ -90,7 +91,17 @@ def test_the_plugin_example_runs_through_the_cli(tmp_path):
 
 def test_a_changed_argument_recomputes_instead_of_serving_stale_rows(tmp_path):
     out = tmp_path / "esc"
-    base = ["escape", "--k", "3", "--methods", "sgd", "--lr", "sgd=0.2", "--out", str(out)]
+    base = [
+        "escape",
+        "--teacher-widths",
+        "3",
+        "--methods",
+        "sgd",
+        "--lr",
+        "sgd=0.2",
+        "--out",
+        str(out),
+    ]
     assert main([*base, *TINY]) == 0
     (out / "config.json").unlink()
     (out / "results.json").unlink()
@@ -102,7 +113,7 @@ def test_a_changed_argument_recomputes_instead_of_serving_stale_rows(tmp_path):
 
 def test_an_invalid_call_leaves_nothing_that_blocks_the_corrected_call(tmp_path, capsys):
     out = tmp_path / "esc"
-    base = ["escape", "--k", "3", "--methods", "sgd,pgd", "--out", str(out), *TINY]
+    base = ["escape", "--teacher-widths", "3", "--methods", "sgd,pgd", "--out", str(out), *TINY]
     assert main([*base, "--lr", "sgd=-1"]) == 2
     assert "lr > 0" in capsys.readouterr().err and not (out / "config.json").exists()
     assert main([*base, "--lr", "sgd=0.2", "--radius", "sgdd=1"]) == 2
@@ -120,9 +131,10 @@ def test_spurious_minima_with_fixed_step_sizes_and_a_wider_student(tmp_path):
     """The acceptance command's shape at a small budget: seed 0 at k = 8 is a certified
     minimum; no tuning is needed when every step size is fixed. And n = k + 1 runs."""
     out = tmp_path / "minima"
-    argv = ["escape", "--k", "8", "--methods", "sgd,qmse", "--lr", "sgd=0.3,qmse=0.03",
-            "--protocols", "spurious-minima", "--batch", "8", "--steps", "100",
-            "--sample-seeds", "123", "--seeds", "1", "--out", str(out), "--quiet"]  # fmt: skip
+    argv = ["escape", "--teacher-widths", "8", "--methods", "sgd,qmse", "--lr",
+            "sgd=0.3,qmse=0.03", "--protocols", "spurious-minima", "--batch-size", "8",
+            "--steps", "100", "--sample-seeds", "123", "--population-seeds", "1",
+            "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     rows = _rows(out)
     assert [r["method"] for r in rows] == ["sgd", "qmse"]
@@ -132,8 +144,8 @@ def test_spurious_minima_with_fixed_step_sizes_and_a_wider_student(tmp_path):
         assert r["seeds"] >= 1 and r["k"] == 8 and r["n"] == 8
     assert not (out / "tuning").exists() and (out / "minima" / "k8_n8_C1.json").exists()
     wide = tmp_path / "wide"
-    assert main(["escape", "--k", "3", "--n-extra", "1", "--methods", "gd-population,sgd",
-                 "--out", str(wide), *TINY]) == 0  # fmt: skip
+    assert main(["escape", "--teacher-widths", "3", "--n-extra", "1", "--methods",
+                 "gd-population,sgd", "--out", str(wide), *TINY]) == 0  # fmt: skip
     assert {r["n"] for r in _rows(wide)} == {4}
 
 

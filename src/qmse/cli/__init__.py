@@ -1,52 +1,130 @@
 """The `qmse` command: a thin layer of argument parsing over the library's functions.
 
 One module per group of subcommands (run: demo, data, train, reproduce; escape; analysis:
-diagnose, symmetry, landscape); this one builds the parser and turns the user's and the
-environment's mistakes into one-line errors.
+diagnose, diagnose convexity, symmetry, landscape), each with a table COMMANDS of the
+functions that fill a command's parser. This one lists the commands from a static table
+(`qmse --help` imports neither torch nor the library), imports the module of the command
+that is run, or whose help is asked, and turns the user's and the environment's mistakes
+into one-line errors.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
+from collections.abc import Sequence
 
-import torch
-
-from qmse.cli.analysis import add_diagnose, add_symmetry
-from qmse.cli.common import Formatter
-from qmse.cli.escape import add_escape
-from qmse.cli.run import add_data, add_demo, add_train
+from qmse.cli.common import Formatter, Parser, UsageError, resolve_device
 from qmse.errors import QmseError
-from qmse.runs import describe_os_error
+
+# command words: (its module in qmse.cli, its one-line help)
+COMMANDS = {
+    "demo": (
+        "run",
+        "the paper's Fashion-MNIST grid (MSE vs QMSE, momentum 0 and 0.9) at a CPU budget",
+    ),
+    "data": ("run", "list or download MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100"),
+    "train": ("run", "train one SimpleCNN run into a run directory"),
+    "reproduce": (
+        "run",
+        "the paper's grid (losses × momentum {0, 0.9} × seeds), figure.png and report.md",
+    ),
+    "escape": (
+        "escape",
+        "escape benchmark: teacher-student ReLU nets (Safran & Shamir 2018), from random "
+        "init and from certified spurious minima",
+    ),
+    "diagnose": (
+        "analysis",
+        "where did a run stop (paper sec. 2.2 cases, Hessian spectrum); `qmse diagnose "
+        "convexity`: the convexity demo",
+    ),
+    "diagnose convexity": (
+        "analysis",
+        "loss vs chord on random segments: linear and logistic regression (convex) vs a "
+        "1-hidden-layer MLP",
+    ),
+    "symmetry": (
+        "analysis",
+        "hidden-unit permutation symmetry: the worked example, weight matching of two runs",
+    ),
+    "landscape": (
+        "analysis",
+        "1-D or 2-D loss slice around runs along filter-normalised random directions",
+    ),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command `argv` names: the longest key of COMMANDS its first words spell."""
+    named = [c for c in COMMANDS if c.split() == list(argv[: len(c.split())])]
+    return max(named, key=len, default=None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> Parser:
+    """The `qmse` parser: every command with its one-line help; the command `argv` names
+    (e.g. ["train", ...] or ["diagnose", "convexity", ...]) also with its options, from its
+    module, imported here."""
+    parser = Parser(
         prog="qmse",
         description="Why MSE training stops short of the global minimum, and whether QMSE helps.",
         formatter_class=Formatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_data, add_train, add_escape, add_diagnose, add_symmetry):
-        add(sub)
+    chosen = command_of(argv)
+    for command, (_, help_text) in COMMANDS.items():
+        if " " in command:
+            continue  # a subcommand: its parser is made below when it is chosen
+        p = sub.add_parser(
+            command, help=help_text, description=help_text, formatter_class=Formatter
+        )
+        if chosen is None or chosen.split()[0] != command:
+            continue
+        if chosen != command:
+            inner = p.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            word = chosen.split()[1]
+            help_text = COMMANDS[chosen][1]
+            p = inner.add_parser(
+                word, help=help_text, description=help_text, formatter_class=Formatter
+            )
+        module = importlib.import_module(f"qmse.cli.{COMMANDS[chosen][0]}")
+        module.COMMANDS[chosen](p)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. What the user or the environment got wrong (bad arguments, a run
     directory of another run or kind or in use, data that does not verify, a missing device,
     a full disk, no permission, a damaged file: a `qmse.errors.QmseError` or an OSError)
-    ends in one line naming the file and the fix, exit status 2; any other exception is a
-    bug and keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    ends in one line naming the option or the file and the fix, exit status 2; any other
+    exception is a bug and keeps its traceback. Without a command: the help, status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    name = f"qmse {command_of(argv) or ''}".rstrip()
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise UsageError(f"{name}: error: unrecognized arguments: {' '.join(extra)}")
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    import torch  # loaded with the command's module
+
+    try:
+        if hasattr(args, "device"):
+            resolve_device(args)
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"qmse {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # FileNotFoundError, PermissionError, ENOSPC, ...
+        from qmse.runs import describe_os_error
+
         message = describe_os_error(e) if e.errno is not None else str(e)
     except (QmseError, torch.cuda.OutOfMemoryError) as e:
         message = str(e)
-    print(f"qmse {args.command}: error: {message}", file=sys.stderr)
+    print(f"{name}: error: {message}", file=sys.stderr)
     return 2

@@ -1,4 +1,5 @@
-"""qmse diagnose, symmetry and landscape: where a run stopped and the shape around it."""
+"""qmse diagnose, diagnose convexity, symmetry and landscape: where a run stopped and the
+shape around it."""
 
 from __future__ import annotations
 
@@ -8,63 +9,71 @@ from pathlib import Path
 import torch
 
 from qmse import convexity, diagnose
-from qmse.cli.common import Formatter
+from qmse.cli.common import (
+    NONNEGATIVE,
+    NONNEGATIVE_NUMBER,
+    POSITIVE,
+    POSITIVE_NUMBER,
+    add_device,
+    integer,
+)
 from qmse.errors import UserError
 from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
 from qmse.loss import LOSSES
 from qmse.symmetry import count_equivalent, permute, worked_example
 
+DETERMINISTIC = "a registered loss; a random one is refused with the name of its expectation"
 
-def add_diagnose(sub: argparse._SubParsersAction) -> None:
-    """`qmse diagnose RUN_DIR`, `qmse diagnose --compare RUN_A RUN_B`, `qmse diagnose
-    convexity`."""
-    p = sub.add_parser(
-        "diagnose",
-        help="where did a run stop (paper sec. 2.2 cases, Hessian spectrum); convexity demo",
-        description="RUN_DIR: diagnose one finished `qmse train` run. --compare RUN_A RUN_B: "
-        "two runs side by side on the same subset. 'convexity': loss vs chord on random "
-        "segments for linear/logistic regression and a 1-hidden-layer MLP.",
-        formatter_class=Formatter,
+
+def add_diagnose(p: argparse.ArgumentParser) -> None:
+    """`qmse diagnose RUN_DIR` and `qmse diagnose --compare RUN_A RUN_B`."""
+    p.description = (
+        "RUN_DIR: diagnose one finished `qmse train` run. --compare RUN_A RUN_B: two runs side "
+        "by side on the same subset. The convexity demo: `qmse diagnose convexity` (a run "
+        "directory named convexity: ./convexity)."
     )
-    p.add_argument("run_dir", nargs="?", help="a run directory, or the word 'convexity'")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two runs")
-    p.add_argument("--samples", type=int, default=256, help="fixed training subset size")
-    p.add_argument("--seed", type=int, default=0, help="subset, Lanczos and Hutchinson seed")
-    p.add_argument("--k", type=int, default=5, help="top-k and bottom-k Hessian eigenvalues")
-    p.add_argument("--lanczos-steps", type=int, default=30, help="Hessian products per run")
-    p.add_argument("--slq-vectors", type=int, default=2, help="Lanczos runs for the density")
-    p.add_argument("--trace-samples", type=int, default=20, help="Hutchinson probe vectors")
-    p.add_argument("--tol-residual", type=float, default=1e-3, help="case 1: ‖r‖ <= tol")
-    p.add_argument("--tol-gradient", type=float, default=1e-6, help="case 2: max ‖∇f_c‖ <= tol")
-    p.add_argument("--tol-ratio", type=float, default=1e-3, help="case 3: ‖Jᵀr‖/(‖J‖₂‖r‖)")
-    p.add_argument("--curvature-tol", type=float, default=1e-3, help="λ_min vs tol·|λ_max|")
-    p.add_argument("--segments", type=int, default=200, help="convexity: random segments")
-    p.add_argument("--points", type=int, default=21, help="convexity: points per segment")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda:0, ...")
+    p.add_argument("--samples", type=POSITIVE, default=256, help="fixed training subset size")
+    p.add_argument(
+        "--seed", type=NONNEGATIVE, default=0, help="subset, Lanczos and Hutchinson seed"
+    )
+    p.add_argument(
+        "--eigenvalues", type=POSITIVE, default=5, help="top-k and bottom-k Hessian eigenvalues: k"
+    )
+    p.add_argument("--lanczos-steps", type=POSITIVE, default=30, help="Hessian products per run")
+    p.add_argument("--slq-vectors", type=POSITIVE, default=2, help="Lanczos runs for the density")
+    p.add_argument("--trace-samples", type=POSITIVE, default=20, help="Hutchinson probe vectors")
+    p.add_argument(
+        "--tol-residual", type=NONNEGATIVE_NUMBER, default=1e-3, help="case 1: ‖r‖ <= tol"
+    )
+    p.add_argument(
+        "--tol-gradient", type=NONNEGATIVE_NUMBER, default=1e-6, help="case 2: max ‖∇f_c‖ <= tol"
+    )
+    p.add_argument(
+        "--tol-ratio", type=NONNEGATIVE_NUMBER, default=1e-3, help="case 3: ‖Jᵀr‖/(‖J‖₂‖r‖)"
+    )
+    p.add_argument(
+        "--curvature-tol", type=NONNEGATIVE_NUMBER, default=1e-3, help="λ_min vs tol·|λ_max|"
+    )
+    add_device(p)
     p.add_argument(
         "--out",
         default=None,
-        help="RUN_DIR: where diagnosis.json/.txt go (default RUN_DIR); --compare: where "
-        "comparison.json/.txt go (default: print only); convexity: output directory "
-        "(default runs/diagnose-convexity)",
+        help="RUN_DIR: where diagnosis.json/.txt go, None: in RUN_DIR; --compare: where "
+        "comparison.json/.txt go, None: printed only",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        if args.run_dir == "convexity" and args.compare is None:
-            out = args.out or "runs/diagnose-convexity"
-            res = convexity.convexity_report(out, segments=args.segments, points=args.points,
-                                             seed=args.seed)  # fmt: skip
-            for name, r in res.items():
-                print(f"{name:>20s}  {r['violating_segments']}/{r['segments']} segments above "
-                      f"the chord, largest gap {r['max_gap']:.4g}")  # fmt: skip
-            print(f"{out}/convexity.json, {out}/diagnose-convexity.png")
-            return 0
         if (args.run_dir is None) == (args.compare is None):
-            raise UserError("give exactly one of RUN_DIR, --compare RUN_A RUN_B or 'convexity'")
+            raise UserError(
+                "give exactly one of RUN_DIR or --compare RUN_A RUN_B (the convexity demo: "
+                "qmse diagnose convexity)"
+            )
         kwargs = dict(
-            n_samples=args.samples, seed=args.seed, device=torch.device(args.device),
-            quiet=args.quiet, k=args.k, lanczos_steps=args.lanczos_steps,
+            n_samples=args.samples, seed=args.seed, device=args.device, quiet=args.quiet,
+            k=args.eigenvalues, lanczos_steps=args.lanczos_steps,
             slq_vectors=args.slq_vectors, trace_samples=args.trace_samples,
             tol_residual=args.tol_residual, tol_gradient=args.tol_gradient,
             tol_ratio=args.tol_ratio, curvature_tol=args.curvature_tol,
@@ -79,26 +88,41 @@ def add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_symmetry(sub: argparse._SubParsersAction) -> None:
-    """`qmse symmetry example|match` and `qmse landscape`."""
-    sym = sub.add_parser(
-        "symmetry",
-        help="hidden-unit permutation symmetry: the worked example, weight matching of two runs",
-        formatter_class=Formatter,
+def add_convexity(p: argparse.ArgumentParser) -> None:
+    """`qmse diagnose convexity`."""
+    p.add_argument("--segments", type=POSITIVE, default=200, help="random segments per model")
+    p.add_argument(
+        "--points", type=integer(3), default=21, help="points per segment, the ends included"
     )
-    sym_sub = sym.add_subparsers(dest="symmetry_command", required=True, metavar="SUBCOMMAND")
-    deterministic = "a registered loss; a random one is refused with the name of its expectation"
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the segments")
+    p.add_argument("--out", default="runs/diagnose-convexity", help="output directory")
 
+    def run(args: argparse.Namespace) -> int:
+        res = convexity.convexity_report(
+            args.out, segments=args.segments, points=args.points, seed=args.seed
+        )
+        for name, r in res.items():
+            print(f"{name:>20s}  {r['violating_segments']}/{r['segments']} segments above "
+                  f"the chord, largest gap {r['max_gap']:.4g}")  # fmt: skip
+        print(f"{args.out}/convexity.json, {args.out}/diagnose-convexity.png")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def add_symmetry(p: argparse.ArgumentParser) -> None:
+    """`qmse symmetry example|match`."""
+    sym_sub = p.add_subparsers(dest="symmetry_command", required=True, metavar="SUBCOMMAND")
     p = sym_sub.add_parser(
         "example",
         help="a 2-2-1 network and the same network with its hidden units swapped: same outputs",
-        formatter_class=Formatter,
+        formatter_class=p.formatter_class,
     )
     p.add_argument(
         "--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"), help="hidden"
     )
-    p.add_argument("--samples", type=int, default=10000, help="random inputs to compare on")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--samples", type=POSITIVE, default=10000, help="random inputs to compare on")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random inputs")
 
     def example(args: argparse.Namespace) -> int:
         a, b = worked_example(args.activation)
@@ -126,16 +150,16 @@ def add_symmetry(sub: argparse._SubParsersAction) -> None:
     p = sym_sub.add_parser(
         "match",
         help="loss barrier on the straight path between two runs, before and after weight matching",
-        formatter_class=Formatter,
+        formatter_class=p.formatter_class,
     )
     p.add_argument("run_a", metavar="RUN_A", help="run directory (config.json, checkpoint.pt)")
     p.add_argument("run_b", metavar="RUN_B", help="run directory of the same architecture")
-    p.add_argument("--points", type=int, default=25, help="values of alpha in [0, 1]")
-    p.add_argument("--samples", type=int, default=1000, help="first N training images")
-    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=deterministic)
-    p.add_argument("--seed", type=int, default=0, help="seed of the matching's layer order")
-    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
-    p.add_argument("--out", default=None, help="default runs/symmetry/<RUN_A>--<RUN_B>")
+    p.add_argument("--points", type=integer(2), default=25, help="values of alpha in [0, 1]")
+    p.add_argument("--samples", type=POSITIVE, default=1000, help="first N training images")
+    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=DETERMINISTIC)
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the matching's layer order")
+    add_device(p)
+    p.add_argument("--out", default=None, help="None: runs/symmetry/<RUN_A>--<RUN_B>")
 
     def match(args: argparse.Namespace) -> int:
         out = args.out or f"runs/symmetry/{Path(args.run_a).name}--{Path(args.run_b).name}"
@@ -147,7 +171,7 @@ def add_symmetry(sub: argparse._SubParsersAction) -> None:
             samples=args.samples,
             loss=args.loss,
             seed=args.seed,
-            device=args.device,
+            device=str(args.device),
         )
         print(f"{args.loss} barrier, straight path a -> b:  {s['naive_barrier']:.5f}")
         print(f"{args.loss} barrier after weight matching:  {s['aligned_barrier']:.5f}")
@@ -157,26 +181,26 @@ def add_symmetry(sub: argparse._SubParsersAction) -> None:
 
     p.set_defaults(func=match)
 
-    p = sub.add_parser(
-        "landscape",
-        help="1-D or 2-D loss slice around runs along filter-normalised random directions",
-        description="One RUN_DIR: its slice in --out. Several: each in --out/<run folder "
-        "name>, and --out/landscape-<dims>d.png draws them all on one colour scale.",
-        formatter_class=Formatter,
+
+def add_landscape(p: argparse.ArgumentParser) -> None:
+    """`qmse landscape`."""
+    p.description = (
+        "One RUN_DIR: its slice in --out. Several: each in --out/<run folder name>, and "
+        "--out/landscape-<dims>d.png draws them all on one colour scale."
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--dims", type=int, default=2, choices=(1, 2), help="slice dimension")
-    p.add_argument("--points", type=int, default=25, help="grid points per direction")
-    p.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span]")
-    p.add_argument("--samples", type=int, default=1000, help="first N training images")
-    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=deterministic)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
-    p.add_argument("--group-size", type=int, default=5, help="grid points per vmapped pass")
-    p.add_argument("--batch-size", type=int, default=40, help="samples per vmapped pass")
+    p.add_argument("--points", type=integer(2), default=25, help="grid points per direction")
+    p.add_argument("--span", type=POSITIVE_NUMBER, default=1.0, help="grid covers [-span, span]")
+    p.add_argument("--samples", type=POSITIVE, default=1000, help="first N training images")
+    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=DETERMINISTIC)
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random directions")
+    p.add_argument("--group-size", type=POSITIVE, default=5, help="grid points per vmapped pass")
+    p.add_argument("--batch-size", type=POSITIVE, default=40, help="samples per vmapped pass")
     p.add_argument("--compile", action="store_true", help="torch.compile the vmapped pass")
-    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
+    add_device(p)
     p.add_argument(
-        "--out", default=None, help="default runs/landscape/<RUN_DIR names joined by +>-<dims>d"
+        "--out", default=None, help="None: runs/landscape/<RUN_DIR names joined by +>-<dims>d"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -186,7 +210,7 @@ def add_symmetry(sub: argparse._SubParsersAction) -> None:
         options = dict(
             dims=args.dims, points=args.points, span=args.span, samples=args.samples,
             loss=args.loss, seed=args.seed, group_size=args.group_size,
-            batch_size=args.batch_size, compile=args.compile, device=args.device,
+            batch_size=args.batch_size, compile=args.compile, device=str(args.device),
             quiet=args.quiet,
         )  # fmt: skip
         if len(args.run_dirs) == 1:
@@ -204,3 +228,11 @@ def add_symmetry(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=landscape)
+
+
+COMMANDS = {
+    "diagnose": add_diagnose,
+    "diagnose convexity": add_convexity,
+    "symmetry": add_symmetry,
+    "landscape": add_landscape,
+}

@@ -7,90 +7,74 @@ from pathlib import Path
 
 import torch
 
-from qmse.cli.common import Formatter, add_backend_args
-from qmse.errors import UserError
-from qmse.escape import (
-    BUILTIN_METHODS,
-    PROTOCOLS,
-    EscapeConfig,
-    parse_hyper,
-    parse_values,
-    run_benchmark,
-    write_outputs,
+from qmse.cli.common import (
+    NONNEGATIVE,
+    POSITIVE,
+    add_backend_args,
+    add_device,
+    add_field,
+    assignments,
+    integers,
+    names,
+    names_of,
 )
-from qmse.escape.config import REFERENCES, is_benchmark_dir
+from qmse.errors import UserError
+from qmse.escape import PROTOCOLS, EscapeConfig, parse_hyper, run_benchmark, write_outputs
+from qmse.escape.config import is_benchmark_dir
 from qmse.runs import claim
 
 
-def add_escape(sub: argparse._SubParsersAction) -> None:
+def by_method(text: str) -> dict[str, dict[str, float]]:
+    """An argparse type: METHOD.NAME=VALUE[,...] -> {method: {name: value}}, each once."""
+    assignments(text)  # the form, finite numbers, no name twice
+    try:
+        return parse_hyper(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_escape(p: argparse.ArgumentParser) -> None:
     """`qmse escape`."""
-    p = sub.add_parser(
-        "escape",
-        help="escape benchmark: teacher-student ReLU nets (Safran & Shamir 2018), "
-        "from random init and from certified spurious minima",
-        formatter_class=Formatter,
-    )
-    p.add_argument("--k", default="6,8,10,12", help="teacher widths, comma-separated")
-    p.add_argument("--n-extra", type=int, default=0, help="student width n = k + n_extra")
-    p.add_argument("--outputs", type=int, default=1, help="C; > 1: vector output A relu(Vx)")
-    p.add_argument("--seeds", type=int, default=1000, help="gd-population seeds per k")
+    add_field(
+        p, EscapeConfig, "ks", "--teacher-widths", type=integers(1), default=[6, 8, 10, 12],
+        metavar="K,...",
+    )  # fmt: skip
+    add_field(p, EscapeConfig, "n_extra", type=NONNEGATIVE)
+    add_field(p, EscapeConfig, "outputs", type=POSITIVE)
+    add_field(p, EscapeConfig, "seeds", "--population-seeds", type=POSITIVE, metavar="N")
+    add_field(p, EscapeConfig, "sample_seeds", type=POSITIVE, metavar="N")
+    add_field(p, EscapeConfig, "methods", type=names, metavar="METHOD,...")
+    add_field(p, EscapeConfig, "plugins", "--plugin", action="append", metavar="FILE.py",
+              more_help="repeatable")  # fmt: skip
+    add_field(p, EscapeConfig, "lr", type=assignments, metavar="METHOD=VALUE,...")
     p.add_argument(
-        "--sample-seeds",
-        type=int,
-        default=1000,
-        help="evaluation starts per cell: seeds (random-init) or minima (spurious-minima)",
+        "--radius",
+        type=assignments,
+        default={},
+        metavar="METHOD=VALUE,...",
+        help="fixed PGD radius (·‖W‖), by method, e.g. pgd=0.5 (not swept)",
     )
-    p.add_argument(
-        "--methods",
-        default=",".join(("gd-population", *BUILTIN_METHODS)),
-        help="comma-separated: gd-population, built-in methods, methods of --plugin files",
-    )
-    p.add_argument(
-        "--plugin",
-        action="append",
-        default=[],
-        metavar="FILE.py",
-        help="a Python file that registers methods (qmse.escape.register_method); repeatable",
-    )
-    p.add_argument(
-        "--lr", default=None, metavar="METHOD=VALUE,...", help="fixed learning rates (not swept)"
-    )
-    p.add_argument(
-        "--radius", default=None, metavar="METHOD=VALUE,...", help="fixed PGD radius (·‖W‖)"
-    )
-    p.add_argument(
-        "--hyper",
-        default=None,
-        metavar="METHOD.NAME=VALUE,...",
-        help="fixed hyperparameters, e.g. label-noise.sigma=0.2 (not swept)",
-    )
-    p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated")
-    p.add_argument("--steps", type=int, default=3000, help="step budget of sample-based methods")
-    p.add_argument("--batch", type=int, default=64, help="fresh samples per step and start")
-    p.add_argument("--tune-k", type=int, default=None, help="tune at this k only; unset: each k")
-    p.add_argument("--tune-seeds", type=int, default=100, help="tuning starts per swept value")
-    p.add_argument("--tune-pool", type=int, default=1000, help="gd seeds searched for minima")
-    p.add_argument("--max-gd-steps", type=int, default=100_000, help="gd-population step cap")
-    p.add_argument("--problem-seed", type=int, default=0, help="seed of A when outputs > 1")
-    p.add_argument(
-        "--references",
-        default=None,
-        help=f"methods every method is paired against (McNemar); default: those of "
-        f"{','.join(REFERENCES)} that run",
-    )
+    add_field(p, EscapeConfig, "hyper", type=by_method, metavar="METHOD.NAME=VALUE,...")
+    add_field(p, EscapeConfig, "protocols", type=names_of(PROTOCOLS, "a protocol"))
+    add_field(p, EscapeConfig, "steps", type=POSITIVE)
+    add_field(p, EscapeConfig, "batch", "--batch-size", type=POSITIVE)
+    add_field(p, EscapeConfig, "tune_k", type=POSITIVE, metavar="K")
+    add_field(p, EscapeConfig, "tune_seeds", type=POSITIVE, metavar="N")
+    add_field(p, EscapeConfig, "tune_pool", type=POSITIVE, metavar="N")
+    add_field(p, EscapeConfig, "max_gd_steps", type=POSITIVE, metavar="N")
+    add_field(p, EscapeConfig, "problem_seed", type=NONNEGATIVE)
+    add_field(p, EscapeConfig, "references", type=names, metavar="METHOD,...",
+              more_help="each among --methods")  # fmt: skip
     p.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite table.md and the figures of --out from its files (nothing is computed)",
     )
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    add_device(p)
+    p.add_argument("--threads", type=POSITIVE, default=1, help="torch CPU threads")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_backend_args(p, "ray: the benchmark's cells as Ray tasks")
-
-    def names(text: str) -> list[str]:
-        return [m.strip() for m in text.split(",") if m.strip()]
 
     def run(args: argparse.Namespace) -> int:
         if args.report_only:
@@ -99,38 +83,38 @@ def add_escape(sub: argparse._SubParsersAction) -> None:
             print(paths["table"].read_text())
             print("\n".join(f"wrote {path}" for path in paths.values()))
             return 0
-        if args.device == "cuda" and args.backend == "ray" and args.gpus_per_task <= 0:
-            raise UserError("--device cuda --backend ray: give each task a GPU, --gpus-per-task")
-        if args.device == "cuda" and args.backend == "local" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
-        torch.set_num_threads(args.threads)
-        try:
-            ks = [int(k) for k in args.k.split(",")]
-        except ValueError as e:
-            raise UserError(f"--k {args.k!r}: expected integers like 6,8,10") from e
-        hyper = parse_hyper(args.hyper)
-        for method, radius in parse_values(args.radius, "--radius").items():
+        sample = [m for m in args.methods if m != "gd-population"]
+        if stray := [r for r in args.references or () if r not in sample]:
+            raise UserError(
+                f"--references {','.join(stray)}: not among the sample-based --methods "
+                f"({','.join(sample)})"
+            )
+        hyper = {method: dict(values) for method, values in args.hyper.items()}
+        for method, radius in args.radius.items():
+            if "radius" in hyper.get(method, {}):
+                raise UserError(f"--radius {method} and --hyper {method}.radius: give one")
             hyper.setdefault(method, {})["radius"] = radius
+        torch.set_num_threads(args.threads)
         cfg = EscapeConfig(
-            ks=ks,
+            ks=args.teacher_widths,
             n_extra=args.n_extra,
             outputs=args.outputs,
-            seeds=args.seeds,
+            seeds=args.population_seeds,
             sample_seeds=args.sample_seeds,
-            methods=names(args.methods),
-            protocols=names(args.protocols),
+            methods=args.methods,
+            protocols=args.protocols,
             steps=args.steps,
-            batch=args.batch,
+            batch=args.batch_size,
             tune_k=args.tune_k,
             tune_seeds=args.tune_seeds,
             tune_pool=args.tune_pool,
             max_gd_steps=args.max_gd_steps,
             problem_seed=args.problem_seed,
-            device=args.device,
-            lr=parse_values(args.lr, "--lr"),
+            device=str(args.device),
+            lr=args.lr,
             hyper=hyper,
             plugins=[str(Path(f).resolve()) for f in args.plugin],
-            references=None if args.references is None else names(args.references),
+            references=args.references,
         )
         run_benchmark(
             args.out,
@@ -147,3 +131,6 @@ def add_escape(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+COMMANDS = {"escape": add_escape}

@@ -6,11 +6,21 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from qmse.cli.common import Formatter, add_backend_args, add_unverified
+from qmse.cli.common import (
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_NUMBER,
+    add_backend_args,
+    add_device,
+    add_field,
+    add_loss_param,
+    loss_params,
+    names_of,
+    number,
+)
 from qmse.data import DATASETS
 from qmse.distributed import init_distributed, is_main
 from qmse.download import download, status
-from qmse.errors import UserError
 from qmse.loss import LOSSES
 from qmse.report import write_outputs
 from qmse.reproduce import (
@@ -21,28 +31,25 @@ from qmse.reproduce import (
     loss_params_for,
     run_grid,
 )
-from qmse.rundir import TrainConfig, resolve_device, run_name
+from qmse.rundir import TrainConfig, run_name
 from qmse.stepsize import Tuning
 from qmse.tblog import tensorboard_logger
-from qmse.train import PAPER_LR, train_run
+from qmse.train import train_run
+
+SEEDS_HELP = "train seeds 0..N-1 for every setting (loss × momentum)"
 
 
-def add_demo(sub: argparse._SubParsersAction) -> None:
+def add_demo(p: argparse.ArgumentParser) -> None:
     """`qmse demo`: `qmse reproduce` on Fashion-MNIST in about 4 minutes on 2 CPU cores."""
-    p = sub.add_parser(
-        "demo",
-        help="the paper's Fashion-MNIST grid (MSE vs QMSE, momentum 0 and 0.9) at a CPU budget",
-        formatter_class=Formatter,
-    )
-    p.add_argument("--data-dir", default=None, help="else $QMSE_DATA, else ~/.cache/qmse")
+    add_field(p, TrainConfig, "data_dir")
     p.add_argument("--out", default="runs/demo", help="grid directory (reused: runs resume)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per setting")
-    p.add_argument("--epochs", type=int, default=8, help="passes over the training subset")
-    p.add_argument("--train-subset", type=int, default=5000, help="first N training images")
-    p.add_argument("--test-subset", type=int, default=2000, help="first N test images")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:0, ...")
+    p.add_argument("--seeds", type=POSITIVE, default=2, help=SEEDS_HELP)
+    p.add_argument("--epochs", type=POSITIVE, default=8, help="passes over the training subset")
+    p.add_argument("--train-subset", type=POSITIVE, default=5000, help="first N training images")
+    p.add_argument("--test-subset", type=POSITIVE, default=2000, help="first N test images")
+    add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_unverified(p)
+    add_field(p, TrainConfig, "allow_unverified_data", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
         configs = grid_configs(
@@ -62,23 +69,20 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_data(sub: argparse._SubParsersAction) -> None:
+def add_data(p: argparse.ArgumentParser) -> None:
     """`qmse data list|download`."""
-    p = sub.add_parser(
-        "data",
-        help="list or download MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100",
-        formatter_class=Formatter,
-    )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     data_dir_help = "data folder; None means $QMSE_DATA, else ~/.cache/qmse"
     show = actions.add_parser(
-        "list", help="which datasets are present and match their MD5", formatter_class=Formatter
+        "list",
+        help="which datasets are present and match their MD5",
+        formatter_class=p.formatter_class,
     )
     show.add_argument("--data-dir", default=None, help=data_dir_help)
     fetch = actions.add_parser(
         "download",
         help="fetch a dataset's official files, verify their MD5, resume/retry",
-        formatter_class=Formatter,
+        formatter_class=p.formatter_class,
     )
     fetch.add_argument("name", choices=DATASETS, help="dataset to fetch")
     fetch.add_argument("--data-dir", default=None, help=data_dir_help)
@@ -107,66 +111,47 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     fetch.set_defaults(func=run_download)
 
 
-def add_train(sub: argparse._SubParsersAction) -> None:
-    """`qmse train` (one run) and `qmse reproduce` (the paper's grid, figure and report)."""
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="data set")
-        p.add_argument("--data-dir", default=None, help="else $QMSE_DATA, else ~/.cache/qmse")
-        p.add_argument("--lr", type=float, default=None, help="default: MNIST 0.01, CIFAR 0.1")
-        p.add_argument("--batch-size", type=int, default=128, help="SGD minibatch size")
-        p.add_argument("--epochs", type=int, default=100, help="passes over the training set")
-        p.add_argument("--train-subset", type=int, default=None, help="first N training images")
-        p.add_argument("--test-subset", type=int, default=None, help="first N test images")
-        p.add_argument(
-            "--eval-every", type=int, default=1, help="measure the full sets every N epochs, + last"
-        )
-        p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:0, ...")
-        p.add_argument(
-            "--quiet", action="store_true", help="no progress bars (nor per-epoch lines off a tty)"
-        )
-        p.add_argument(
-            "--tensorboard",
-            default=None,
-            metavar="DIR",
-            help="also log the metrics to TensorBoard in DIR (pip install 'qmse[tensorboard]')",
-        )
-        add_unverified(p)
-
-    p = sub.add_parser(
-        "train", help="train one SimpleCNN run into a run directory", formatter_class=Formatter
-    )
-    common(p)
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options `qmse train` and `qmse reproduce` share: TrainConfig's data and
+    optimisation fields, the device, logging."""
+    add_field(p, TrainConfig, "dataset", choices=DATASETS)
+    add_field(p, TrainConfig, "data_dir")
+    add_field(p, TrainConfig, "lr", type=POSITIVE_NUMBER)
+    add_field(p, TrainConfig, "batch_size", type=POSITIVE)
+    add_field(p, TrainConfig, "epochs", type=POSITIVE)
+    add_field(p, TrainConfig, "train_subset", type=POSITIVE, metavar="N")
+    add_field(p, TrainConfig, "test_subset", type=POSITIVE, metavar="N")
+    add_field(p, TrainConfig, "eval_every", type=POSITIVE, metavar="N")
+    add_device(p)
     p.add_argument(
-        "--loss",
-        default="qmse",
-        choices=tuple(LOSSES),
-        help="training loss: "
-        + "; ".join(f"{name}: {spec.description}" for name, spec in LOSSES.items()),
+        "--quiet", action="store_true", help="no progress bars (nor per-epoch lines off a tty)"
     )
     p.add_argument(
-        "--sigma",
-        type=float,
+        "--tensorboard",
         default=None,
-        help="label-noise: the standard deviation σ of its noise ξ ~ N(0, σ²I) (required with "
-        "--loss label-noise, refused with the others)",
+        metavar="DIR",
+        help="also log the metrics to TensorBoard in DIR (pip install 'qmse[tensorboard]')",
     )
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    p.add_argument("--seed", type=int, default=0, help="init, batch order, the loss's noise")
-    p.add_argument("--channels", type=int, nargs=2, default=[32, 64], help="conv widths")
-    p.add_argument("--hidden", type=int, default=128, help="hidden linear width")
-    p.add_argument("--out", default=None, help="run directory; default runs/<dataset>/<run name>")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="accepted and ignored: a run in --out with the same settings and data always "
-        "continues (a finished one returns at once); other settings are refused",
+    add_field(p, TrainConfig, "allow_unverified_data", action="store_true")
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    """`qmse train`: one run."""
+    add_run_options(p)
+    add_field(
+        p,
+        TrainConfig,
+        "loss",
+        choices=tuple(LOSSES),
+        more_help="; ".join(f"{name}: {spec.description}" for name, spec in LOSSES.items()),
     )
-    p.add_argument(
-        "--resample-null",
-        action="store_true",
-        help="QMSE: redraw v_i while ‖J_iᵀv_i‖ ≤ 1e-6 (paper sec. 3.1; costly, see docs)",
-    )
+    add_loss_param(p, LOSSES.values())
+    add_field(p, TrainConfig, "momentum", type=number(0, 1))
+    add_field(p, TrainConfig, "seed", type=NONNEGATIVE)
+    add_field(p, TrainConfig, "channels", type=POSITIVE, nargs=2, metavar=("C1", "C2"))
+    add_field(p, TrainConfig, "hidden", type=POSITIVE)
+    p.add_argument("--out", default=None, help="run directory; None: runs/<dataset>/<run name>")
+    add_field(p, TrainConfig, "resample_null", action="store_true")
 
     def train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(
@@ -175,8 +160,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             train_subset=args.train_subset,
             test_subset=args.test_subset,
             loss=args.loss,
-            loss_params={} if args.sigma is None else {"sigma": args.sigma},
-            lr=args.lr if args.lr is not None else PAPER_LR[args.dataset],
+            loss_params=loss_params(args.loss_param, [LOSSES[args.loss]]),
+            lr=args.lr,
             momentum=args.momentum,
             batch_size=args.batch_size,
             epochs=args.epochs,
@@ -188,7 +173,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             allow_unverified_data=args.allow_unverified_data,
         )
         out = args.out or f"runs/{args.dataset}/{run_name(cfg)}"
-        device = init_distributed(resolve_device(args.device))  # under torchrun: join, pick GPU
+        device = init_distributed(args.device)  # under torchrun: join, pick this rank's GPU
         log = contextlib.nullcontext(None)
         if args.tensorboard is not None and is_main():
             log = tensorboard_logger(Path(args.tensorboard) / Path(out).name)
@@ -204,40 +189,34 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
     p.set_defaults(func=train)
 
-    p = sub.add_parser(
-        "reproduce",
-        help="the paper's grid (losses × momentum {0, 0.9} × seeds), figure.png and report.md",
-        formatter_class=Formatter,
-    )
-    common(p)
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per setting")
+
+def add_reproduce(p: argparse.ArgumentParser) -> None:
+    """`qmse reproduce`: the paper's grid, its figure and report."""
+    add_run_options(p)
+    p.add_argument("--seeds", type=POSITIVE, default=5, help=SEEDS_HELP)
     p.add_argument(
         "--losses",
+        type=names_of(LOSSES, "a registered loss"),
         default=",".join(PAPER_LOSSES),
-        help=f"comma-separated registered losses ({', '.join(LOSSES)}); the end-of-training "
-        f"grid: {','.join(END_LOSSES)}",
+        metavar="LOSS,...",
+        help=f"comma-separated registered losses; the end-of-training grid: {','.join(END_LOSSES)}",
     )
-    p.add_argument("--with-ablation", action="store_true", help="add expected-qmse and ce")
-    p.add_argument(
-        "--sigma", type=float, default=0.1, help="label-noise's σ (with --tune: its start value)"
+    p.add_argument("--with-ablation", action="store_true", help=f"add {' and '.join(ABLATION)}")
+    add_loss_param(
+        p, LOSSES.values(), "for every loss of the grid that takes it; with --tune: its start value"
     )
     p.add_argument(
         "--tune",
         action="store_true",
-        help="also run each method at its own lr (and σ), chosen by a factor-2 sweep of full "
-        "runs on --sweep-seed (see docs/results.md)",
+        help="also run each method at its own lr (and loss parameters), chosen by a factor-2 "
+        "sweep of full runs on --sweep-seed (see docs/results.md)",
     )
-    p.add_argument("--sweep-seed", type=int, default=100, help="--tune: the held-out seed")
-    p.add_argument(
-        "--sweep-start-step",
-        type=float,
-        default=None,
-        help="--tune: start each lr sweep at lr = STEP·(1 − momentum) (0.1: the paper's lr "
-        "with momentum 0.9); default: at --lr",
-    )
-    p.add_argument(
-        "--max-extend", type=int, default=4, help="--tune: values within start·2^±(1 + N)"
-    )
+    add_field(p, Tuning, "seed", "--sweep-seed", type=NONNEGATIVE, more_help="with --tune")
+    add_field(
+        p, Tuning, "start_step", "--sweep-start-step", type=POSITIVE_NUMBER, metavar="STEP",
+        more_help="with --tune",
+    )  # fmt: skip
+    add_field(p, Tuning, "max_extend", type=NONNEGATIVE, metavar="N", more_help="with --tune")
     p.add_argument(
         "--no-common-lr",
         action="store_true",
@@ -249,8 +228,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="diagnose every final checkpoint (stopping case, Hessian extremes, full-set "
         "gradient and residuals) into its diagnosis.json",
     )
-    p.add_argument("--diagnose-samples", type=int, default=256, help="fixed subset for --diagnose")
-    p.add_argument("--lanczos-steps", type=int, default=20, help="--diagnose: Hessian products")
+    p.add_argument(
+        "--diagnose-samples", type=POSITIVE, default=256, help="fixed subset for --diagnose"
+    )
+    p.add_argument(
+        "--lanczos-steps", type=POSITIVE, default=20, help="--diagnose: Hessian products"
+    )
     p.add_argument(
         "--piece",
         default="all",
@@ -264,11 +247,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--parallel",
-        type=int,
+        type=POSITIVE,
         default=1,
         help="runs trained at once as one stacked model (train_many: vmap on CUDA, a loop on CPU)",
     )
-    p.add_argument("--out", default=None, help="grid directory; default runs/reproduce-<dataset>")
+    p.add_argument("--out", default=None, help="grid directory; None: runs/reproduce-<dataset>")
     add_backend_args(p, "ray: one Ray task per run (per group with --parallel)")
 
     def reproduce(args: argparse.Namespace) -> int:
@@ -277,19 +260,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             for kind, path in write_outputs(out).items():
                 print(f"{kind}: {path}")
             return 0
-        losses = [name.strip() for name in args.losses.split(",") if name.strip()]
-        if unknown := [name for name in losses if name not in LOSSES]:
-            raise UserError(f"--losses: {', '.join(unknown)} not registered; use {tuple(LOSSES)}")
+        trained = list(dict.fromkeys([*args.losses, *(ABLATION if args.with_ablation else ())]))
+        given = loss_params(args.loss_param, [LOSSES[name] for name in trained])
         configs = grid_configs(
             args.dataset,
             seeds=args.seeds,
             epochs=args.epochs,
             lr=args.lr,
-            losses=losses,
+            losses=args.losses,
             with_ablation=args.with_ablation,
-            loss_params=loss_params_for(
-                [*losses, *(ABLATION if args.with_ablation else ())], {"sigma": args.sigma}
-            ),
+            loss_params=loss_params_for(trained, given),
             batch_size=args.batch_size,
             train_subset=args.train_subset,
             test_subset=args.test_subset,
@@ -326,3 +306,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=reproduce)
+
+
+COMMANDS = {"demo": add_demo, "data": add_data, "train": add_train, "reproduce": add_reproduce}
