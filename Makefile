@@ -63,8 +63,8 @@ demo: setup fashion-mnist
 # of what is finished; `make fmnist-end-docs` copies the grid without checkpoints to
 # docs/fmnist-end/ and rewrites its report from those files.
 FMNIST_END := OMP_NUM_THREADS=1 .venv/bin/qmse reproduce --dataset fashion-mnist \
-	--losses mse,qmse,expected-qmse,label-noise,ce --sigma 0.1 --seeds 5 --epochs 100 \
-	--batch-size 128 --train-subset 2000 --test-subset 2000 --eval-every 5 \
+	--losses mse,qmse,expected-qmse,label-noise,ce --loss-param sigma=0.1 --seeds 5 \
+	--epochs 100 --batch-size 128 --train-subset 2000 --test-subset 2000 --eval-every 5 \
 	--tune --sweep-seed 100 --sweep-start-step 0.1 --max-extend 4 \
 	--diagnose --diagnose-samples 256 --lanczos-steps 20 --device cpu --out runs/fmnist-end
 PIECES  := sweep-m0.9 sweep-m0 seed0 seed1 seed2 seed3 seed4

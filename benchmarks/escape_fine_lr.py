@@ -9,7 +9,7 @@ so these methods are tuned again on a grid four times finer, over the built-in g
 and two doublings above it, where the jumps lie (the usual widening past an edge still
 applies), on the same tuning starts, and evaluated on the same starts as the built-ins:
 
-    qmse escape --plugin benchmarks/escape_fine_lr.py --k 10,12 \\
+    qmse escape --plugin benchmarks/escape_fine_lr.py --teacher-widths 10,12 \\
         --methods sgd-fine,momentum-fine,qmse-fine,qmse-momentum-fine,... --out runs/escape-2-fine
 """
 

@@ -12,13 +12,13 @@ Per step at teacher width k, S starts, batch B, on one thread, timed round-robin
 - end to end: `run_methods` with every built-in method without hooks in lockstep, per
   method and step (shared parts included).
 
-With --project RUN (a finished default run at one k: `qmse escape --k 8 --out RUN`), the
-whole table of the second edition (k = 6-12, every built-in method, both protocols, 1,000
-evaluation starts per cell or all the minima, sweeps on 100 tuning starts per value, 3,000
-steps) is projected part by part: RUN's measured seconds of sweeps and evaluation per
-protocol, scaled to each k by the measured cost of a step of every method at that k and by
-the number of minima; gd-population's measured seconds per k from --gd runs. Cells are
-independent, so two processes share two cores.
+With --project RUN (a finished default run at one k: `qmse escape --teacher-widths 8 --out
+RUN`), the whole table of the second edition (k = 6-12, every built-in method, both
+protocols, 1,000 evaluation starts per cell or all the minima, sweeps on 100 tuning starts
+per value, 3,000 steps) is projected part by part: RUN's measured seconds of sweeps and
+evaluation per protocol, scaled to each k by the measured cost of a step of every method at
+that k and by the number of minima; gd-population's measured seconds per k from --gd runs.
+Cells are independent, so two processes share two cores.
 
     python -m benchmarks.escape_speed --k 6 8 10 12 --starts 1000 --batch 64
     python -m benchmarks.escape_speed --k 6 8 10 12 --project runs/escape-k8 --gd runs/escape-gd
