@@ -83,7 +83,7 @@ def measure(
         data = Data(x, y_cpu.to(device), x[:1], y_cpu[:1].to(device), classes)
         params = stack_parameters([build_model(args, s).to(device) for s in range(M)], fmt)
         bufs = {k: torch.zeros_like(p) for k, p in params.items()}
-        cfgs = [TrainConfig(dataset="random", loss=loss, seed=s) for s in range(M)]
+        cfgs = [TrainConfig(dataset="random", loss=loss, lr=0.01, seed=s) for s in range(M)]
         forward = wrap(stacked_forwards(args, batching)[0])
         gens = [run_generators(s) for s in range(M)]
         return partial(_train_epoch, forward, params, bufs, cfgs, data, gens, _NoBar())

@@ -26,6 +26,7 @@ from qmse import curvature, landscape, runs
 from qmse.escape import gd_population, make_job, run_method
 from qmse.escape.engine import job_gradient, teacher_outputs
 from qmse.loss import LOSSES, get_loss, qmse_loss, sample_directions
+from qmse.report import write_outputs
 from qmse.reproduce import run_grid
 from qmse.rundir import load_run, prepare_data, run_name
 from qmse.teacher_student import init_weights, make_problem, sample_inputs
@@ -134,7 +135,8 @@ def test_train_many_with_vmap_on_cuda_is_the_cpu_runs(tmp_path):
 def test_a_grid_of_one_run_on_cuda_is_the_cpu_grid(tmp_path):
     cfg = tiny_config(loss="qmse", momentum=0.9, seed=0)
     for device in ("cpu", "cuda"):
-        paths = run_grid([cfg], tmp_path / device, dataset=tiny_images(), device=device, quiet=True)
+        grid = run_grid([cfg], tmp_path / device, dataset=tiny_images(), device=device, quiet=True)
+        paths = write_outputs(grid)
         assert paths["figure"].exists() and paths["report"].exists()
     close_rows(
         runs.read_jsonl(tmp_path / "cuda" / run_name(cfg) / "metrics.jsonl"),

@@ -48,7 +48,7 @@ def test_grid_configs_follow_the_paper():
     )  # fmt: skip
     assert [c.loss_params for c in end[:3]] == [{}, {"sigma": 0.3}, {}]
     assert {c.eval_every for c in end} == {5} and [c.seed for c in end] == [0] * 3 + [1] * 3
-    with pytest.raises(ValueError, match="--sigma"):
+    with pytest.raises(ValueError, match="--loss-param sigma=VALUE"):
         loss_params_for(losses, {})
 
 
@@ -65,7 +65,8 @@ def _table_rows(report: str, momentum: str, loss: str) -> list[list[str]]:
 
 def test_tiny_grid_end_to_end(tmp_path):
     configs = _tiny_grid(seeds=3)
-    paths = run_grid(configs, tmp_path, dataset=tiny_dataset(), device="cpu", quiet=True)
+    grid = run_grid(configs, tmp_path, dataset=tiny_dataset(), device="cpu", quiet=True)
+    paths = write_outputs(grid)
     image = matplotlib.image.imread(paths["figure"])
     assert image.ndim == 3 and image.shape[0] > 500  # two stacked panels
     assert paths["figure-mse"].exists()
@@ -100,7 +101,9 @@ def test_tiny_grid_end_to_end(tmp_path):
 
     # a diverged run is excluded and named; two pairs left: undetermined
     runs.save_json(tmp_path / "qmse-m0-s1" / "diverged.json", {"epoch": 2, "message": "x"})
-    report = run_grid(configs, tmp_path, dataset=tiny_dataset(), quiet=True)["report"]
+    report = write_outputs(run_grid(configs, tmp_path, dataset=tiny_dataset(), quiet=True))[
+        "report"
+    ]
     text = report.read_text()
     assert "Diverged (non-finite loss, excluded): qmse-m0-s1." in text
     final, paired = _table_rows(text, "0", "qmse")
@@ -220,7 +223,7 @@ def test_a_tuned_diagnosed_grid_in_pieces(tmp_path):
     assert runs.load_json(out / "grid.json")["tuning"]["chosen"] == chosen
 
     for seed in range(3):
-        paths = run_grid(configs, out, piece=f"seed{seed}", **kw)
+        paths = write_outputs(run_grid(configs, out, piece=f"seed{seed}", **kw))
     grid = runs.load_json(out / "grid.json")
     own, common = grid["sets"]
     assert own["name"] == "own-lr" and common["name"] == "common-lr" and len(own["runs"]) == 9

@@ -149,9 +149,10 @@ def test_ray_escape_benchmark_gives_the_local_files(ray_cluster, tmp_path):
     """`qmse escape --backend ray` (its cells as Ray tasks in dependency order, a fixed
     tuning k so that cells share tunings) writes the local backend's files, byte for byte."""
     argv = [
-        "escape", "--k", "3,4", "--seeds", "8", "--sample-seeds", "3", "--steps", "40",
-        "--methods", "gd-population,sgd,pgd,qmse", "--tune-k", "3", "--tune-seeds", "2",
-        "--tune-pool", "8", "--max-gd-steps", "2000", "--batch", "16", "--quiet",
+        "escape", "--teacher-widths", "3,4", "--population-seeds", "8", "--sample-seeds", "3",
+        "--steps", "40", "--methods", "gd-population,sgd,pgd,qmse", "--tune-k", "3",
+        "--tune-seeds", "2", "--tune-pool", "8", "--max-gd-steps", "2000", "--batch-size", "16",
+        "--quiet",
     ]  # fmt: skip
     threads = torch.get_num_threads()
     try:

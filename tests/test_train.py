@@ -81,7 +81,8 @@ def test_prepare_data_from_a_config_loads_through_qmse_data(monkeypatch):
     monkeypatch.setattr(
         qdata, "load", lambda name, data_dir=None: seen.append(name) or tiny_dataset()
     )
-    d = prepare_data({"dataset": "tiny", "data_dir": None, "train_subset": 7, "loss": "mse"})
+    config = {"dataset": "tiny", "data_dir": None, "train_subset": 7, "loss": "mse", "lr": 0.1}
+    d = prepare_data(config)
     assert seen == ["tiny"] and d.x_train.shape[0] == 7
 
 

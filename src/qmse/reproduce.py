@@ -13,7 +13,8 @@ for another. After the last epoch every evaluation run's final checkpoint can be
     grid.json                   the runs, their configs and sets, the sweeps, provenance
     <run name>/                 the evaluation runs (`qmse.train` run directories)
     sweep/<sweep run name>/     the sweeps' runs
-    report.md, figure*.png      `qmse.report.write_outputs`, from those files alone
+    report.md, figure*.png      `qmse.report.write_outputs`, from those files alone (the
+                                command line writes them after each piece)
 
 Long grids run in pieces (`piece`): "sweep" or "sweep-m<momentum>" (the sweeps), "seed<k>"
 (the evaluation runs of seed k, after the sweeps), "all"; every piece resumes what a killed
@@ -38,9 +39,9 @@ from qmse.data import DATASETS
 from qmse.endstate import diagnose_end
 from qmse.errors import UserError
 from qmse.loss import get_loss
-from qmse.report import write_outputs
 from qmse.results import load_results
 from qmse.rundir import (
+    PAPER_LR,
     TrainConfig,
     differing_keys,
     load_dataset,
@@ -50,7 +51,7 @@ from qmse.rundir import (
 from qmse.stepsize import SWEEP_DIR, Tuning, replay_sweeps, sweep_name
 from qmse.sweep import run_tasks
 from qmse.tblog import summary_writer_class, tensorboard_logger
-from qmse.train import PAPER_LR, train_many, train_task
+from qmse.train import train_many, train_task
 
 PAPER_LOSSES = ("mse", "qmse")  # the paper's comparison
 ABLATION = ("expected-qmse", "ce")
@@ -67,7 +68,8 @@ def loss_params_for(losses: Sequence[str], given: Mapping[str, float]) -> dict[s
         if missing := [p for p in spec.params if p not in given]:
             raise UserError(
                 f"loss {loss!r} needs {', '.join(missing)}: give "
-                f"{' '.join(f'--{p} VALUE' for p in missing)} (with tuning: its start value)"
+                f"{' '.join(f'--loss-param {p}=VALUE' for p in missing)} (with tuning: its "
+                f"start value)"
             )
         if spec.params:
             out[loss] = {p: given[p] for p in spec.params}
@@ -157,11 +159,11 @@ def run_grid(
     cpus_per_task: float = 1,
     gpus_per_task: float = 0,
     quiet: bool = False,
-) -> dict[str, Path]:
+) -> Path:
     """Train the grid of `configs` into `out_dir` (finished runs are skipped, unfinished
-    ones continued), then write its figures and report.md (`qmse.report.write_outputs`);
-    returns their paths. `out_dir` is claimed as a grid (`qmse.runs.claim`) for the whole
-    call; a run in it that holds other settings is refused before anything is trained.
+    ones continued) and return the grid folder, whose files `qmse.report.write_outputs`
+    turns into figures and report.md. `out_dir` is claimed as a grid (`qmse.runs.claim`)
+    for the whole call; a run in it that holds other settings is refused before anything is trained.
 
     `configs` are the runs at the common lr. With `tuning`, each (loss, momentum) of them is
     also run at its own lr and loss parameters, chosen by `qmse.stepsize.tune` on the
@@ -232,7 +234,7 @@ def _run_grid(
     diagnosis: Mapping[str, Any] | None,
     piece: str,
     trainer: _Trainer,
-) -> dict[str, Path]:
+) -> Path:
     """run_grid's work once its directory is claimed."""
     bases = _bases(configs)
     t0 = time.perf_counter()
@@ -261,7 +263,7 @@ def _run_grid(
     runs.save_json(out / "grid.json", grid)
     if not trainer.quiet:
         print(f"{out}: piece {piece} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return write_outputs(out)
+    return out
 
 
 def _bases(configs: Sequence[TrainConfig]) -> list[TrainConfig]:

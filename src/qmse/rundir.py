@@ -146,7 +146,7 @@ def _check_loss_params(spec: Loss, params: Mapping[str, Any]) -> dict[str, float
     if missing := [p for p in spec.params if p not in params]:
         raise UserError(
             f"loss {spec.name!r} needs {', '.join(missing)} in loss_params (qmse train: "
-            f"{' '.join(f'--{p}' for p in missing)})"
+            f"{' '.join(f'--loss-param {p}=VALUE' for p in missing)})"
         )
     if extra := sorted(set(params) - set(spec.params)):
         takes = f"takes only {list(spec.params)}" if spec.params else "takes no parameters"

@@ -67,10 +67,6 @@ from qmse.stacked import (
     stacked_forwards,
 )
 
-# Learning rates of the paper's figures: 0.01 on MNIST (fig. 1), 0.1 on CIFAR (figs. 2-3).
-# Fashion-MNIST has MNIST's shape and gets MNIST's rate.
-PAPER_LR = {"mnist": 0.01, "fashion-mnist": 0.01, "cifar10": 0.1, "cifar100": 0.1}
-
 EVAL_KEYS = (  # measured on the full sets in the evaluated epochs only (`is_evaluated`)
     "train_acc",  # full train set, after the epoch
     "train_loss",  # the run's loss on the full train set (QMSE: its expectation over v)

@@ -32,11 +32,18 @@ from qmse.reproduce import (
     run_grid,
 )
 from qmse.rundir import TrainConfig, run_name
+from qmse.runs import claim
 from qmse.stepsize import Tuning
 from qmse.tblog import tensorboard_logger
 from qmse.train import train_run
 
 SEEDS_HELP = "train seeds 0..N-1 for every setting (loss × momentum)"
+
+
+def grid_outputs(out: str | Path) -> dict[str, Path]:
+    """`qmse.report.write_outputs` of a grid folder, claimed (a grid) while it writes."""
+    with claim(out, "grid", recognise=lambda d: (d / "grid.json").exists()):
+        return write_outputs(out)
 
 
 def add_demo(p: argparse.ArgumentParser) -> None:
@@ -61,7 +68,7 @@ def add_demo(p: argparse.ArgumentParser) -> None:
             data_dir=args.data_dir,
             allow_unverified_data=args.allow_unverified_data,
         )
-        paths = run_grid(configs, args.out, device=args.device, quiet=args.quiet)
+        paths = grid_outputs(run_grid(configs, args.out, device=args.device, quiet=args.quiet))
         print(f"figure: {paths['figure']}")
         print(f"report: {paths['report']}")
         return 0
@@ -257,7 +264,7 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
     def reproduce(args: argparse.Namespace) -> int:
         out = args.out or f"runs/reproduce-{args.dataset}"
         if args.report_only:
-            for kind, path in write_outputs(out).items():
+            for kind, path in grid_outputs(out).items():
                 print(f"{kind}: {path}")
             return 0
         trained = list(dict.fromkeys([*args.losses, *(ABLATION if args.with_ablation else ())]))
@@ -277,7 +284,7 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
             data_dir=args.data_dir,
             allow_unverified_data=args.allow_unverified_data,
         )
-        paths = run_grid(
+        grid = run_grid(
             configs,
             out,
             tuning=(
@@ -301,7 +308,7 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
             gpus_per_task=args.gpus_per_task,
             quiet=args.quiet,
         )
-        for kind, path in paths.items():  # figures only once some runs are complete
+        for kind, path in grid_outputs(grid).items():  # figures once some runs are complete
             print(f"{kind}: {path}")
         return 0
 
