@@ -13,7 +13,7 @@ import torch
 from conftest import TESTS, leaves_untouched, per_sample_jacobians, tiny_config, tiny_images
 from torch import nn
 
-from qmse import curvature
+from qmse import curvature, endstate
 from qmse import data as qdata
 from qmse import diagnose as dg
 from qmse.cli import main
@@ -172,9 +172,9 @@ def test_diagnose_model_is_json_ready_and_seeded():
     ws = d["geometry"]["whole_set"]  # the same numbers by another route (VJP of residuals)
     assert math.isclose(h["grad_norm"], ws["mse_grad_norm"], rel_tol=1e-9)
     assert math.isclose(h["loss"], ws["mse"], rel_tol=1e-12)
-    text = dg.summary_text(d)
+    text = endstate.summary_text(d)
     assert "stop case (whole set)" in text and "[expected-qmse] λ_min" in text
-    assert "[mse] label" in dg.compare_text(d, d, ("A", "B"))
+    assert "[mse] label" in endstate.compare_text(d, d, ("A", "B"))
 
 
 def test_diagnose_model_on_a_user_model_and_criterion():
@@ -215,10 +215,10 @@ def test_diagnose_model_on_a_user_model_and_criterion():
 
 
 def test_run_criteria_read_the_registry():
-    assert dg.run_criteria("mse") == ("mse",)
-    assert dg.run_criteria("qmse") == ("mse", "expected-qmse")  # its registered expectation
-    assert dg.run_criteria("label-noise") == ("mse",)
-    assert dg.run_criteria("ce") == ("mse", "ce")
+    assert endstate.run_criteria("mse") == ("mse",)
+    assert endstate.run_criteria("qmse") == ("mse", "expected-qmse")  # its registered expectation
+    assert endstate.run_criteria("label-noise") == ("mse",)
+    assert endstate.run_criteria("ce") == ("mse", "ce")
 
 
 def test_diagnose_run_writes_and_reuses_its_diagnosis(tmp_path, monkeypatch):
@@ -226,19 +226,19 @@ def test_diagnose_run_writes_and_reuses_its_diagnosis(tmp_path, monkeypatch):
     train_run(tiny_config(loss="qmse", epochs=1), tmp_path / "run", dataset=tiny_images(),
               quiet=True)  # fmt: skip
     opts = dict(n_samples=20, lanczos_steps=6, slq_vectors=1, trace_samples=3, quiet=True)
-    d = dg.diagnose_run(tmp_path / "run", **opts)
+    d = endstate.diagnose_run(tmp_path / "run", **opts)
     assert (tmp_path / "run" / "diagnosis.txt").exists()
     assert set(d["hessian"]) == {"mse", "expected-qmse"} and d["n_samples"] == 20
     assert d["run"]["loss"] == "qmse" and "git_commit" in d["provenance"]
     stamp = (tmp_path / "run" / "diagnosis.json").stat().st_mtime_ns
-    assert dg.diagnose_run(tmp_path / "run", **opts) == d
+    assert endstate.diagnose_run(tmp_path / "run", **opts) == d
     assert (tmp_path / "run" / "diagnosis.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="n_samples"):
-        dg.diagnose_run(tmp_path / "run", out_dir=tmp_path / "other", n_samples=10**6)
+        endstate.diagnose_run(tmp_path / "run", out_dir=tmp_path / "other", n_samples=10**6)
     # The run is extended: the cached diagnosis is stale and is computed again.
     train_run(tiny_config(loss="qmse", epochs=2), tmp_path / "run", dataset=tiny_images(),
               quiet=True)  # fmt: skip
-    again = dg.diagnose_run(tmp_path / "run", **opts)
+    again = endstate.diagnose_run(tmp_path / "run", **opts)
     assert again["key"] != d["key"] and again["run"]["final_metrics"]["epoch"] == 2
     assert again["geometry"] != d["geometry"]
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_cnn, tiny_config, write_tiny_mnist
 
-from qmse import diagnose, endstate
+from qmse import endstate
 from qmse.rundir import prepare_data
 from qmse.train import train_run
 
@@ -43,15 +43,15 @@ def test_the_diagnosis_is_cached_by_content(tmp_path, monkeypatch):
     train_run(cfg, run, quiet=True)
     kw = {"samples": 12, "lanczos_steps": 5, "trace_samples": 2}
     first = endstate.diagnose_end(run, **kw)
-    assert set(first["hessian"]) == set(diagnose.run_criteria("qmse")) == {"mse", "expected-qmse"}
+    assert set(first["hessian"]) == set(endstate.run_criteria("qmse")) == {"mse", "expected-qmse"}
     assert first["n_samples"] == 12 and first["full_set"]["n_samples"] == 48
     assert len(first["hessian"]["mse"]["slq"]) == 1 and first["stop"]["whole_set_label"]
-    assert diagnose.summary_text(first)  # `qmse diagnose`'s layout
+    assert endstate.summary_text(first)  # `qmse diagnose`'s layout
 
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed a diagnosis whose key matches")
 
-    monkeypatch.setattr(diagnose, "run_diagnosis", refuse)
+    monkeypatch.setattr(endstate, "run_diagnosis", refuse)
     assert endstate.diagnose_end(run, **kw) == first
     monkeypatch.undo()
 
@@ -62,6 +62,6 @@ def test_the_diagnosis_is_cached_by_content(tmp_path, monkeypatch):
     other = endstate.diagnose_end(run, **{**kw, "samples": 10})  # other arguments
     assert other["n_samples"] == 10
     # one file, one key: `qmse diagnose` of the run replaces the end-of-training diagnosis
-    run_only = diagnose.diagnose_run(run, n_samples=10, lanczos_steps=5, quiet=True)
+    run_only = endstate.diagnose_run(run, n_samples=10, lanczos_steps=5, quiet=True)
     assert run_only["key"] != other["key"] and "full_set" not in run_only
     assert "full_set" in endstate.diagnose_end(run, **{**kw, "samples": 10})

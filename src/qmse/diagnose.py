@@ -22,10 +22,7 @@ every module's mode are the same before and after.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +43,8 @@ from qmse.curvature import (
     spectral_density,
 )
 from qmse.errors import UserError
-from qmse.loss import get_loss
-from qmse.rundir import load_run, prepare_data, run_key
 from qmse.runs import (
-    atomic_write,
-    claim,
-    load_json,
     progress,
-    provenance,
-    read_jsonl,
-    save_figure,
-    save_json,
 )
 
 CASES = {0: "not-stationary", 1: "global-minimum", 2: "zero-jacobian", 3: "null-space"}
@@ -361,193 +349,6 @@ def diagnose_model(
         }
     bar.close()
     return out
-
-
-def run_criteria(run_loss: str) -> tuple[str, ...]:
-    """The Hessian losses of a run trained with `run_loss`: MSE (the yardstick of sec. 2.2)
-    and the run's own loss, or for a random one its registered mean-gradient loss (QMSE's is
-    expected-QMSE, docs/theory.md "Its expectation over v")."""
-    spec = get_loss(run_loss)
-    own = spec.mean_gradient_loss if spec.random else spec.name
-    if own is None:
-        raise UserError(
-            f"loss {run_loss!r} is random and registers no mean_gradient_loss to diagnose"
-        )
-    return ("mse",) if own == "mse" else ("mse", own)
-
-
-def run_diagnosis(
-    run_dir: str | os.PathLike,
-    *,
-    n_samples: int = 256,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    quiet: bool = False,
-    **options: Any,
-) -> dict:
-    """The diagnosis of a finished `qmse train` run on a fixed subset of its training set,
-    computed (nothing is read from or written to a cache: see `diagnose_run`).
-
-    The subset is `n_samples` training images drawn without replacement by a generator
-    seeded with `seed` (the same images for every run of the same data: comparable). The
-    Hessian losses are `run_criteria` of the run's loss. `options` go to `diagnose_model`."""
-    run_dir = Path(run_dir)
-    model, run_config = load_run(run_dir, device)
-    data = prepare_data(run_config, device)
-    n_train = data.x_train.shape[0]
-    if not 1 <= n_samples <= n_train:
-        raise UserError(f"n_samples={n_samples}; the run's training set has {n_train} images")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n_train, generator=gen)[:n_samples].sort().values.to(data.x_train.device)
-    result = diagnose_model(
-        model,
-        run_criteria(run_config["loss"]),
-        (data.x_train[idx], data.y_train[idx]),
-        seed=seed,
-        quiet=quiet,
-        **options,
-    )
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    return {
-        "config": {"run_dir": str(run_dir), "n_samples": n_samples, "seed": seed, **options},
-        "run": {
-            "loss": run_config["loss"],
-            "lr": run_config.get("lr"),
-            "epochs": run_config.get("epochs"),
-            "seed": run_config.get("seed"),
-            "final_metrics": metrics[-1] if metrics else None,
-        },
-        **result,
-        "provenance": provenance(device),
-    }
-
-
-def cached_diagnosis(out_dir: str | os.PathLike, key: str) -> dict | None:
-    """The diagnosis.json of `out_dir` if it was computed under `key` (the same run contents
-    and arguments: not stale), else None."""
-    path = Path(out_dir) / "diagnosis.json"
-    if path.exists():
-        held = load_json(path)
-        if isinstance(held, dict) and held.get("key") == key:
-            return held
-    return None
-
-
-def write_diagnosis(out_dir: str | os.PathLike, diagnosis: dict) -> None:
-    """The one writer of diagnosis.json (and its summary diagnosis.txt), in a directory
-    claimed as a diagnosis (or the train run it diagnoses)."""
-    out_dir = Path(out_dir)
-    with claim(out_dir, "diagnosis", accept=("train-run",)):
-        save_json(out_dir / "diagnosis.json", diagnosis)
-        atomic_write(out_dir / "diagnosis.txt", summary_text(diagnosis))
-
-
-def diagnose_run(
-    run_dir: str | os.PathLike,
-    *,
-    n_samples: int = 256,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    out_dir: str | os.PathLike | None = None,
-    quiet: bool = False,
-    **options: Any,
-) -> dict:
-    """`run_diagnosis`, cached in `out_dir` (default: the run directory): a diagnosis.json
-    with the same key (the run's config.json and checkpoint.pt, and these arguments) is
-    returned as it is; else the diagnosis is computed and written there (`write_diagnosis`,
-    with its key)."""
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir
-    key = run_key(run_dir, diagnosis="run", n_samples=n_samples, seed=seed, **options)
-    if (held := cached_diagnosis(out_dir, key)) is not None:
-        return held
-    result = run_diagnosis(
-        run_dir, n_samples=n_samples, seed=seed, device=device, quiet=quiet, **options
-    )
-    result = {"key": key, **result}
-    write_diagnosis(out_dir, result)
-    return result
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
-
-
-def _summary_rows(d: dict) -> list[tuple[str, str]]:
-    ws, ps, st = d["geometry"]["whole_set"], d["geometry"]["per_sample"], d["stop"]
-    fm = (d.get("run") or {}).get("final_metrics") or {}
-    rows = [
-        ("run loss", str((d.get("run") or {}).get("loss", "-"))),
-        ("epochs", str(fm.get("epoch", "-"))),
-        ("train acc (full set)", _fmt(fm["train_acc"]) if "train_acc" in fm else "-"),
-        ("test acc", _fmt(fm["test_acc"]) if "test_acc" in fm else "-"),
-        ("samples / params", f"{d['n_samples']} / {d['n_params']}"),
-        ("stop case (whole set)", f"{st['whole_set_case']} {st['whole_set_label']}"),
-        ("per-sample cases", " ".join(f"{k}={v}" for k, v in st["per_sample_counts"].items())),
-        ("½‖r‖² mean", _fmt(ws["mse"])),
-        ("‖∇ mean ½‖r‖²‖", _fmt(ws["mse_grad_norm"])),
-        ("‖𝐉‖₂ (set)", _fmt(ws["jacobian_spec"])),
-        ("ratio ‖𝐉ᵀR‖/(‖𝐉‖₂‖R‖)", _fmt(ws["ratio"])),
-        ("per-sample ‖r‖ median", _fmt(ps["residual_norm"]["median"])),
-        ("per-sample ratio median", _fmt(ps["ratio"]["median"])),
-        ("per-sample ratio min", _fmt(ps["ratio"]["min"])),
-        ("per-sample σ_min(J) min", _fmt(ps["jacobian_smin"]["min"])),
-    ]
-    for loss, h in d["hessian"].items():
-        rows += [
-            (f"[{loss}] loss", _fmt(h["loss"])),
-            (f"[{loss}] ‖∇loss‖", _fmt(h["grad_norm"])),
-            (f"[{loss}] λ_max", _fmt(h["top"][0])),
-            (f"[{loss}] λ_min", _fmt(h["bottom"][0])),
-            (f"[{loss}] label", h["label"]),
-            (f"[{loss}] trace ± se", f"{_fmt(h['trace'])} ± {_fmt(h['trace_se'])}"),
-        ]
-    return rows
-
-
-def summary_text(d: dict) -> str:
-    """A short human-readable summary of a `diagnose_model`/`diagnose_run` result."""
-    rows = _summary_rows(d)
-    width = max(len(k) for k, _ in rows)
-    tol = d["stop"]["tolerances"]
-    head = "tolerances: " + ", ".join(f"{k}={v:g}" for k, v in tol.items())
-    return "\n".join([head, *(f"{k:<{width}}  {v}" for k, v in rows)]) + "\n"
-
-
-def compare_text(a: dict, b: dict, names: tuple[str, str]) -> str:
-    """Two diagnoses side by side (rows present in either; '-' where one lacks a row)."""
-    ra, rb = dict(_summary_rows(a)), dict(_summary_rows(b))
-    keys = list(ra) + [k for k in rb if k not in ra]
-    width = max(len(k) for k in keys)
-    col = max(12, *(len(v) for v in (*ra.values(), *rb.values(), *names)))
-    lines = [f"{'':<{width}}  {names[0]:<{col}}  {names[1]:<{col}}"]
-    lines += [f"{k:<{width}}  {ra.get(k, '-'):<{col}}  {rb.get(k, '-'):<{col}}" for k in keys]
-    return "\n".join(lines) + "\n"
-
-
-def compare_runs(
-    run_a: str | os.PathLike,
-    run_b: str | os.PathLike,
-    *,
-    out_dir: str | os.PathLike | None = None,
-    **kwargs: Any,
-) -> str:
-    """Diagnose two runs on the same subset (`diagnose_run`, each into its own directory)
-    and return them side by side; with `out_dir`, also write comparison.json (both
-    diagnoses, provenance), comparison.txt and diagnose-spectra.png (`plot_spectra`) there."""
-    a, b = diagnose_run(run_a, **kwargs), diagnose_run(run_b, **kwargs)
-    names = (Path(run_a).name or str(run_a), Path(run_b).name or str(run_b))
-    if names[0] == names[1]:
-        names = (str(run_a), str(run_b))
-    text = compare_text(a, b, names)
-    if out_dir is not None:
-        device = kwargs.get("device", "cpu")
-        save_json(Path(out_dir) / "comparison.json",
-                  {"runs": [str(run_a), str(run_b)], "diagnoses": [a, b],
-                   "provenance": provenance(device)})  # fmt: skip
-        atomic_write(Path(out_dir) / "comparison.txt", text)
-        save_figure(Path(out_dir) / "diagnose-spectra.png", plot_spectra(dict(zip(names, (a, b)))))
-    return text
 
 
 def plot_spectra(diagnoses: dict[str, dict], *, loss: str = "mse", sigma: float = 0.0) -> Figure:

@@ -201,7 +201,7 @@ def run_grid(
         )
     if diagnosis is not None and configs[0].dataset not in DATASETS:
         raise UserError(
-            f"diagnosis reads each run's data from disk (qmse.diagnose.diagnose_run), and "
+            f"diagnosis reads each run's data from disk (qmse.endstate.diagnose_run), and "
             f"{configs[0].dataset!r} is not a data set qmse reads: leave diagnosis out"
         )
     _check_piece(piece, configs, tuning)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qmse import convexity, diagnose
+from qmse import convexity, endstate
 from qmse.cli.common import (
     NONNEGATIVE,
     NONNEGATIVE_NUMBER,
@@ -79,10 +79,10 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
             tol_ratio=args.tol_ratio, curvature_tol=args.curvature_tol,
         )  # fmt: skip
         if args.compare is not None:
-            print(diagnose.compare_runs(*args.compare, out_dir=args.out, **kwargs), end="")
+            print(endstate.compare_runs(*args.compare, out_dir=args.out, **kwargs), end="")
             return 0
-        d = diagnose.diagnose_run(args.run_dir, out_dir=args.out, **kwargs)
-        print(diagnose.summary_text(d), end="")
+        d = endstate.diagnose_run(args.run_dir, out_dir=args.out, **kwargs)
+        print(endstate.summary_text(d), end="")
         return 0
 
     p.set_defaults(func=run)
