@@ -31,8 +31,9 @@ from functools import partial
 import torch
 
 from benchmarks.loss_overhead import SHAPES, sync
+from qmse.config import TrainConfig
 from qmse.loss import compute_loss
-from qmse.rundir import Data, TrainConfig, build_model, run_generators
+from qmse.rundir import Data, build_model, run_generators
 from qmse.stacked import stack_parameters, stacked_forwards
 from qmse.train import _train_epoch, memory_format
 

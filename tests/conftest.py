@@ -23,8 +23,8 @@ from torch import nn
 from torch.func import functional_call
 
 from qmse import curvature
+from qmse.config import TrainConfig
 from qmse.models import MLP, SimpleCNN
-from qmse.rundir import TrainConfig
 
 TESTS = Path(__file__).resolve().parent
 IDX_IMAGES, IDX_LABELS = 2051, 2049  # IDX magic numbers: uint8 3-D images, uint8 1-D labels

@@ -24,9 +24,9 @@ from qmse.cli import COMMANDS, build_parser, main
 from qmse.cli import common as cli_common
 from qmse.cli import escape as cli_escape
 from qmse.cli import run as cli_run
+from qmse.config import PAPER_LR, TrainConfig
 from qmse.errors import UserError
 from qmse.escape import EscapeConfig
-from qmse.rundir import PAPER_LR, TrainConfig
 from qmse.stepsize import Tuning
 
 

@@ -20,10 +20,9 @@ from qmse.landscape import (
     interpolate,
     interpolation_barriers,
     parameters_of,
-    plot_interpolation,
-    plot_slices,
     random_slice,
 )
+from qmse.landscapeplot import plot_interpolation, plot_slices
 from qmse.loss import compute_loss, expected_qmse_loss, mse_loss_half
 from qmse.models import MLP, SimpleCNN
 from qmse.runs import save_figure

@@ -17,8 +17,9 @@ from conftest import TESTS, write_tiny_mnist
 
 from qmse import distributed, runs, sweep
 from qmse.cli import main
+from qmse.config import TrainConfig
 from qmse.reproduce import grid_configs
-from qmse.rundir import TrainConfig, run_name
+from qmse.rundir import run_name
 from qmse.train import METRIC_KEYS, train_run, train_task
 
 GRID = ["--dataset", "mnist", "--seeds", "2", "--epochs", "2", "--lr", "0.05"]

@@ -19,10 +19,10 @@ from conftest import tiny_images as tiny_dataset
 from torch.func import stack_module_state
 
 from qmse import runs, train
+from qmse.config import TrainConfig
 from qmse.loss import compute_loss, qmse_loss, sample_directions
 from qmse.rundir import (
     NonFiniteLossError,
-    TrainConfig,
     build_model,
     channel_stats,
     load_run,

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.colors import BoundaryNorm
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from qmse import landscapeplot
 from qmse.curvature import Criterion, criterion_fn, criterion_name, eval_mode
 from qmse.errors import UserError
 from qmse.rundir import load_run, prepare_data
@@ -322,66 +321,6 @@ def _check_finite(values: np.ndarray, what: str) -> None:
         )
 
 
-def plot_interpolation(result: dict, title: str = "") -> Figure:
-    """Loss and accuracy along the path a → b, before and after weight matching."""
-    fig = Figure(figsize=(10, 4), layout="tight")
-    ax_l, ax_a = fig.subplots(1, 2)
-    a = result["alphas"]
-    for kind, style in (("naive", "-o"), ("aligned", "-s")):
-        label = f"{kind} (barrier {result[f'{kind}_barrier']:.4f})"
-        ax_l.plot(a, result[f"{kind}_loss"], style, ms=3, label=label)
-        ax_a.plot(a, 100 * result[f"{kind}_accuracy"], style, ms=3, label=kind)
-    ax_l.set(xlabel="α  (0 = model a, 1 = model b)", ylabel="loss", title="loss along the path")
-    ax_a.set(xlabel="α", ylabel="accuracy (%)", title="accuracy along the path")
-    for ax in (ax_l, ax_a):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-def plot_slices(results: dict[str, dict], title: str = "") -> Figure:
-    """Named slices of `random_slice` on one figure, on one scale so they can be compared.
-
-    1-D: loss and accuracy of every slice on two shared panels. 2-D: one filled contour
-    panel per slice, all with the same levels (quantiles of the pooled values, so each band
-    covers an equal share of the grid points) and one colour bar; the centre is starred.
-    """
-    dims = {r["loss"].ndim for r in results.values()}
-    if len(dims) != 1:
-        raise UserError("plot_slices draws slices of one dimension at a time")
-    if dims == {1}:
-        fig = Figure(figsize=(10, 4), layout="tight")
-        ax_l, ax_a = fig.subplots(1, 2)
-        for name, r in results.items():
-            ax_l.plot(r["coords"], r["loss"], "-o", ms=3, label=name)
-            ax_a.plot(r["coords"], 100 * r["accuracy"], "-o", ms=3, label=name)
-        ax_l.set(xlabel="step along the filter-normalised direction", ylabel="loss")
-        ax_a.set(xlabel="step along the filter-normalised direction", ylabel="accuracy (%)")
-        for ax in (ax_l, ax_a):
-            ax.grid(alpha=0.3)
-            ax.legend()
-    else:
-        pooled = np.concatenate([r["loss"].ravel() for r in results.values()])
-        levels = np.unique(np.quantile(pooled, np.linspace(0, 1, 16)))
-        norm = BoundaryNorm(levels, 256)  # one colour per band, evenly spread over the map
-        fig = Figure(figsize=(4.6 * len(results) + 1.2, 4.6), layout="constrained")
-        axes = fig.subplots(1, len(results), squeeze=False)[0]
-        for ax, (name, r) in zip(axes, results.items()):
-            A, B = np.meshgrid(r["coords"], r["coords"], indexing="ij")
-            filled = ax.contourf(A, B, r["loss"], levels=levels, norm=norm, cmap="viridis")
-            ax.contour(A, B, r["loss"], levels=levels, colors="k", linewidths=0.3)
-            ax.plot([0], [0], "r*", ms=10)
-            ax.set(xlabel="direction 1", ylabel="direction 2", aspect="equal", title=name)
-            ax.locator_params(nbins=5)
-        bar = fig.colorbar(filled, ax=list(axes), spacing="uniform", format="%.3g")
-        bar.set_label("loss")
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
 def _training_sample(config: dict, samples: int, device: torch.device | str):
     """The first `samples` training images and labels of a run's data (as it saw them)."""
     if samples < 1:
@@ -474,7 +413,7 @@ def _match_runs(run_a, run_b, out, model_a, model_b, config_a, config_b, loss, d
     }
     save_json(out / "summary.json", summary)
     title = f"{_short(run_a)} → {_short(run_b)} ({loss}, {x.size(0)} training samples)"
-    save_figure(out / "interpolation.png", plot_interpolation(res, title=title))
+    save_figure(out / "interpolation.png", landscapeplot.plot_interpolation(res, title=title))
     return summary
 
 
@@ -545,7 +484,8 @@ def _landscape_of_run(run_dir, out, model, config, data, dims, points, span, los
     }
     save_json(out / "summary.json", summary)
     title = f"{_short(run_dir)}: {config['loss']}-trained, {loss} on {x.size(0)} training samples"
-    save_figure(out / f"landscape-{dims}d.png", plot_slices({_short(run_dir): res}, title=title))
+    figure = landscapeplot.plot_slices({_short(run_dir): res}, title=title)
+    save_figure(out / f"landscape-{dims}d.png", figure)
     return summary
 
 
@@ -574,5 +514,5 @@ def _landscapes_of_runs(run_dirs, names, out: Path, options: dict) -> list[dict]
             results[f"{_short(r)} ({s['config']['loss']}-trained)"] = dict(saved)
     s = summaries[0]
     title = f"{s['loss']} on {s['samples']} training samples, directions seed {s['seed']}"
-    save_figure(out / f"landscape-{dims}d.png", plot_slices(results, title=title))
+    save_figure(out / f"landscape-{dims}d.png", landscapeplot.plot_slices(results, title=title))
     return summaries

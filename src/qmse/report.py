@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qmse import runs
+from qmse.config import TrainConfig
 from qmse.endstate import RESIDUAL_THRESHOLDS
 from qmse.errors import UserError
 from qmse.gridplot import (
@@ -31,7 +32,6 @@ from qmse.gridplot import (
     write_sweep_figure,
 )
 from qmse.results import RunResult, load_results, losses_of, lr_label, runs_of
-from qmse.rundir import TrainConfig
 from qmse.stats import mean_ci, mean_std
 from qmse.stepsize import SWEEP_DIR, Tuned, Tuning, replay_sweeps, yardstick
 

@@ -35,14 +35,13 @@ from typing import Any
 import torch
 
 from qmse import runs
+from qmse.config import PAPER_LR, TrainConfig
 from qmse.data import DATASETS
 from qmse.endstate import diagnose_end
 from qmse.errors import UserError
 from qmse.loss import get_loss
 from qmse.results import load_results
 from qmse.rundir import (
-    PAPER_LR,
-    TrainConfig,
     differing_keys,
     load_dataset,
     resolve_device,

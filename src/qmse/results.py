@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from qmse import runs
-from qmse.rundir import TrainConfig, run_name
+from qmse.config import TrainConfig
+from qmse.rundir import run_name
 
 STYLED = ("mse", "qmse", "expected-qmse", "label-noise", "ce")  # shown first, in this order
 

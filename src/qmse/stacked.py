@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from qmse.config import TrainConfig
 from qmse.errors import UserError
 from qmse.loss import Loss, get_loss
-from qmse.rundir import TrainConfig, build_model
+from qmse.rundir import build_model
 
 BATCHINGS = ("vmap", "loop")  # how the trainer runs its M stacked models
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from qmse import runs
+from qmse.config import TrainConfig
 from qmse.loss import get_loss
-from qmse.rundir import TrainConfig, run_name
+from qmse.rundir import run_name
 from qmse.tuning import Param, Rule, Space, Trial, plan
 
 SWEEP_DIR = "sweep"  # the sweeps' runs, in <grid>/sweep/<sweep_name>

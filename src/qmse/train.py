@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qmse import runs
+from qmse.config import TrainConfig
 from qmse.distributed import data_parallel, is_main, sum_over_ranks, world
 from qmse.errors import UserError
 from qmse.loss import get_loss
@@ -47,7 +48,6 @@ from qmse.nullspace import resample_null_v
 from qmse.rundir import (
     Data,
     NonFiniteLossError,
-    TrainConfig,
     build_model,
     claim_run,
     load_dataset,

@@ -18,6 +18,7 @@ from qmse.cli.common import (
     names_of,
     number,
 )
+from qmse.config import TrainConfig
 from qmse.data import DATASETS
 from qmse.distributed import init_distributed, is_main
 from qmse.download import download, status
@@ -31,7 +32,7 @@ from qmse.reproduce import (
     loss_params_for,
     run_grid,
 )
-from qmse.rundir import TrainConfig, run_name
+from qmse.rundir import run_name
 from qmse.runs import claim
 from qmse.stepsize import Tuning
 from qmse.tblog import tensorboard_logger
