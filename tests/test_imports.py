@@ -172,6 +172,37 @@ def test_no_import_cycle():
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 
+def reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` loads, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+CNN = {"qmse.train", "qmse.stacked", "qmse.rundir", "qmse.config", "qmse.data", "qmse.models",
+       "qmse.reproduce", "qmse.sources", "qmse.download"}  # fmt: skip
+REPORTING = {"qmse.report", "qmse.gridplot", "qmse.tuningplot", "qmse.escape.report",
+             "qmse.landscapeplot"}  # fmt: skip
+
+
+def test_the_layers():
+    """The shared core (errors, keys, stats, tuning) stands alone; the escape benchmark loads
+    nothing of the CNN trainer or its data; the task runner holds no experiment; the
+    orchestrations (reproduce, escape.cells, train) take nothing from reporting modules."""
+    graph = import_graph()
+    assert {"qmse.loss", "qmse.tuning", "qmse.stats"} <= reach(graph, "qmse.escape")  # sees imports
+    for core in ("qmse.errors", "qmse.keys", "qmse.stats", "qmse.tuning"):
+        assert reach(graph, core) <= {"qmse.errors"}, (core, reach(graph, core))
+    assert not reach(graph, "qmse.escape") & CNN, reach(graph, "qmse.escape") & CNN
+    assert not reach(graph, "qmse.sweep") & (CNN | {"qmse.escape"})
+    for orchestration in ("qmse.reproduce", "qmse.escape.cells", "qmse.train"):
+        assert not reach(graph, orchestration) & REPORTING, orchestration
+
+
 def _optional(node: ast.Import | ast.ImportFrom) -> bool:
     names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
     return all(any(n == o or n.startswith(o + ".") for o in OPTIONAL) for n in names)
