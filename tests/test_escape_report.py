@@ -15,6 +15,7 @@ from qmse.escape.report import (
     wall_times,
     write_table,
 )
+from qmse.escape.rows import Row
 from qmse.stats import holm, wilson
 
 
@@ -22,13 +23,13 @@ def _row(method, k, failed, protocol="spurious-minima", **extra):
     n = len(failed)
     f = failed.count("1")
     lo, hi = wilson(f, n)
-    return {
+    return Row.from_json({
         "k": k, "n": k, "outputs": 1, "method": method, "protocol": protocol, "seeds": n,
         "failures": f, "failure_rate": f / n, "ci95_low": lo, "ci95_high": hi, "diverged": 0,
         "lr": 0.1, "hyper": {}, "steps": 100, "batch": 8, "grad_evals": 800,
-        "starts_key": f"s{k}", "failed": failed, "tuning": {"fixed": False, "edge": False},
-        **extra,
-    }  # fmt: skip
+        "median_loss": 0.01, "starts_key": f"s{k}", "failed": failed,
+        "tuning": {"fixed": False, "edge": False}, **extra,
+    })  # fmt: skip
 
 
 def test_paired_tests_pair_rows_of_the_same_starts_and_holm_adjust_per_protocol(tmp_path):
@@ -40,15 +41,15 @@ def test_paired_tests_pair_rows_of_the_same_starts_and_holm_adjust_per_protocol(
         _row("pgd", 10, "0" * 20),  # no reference at k = 10: no test
         _row("sgd", 8, "1" * 20, protocol="random-init"),
     ]
-    del rows[0]["failed"]  # gd-population: other starts, no per-start outcomes
+    rows[0].failed = None  # gd-population: other starts, no per-start outcomes
     add_paired_tests(rows, ["sgd", "momentum", "qmse"])
     gd, sgd, qmse, pgd, pgd10, _ = rows
-    assert "paired" not in gd  # no per-start outcomes: not paired
-    assert set(pgd["paired"]) == {"sgd", "qmse"} and pgd10["paired"] == {}
-    assert set(qmse["paired"]) == {"sgd"} and set(sgd["paired"]) == {"qmse"}
-    assert (pgd["paired"]["sgd"]["better"], pgd["paired"]["sgd"]["worse"]) == (15, 0)
-    ps = [r["paired"][ref]["p"] for r in rows[1:4] for ref in r["paired"]]
-    adjusted = [r["paired"][ref]["p_holm"] for r in rows[1:4] for ref in r["paired"]]
+    assert gd.paired == {}  # no per-start outcomes: not paired
+    assert set(pgd.paired) == {"sgd", "qmse"} and pgd10.paired == {}
+    assert set(qmse.paired) == {"sgd"} and set(sgd.paired) == {"qmse"}
+    assert (pgd.paired["sgd"]["better"], pgd.paired["sgd"]["worse"]) == (15, 0)
+    ps = [r.paired[ref]["p"] for r in rows[1:4] for ref in r.paired]
+    adjusted = [r.paired[ref]["p_holm"] for r in rows[1:4] for ref in r.paired]
     assert adjusted == pytest.approx(holm(ps))  # one family: the protocol's comparisons
     text = write_table(rows, tmp_path / "table.md")
     assert "| pgd | 0.1 (radius=1) / 0.1 |" in text
@@ -111,3 +112,11 @@ def test_every_committed_table_is_rewritten_byte_for_byte_from_its_files(folder,
     assert main(["escape", "--report-only", "--out", str(copy)]) == 0
     assert (copy / "table.md").read_bytes() == (folder / "table.md").read_bytes()
     assert (copy / "figure.png").stat().st_size > 0
+
+
+def test_a_row_round_trips_through_json_with_its_extras():
+    row = _row("pgd", 8, "0110", mean_perturbations=1.5)
+    data = row.to_json()
+    assert data["mean_perturbations"] == 1.5 and "extra" not in data and data["failed"] == "0110"
+    assert Row.from_json(data) == row
+    assert "failed" not in row.to_json(outcomes=False)

@@ -39,6 +39,7 @@ from qmse.escape.config import (
 from qmse.escape.engine import STUCK_LOSS, engine_key, make_job, run_methods
 from qmse.escape.methods import get_method, load_plugin, method_key
 from qmse.escape.population import PUBLISHED, certify_minima
+from qmse.escape.rows import Row
 from qmse.escape.tuning import tune_methods
 from qmse.keys import FORMAT, content_key, stale
 from qmse.runs import claim, load_json, load_torch, provenance, save_json
@@ -97,7 +98,7 @@ def _tuning_summary(cfg: EscapeConfig, name: str, record: dict | None, k: int) -
     }
 
 
-def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key) -> dict:
+def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key) -> Row:
     """A sample method's results row (with the per-start outcomes for the paired tests)."""
     loss = result["loss"].cpu()
     seeds = int(loss.numel())
@@ -105,31 +106,36 @@ def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key) -> 
     failures = int(failed.sum())
     lo, hi = wilson(failures, seeds)
     first = result["first_success"].cpu()[loss < STUCK_LOSS].double()
-    row = {
-        "k": k,
-        "n": k + cfg.n_extra,
-        "outputs": cfg.outputs,
-        "method": method,
-        "protocol": protocol,
-        "seeds": seeds,
-        "failures": failures,
-        "failure_rate": failures / seeds if seeds else float("nan"),
-        "ci95_low": lo,
-        "ci95_high": hi,
-        "diverged": int(result["diverged"].sum()) if seeds else 0,
-        "lr": settings.get("lr"),
-        "hyper": {h: v for h, v in settings.items() if h != "lr"},
-        "batch": cfg.batch,
-        "steps": cfg.steps,
-        "grad_evals": cfg.steps * cfg.batch,  # sample gradients per start: the budget
-        "median_loss": float(loss.median()) if seeds else float("nan"),
-        "median_first_success": float(first.median()) if len(first) else None,
+    reported = {
+        f"mean_{name}": float(result[name].double().mean()) if seeds else None
+        for name in get_method(method).report
     }
-    for name in get_method(method).report:
-        row[f"mean_{name}"] = float(result[name].double().mean()) if seeds else None
-    row |= {"tuning": tuned, "starts_key": starts_key, "key": key, "format": FORMAT}
-    row["failed"] = "".join("1" if f else "0" for f in failed.tolist())
-    return row
+    return Row(
+        k=k,
+        n=k + cfg.n_extra,
+        outputs=cfg.outputs,
+        method=method,
+        protocol=protocol,
+        seeds=seeds,
+        failures=failures,
+        failure_rate=failures / seeds if seeds else float("nan"),
+        ci95_low=lo,
+        ci95_high=hi,
+        diverged=int(result["diverged"].sum()) if seeds else 0,
+        lr=settings.get("lr"),
+        hyper={h: v for h, v in settings.items() if h != "lr"},
+        batch=cfg.batch,
+        steps=cfg.steps,
+        median_loss=float(loss.median()) if seeds else float("nan"),
+        grad_evals=cfg.steps * cfg.batch,
+        median_first_success=float(first.median()) if len(first) else None,
+        tuning=tuned,
+        starts_key=starts_key,
+        key=key,
+        format=FORMAT,
+        failed="".join("1" if f else "0" for f in failed.tolist()),
+        extra=reported,
+    )
 
 
 def row_key(method, starts_key, problem, cfg, seed, method_seed, settings) -> str:
@@ -159,30 +165,30 @@ def _stale(path: Path, saved: dict, key: str, quiet: bool) -> bool:
     return reason is not None
 
 
-def add_paired_tests(rows: list[dict], references: Sequence[str]) -> None:
+def add_paired_tests(rows: list[Row], references: Sequence[str]) -> None:
     """For every sample-method row, McNemar's test against each reference method's row of
     the same cell (same starts), Holm-adjusted over all comparisons of its protocol; stored
-    in place as row["paired"][reference] = {worse, better, p, p_holm}."""
+    in place as row.paired[reference] = {worse, better, p, p_holm}."""
     for protocol in PROTOCOLS:
         tests = []
-        cells = [r for r in rows if r["protocol"] == protocol and r.get("failed")]
+        cells = [r for r in rows if r.protocol == protocol and r.failed]
         for row in cells:
-            row["paired"] = {}
+            row.paired = {}
             for ref in references:
                 other = next(
                     (
                         r
                         for r in cells
-                        if r["method"] == ref
-                        and (r["k"], r["n"], r["outputs"]) == (row["k"], row["n"], row["outputs"])
-                        and r["starts_key"] == row["starts_key"]
+                        if r.method == ref
+                        and (r.k, r.n, r.outputs) == (row.k, row.n, row.outputs)
+                        and r.starts_key == row.starts_key
                     ),
                     None,
                 )
-                if other is None or ref == row["method"]:
+                if other is None or ref == row.method:
                     continue
-                row["paired"][ref] = mcnemar(row["failed"], other["failed"])
-                tests.append(row["paired"][ref])
+                row.paired[ref] = mcnemar(row.failed, other.failed)
+                tests.append(row.paired[ref])
         for test, p in zip(tests, holm([t["p"] for t in tests])):
             test["p_holm"] = p
 
@@ -193,7 +199,7 @@ def _record_time(out: Path, part: str, seconds: float) -> None:
 
 def evaluate_cell(
     out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str], quiet: bool = False
-) -> tuple[list[dict], list[dict]]:
+) -> tuple[list[Row], list[dict]]:
     """Rows of the sample methods `names` at (k, protocol), each cached in out/rows/ under
     the key of its inputs; the missing ones run together on the same evaluation starts and
     input batches. Returns (rows, the sweep records they used)."""
@@ -219,7 +225,7 @@ def evaluate_cell(
         key = row_key(get_method(name), starts_key, problem, cfg, seed, method_seed, settings)
         path = out / "rows" / f"{protocol}_{name}_{cell}.json"
         if path.exists() and not _stale(path, load_json(path), key, quiet):
-            rows[name] = load_json(path)
+            rows[name] = Row.from_json(load_json(path))
         else:
             todo[name] = (settings, _tuning_summary(cfg, name, record, tune_k), key, path)
     if todo:
@@ -242,34 +248,18 @@ def evaluate_cell(
         _record_time(out, f"eval_{protocol}_{cell}", time.perf_counter() - started)
         for (name, (settings, tuned, key, path)), result in zip(todo.items(), results):
             rows[name] = _row(cfg, k, name, protocol, result, settings, tuned, starts_key, key)
-            save_json(path, rows[name])
+            save_json(path, rows[name].to_json())
     return [rows[n] for n in names], [records[n] for n in names if n in records]
 
 
-def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> dict:
+def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
     """The reproduction's row: gd-population from the evaluation seeds, with Safran &
     Shamir's published rate (n = k, scalar output) and Fisher's exact test against it."""
     r = population(out, cfg, k, tag="eval", quiet=quiet)
     loss = r["loss"]
     fails = int((loss >= STUCK_LOSS).sum())
     lo, hi = wilson(fails, cfg.seeds)
-    row = {
-        "k": k,
-        "n": k + cfg.n_extra,
-        "outputs": cfg.outputs,
-        "method": "gd-population",
-        "protocol": "random-init",
-        "seeds": cfg.seeds,
-        "failures": fails,
-        "failure_rate": fails / cfg.seeds,
-        "ci95_low": lo,
-        "ci95_high": hi,
-        "diverged": 0,
-        "lr": 0.1,
-        "hyper": {},
-        "batch": None,
-        "steps": None,
-        "median_loss": float(loss.median()),
+    extra = {
         "capped": int((~r["converged"]).sum()),
         "median_gd_steps": float(r["steps"].double().median()),
         "max_gd_steps": int(r["steps"].max()),
@@ -278,12 +268,30 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> dict:
     if published is not None:
         pub_fails = round(published * 1000)
         table = [[fails, cfg.seeds - fails], [pub_fails, 1000 - pub_fails]]
-        row |= {
+        extra |= {
             "published_rate": published,
             "published_in_ci95": bool(lo <= published <= hi),
             "fisher_p_vs_published": float(fisher_exact(table)[1]),
         }
-    return row
+    return Row(
+        k=k,
+        n=k + cfg.n_extra,
+        outputs=cfg.outputs,
+        method="gd-population",
+        protocol="random-init",
+        seeds=cfg.seeds,
+        failures=fails,
+        failure_rate=fails / cfg.seeds,
+        ci95_low=lo,
+        ci95_high=hi,
+        diverged=0,
+        lr=0.1,
+        hyper={},
+        batch=None,
+        steps=None,
+        median_loss=float(loss.median()),
+        extra=extra,
+    )
 
 
 def minima_report(out: Path, cfg: EscapeConfig, k: int, *, check: int = 3, quiet=False):
@@ -373,7 +381,7 @@ def run_benchmark(
     cpus_per_task: float = 1,
     gpus_per_task: float = 0,
     quiet: bool = False,
-) -> list[dict]:
+) -> list[Row]:
     """Every (k, protocol) cell, each piece cached so an interrupted run resumes; then
     results.json (the rows with their paired tests, without the per-start outcomes, which
     stay in rows/), sweeps.json (the sweeps the rows used) and timings.json, from which
@@ -419,9 +427,7 @@ def run_benchmark(
         _write_timings(out)
         sweeps = [{k: r[k] for k in ("method", "protocol", "k", "stages")} for r in records]
         save_json(out / "sweeps.json", sweeps)
-        save_json(
-            out / "results.json", [{k: v for k, v in r.items() if k != "failed"} for r in rows]
-        )
+        save_json(out / "results.json", [r.to_json(outcomes=False) for r in rows])
     return rows
 
 

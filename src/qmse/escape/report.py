@@ -21,20 +21,21 @@ from matplotlib.figure import Figure
 from qmse.errors import UserError
 from qmse.escape.config import PROTOCOLS
 from qmse.escape.population import PUBLISHED
+from qmse.escape.rows import Row
 from qmse.runs import atomic_write, load_json, save_figure
 from qmse.tuningplot import Sweep
 from qmse.tuningplot import plot_sweeps as plot_sweeps_figure
 
 
-def _settings(row: dict) -> str:
+def _settings(row: Row) -> str:
     """A row's step size and hyperparameters: 0.2 (sigma=0.4), * where fixed by the user,
     † where the sweep stopped with the value on an edge of its range."""
-    if row.get("lr") is None:
+    if row.lr is None:
         return ""
-    text = f"{row['lr']:g}"
-    if row.get("hyper"):
-        text += " (" + ", ".join(f"{k}={v:g}" for k, v in row["hyper"].items()) + ")"
-    tuned = row.get("tuning") or {}
+    text = f"{row.lr:g}"
+    if row.hyper:
+        text += " (" + ", ".join(f"{k}={v:g}" for k, v in row.hyper.items()) + ")"
+    tuned = row.tuning or {}
     if tuned.get("fixed"):
         text += "*"
     if tuned.get("edge"):
@@ -79,25 +80,25 @@ def wall_times(timings: Mapping[str, float]) -> list[str]:
 
 
 def write_table(
-    rows: list[dict], path: str | os.PathLike, timings: Mapping[str, float] | None = None
+    rows: list[Row], path: str | os.PathLike, timings: Mapping[str, float] | None = None
 ) -> str:
     """Markdown: failure rate with Wilson 95 % interval (and divergences), method × k, one
     table per protocol; then the paired tests against each reference method; then, given
     `timings`, the wall time of the pieces (`wall_times`)."""
     lines = []
     for protocol in PROTOCOLS:
-        sel = [r for r in rows if r["protocol"] == protocol]
+        sel = [r for r in rows if r.protocol == protocol]
         if not sel:
             continue
-        ks = sorted({r["k"] for r in sel})
-        methods = list(dict.fromkeys(r["method"] for r in sel))
+        ks = sorted({r.k for r in sel})
+        methods = list(dict.fromkeys(r.method for r in sel))
         what = "failure rate" if protocol == "random-init" else "failure to escape"
-        budget = next((r for r in sel if r.get("steps")), None)
+        budget = next((r for r in sel if r.steps), None)
         lines += [f"### Protocol {protocol}: {what} [Wilson 95 %] (diverged)", ""]
         if budget:
             lines += [
-                f"Budget: {budget['steps']} steps × batch {budget['batch']} = "
-                f"{budget['grad_evals']} sample gradients per start. Settings per k: * fixed "
+                f"Budget: {budget.steps} steps × batch {budget.batch} = "
+                f"{budget.grad_evals} sample gradients per start. Settings per k: * fixed "
                 f"by the user, † chosen on an edge of its sweep.",
                 "",
             ]
@@ -106,20 +107,21 @@ def write_table(
         for m in methods:
             cells, settings = [], []
             for k in ks:
-                r = next((r for r in sel if r["method"] == m and r["k"] == k), None)
-                if r is None or r["seeds"] == 0:
+                r = next((r for r in sel if r.method == m and r.k == k), None)
+                if r is None or r.seeds == 0:
                     cells.append("–" if r is None else "no minima")
                     continue
                 settings.append(_settings(r))
+                published = r.extra.get("published_rate")
                 cells.append(
-                    f"{r['failures']}/{r['seeds']} = {r['failure_rate']:.3f} "
-                    f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
-                    + (f" ({r['diverged']})" if r["diverged"] else "")
-                    + (f"; published {r['published_rate']:g}" if "published_rate" in r else "")
+                    f"{r.failures}/{r.seeds} = {r.failure_rate:.3f} "
+                    f"[{r.ci95_low:.3f}, {r.ci95_high:.3f}]"
+                    + (f" ({r.diverged})" if r.diverged else "")
+                    + (f"; published {published:g}" if published is not None else "")
                 )
             lines.append(f"| {m} | {' / '.join(settings)} | " + " | ".join(cells) + " |")
         lines.append("")
-        refs = [m for m in methods if any(m in r.get("paired", {}) for r in sel)]
+        refs = [m for m in methods if any(m in r.paired for r in sel)]
         for ref in refs:
             lines += [
                 f"#### Paired against {ref} ({protocol}): starts won / lost "
@@ -131,8 +133,8 @@ def write_table(
             for m in methods:
                 cells = []
                 for k in ks:
-                    r = next((r for r in sel if r["method"] == m and r["k"] == k), None)
-                    test = (r or {}).get("paired", {}).get(ref)
+                    r = next((r for r in sel if r.method == m and r.k == k), None)
+                    test = None if r is None else r.paired.get(ref)
                     if test is None:
                         cells.append("–")
                         continue
@@ -150,30 +152,30 @@ def write_table(
     return text
 
 
-def plot_results(rows: list[dict], path: str | os.PathLike, published: dict | None = None):
+def plot_results(rows: list[Row], path: str | os.PathLike, published: dict | None = None):
     """Failure rate vs k, one line per method with Wilson 95 % error bars; one panel per
     protocol; `published` rates (k -> rate) as stars on the random-init panel."""
-    protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in rows)]
-    names = list(dict.fromkeys(r["method"] for r in rows))
+    protocols = [p for p in PROTOCOLS if any(r.protocol == p for r in rows)]
+    names = list(dict.fromkeys(r.method for r in rows))
     fig = Figure(figsize=(6.5 * len(protocols), 4.5))
     axes = fig.subplots(1, len(protocols), squeeze=False)[0]
     for ax, protocol in zip(axes, protocols):
-        sel = [r for r in rows if r["protocol"] == protocol and r["seeds"] > 0]
+        sel = [r for r in rows if r.protocol == protocol and r.seeds > 0]
         for i, m in enumerate(names):
-            pts = sorted((r for r in sel if r["method"] == m), key=lambda r: r["k"])
+            pts = sorted((r for r in sel if r.method == m), key=lambda r: r.k)
             if not pts:
                 continue
-            ks = [r["k"] + 0.04 * (i - len(names) / 2) for r in pts]
-            rate = [r["failure_rate"] for r in pts]
+            ks = [r.k + 0.04 * (i - len(names) / 2) for r in pts]
+            rate = [r.failure_rate for r in pts]
             err = [
-                [max(0.0, r["failure_rate"] - r["ci95_low"]) for r in pts],
-                [max(0.0, r["ci95_high"] - r["failure_rate"]) for r in pts],
+                [max(0.0, r.failure_rate - r.ci95_low) for r in pts],
+                [max(0.0, r.ci95_high - r.failure_rate) for r in pts],
             ]
             style = "-" if i < 10 else "--"
             ax.errorbar(ks, rate, yerr=err, marker="o", ms=3, capsize=2, label=m, ls=style,
                         color=f"C{i % 10}")  # fmt: skip
         if protocol == "random-init" and published:
-            pub = [(k, p) for k, p in published.items() if any(r["k"] == k for r in sel)]
+            pub = [(k, p) for k, p in published.items() if any(r.k == k for r in sel)]
             if pub:
                 ax.plot(*zip(*pub), "k*", ms=10, label="Safran & Shamir 2018")
         ax.set_xlabel("k (teacher width)")
@@ -219,7 +221,7 @@ def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
     sweeps.json (the sweeps the rows used; a directory written before it: tuning/*.json).
     Returns the paths written, by kind."""
     out = Path(out)
-    rows = load_json(out / "results.json")
+    rows = [Row.from_json(r) for r in load_json(out / "results.json")]
     timings = load_json(out / "timings.json") if (out / "timings.json").exists() else {}
     cfg = load_json(out / "config.json")
     write_table(rows, out / "table.md", timings)
