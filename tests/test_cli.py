@@ -510,3 +510,16 @@ def test_diagnose_convexity_is_a_subcommand_with_its_own_options():
     assert "qmsediagnoseconvexity" in compact(run_help) and "--segments" not in run_help
     assert "--segments" in convexity_help and "--samples" not in convexity_help
     assert "--eigenvalues" in run_help
+
+
+def test_qmse_debug_raises_a_user_error_with_its_traceback(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = (\n")
+    argv = ["escape", "--plugin", str(bad), "--methods", "sgd", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"plug-in {bad}, line 1" in err
+    monkeypatch.setenv("QMSE_DEBUG", "1")
+    with pytest.raises(UserError, match="SyntaxError") as raised:
+        main(argv)
+    assert isinstance(raised.value.__cause__, SyntaxError)

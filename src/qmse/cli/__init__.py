@@ -11,6 +11,7 @@ into one-line errors.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -97,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     directory of another run or kind or in use, data that does not verify, a missing device,
     a full disk, no permission, a damaged file: a `qmse.errors.QmseError` or an OSError)
     ends in one line naming the option or the file and the fix, exit status 2; any other
-    exception is a bug and keeps its traceback. Without a command: the help, status 2."""
+    exception is a bug and keeps its traceback. Without a command: the help, status 2. With
+    QMSE_DEBUG=1 in the environment, a one-line error is raised with its traceback instead
+    (a plug-in's error, say, then shows where in its file it happened)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     if not argv:
@@ -125,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         message = describe_os_error(e) if e.errno is not None else str(e)
     except (QmseError, torch.cuda.OutOfMemoryError) as e:
+        if os.environ.get("QMSE_DEBUG") == "1":
+            raise
         message = str(e)
     print(f"{name}: error: {message}", file=sys.stderr)
     return 2

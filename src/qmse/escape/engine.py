@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from qmse.errors import UserError
-from qmse.escape.methods import HELD_OUT, Method, Run, check_step, get_method
+from qmse.escape.methods import HELD_OUT, Method, Run, check_step, get_method, plugin_errors
 from qmse.loss import get_loss
 from qmse.runs import progress
 from qmse.teacher_student import Problem, population_loss, sample_inputs
@@ -182,7 +182,8 @@ def run_methods(
         run = Run(steps, batch, p32, torch.zeros(rows, dtype=torch.bool, device=dev))
         W = start.repeat(job.settings, 1, 1)  # (G·m, n, d)
         if job.method.init is not None:
-            state = job.method.init(W, state, run)
+            with plugin_errors(job.method, "in init"):
+                state = job.method.init(W, state, run)
         Ws.append(W)
         lrs.append(job.lr.to(dev, torch.float32).repeat_interleave(m).view(-1, 1, 1))
         states.append(state)
@@ -195,17 +196,18 @@ def run_methods(
         evaluate = (t + 1) % eval_every == 0 or t + 1 == steps
         for j, job in enumerate(jobs):
             run = runs[j]
-            grad = job_gradient(job, Ws[j], x, y, p32, rngs[j])
-            out = job.method.update(Ws[j], grad, states[j], t, lrs[j])
-            # at the first step a plug-in's mistake is an error, never broadcast into a result
-            new, states[j] = check_step(job.method, "update", out, Ws[j]) if t == 0 else out
-            run.diverged.logical_or_(~(new.flatten(1).norm(dim=1) <= DIVERGED_NORM))  # or NaN
-            Ws[j] = torch.where(run.diverged.view(-1, 1, 1), Ws[j], new)
-            if job.method.after_step is not None:
-                out = job.method.after_step(Ws[j], states[j], t, lrs[j], run)
-                if t == 0:
-                    out = check_step(job.method, "after_step", out, Ws[j])
-                Ws[j], states[j] = out
+            with plugin_errors(job.method, f"at step {t}"):
+                grad = job_gradient(job, Ws[j], x, y, p32, rngs[j])
+                out = job.method.update(Ws[j], grad, states[j], t, lrs[j])
+                # at the first step a plug-in's mistake is an error, never broadcast
+                new, states[j] = check_step(job.method, "update", out, Ws[j]) if t == 0 else out
+                run.diverged.logical_or_(~(new.flatten(1).norm(dim=1) <= DIVERGED_NORM))  # or NaN
+                Ws[j] = torch.where(run.diverged.view(-1, 1, 1), Ws[j], new)
+                if job.method.after_step is not None:
+                    out = job.method.after_step(Ws[j], states[j], t, lrs[j], run)
+                    if t == 0:
+                        out = check_step(job.method, "after_step", out, Ws[j])
+                    Ws[j], states[j] = out
             if evaluate:
                 loss = population_loss(Ws[j].double(), p64)
                 hit = (loss < STUCK_LOSS) & ~run.diverged & (firsts[j] < 0)
@@ -214,7 +216,8 @@ def run_methods(
     for j, job in enumerate(jobs):
         run, W = runs[j], Ws[j]
         if job.method.finish is not None:
-            W = job.method.finish(W, states[j], run)
+            with plugin_errors(job.method, "in finish"):
+                W = job.method.finish(W, states[j], run)
         W0_rows = start.repeat(job.settings, 1, 1)
         loss = population_loss(W.double(), p64)
         loss[run.diverged] = float("inf")

@@ -37,6 +37,7 @@ Every built-in method (`qmse.escape.rules`) is registered through this same inte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -44,14 +45,14 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from qmse.errors import UserError
+from qmse.errors import QmseError, UserError
 from qmse.keys import content_key
 from qmse.loss import LOSSES, get_loss
 from qmse.teacher_student import Problem, outputs, sample_inputs
@@ -137,6 +138,7 @@ class Method:
 METHODS: dict[str, Method] = {}
 _PLUGINS: dict[str, list[str]] = {}  # plug-in file's content hash -> the methods it registered
 _LOADING: list[list[str]] = []  # names registered by the plug-in being imported
+_PLUGIN_FILES: set[Path] = set()  # the plug-in files imported, resolved
 
 
 def check_grid(what: str, grid: tuple[float, ...]) -> None:
@@ -309,4 +311,28 @@ def load_plugin(path: str | os.PathLike) -> list[str]:
     finally:
         registered = _LOADING.pop()
     _PLUGINS[digest] = registered
+    _PLUGIN_FILES.add(path.resolve())
     return registered
+
+
+@contextlib.contextmanager
+def plugin_errors(method: Method, when: str) -> Iterator[None]:
+    """An exception raised in a plug-in file's code within the block becomes a UserError of
+    one line naming the method, the file and the line (the traceback kept as __cause__); an
+    exception of qmse's own code (a bug) passes through with its traceback."""
+    try:
+        yield
+    except QmseError:
+        raise
+    except Exception as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if _is_plugin(f.filename)]
+        if not frames:
+            raise
+        raise UserError(
+            f"method {method.name!r} ({frames[-1].filename}, line {frames[-1].lineno}) raised "
+            f"{type(e).__name__}: {e} {when}"
+        ) from e
+
+
+def _is_plugin(filename: str) -> bool:
+    return Path(filename).resolve() in _PLUGIN_FILES
