@@ -3,12 +3,13 @@ Holm-adjusted per protocol), the tables and the figures. The statistics themselv
 McNemar, Holm) are tested in tests/test_stats.py."""
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from qmse.cli import main
-from qmse.escape.cells import add_paired_tests
+from qmse.escape.cells import add_paired_tests, declared_tests
 from qmse.escape.report import (
     plot_results,
     plot_sweeps,
@@ -32,7 +33,7 @@ def _row(method, k, failed, protocol="spurious-minima", **extra):
     })  # fmt: skip
 
 
-def test_paired_tests_pair_rows_of_the_same_starts_and_holm_adjust_per_protocol(tmp_path):
+def test_exploratory_paired_tests_pair_rows_of_the_same_starts_with_raw_p(tmp_path):
     rows = [
         _row("gd-population", 8, "1" * 12 + "0" * 88, "random-init", published_rate=0.126),
         _row("sgd", 8, "1" * 20),
@@ -48,13 +49,12 @@ def test_paired_tests_pair_rows_of_the_same_starts_and_holm_adjust_per_protocol(
     assert set(pgd.paired) == {"sgd", "qmse"} and pgd10.paired == {}
     assert set(qmse.paired) == {"sgd"} and set(sgd.paired) == {"qmse"}
     assert (pgd.paired["sgd"]["better"], pgd.paired["sgd"]["worse"]) == (15, 0)
-    ps = [r.paired[ref]["p"] for r in rows[1:4] for ref in r.paired]
-    adjusted = [r.paired[ref]["p_holm"] for r in rows[1:4] for ref in r.paired]
-    assert adjusted == pytest.approx(holm(ps))  # one family: the protocol's comparisons
+    assert pgd.paired["sgd"]["p"] == pytest.approx(2 * 0.5**15)  # McNemar: 15 of 15 one way
+    assert all("p_holm" not in t for r in rows for t in r.paired.values())  # exploratory
     text = write_table(rows, tmp_path / "table.md")
     assert "| pgd | 0.1 (radius=1) / 0.1 |" in text
-    assert "#### Paired against sgd (spurious-minima)" in text
-    assert "| pgd | +15 −0 **p=" in text
+    assert "#### Exploratory: paired against sgd (spurious-minima)" in text
+    assert "| pgd | +15 −0 p=6.1e-05 |" in text  # raw p, not bold: no claim is made of it
     assert "800 sample gradients per start" in text
     assert "; published 0.126" in text
     plot_results(rows, tmp_path / "figure.png", {8: 0.126})
@@ -120,3 +120,32 @@ def test_a_row_round_trips_through_json_with_its_extras():
     assert data["mean_perturbations"] == 1.5 and "extra" not in data and data["failed"] == "0110"
     assert Row.from_json(data) == row
     assert "failed" not in row.to_json(outcomes=False)
+
+
+def test_declared_comparisons_holm_over_their_family_and_test_equivalence():
+    """Per protocol: A − B with Newcombe's interval, McNemar, Holm over the declared pairs
+    only, and the equivalence test at the declared margin; the verdicts follow."""
+    far = "1" * 60 + "0" * 140  # 60 of 200 fail
+    near = "1" * 58 + "0" * 2 + "0" * 140  # the same starts but two
+    other = "0" * 100 + "1" * 60 + "0" * 40  # 60 of 200 fail, other starts
+    rows = [
+        _row("qmse", 8, far), _row("sgd", 8, near), _row("expected-qmse", 8, other),
+        _row("qmse", 10, far), _row("sgd", 10, far),
+        _row("qmse", 8, far, protocol="random-init"),  # its partner did not run: no test
+    ]  # fmt: skip
+    tests = declared_tests(rows, [("qmse", "sgd"), ("qmse", "expected-qmse")], 0.05)
+    assert [(t["comparison"], t["k"]) for t in tests] == [
+        ("qmse:sgd", 8), ("qmse:sgd", 10), ("qmse:expected-qmse", 8),
+    ]  # fmt: skip
+    p = [t["p"] for t in tests]
+    assert [t["p_holm"] for t in tests] == pytest.approx(holm(p))  # a family of three
+    by = {(t["comparison"], t["k"]): t for t in tests}
+    close = by[("qmse:sgd", 8)]
+    assert close["difference"] == pytest.approx(0.01) and close["a_worse"] == 2
+    assert close["equivalent"] and close["verdict"] == "equivalent within ±0.05"
+    assert by[("qmse:sgd", 10)]["difference"] == 0 and by[("qmse:sgd", 10)]["p"] == 1.0
+    apart = by[("qmse:expected-qmse", 8)]  # 60 vs 60 failures but on other starts
+    assert apart["difference"] == 0 and apart["p"] == 1.0 and not apart["equivalent"]
+    assert apart["verdict"] == "not determined"  # wide interval: neither shown
+    text = write_table(rows, Path(tempfile.mkdtemp()) / "t.md", comparisons=tests)
+    assert "Holm over its 3 tests" in text and "| qmse:sgd | 8 | 60 / 58 of 200 | +0.010" in text

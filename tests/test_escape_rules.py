@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from qmse.escape import STUCK_LOSS, Method, make_job, run_method
+from qmse.escape import METHODS, STUCK_LOSS, Method, make_job, run_method
 from qmse.escape.engine import job_gradient, teacher_outputs
-from qmse.escape.rules import HEAVY_BALL, sgd, uniform_ball
+from qmse.escape.rules import sgd, uniform_ball
 from qmse.loss import get_loss, sample_directions
 from qmse.teacher_student import init_weights, make_problem, outputs
 
-MOMENTUM = HEAVY_BALL["beta"]
+MOMENTUM = 1 - METHODS["momentum"].default("one_minus_beta")  # β at the grid's middle: 0.9
 K, M, B, LR, SEED, METHOD_SEED = 3, 2, 5, 0.05, 11, 12
 
 

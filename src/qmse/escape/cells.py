@@ -43,7 +43,7 @@ from qmse.escape.rows import Row
 from qmse.escape.tuning import tune_methods
 from qmse.keys import FORMAT, content_key, stale
 from qmse.runs import claim, load_json, load_torch, provenance, save_json
-from qmse.stats import holm, mcnemar, wilson
+from qmse.stats import holm, mcnemar, paired_rate_difference, tost_rates, wilson
 from qmse.sweep import ray_session, run_tasks
 from qmse.teacher_student import population_loss
 from qmse.tuning import final_stages
@@ -78,6 +78,7 @@ def tuning(out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str]
         batch=cfg.batch,
         seed=seed,
         method_seed=method_seed,
+        budget=cfg.tune_budget,
         meta={"protocol": protocol, "k": k, "n": k + cfg.n_extra, "outputs": cfg.outputs},
         label=f"tune {protocol} k={k}",
         quiet=quiet,
@@ -167,10 +168,9 @@ def _stale(path: Path, saved: dict, key: str, quiet: bool) -> bool:
 
 def add_paired_tests(rows: list[Row], references: Sequence[str]) -> None:
     """For every sample-method row, McNemar's test against each reference method's row of
-    the same cell (same starts), Holm-adjusted over all comparisons of its protocol; stored
-    in place as row.paired[reference] = {worse, better, p, p_holm}."""
+    the same cell (same starts), stored in place as row.paired[reference] = {worse, better,
+    p}: the exploratory comparisons, raw p (the declared ones are `declared_tests`)."""
     for protocol in PROTOCOLS:
-        tests = []
         cells = [r for r in rows if r.protocol == protocol and r.failed]
         for row in cells:
             row.paired = {}
@@ -188,9 +188,68 @@ def add_paired_tests(rows: list[Row], references: Sequence[str]) -> None:
                 if other is None or ref == row.method:
                     continue
                 row.paired[ref] = mcnemar(row.failed, other.failed)
-                tests.append(row.paired[ref])
-        for test, p in zip(tests, holm([t["p"] for t in tests])):
+
+
+def declared_tests(rows: list[Row], pairs: Sequence[tuple[str, str]], margin: float) -> list[dict]:
+    """The declared comparisons (the primary family) in every cell where both methods ran on
+    the same starts: A's failure rate minus B's with Newcombe's paired 95 % interval,
+    McNemar's exact p, Holm over the family of each protocol, the equivalence test with the
+    declared `margin` (two one-sided tests at 5 %: the 90 % interval within ± margin), and
+    a verdict: "A fails more" / "A fails less" (Holm p < 0.05), "equivalent within
+    ±margin", or "not determined"."""
+    tests = []
+    for protocol in PROTOCOLS:
+        family = []
+        for a, b in pairs:
+            for ra in (r for r in rows if r.protocol == protocol and r.method == a and r.failed):
+                rb = next(
+                    (
+                        r
+                        for r in rows
+                        if r.protocol == protocol and r.method == b and r.failed
+                        and (r.k, r.n, r.outputs, r.starts_key)
+                        == (ra.k, ra.n, ra.outputs, ra.starts_key)
+                    ),
+                    None,
+                )  # fmt: skip
+                if rb is None:
+                    continue
+                test = mcnemar(ra.failed, rb.failed)
+                diff, lo, hi = paired_rate_difference(ra.failed, rb.failed)
+                equal = tost_rates(ra.failed, rb.failed, margin)
+                family.append(
+                    {
+                        "comparison": f"{a}:{b}",
+                        "family": "primary",
+                        "protocol": protocol,
+                        "k": ra.k,
+                        "n": ra.n,
+                        "outputs": ra.outputs,
+                        "seeds": ra.seeds,
+                        "failures": [ra.failures, rb.failures],
+                        "a_worse": test["worse"],
+                        "a_better": test["better"],
+                        "difference": diff,
+                        "ci95_low": lo,
+                        "ci95_high": hi,
+                        "p": test["p"],
+                        "margin": margin,
+                        "ci90_low": equal["low"],
+                        "ci90_high": equal["high"],
+                        "equivalent": equal["equivalent"],
+                    }
+                )
+        for test, p in zip(family, holm([t["p"] for t in family])):
             test["p_holm"] = p
+            a, b = test["comparison"].split(":")
+            if p < 0.05:
+                test["verdict"] = f"{a} fails {'more' if test['difference'] > 0 else 'less'}"
+            elif test["equivalent"]:
+                test["verdict"] = f"equivalent within ±{margin:g}"
+            else:
+                test["verdict"] = "not determined"
+        tests += family
+    return tests
 
 
 def _record_time(out: Path, part: str, seconds: float) -> None:
@@ -327,7 +386,8 @@ def _check_config(out: Path, cfg: EscapeConfig) -> None:
     if not (saved.exists() and (out / "results.json").exists()):
         return
     old, new = load_json(saved), asdict(cfg)
-    free = {"ks", "methods", "protocols", "lr", "hyper", "plugins", "references"}
+    free = {"ks", "methods", "protocols", "lr", "hyper", "plugins", "references", "comparisons"}
+    free |= {"equivalence_margin"}
     diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
     if diff:
         what = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
@@ -424,10 +484,12 @@ def run_benchmark(
                     rows += cell_rows
                     records += [r for r in cell_records if r not in records]
         add_paired_tests(rows, cfg.paired_references())
+        tests = declared_tests(rows, cfg.declared_comparisons(), cfg.equivalence_margin)
         _write_timings(out)
         sweeps = [{k: r[k] for k in ("method", "protocol", "k", "stages")} for r in records]
         save_json(out / "sweeps.json", sweeps)
-        save_json(out / "results.json", [r.to_json(outcomes=False) for r in rows])
+        results = {"rows": [r.to_json(outcomes=False) for r in rows], "comparisons": tests}
+        save_json(out / "results.json", results)
     return rows
 
 

@@ -23,7 +23,18 @@ from qmse.teacher_student import Problem, init_weights, make_problem
 
 PROTOCOLS = ("random-init", "spurious-minima")  # from Xavier starts; from certified minima
 TUNE_SEEDS = 10**6  # tuning initialisations: seeds 10⁶ + i (evaluation seeds are 0 … S−1)
-REFERENCES = ("sgd", "momentum", "qmse")  # paired tests of every method against these
+REFERENCES = ("sgd", "momentum", "qmse")  # exploratory paired tests of every method against these
+# The declared comparisons (the primary family, Holm over it): each QMSE variant against its
+# MSE counterpart, against its noise-free landscape (is QMSE's noise what helps?), and against
+# label noise at a matched optimiser (QMSE's noise against the obvious noise baseline).
+COMPARISONS = (
+    "qmse:sgd",
+    "qmse-momentum:momentum",
+    "qmse:expected-qmse",
+    "qmse-momentum:expected-qmse-momentum",
+    "qmse:label-noise",
+    "qmse-momentum:label-noise-momentum",
+)
 
 
 @dataclass
@@ -84,8 +95,29 @@ class EscapeConfig:
     references: list[str] | None = field(
         default=None,
         metadata={
-            "help": f"the methods every method is paired against (McNemar); None: those of "
-            f"{', '.join(REFERENCES)} that run"
+            "help": f"the methods every method is paired against (exploratory, raw p); None: "
+            f"those of {', '.join(REFERENCES)} that run"
+        },
+    )
+    tune_budget: int | None = field(
+        default=32,
+        metadata={
+            "help": "trials of every method's joint search of its declared space (equal "
+            "budgets); None: the second edition's coordinate passes"
+        },
+    )
+    comparisons: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "the declared comparisons A:B (A's failure rate minus B's), Holm over them "
+            "per protocol; None: those of COMPARISONS whose methods both run"
+        },
+    )
+    equivalence_margin: float = field(
+        default=0.05,
+        metadata={
+            "help": "a comparison is 'equivalent' when the 90 % interval of the difference of "
+            "failure rates lies within ± this (two one-sided tests at 5 %)"
         },
     )
 
@@ -102,6 +134,14 @@ class EscapeConfig:
                 raise UserError(f"{name}={getattr(self, name)}: need >= 1")
         if len(set(self.methods)) != len(self.methods):
             raise UserError(f"methods {self.methods} name a method twice")
+        if self.tune_budget is not None and self.tune_budget < 1:
+            raise UserError(f"tune_budget={self.tune_budget}: need >= 1 (or None)")
+        if not 0 < self.equivalence_margin < 1:
+            raise UserError(f"equivalence_margin={self.equivalence_margin}: need 0 < margin < 1")
+        for pair in self.comparisons or ():
+            a, sep, b = pair.partition(":")
+            if not sep or not a or not b or a == b:
+                raise UserError(f"comparison {pair!r}: write it A:B with two different methods")
 
     @property
     def sample_methods(self) -> list[str]:
@@ -116,6 +156,12 @@ class EscapeConfig:
         sample = self.sample_methods
         for name in sample:
             get_method(name)  # an error naming the registered methods
+        named = {m for pair in self.comparisons or () for m in pair.split(":")}
+        if stray := sorted(named - set(sample)):
+            raise UserError(
+                f"comparisons name {stray}, which are not among the sample-based methods run "
+                f"here ({', '.join(sample)})"
+            )
         if missing := [r for r in self.references or () if r not in sample]:
             raise UserError(
                 f"references {missing} are not among the sample-based methods run here "
@@ -131,6 +177,13 @@ class EscapeConfig:
                     f"run here ({', '.join(sample)})"
                 )
             make_job(m, values.get("lr", 1.0), {h: v for h, v in values.items() if h != "lr"})
+
+    def declared_comparisons(self) -> list[tuple[str, str]]:
+        """The primary family: `comparisons`, or those of COMPARISONS whose methods run."""
+        pairs = self.comparisons
+        if pairs is None:
+            pairs = [p for p in COMPARISONS if set(p.split(":")) <= set(self.sample_methods)]
+        return [tuple(p.split(":")) for p in pairs]
 
     def paired_references(self) -> list[str]:
         """The methods every method is paired against: `references`, or those of REFERENCES

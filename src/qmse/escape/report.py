@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -80,7 +80,10 @@ def wall_times(timings: Mapping[str, float]) -> list[str]:
 
 
 def write_table(
-    rows: list[Row], path: str | os.PathLike, timings: Mapping[str, float] | None = None
+    rows: list[Row],
+    path: str | os.PathLike,
+    timings: Mapping[str, float] | None = None,
+    comparisons: Sequence[dict] = (),
 ) -> str:
     """Markdown: failure rate with Wilson 95 % interval (and divergences), method × k, one
     table per protocol; then the paired tests against each reference method; then, given
@@ -121,11 +124,18 @@ def write_table(
                 )
             lines.append(f"| {m} | {' / '.join(settings)} | " + " | ".join(cells) + " |")
         lines.append("")
+        declared = [t for t in comparisons if t["protocol"] == protocol]
+        lines += _declared_lines(declared, protocol)
         refs = [m for m in methods if any(m in r.paired for r in sel)]
+        # the second edition adjusted these by Holm; they are exploratory now: raw p
+        adjusted = any("p_holm" in t for r in sel for t in r.paired.values())
         for ref in refs:
             lines += [
                 f"#### Paired against {ref} ({protocol}): starts won / lost "
-                f"against {ref}, McNemar exact p Holm-adjusted (bold: < 0.05)",
+                f"against {ref}, McNemar exact p Holm-adjusted (bold: < 0.05)"
+                if adjusted
+                else f"#### Exploratory: paired against {ref} ({protocol}): starts won / lost "
+                f"against {ref}, McNemar exact p, raw (not corrected for multiple tests)",
                 "",
                 "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
                 "|---" * (len(ks) + 1) + "|",
@@ -138,10 +148,11 @@ def write_table(
                     if test is None:
                         cells.append("–")
                         continue
-                    p = f"p={test['p_holm']:.2g}"
+                    value = test["p_holm"] if adjusted else test["p"]
+                    p = f"p={value:.2g}"
                     cells.append(
                         f"+{test['better']} −{test['worse']} "
-                        + (f"**{p}**" if test["p_holm"] < 0.05 else p)
+                        + (f"**{p}**" if adjusted and value < 0.05 else p)
                     )
                 if any(c != "–" for c in cells):
                     lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -150,6 +161,32 @@ def write_table(
     text = "\n".join(lines)
     atomic_write(path, text)
     return text
+
+
+def _declared_lines(tests: Sequence[dict], protocol: str) -> list[str]:
+    """The declared comparisons of a protocol (`qmse.escape.cells.declared_tests`) as a
+    table: A's failure rate minus B's with its paired 95 % interval, raw and Holm p, the
+    equivalence test's 90 % interval, the verdict."""
+    if not tests:
+        return []
+    margin = tests[0]["margin"]
+    lines = [
+        f"#### Declared comparisons ({protocol}): the primary family, Holm over its "
+        f"{len(tests)} tests; equivalent: the 90 % interval within ±{margin:g}",
+        "",
+        "| A:B | k | failures A / B of starts | A − B [95 %] | A lost / won | p | Holm p | "
+        "90 % interval | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tests:
+        fa, fb = t["failures"]
+        lines.append(
+            f"| {t['comparison']} | {t['k']} | {fa} / {fb} of {t['seeds']} | "
+            f"{t['difference']:+.3f} [{t['ci95_low']:+.3f}, {t['ci95_high']:+.3f}] | "
+            f"{t['a_worse']} / {t['a_better']} | {t['p']:.2g} | {t['p_holm']:.2g} | "
+            f"[{t['ci90_low']:+.3f}, {t['ci90_high']:+.3f}] | {t['verdict']} |"
+        )
+    return [*lines, ""]
 
 
 def plot_results(rows: list[Row], path: str | os.PathLike, published: dict | None = None):
@@ -217,14 +254,19 @@ def _stage(stage: dict) -> dict:
 
 def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
     """table.md, figure.png and sweeps.png of the benchmark in `out`, from its files alone:
-    results.json (the rows with their paired tests), timings.json, config.json and
+    results.json (the rows with their exploratory paired tests, and the declared
+    comparisons; an older results.json is the list of rows alone), timings.json,
+    config.json and
     sweeps.json (the sweeps the rows used; a directory written before it: tuning/*.json).
     Returns the paths written, by kind."""
     out = Path(out)
-    rows = [Row.from_json(r) for r in load_json(out / "results.json")]
+    results = load_json(out / "results.json")
+    if isinstance(results, list):  # written before the declared comparisons
+        results = {"rows": results, "comparisons": []}
+    rows = [Row.from_json(r) for r in results["rows"]]
     timings = load_json(out / "timings.json") if (out / "timings.json").exists() else {}
     cfg = load_json(out / "config.json")
-    write_table(rows, out / "table.md", timings)
+    write_table(rows, out / "table.md", timings, results["comparisons"])
     published = PUBLISHED if cfg.get("n_extra", 0) == 0 and cfg.get("outputs", 1) == 1 else None
     plot_results(rows, out / "figure.png", published)
     paths = {"table": out / "table.md", "figure": out / "figure.png"}

@@ -2,7 +2,8 @@
 
 Update rules (W, grad: (S, n, d); lr and hyperparameters: (S, 1, 1); draws from state["rng"]):
 - `sgd`: W ← W − lr·g;
-- `momentum`: heavy ball, PyTorch's convention: b ← β·b + g, W ← W − lr·b (β = 0.9);
+- `momentum`: heavy ball, PyTorch's convention: b ← β·b + g, W ← W − lr·b, with β searched
+  as the hyperparameter one_minus_beta = 1 − β (a log grid around 0.1: β = 0.9);
 - `adam`: Adam (0.9, 0.999, eps 1e-8) with bias correction;
 - `gradient_noise` (+ momentum): g + σ·z, z ~ N(0, I) fresh at every step, in place of g;
 - `anticorrelated` (+ momentum): W ← W − lr·g + (ξ_{t+1} − ξ_t), ξ_t ~ N(0, σ²I) i.i.d.
@@ -23,7 +24,8 @@ from torch import Tensor
 from qmse.escape.methods import Method, Run, register_method
 
 # Each rule reads its constants from `state` (declared in `Method.constants`, part of the key)
-HEAVY_BALL = {"beta": 0.9}  # b ← β·b + g; W ← W − lr·b
+BETA_GAP = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)  # 1 − β of heavy ball: β 0.9875 … 0.6; middle 0.9
+HEAVY_BALL = {"one_minus_beta": BETA_GAP}  # b ← β·b + g; W ← W − lr·b
 ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 PGD = {"window": 500, "grad_threshold": 0.05}  # t_thres steps; g_thres on the window's gradient
 
@@ -41,7 +43,7 @@ def sgd(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tenso
 
 def momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tensor, dict]:
     """Heavy ball: b ← β·b + g (b = 0 before the first step), W ← W − lr·b."""
-    state["buf"] = state["beta"] * state["buf"] + grad if "buf" in state else grad
+    state["buf"] = (1 - state["one_minus_beta"]) * state["buf"] + grad if "buf" in state else grad
     return W - lr * state["buf"], state
 
 
@@ -84,7 +86,7 @@ def anticorrelated(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
 
 def anticorrelated_momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
     """Heavy ball b ← β·b + g, W ← W − lr·b + (ξ_{t+1} − ξ_t)."""
-    state["buf"] = state["beta"] * state["buf"] + grad if "buf" in state else grad
+    state["buf"] = (1 - state["one_minus_beta"]) * state["buf"] + grad if "buf" in state else grad
     return _anticorrelated(W, lr * state["buf"], state)
 
 
@@ -172,10 +174,12 @@ SGD_LR = (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
 MOMENTUM_LR = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
 QMSE_LR = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
 QMSE_MOMENTUM_LR = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
-LABEL_SIGMA = (0.05, 0.1, 0.2, 0.4, 0.8)  # residuals at the minima are about 0.2
-GRAD_SIGMA = (0.01, 0.02, 0.04, 0.08, 0.16)
-ANTI_SIGMA = (0.001, 0.002, 0.004, 0.008, 0.016)
-PGD_RADIUS = (0.25, 0.5, 1.0, 2.0)  # fractions of ‖W‖_F (docs/theory.md, fair baselines)
+# Noise scales reach 2⁻⁹ of their largest value, so that every noise baseline's search
+# covers its noise-free parent (σ → 0) as well as noise of the size of the residuals.
+LABEL_SIGMA = tuple(0.8 / 2**k for k in range(9, -1, -1))  # residuals at the minima ≈ 0.2
+GRAD_SIGMA = tuple(0.16 / 2**k for k in range(9, -1, -1))
+ANTI_SIGMA = tuple(0.016 / 2**k for k in range(9, -1, -1))
+PGD_RADIUS = tuple(2.0 / 2**k for k in range(7, -1, -1))  # fractions of ‖W‖_F, 1/64 … 2
 
 BUILTIN_METHODS = tuple(
     register_method(m).name
@@ -186,8 +190,8 @@ BUILTIN_METHODS = tuple(
             "mse",
             momentum,
             MOMENTUM_LR,
-            constants=HEAVY_BALL,
-            description="heavy ball 0.9 on MSE",
+            hyper=HEAVY_BALL,
+            description="heavy ball on MSE",
         ),
         Method(
             "adam",
@@ -224,7 +228,7 @@ BUILTIN_METHODS = tuple(
             "qmse",
             momentum,
             QMSE_MOMENTUM_LR,
-            constants=HEAVY_BALL,
+            hyper=HEAVY_BALL,
             description="heavy ball on QMSE",
         ),
         Method(
@@ -235,7 +239,7 @@ BUILTIN_METHODS = tuple(
             "expected-qmse",
             momentum,
             QMSE_MOMENTUM_LR,
-            constants=HEAVY_BALL,
+            hyper=HEAVY_BALL,
             description="heavy ball on expected-QMSE",
         ),
         Method(
@@ -251,8 +255,7 @@ BUILTIN_METHODS = tuple(
             "label-noise",
             momentum,
             MOMENTUM_LR,
-            hyper={"sigma": LABEL_SIGMA},
-            constants=HEAVY_BALL,
+            hyper={"sigma": LABEL_SIGMA, **HEAVY_BALL},
             description="heavy ball on label-noise targets",
         ),
         Method(
@@ -268,8 +271,7 @@ BUILTIN_METHODS = tuple(
             "mse",
             gradient_noise_momentum,
             MOMENTUM_LR,
-            hyper={"sigma": GRAD_SIGMA},
-            constants=HEAVY_BALL,
+            hyper={"sigma": GRAD_SIGMA, **HEAVY_BALL},
             description="heavy ball on g + σz",
         ),
         Method(
@@ -285,8 +287,7 @@ BUILTIN_METHODS = tuple(
             "mse",
             anticorrelated_momentum,
             MOMENTUM_LR,
-            hyper={"sigma": ANTI_SIGMA},
-            constants=HEAVY_BALL,
+            hyper={"sigma": ANTI_SIGMA, **HEAVY_BALL},
             description="heavy ball plus ξ_{t+1} − ξ_t",
         ),
     )

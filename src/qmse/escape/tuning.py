@@ -1,7 +1,12 @@
-"""The escape benchmark's tuning: every method's declared search space (`Method.space`), swept
-by `qmse.tuning.plan` on tuning starts disjoint from the evaluation starts.
+"""The escape benchmark's tuning: every method's declared search space (`Method.space`),
+searched on tuning starts disjoint from the evaluation starts.
 
-For one method, k and protocol:
+The default protocol gives every method the same number of trials (`EscapeConfig.tune_budget`):
+a joint search of its whole space (`qmse.tuning.search`: quasi-random Sobol points, the
+same for every method, widening past a limit the best touches, a local refinement 2^(±1/4),
+2^(±1/2) around the best), each trial scored as below, the stops of rule 3 applying to the
+widening. Without a budget, the second edition's coordinate passes (`qmse.tuning.plan`):
+
 
 1. The method's space: lr over its `lr_grid`, then each further hyperparameter over its grid
    (the others at the middle of their grids while lr is swept); values fixed by the user are
@@ -42,7 +47,7 @@ from qmse.escape.methods import Method, method_key
 from qmse.keys import FORMAT, content_key
 from qmse.runs import load_json, save_json
 from qmse.teacher_student import Problem
-from qmse.tuning import Plan, Rule, Trial
+from qmse.tuning import Plan, Rule, Trial, search
 from qmse.tuning import plan as tuning_plan
 
 FROZEN = 1e-3  # median ‖W_T − W_0‖ / ‖W_0‖ below this: nothing moves
@@ -90,16 +95,29 @@ def stop(side: str, edge: Trial, inner: Trial | None) -> str | None:
 
 
 RULE = Rule(stop=stop, max_passes=MAX_PASSES)
+SOBOL_SEED = 0  # every method's joint search draws the same quasi-random points
 
 
-def plan(method: Method, fixed: Mapping[str, float], points: Sequence[dict]) -> Plan:
+def plan(
+    method: Method, fixed: Mapping[str, float], points: Sequence[dict], budget: int | None = None
+) -> Plan:
     """Where a method's sweep stands, from the points run so far (a pure function of them,
-    so a resumed sweep continues exactly): `qmse.tuning.plan` over the method's space
-    without the `fixed` values, from the middle of each grid."""
+    so a resumed sweep continues exactly), over the method's space without the `fixed`
+    values: with a `budget`, `qmse.tuning.search` (a joint search with exactly that many
+    trials: the protocol of equal budgets); without, `qmse.tuning.plan` (coordinate passes
+    from the middle of each grid: the second edition's protocol)."""
     space = method.space(exclude=fixed)
-    start = {p.name: p.grid[len(p.grid) // 2] for p in space.params} | dict(fixed)
     found = {_settings_key(p["params"]): trial(p) for p in points}
-    return tuning_plan(space, start, lambda s: found.get(_settings_key(s)), RULE)
+
+    def lookup(settings: Mapping[str, float]) -> Trial | None:
+        return found.get(_settings_key(settings))
+
+    if not space.params:  # everything fixed: nothing to tune
+        return Plan([], dict(fixed), [], converged=True)
+    if budget is not None:
+        return search(space, fixed, lookup, budget=budget, seed=SOBOL_SEED, rule=RULE)
+    start = {p.name: p.grid[len(p.grid) // 2] for p in space.params} | dict(fixed)
+    return tuning_plan(space, start, lookup, RULE)
 
 
 def _settings_key(settings: Mapping[str, float]) -> tuple:
@@ -117,15 +135,17 @@ def tune_methods(
     batch: int,
     seed: int,
     method_seed: int,
+    budget: int | None = None,
     meta: Mapping[str, object] | None = None,
     label: str = "tune",
     quiet: bool = False,
 ) -> dict[str, dict]:
     """Sweep every method on the tuning starts W0 (m, n, d) until each is settled (module
     docstring); the rounds run all methods that still need settings in lockstep. `fixed`:
-    method -> values not to sweep. The record of method M is saved at path(M) after every
+    method -> values not to sweep; `budget`: trials per method of a joint search (`plan`),
+    None for coordinate passes. The record of method M is saved at path(M) after every
     round, with `meta` (e.g. protocol and k); returns method -> record ("chosen", "stages",
-    "points", ...)."""
+    "points", "space", "budget", ...)."""
     records = {}
     for method in methods:
         pinned = dict(fixed.get(method.name, {}))
@@ -143,10 +163,12 @@ def tune_methods(
             pinned,
             engine_key(),
             {"frozen": FROZEN, "flat_log10": FLAT_LOG10, "max_passes": MAX_PASSES},
+            {"budget": budget, "sobol_seed": SOBOL_SEED},
         )
         record = {"key": key, "format": FORMAT, "method": method.name, "starts": int(W0.shape[0])}
         record["points"] = []
         record |= dict(meta or {}) | {"fixed": pinned, "steps": steps, "batch": batch}
+        record |= {"budget": budget, "space": method.space(exclude=pinned).describe()}
         record["seconds"] = 0.0
         file = path(method.name)
         if file.exists():
@@ -158,7 +180,7 @@ def tune_methods(
     while True:
         todo = {}
         for name, record in records.items():
-            if need := plan(by_name[name], record["fixed"], record["points"]).need:
+            if need := plan(by_name[name], record["fixed"], record["points"], budget).need:
                 todo[name] = need
         if not todo:
             break
@@ -199,7 +221,7 @@ def tune_methods(
             record["seconds"] += seconds * len(settings) / rows  # its share of the round
             save_json(path(name), record)
     for name, record in records.items():
-        found = plan(by_name[name], record["fixed"], record["points"])
+        found = plan(by_name[name], record["fixed"], record["points"], budget)
         if record.get("chosen") != found.chosen or record.get("stages") != found.stages:
             record |= {"chosen": found.chosen, "stages": found.stages}
             save_json(path(name), record)
