@@ -24,7 +24,9 @@ from torch.func import functional_call
 
 from qmse import curvature
 from qmse.config import TrainConfig
+from qmse.escape.rows import Row
 from qmse.models import MLP, SimpleCNN
+from qmse.stats import wilson
 
 TESTS = Path(__file__).resolve().parent
 IDX_IMAGES, IDX_LABELS = 2051, 2049  # IDX magic numbers: uint8 3-D images, uint8 1-D labels
@@ -225,3 +227,18 @@ def case(request) -> SimpleNamespace:
     """One shared curvature case: model, criterion, x, y (see CASES)."""
     model, criterion, x, y = CASES[request.param]()
     return SimpleNamespace(name=request.param, model=model, criterion=criterion, x=x, y=y)
+
+
+def escape_row(method, k, failed, protocol="spurious-minima", **extra):
+    """An escape benchmark Row with per-start outcomes `failed` ("1" failed), for report and
+    figure tests; `extra` sets any other field."""
+    n = len(failed)
+    f = failed.count("1")
+    lo, hi = wilson(f, n)
+    return Row.from_json({
+        "k": k, "n": k, "outputs": 1, "method": method, "protocol": protocol, "seeds": n,
+        "failures": f, "failure_rate": f / n, "ci95_low": lo, "ci95_high": hi, "diverged": 0,
+        "lr": 0.1, "hyper": {}, "steps": 100, "batch": 8, "grad_evals": 800,
+        "median_loss": 0.01, "starts_key": f"s{k}", "failed": failed,
+        "tuning": {"fixed": False, "edge": False}, **extra,
+    })  # fmt: skip

@@ -7,40 +7,26 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import escape_row as row
 
 from qmse.cli import main
 from qmse.escape.cells import add_paired_tests, declared_tests
 from qmse.escape.report import (
-    plot_results,
-    plot_sweeps,
     wall_times,
     write_table,
 )
 from qmse.escape.rows import Row
-from qmse.stats import holm, wilson
-
-
-def _row(method, k, failed, protocol="spurious-minima", **extra):
-    n = len(failed)
-    f = failed.count("1")
-    lo, hi = wilson(f, n)
-    return Row.from_json({
-        "k": k, "n": k, "outputs": 1, "method": method, "protocol": protocol, "seeds": n,
-        "failures": f, "failure_rate": f / n, "ci95_low": lo, "ci95_high": hi, "diverged": 0,
-        "lr": 0.1, "hyper": {}, "steps": 100, "batch": 8, "grad_evals": 800,
-        "median_loss": 0.01, "starts_key": f"s{k}", "failed": failed,
-        "tuning": {"fixed": False, "edge": False}, **extra,
-    })  # fmt: skip
+from qmse.stats import holm
 
 
 def test_exploratory_paired_tests_pair_rows_of_the_same_starts_with_raw_p(tmp_path):
     rows = [
-        _row("gd-population", 8, "1" * 12 + "0" * 88, "random-init", published_rate=0.126),
-        _row("sgd", 8, "1" * 20),
-        _row("qmse", 8, "1" * 18 + "00"),
-        _row("pgd", 8, "0" * 15 + "1" * 5, hyper={"radius": 1.0}),
-        _row("pgd", 10, "0" * 20),  # no reference at k = 10: no test
-        _row("sgd", 8, "1" * 20, protocol="random-init"),
+        row("gd-population", 8, "1" * 12 + "0" * 88, "random-init", published_rate=0.126),
+        row("sgd", 8, "1" * 20),
+        row("qmse", 8, "1" * 18 + "00"),
+        row("pgd", 8, "0" * 15 + "1" * 5, hyper={"radius": 1.0}),
+        row("pgd", 10, "0" * 20),  # no reference at k = 10: no test
+        row("sgd", 8, "1" * 20, protocol="random-init"),
     ]
     rows[0].failed = None  # gd-population: other starts, no per-start outcomes
     add_paired_tests(rows, ["sgd", "momentum", "qmse"])
@@ -57,23 +43,6 @@ def test_exploratory_paired_tests_pair_rows_of_the_same_starts_with_raw_p(tmp_pa
     assert "| pgd | +15 −0 p=6.1e-05 |" in text  # raw p, not bold: no claim is made of it
     assert "800 sample gradients per start" in text
     assert "; published 0.126" in text
-    plot_results(rows, tmp_path / "figure.png", {8: 0.126})
-    assert (tmp_path / "figure.png").stat().st_size > 0
-
-
-def test_the_sweep_figure_is_drawn_from_the_records(tmp_path):
-    stage = {
-        "param": "lr", "chosen": 0.2, "interior": True, "range": [0.1, 0.4],
-        "points": [{"value": v, "failures": f, "seeds": 10, "diverged": d}
-                   for v, f, d in ((0.1, 5, 0), (0.2, 2, 0), (0.4, 9, 8))],
-    }  # fmt: skip
-    new = {**stage, "points": [p | {"score": p["failures"] / 10} for p in stage["points"]]}
-    records = [{"method": "sgd", "protocol": "random-init", "k": 8, "stages": [stage]}]
-    records.append({"method": "qmse", "protocol": "random-init", "k": 8, "stages": [new]})
-    plot_sweeps(records, tmp_path / "sweeps.png")  # an older record (counts only) and a new one
-    assert (tmp_path / "sweeps.png").stat().st_size > 0
-    plot_sweeps([], tmp_path / "none.png")  # nothing swept: no figure
-    assert not (tmp_path / "none.png").exists()
 
 
 def test_wall_times_sum_each_problem_by_kind(tmp_path):
@@ -115,11 +84,11 @@ def test_every_committed_table_is_rewritten_byte_for_byte_from_its_files(folder,
 
 
 def test_a_row_round_trips_through_json_with_its_extras():
-    row = _row("pgd", 8, "0110", mean_perturbations=1.5)
-    data = row.to_json()
+    pgd = row("pgd", 8, "0110", mean_perturbations=1.5)
+    data = pgd.to_json()
     assert data["mean_perturbations"] == 1.5 and "extra" not in data and data["failed"] == "0110"
-    assert Row.from_json(data) == row
-    assert "failed" not in row.to_json(outcomes=False)
+    assert Row.from_json(data) == pgd
+    assert "failed" not in pgd.to_json(outcomes=False)
 
 
 def test_declared_comparisons_holm_over_their_family_and_test_equivalence():
@@ -129,9 +98,9 @@ def test_declared_comparisons_holm_over_their_family_and_test_equivalence():
     near = "1" * 58 + "0" * 2 + "0" * 140  # the same starts but two
     other = "0" * 100 + "1" * 60 + "0" * 40  # 60 of 200 fail, other starts
     rows = [
-        _row("qmse", 8, far), _row("sgd", 8, near), _row("expected-qmse", 8, other),
-        _row("qmse", 10, far), _row("sgd", 10, far),
-        _row("qmse", 8, far, protocol="random-init"),  # its partner did not run: no test
+        row("qmse", 8, far), row("sgd", 8, near), row("expected-qmse", 8, other),
+        row("qmse", 10, far), row("sgd", 10, far),
+        row("qmse", 8, far, protocol="random-init"),  # its partner did not run: no test
     ]  # fmt: skip
     tests = declared_tests(rows, [("qmse", "sgd"), ("qmse", "expected-qmse")], 0.05)
     assert [(t["comparison"], t["k"]) for t in tests] == [

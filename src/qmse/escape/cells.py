@@ -135,6 +135,7 @@ def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key) -> 
         key=key,
         format=FORMAT,
         failed="".join("1" if f else "0" for f in failed.tolist()),
+        family=get_method(method).family,
         extra=reported,
     )
 
@@ -349,6 +350,7 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
         batch=None,
         steps=None,
         median_loss=float(loss.median()),
+        family="MSE optimisers",
         extra=extra,
     )
 

@@ -114,6 +114,7 @@ class Method:
     report: tuple[str, ...] = ()
     constants: Mapping[str, float] = field(default_factory=dict)
     version: str = "1"
+    family: str = "other"  # a group the figures draw together (at most 8 methods each)
     description: str = ""
 
     def space(self, exclude: Mapping[str, float] = {}) -> Space:  # noqa: B006 (read only)

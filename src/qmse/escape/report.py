@@ -1,4 +1,5 @@
-"""The escape benchmark's tables and figures, with the statistics of `qmse.stats`.
+"""The escape benchmark's tables (its figures are `qmse.escape.figures`), with the
+statistics of `qmse.stats`.
 
 Rates carry Wilson 95 % intervals (`qmse.stats.wilson`). Methods are
 compared on the same starts (common random numbers), so each comparison is paired: McNemar's
@@ -16,15 +17,12 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from qmse.errors import UserError
 from qmse.escape.config import PROTOCOLS
+from qmse.escape.figures import plot_budgets, plot_profiles, plot_results, plot_tuning
 from qmse.escape.population import PUBLISHED
 from qmse.escape.rows import Row
-from qmse.runs import atomic_write, load_json, save_figure
-from qmse.tuningplot import Sweep
-from qmse.tuningplot import plot_sweeps as plot_sweeps_figure
+from qmse.runs import atomic_write, load_json
 
 
 def _settings(row: Row) -> str:
@@ -189,71 +187,9 @@ def _declared_lines(tests: Sequence[dict], protocol: str) -> list[str]:
     return [*lines, ""]
 
 
-def plot_results(rows: list[Row], path: str | os.PathLike, published: dict | None = None):
-    """Failure rate vs k, one line per method with Wilson 95 % error bars; one panel per
-    protocol; `published` rates (k -> rate) as stars on the random-init panel."""
-    protocols = [p for p in PROTOCOLS if any(r.protocol == p for r in rows)]
-    names = list(dict.fromkeys(r.method for r in rows))
-    fig = Figure(figsize=(6.5 * len(protocols), 4.5))
-    axes = fig.subplots(1, len(protocols), squeeze=False)[0]
-    for ax, protocol in zip(axes, protocols):
-        sel = [r for r in rows if r.protocol == protocol and r.seeds > 0]
-        for i, m in enumerate(names):
-            pts = sorted((r for r in sel if r.method == m), key=lambda r: r.k)
-            if not pts:
-                continue
-            ks = [r.k + 0.04 * (i - len(names) / 2) for r in pts]
-            rate = [r.failure_rate for r in pts]
-            err = [
-                [max(0.0, r.failure_rate - r.ci95_low) for r in pts],
-                [max(0.0, r.ci95_high - r.failure_rate) for r in pts],
-            ]
-            style = "-" if i < 10 else "--"
-            ax.errorbar(ks, rate, yerr=err, marker="o", ms=3, capsize=2, label=m, ls=style,
-                        color=f"C{i % 10}")  # fmt: skip
-        if protocol == "random-init" and published:
-            pub = [(k, p) for k, p in published.items() if any(r.k == k for r in sel)]
-            if pub:
-                ax.plot(*zip(*pub), "k*", ms=10, label="Safran & Shamir 2018")
-        ax.set_xlabel("k (teacher width)")
-        ax.set_ylabel("failure rate" if protocol == "random-init" else "failure to escape")
-        ax.set_title(f"protocol: {protocol}")
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-        if sel:  # a protocol with no finished starts has nothing to label
-            ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    save_figure(path, fig)
-
-
-def plot_sweeps(records: list[dict], path: str | os.PathLike) -> None:
-    """Every sweep (`qmse.tuningplot.plot_sweeps`): failure rate (and the share diverged,
-    dotted) against the swept value, one row of panels per (protocol, tuning k), one curve per
-    method, every pass drawn (earlier ones faint)."""
-    order = sorted(records, key=lambda r: (PROTOCOLS.index(r["protocol"]), r["k"]))
-    sweeps = [
-        Sweep(
-            f"{r['protocol']}, k={r['k']}", r["method"], [_stage(s) for s in r.get("stages") or []]
-        )
-        for r in order
-    ]
-    plot_sweeps_figure(sweeps, path, ylabel="failure rate on the tuning starts", log_y=False)
-
-
-def _stage(stage: dict) -> dict:
-    """A stage record in `qmse.tuning`'s format; records written before it (points with
-    failure and divergence counts, no score) are converted."""
-    if all("score" in p for p in stage["points"]):
-        return stage
-    points = [
-        p | {"score": p["failures"] / p["seeds"], "diverged": p["diverged"] / p["seeds"]}
-        for p in stage["points"]
-    ]
-    return stage | {"points": points}
-
-
 def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
-    """table.md, figure.png and sweeps.png of the benchmark in `out`, from its files alone:
+    """table.md and the figures (`qmse.escape.figures`: figure.png, sweeps.png, budgets.png,
+    profiles.png) of the benchmark in `out`, from its files alone:
     results.json (the rows with their exploratory paired tests, and the declared
     comparisons; an older results.json is the list of rows alone), timings.json,
     config.json and
@@ -275,6 +211,10 @@ def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
     else:
         records = [load_json(p) for p in sorted((out / "tuning").glob("*.json"))]
     if any(r.get("stages") for r in records):
-        plot_sweeps(records, out / "sweeps.png")
+        plot_tuning(records, out / "sweeps.png")
         paths["sweeps"] = out / "sweeps.png"
+    if plot_budgets(records, out / "budgets.png"):
+        paths["budgets"] = out / "budgets.png"
+    if plot_profiles(rows, out / "profiles.png"):
+        paths["profiles"] = out / "profiles.png"
     return paths

@@ -42,6 +42,7 @@ class Row:
     format: int | None = None
     paired: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: str | None = None
+    family: str | None = None  # the method's family (`Method.family`); None in older files
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, *, outcomes: bool = True) -> dict[str, Any]:

@@ -184,13 +184,14 @@ PGD_RADIUS = tuple(2.0 / 2**k for k in range(7, -1, -1))  # fractions of ‖W‖
 BUILTIN_METHODS = tuple(
     register_method(m).name
     for m in (
-        Method("sgd", "mse", sgd, SGD_LR, description="SGD on ½(f − y)²"),
+        Method("sgd", "mse", sgd, SGD_LR, family="MSE optimisers", description="SGD on ½(f − y)²"),
         Method(
             "momentum",
             "mse",
             momentum,
             MOMENTUM_LR,
             hyper=HEAVY_BALL,
+            family="MSE optimisers",
             description="heavy ball on MSE",
         ),
         Method(
@@ -199,6 +200,7 @@ BUILTIN_METHODS = tuple(
             adam,
             (0.001, 0.002, 0.004, 0.008, 0.016, 0.032),
             constants=ADAM,
+            family="MSE optimisers",
             description="Adam on MSE",
         ),
         Method(
@@ -211,6 +213,7 @@ BUILTIN_METHODS = tuple(
             after_step=pgd_after_step,
             report=("perturbations",),
             constants=PGD,
+            family="perturb or restart",
             description="SGD plus perturbations of radius r·‖W‖ (Jin et al. 2017)",
         ),
         Method(
@@ -220,19 +223,28 @@ BUILTIN_METHODS = tuple(
             SGD_LR,
             after_step=restart_after_step,
             finish=restart_finish,
+            family="perturb or restart",
             description="SGD for half the budget, then from a fresh start; keep the better",
         ),
-        Method("qmse", "qmse", sgd, QMSE_LR, description="SGD on QMSE (paper eqs. 6-8)"),
+        Method(
+            "qmse", "qmse", sgd, QMSE_LR, family="QMSE", description="SGD on QMSE (paper eqs. 6-8)"
+        ),
         Method(
             "qmse-momentum",
             "qmse",
             momentum,
             QMSE_MOMENTUM_LR,
             hyper=HEAVY_BALL,
+            family="QMSE",
             description="heavy ball on QMSE",
         ),
         Method(
-            "expected-qmse", "expected-qmse", sgd, QMSE_LR, description="QMSE's landscape, no noise"
+            "expected-qmse",
+            "expected-qmse",
+            sgd,
+            QMSE_LR,
+            family="QMSE",
+            description="QMSE's landscape, no noise",
         ),
         Method(
             "expected-qmse-momentum",
@@ -240,6 +252,7 @@ BUILTIN_METHODS = tuple(
             momentum,
             QMSE_MOMENTUM_LR,
             hyper=HEAVY_BALL,
+            family="QMSE",
             description="heavy ball on expected-QMSE",
         ),
         Method(
@@ -248,6 +261,7 @@ BUILTIN_METHODS = tuple(
             sgd,
             SGD_LR,
             hyper={"sigma": LABEL_SIGMA},
+            family="noise baselines",
             description="SGD on targets y + ξ, ξ ~ N(0, σ²) fresh each step",
         ),
         Method(
@@ -256,6 +270,7 @@ BUILTIN_METHODS = tuple(
             momentum,
             MOMENTUM_LR,
             hyper={"sigma": LABEL_SIGMA, **HEAVY_BALL},
+            family="noise baselines",
             description="heavy ball on label-noise targets",
         ),
         Method(
@@ -264,6 +279,7 @@ BUILTIN_METHODS = tuple(
             gradient_noise,
             SGD_LR,
             hyper={"sigma": GRAD_SIGMA},
+            family="noise baselines",
             description="SGD on g + σz, z ~ N(0, I)",
         ),
         Method(
@@ -272,6 +288,7 @@ BUILTIN_METHODS = tuple(
             gradient_noise_momentum,
             MOMENTUM_LR,
             hyper={"sigma": GRAD_SIGMA, **HEAVY_BALL},
+            family="noise baselines",
             description="heavy ball on g + σz",
         ),
         Method(
@@ -280,6 +297,7 @@ BUILTIN_METHODS = tuple(
             anticorrelated,
             SGD_LR,
             hyper={"sigma": ANTI_SIGMA},
+            family="noise baselines",
             description="SGD plus ξ_{t+1} − ξ_t, ξ ~ N(0, σ²I) (Orvieto et al. 2022)",
         ),
         Method(
@@ -288,6 +306,7 @@ BUILTIN_METHODS = tuple(
             anticorrelated_momentum,
             MOMENTUM_LR,
             hyper={"sigma": ANTI_SIGMA, **HEAVY_BALL},
+            family="noise baselines",
             description="heavy ball plus ξ_{t+1} − ξ_t",
         ),
     )
