@@ -286,6 +286,7 @@ def evaluate_cell(
         path = out / "rows" / f"{protocol}_{name}_{cell}.json"
         if path.exists() and not _stale(path, load_json(path), key, quiet):
             rows[name] = Row.from_json(load_json(path))
+            rows[name].family = get_method(name).family  # presentation: not in the key
         else:
             todo[name] = (settings, _tuning_summary(cfg, name, record, tune_k), key, path)
     if todo:
