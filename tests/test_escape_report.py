@@ -2,6 +2,7 @@
 Holm-adjusted per protocol), the tables and the figures. The statistics themselves (Wilson,
 McNemar, Holm) are tested in tests/test_stats.py."""
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from qmse.escape.report import (
     write_table,
 )
 from qmse.escape.rows import Row
-from qmse.stats import holm
+from qmse.stats import holm, mcnemar, wilson
 
 
 def test_exploratory_paired_tests_pair_rows_of_the_same_starts_with_raw_p(tmp_path):
@@ -67,9 +68,8 @@ def test_wall_times_sum_each_problem_by_kind(tmp_path):
         wall_times({"notes": 1.0})
 
 
-COMMITTED = sorted(
-    p.parent for p in (Path(__file__).parent.parent / "docs").glob("escape-*/**/table.md")
-)
+DOCS = Path(__file__).parent.parent / "docs"
+COMMITTED = sorted(p.parent for p in DOCS.glob("escape-*/**/table.md"))
 
 
 @pytest.mark.parametrize("folder", COMMITTED, ids=lambda p: str(p.relative_to(p.parents[1])))
@@ -118,3 +118,41 @@ def test_declared_comparisons_holm_over_their_family_and_test_equivalence():
     assert apart["verdict"] == "not determined"  # wide interval: neither shown
     text = write_table(rows, Path(tempfile.mkdtemp()) / "t.md", comparisons=tests)
     assert "Holm over its 3 tests" in text and "| qmse:sgd | 8 | 60 / 58 of 200 | +0.010" in text
+
+
+WITH_ROWS = sorted(p.parent for p in DOCS.glob("escape-*/**/rows"))
+
+
+@pytest.mark.parametrize("folder", WITH_ROWS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_committed_result_is_recomputed_from_its_per_start_outcomes(folder):
+    """results.json of a committed benchmark, from its rows/ (one file per method and cell,
+    with the per-start outcomes): each count, Wilson interval and paired test recomputed by
+    qmse.stats (the Holm family of an older file: every paired test of its protocol)."""
+    results = json.loads((folder / "results.json").read_text())
+    rows = results["rows"] if isinstance(results, dict) else results
+    files = {
+        (r["protocol"], r["method"], r["k"]): r
+        for r in (json.loads(p.read_text()) for p in (folder / "rows").glob("*.json"))
+    }
+    tests = []
+    for r in rows:
+        if r["method"] == "gd-population" or r["seeds"] == 0:  # no per-start outcomes
+            continue
+        failed = files[r["protocol"], r["method"], r["k"]]["failed"]
+        assert (r["failures"], r["seeds"]) == (failed.count("1"), len(failed))
+        assert (r["ci95_low"], r["ci95_high"]) == pytest.approx(wilson(r["failures"], r["seeds"]))
+        for ref, test in r.get("paired", {}).items():
+            other = files[r["protocol"], ref, r["k"]]["failed"]
+            assert {k: test[k] for k in ("worse", "better", "p")} == mcnemar(failed, other)
+            tests.append((r["protocol"], test))
+    for protocol in {p for p, _ in tests}:
+        family = [t for p, t in tests if p == protocol and "p_holm" in t]
+        assert [t["p_holm"] for t in family] == pytest.approx(holm([t["p"] for t in family]))
+    if isinstance(results, dict):  # the declared comparisons, from the same outcomes
+        config = json.loads((folder / "config.json").read_text())
+        typed = [Row.from_json(files[r["protocol"], r["method"], r["k"]]) for r in rows
+                 if r["method"] != "gd-population" and r["seeds"]]  # fmt: skip
+        pairs = sorted({tuple(t["comparison"].split(":")) for t in results["comparisons"]})
+        again = declared_tests(typed, pairs, config["equivalence_margin"])
+        key = lambda t: (t["protocol"], t["comparison"], t["k"])  # noqa: E731
+        assert sorted(again, key=key) == pytest.approx(sorted(results["comparisons"], key=key))
