@@ -523,3 +523,17 @@ def test_qmse_debug_raises_a_user_error_with_its_traceback(tmp_path, monkeypatch
     with pytest.raises(UserError, match="SyntaxError") as raised:
         main(argv)
     assert isinstance(raised.value.__cause__, SyntaxError)
+
+
+def test_the_escape_protocol_options_fill_the_config(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli_escape, "run_benchmark", lambda out, cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(cli_escape, "write_outputs", lambda out: {"table": Path(os.devnull)})
+    argv = ["escape", "--methods", "sgd,qmse", "--tune-budget", "none", "--comparisons",
+            "qmse:sgd", "--equivalence-margin", "0.1", "--out", "unused"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert cfg.tune_budget is None and cfg.comparisons == ["qmse:sgd"]
+    assert cfg.equivalence_margin == 0.1 and cfg.declared_comparisons() == [("qmse", "sgd")]
+    assert main([*argv[:-2], "--tune-budget", "24", "--out", "unused"]) == 0
+    assert seen["cfg"].tune_budget == 24

@@ -165,6 +165,7 @@ def add_field(
     if isinstance(default, list) and "type" in kwargs:  # shown, and parsed, as a,b,c
         default = ",".join(map(str, default))
     help_text = spec.metadata["help"] + (f"; {more_help}" if more_help else "")
+    help_text = help_text.replace("%", "%%")  # argparse formats help with %
     flags = flags or ("--" + name.replace("_", "-"),)
     p.add_argument(*flags, default=default, help=help_text, **kwargs)
 

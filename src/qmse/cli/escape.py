@@ -17,6 +17,7 @@ from qmse.cli.common import (
     integers,
     names,
     names_of,
+    number,
 )
 from qmse.errors import UserError
 from qmse.escape import PROTOCOLS, EscapeConfig, parse_hyper, run_benchmark, write_outputs
@@ -31,6 +32,21 @@ def by_method(text: str) -> dict[str, dict[str, float]]:
         return parse_hyper(text)
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def budget(text: str) -> int | None:
+    """An argparse type: a number of tuning trials >= 1, or "none" (coordinate passes)."""
+    return None if text.strip().lower() == "none" else POSITIVE(text)
+
+
+def pairs(text: str) -> list[str]:
+    """An argparse type: A:B[,C:D...], each pair of two different names, each pair once."""
+    items = names(text)
+    for item in items:
+        a, sep, b = item.partition(":")
+        if not (sep and a and b and a != b):
+            raise argparse.ArgumentTypeError(f"{item!r}: write a comparison as A:B, e.g. qmse:sgd")
+    return items
 
 
 def add_escape(p: argparse.ArgumentParser) -> None:
@@ -65,6 +81,10 @@ def add_escape(p: argparse.ArgumentParser) -> None:
     add_field(p, EscapeConfig, "problem_seed", type=NONNEGATIVE)
     add_field(p, EscapeConfig, "references", type=names, metavar="METHOD,...",
               more_help="each among --methods")  # fmt: skip
+    add_field(p, EscapeConfig, "tune_budget", type=budget, metavar="N|none")
+    add_field(p, EscapeConfig, "comparisons", type=pairs, metavar="A:B,...",
+              more_help="each method among --methods")  # fmt: skip
+    add_field(p, EscapeConfig, "equivalence_margin", type=number(0, 1, above=True))
     p.add_argument(
         "--report-only",
         action="store_true",
@@ -115,6 +135,9 @@ def add_escape(p: argparse.ArgumentParser) -> None:
             hyper=hyper,
             plugins=[str(Path(f).resolve()) for f in args.plugin],
             references=args.references,
+            tune_budget=args.tune_budget,
+            comparisons=args.comparisons,
+            equivalence_margin=args.equivalence_margin,
         )
         run_benchmark(
             args.out,
