@@ -102,3 +102,29 @@ def test_the_registry_refuses_another_factory_under_a_taken_name():
         PROBLEMS.pop("test-well")
     with pytest.raises(UserError, match="not registered"):
         get_problem("test-well")
+
+
+def test_the_teacher_student_problem_counts_permuted_copies_once():
+    """Two hidden-unit permutations of one point are one distinct minimum (scalar output);
+    its objective, gradient and Hessian are the closed form's."""
+    from qmse import teacher_student as ts
+
+    p = get_problem("teacher-student")(4)
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(2, 4, 4, generator=g, dtype=DT)
+    copies = torch.stack([W[0], W[0][[2, 0, 3, 1]], W[1]])
+    assert distinct(p, copies) == [0, 2]
+    reference = ts.make_problem(4)
+    torch.testing.assert_close(p.objective(copies), ts.population_loss(copies, reference))
+    torch.testing.assert_close(gradient(p, copies), ts.population_grad(copies, reference))
+    (fit,) = certify(p, reference.V.unsqueeze(0))  # the teacher itself: the global minimum
+    assert fit["objective"] == pytest.approx(0, abs=1e-12) and fit["grad_norm"] < 1e-10
+    x, y = p.sample(3, 5, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 5, 4) and y.shape == (3, 5, 1)
+    torch.testing.assert_close(p.predict(reference.V.expand(3, 4, 4).float(), x), y)
+    vector = get_problem("teacher-student")(4, 5, outputs=3, teacher="random")
+    assert vector.shape == (5, 4) and distinct(vector, copies[:, :, :4].repeat(1, 2, 1)[:, :5]) == [
+        0,
+        1,
+        2,
+    ]

@@ -40,9 +40,14 @@ def _loss_naive(W: torch.Tensor, problem) -> torch.Tensor:
     return loss
 
 
-@pytest.mark.parametrize("k,n,c", [(3, 3, 1), (4, 6, 1), (5, 5, 3)], ids=["n=k", "n>k", "vector"])
-def test_loss_and_grad_match_bruteforce_autograd(k, n, c):
-    problem = make_problem(k, n, outputs=c, seed=1)
+@pytest.mark.parametrize(
+    "k,n,c,teacher",
+    [(3, 3, 1, "identity"), (4, 6, 1, "identity"), (5, 5, 3, "identity"), (4, 6, 3, "random"),
+     (4, 4, 1, "random")],
+    ids=["n=k", "n>k", "vector", "vector-n>k-random-V", "random-V"],
+)  # fmt: skip
+def test_loss_and_grad_match_bruteforce_autograd(k, n, c, teacher):
+    problem = make_problem(k, n, outputs=c, seed=1, teacher=teacher)
     g = torch.Generator().manual_seed(0)
     W = torch.randn(4, n, k, generator=g, dtype=F64)  # (S, n, d)
     batched_loss, batched_grad = population_loss(W, problem), population_grad(W, problem)
@@ -146,9 +151,27 @@ def test_sample_qmse_gradient_averages_to_expected_qmse():
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError, match="n = k"):
-        make_problem(4, 5, outputs=2)
+    with pytest.raises(ValueError, match="n >= k"):
+        make_problem(4, 3, outputs=2)
+    with pytest.raises(ValueError, match="teacher='orthogonal'"):
+        make_problem(4, teacher="orthogonal")
     with pytest.raises(ValueError, match=r"\(\.\.\., 4, 4\)"):
         population_loss(torch.zeros(2, 3, 4, dtype=F64), make_problem(4))
     with pytest.raises(TypeError, match="floating-point"):
         population_grad(torch.zeros(2, 4, 4, dtype=torch.long), make_problem(4))
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_a_random_teacher_is_orthogonal_seeded_and_fit_exactly(c):
+    """V is orthogonal and a function of the seed; the student [V; 0] (its extra units
+    switched off) has loss 0, and its output columns start with the teacher's."""
+    problem = make_problem(4, 6, outputs=c, seed=7, teacher="random")
+    V = problem.V
+    torch.testing.assert_close(V @ V.T, torch.eye(4, dtype=F64))
+    assert not torch.allclose(V, torch.eye(4, dtype=F64))
+    torch.testing.assert_close(V, make_problem(4, 6, outputs=c, seed=7, teacher="random").V)
+    torch.testing.assert_close(problem.A_student[:, :4], problem.A_teacher)
+    fit = torch.cat([V, torch.zeros(2, 4, dtype=F64)]).unsqueeze(0)
+    assert population_loss(fit, problem).item() == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError, match="n >= k"):
+        make_problem(4, 3, outputs=3)

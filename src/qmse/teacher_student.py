@@ -81,11 +81,18 @@ def make_problem(
     *,
     outputs: int = 1,
     seed: int = 0,
+    teacher: str = "identity",
     dtype: torch.dtype = torch.float64,
 ) -> Problem:
-    """Teacher V = I_k (d = k) and output layers: all ones for outputs = 1 (Safran & Shamir);
-    for outputs = C > 1 a random C×k matrix A (rows normalised, drawn from `seed`) shared by
-    teacher and student, which then needs n = k."""
+    """A teacher of k hidden units on d = k inputs and the student's output layer.
+
+    teacher="identity": V = I_k (Safran & Shamir); "random": V a random orthogonal matrix
+    drawn from `seed` (the same problem in another basis when the output layer is all ones;
+    with vector outputs, a different one). Output layers: all ones for outputs = 1 (Safran &
+    Shamir: every hidden unit of the student is interchangeable); for outputs = C > 1, a random
+    C×k matrix A_t with unit-norm rows (from `seed`) for the teacher, and for a student of
+    n ≥ k units A_s = [A_t, B] with B's n − k columns random unit vectors, so that the student
+    can still fit the teacher exactly (its extra units switched off)."""
     n = k if n is None else n
     if k < 1:
         raise UserError(f"k={k}: the teacher needs at least one hidden unit")
@@ -93,18 +100,26 @@ def make_problem(
         raise UserError(f"n={n}: the student needs at least one hidden unit")
     if outputs < 1:
         raise UserError(f"outputs={outputs}: need C >= 1 outputs")
-    V = torch.eye(k, dtype=dtype)
+    if teacher not in ("identity", "random"):
+        raise UserError(f"teacher={teacher!r}: expected 'identity' or 'random'")
+    g = torch.Generator().manual_seed(seed)
+    V = torch.eye(k, dtype=torch.float64)
+    if teacher == "random":  # Q of a Gaussian matrix, signs fixed: uniform on O(k)
+        q, r = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+        V = q * torch.sign(torch.diagonal(r))
+    V = V.to(dtype)
     if outputs == 1:
         return Problem(V, torch.ones(1, k, dtype=dtype), torch.ones(1, n, dtype=dtype))
-    if n != k:
+    if n < k:
         raise UserError(
-            f"the vector-output variant (outputs={outputs}) shares A between teacher and "
-            f"student, so it needs n = k; got n={n}, k={k} (use n_extra=0)"
+            f"the vector-output variant (outputs={outputs}) keeps the teacher's output "
+            f"columns in the student's, so it needs n >= k; got n={n}, k={k}"
         )
-    g = torch.Generator().manual_seed(seed)
     A = torch.randn(outputs, k, generator=g, dtype=torch.float64)
-    A = (A / A.norm(dim=1, keepdim=True)).to(dtype)
-    return Problem(V, A, A.clone())
+    A = A / A.norm(dim=1, keepdim=True)
+    B = torch.randn(outputs, n - k, generator=g, dtype=torch.float64)
+    B = B / B.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    return Problem(V, A.to(dtype), torch.cat([A, B], 1).to(dtype))
 
 
 def init_weights(

@@ -79,7 +79,14 @@ class EscapeConfig:
         default=1000, metadata={"help": "gd-population tuning seeds searched for minima"}
     )
     max_gd_steps: int = field(default=100_000, metadata={"help": "gd-population's step cap"})
-    problem_seed: int = field(default=0, metadata={"help": "draws A when outputs > 1"})
+    problem_seed: int = field(
+        default=0, metadata={"help": "draws the output layers when outputs > 1, and a random V"}
+    )
+    teacher: str = field(
+        default="identity",
+        metadata={"help": "the teacher's hidden weights V: identity (Safran & Shamir) or random "
+                  "(a seeded orthogonal matrix)"},
+    )  # fmt: skip
     device: str = field(default="cpu", metadata={"help": "where the cells run"})
     lr: dict[str, float] = field(
         default_factory=dict, metadata={"help": "fixed learning rates (not swept), by method"}
@@ -234,7 +241,9 @@ def parse_hyper(text: str | None, option: str = "--hyper") -> dict[str, dict[str
 
 
 def problem_of(cfg: EscapeConfig, k: int) -> Problem:
-    return make_problem(k, k + cfg.n_extra, outputs=cfg.outputs, seed=cfg.problem_seed)
+    return make_problem(
+        k, k + cfg.n_extra, outputs=cfg.outputs, seed=cfg.problem_seed, teacher=cfg.teacher
+    )
 
 
 def _run_id(*parts: object) -> int:

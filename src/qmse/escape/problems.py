@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qmse import teacher_student as ts
 from qmse.errors import UserError
 
 Factory = Callable[..., "Problem"]
@@ -178,3 +179,46 @@ def get_problem(name: str) -> Factory:
             f"plug-in that registers it: qmse escape --plugin FILE.py)"
         )
     return PROBLEMS[name]
+
+
+def teacher_student(
+    k: int, n: int | None = None, *, outputs: int = 1, seed: int = 0, teacher: str = "identity"
+) -> Problem:
+    """Safran & Shamir's teacher–student problem (`qmse.teacher_student`) as a `Problem`: W
+    (n, d), Gaussian inputs, the closed-form population loss, stuck at 10⁻³ or above. Its
+    canonical form sorts the hidden units (rows of W) for a scalar output, whose student units
+    are interchangeable; with vector outputs the student's output columns differ, and a
+    point is its own canonical form."""
+    p = ts.make_problem(k, n, outputs=outputs, seed=seed, teacher=teacher)
+    p32 = p.to(torch.float32)
+
+    def sample(m: int, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        x = ts.sample_inputs(m, batch, p.d, generator=generator)  # (m, B, d)
+        return x, ts.outputs(p32.V.to(x.device).expand(m, -1, -1), p32.A_teacher.to(x.device), x)
+
+    def canonical(W: Tensor) -> Tensor:
+        if outputs > 1:
+            return W
+        order = torch.argsort(W[..., 0], dim=-1)  # rows by first coordinate, then
+        for j in range(W.shape[-1] - 1, -1, -1):  # a stable lexicographic sort of the rows
+            order = torch.gather(order, -1, torch.argsort(torch.gather(W[..., j], -1, order),
+                                                          dim=-1, stable=True))  # fmt: skip
+        return torch.gather(W, -2, order.unsqueeze(-1).expand_as(W))
+
+    return Problem(
+        name="teacher-student",
+        instance={"k": k, "n": p.n, "outputs": outputs, "seed": seed, "teacher": teacher},
+        shape=(p.n, p.d),
+        outputs=outputs,
+        init=lambda seeds: ts.init_weights(seeds, p.n, p.d),
+        sample=sample,
+        predict=lambda W, x: ts.outputs(W, p.A_student.to(W), x.to(W)),
+        objective=lambda W: ts.population_loss(W.double(), p),
+        success=1e-3,
+        hessian=lambda w: ts.population_hessian(w.double(), p),
+        canonical=canonical,
+        description="Safran & Shamir (2018): a student ReLU net fitting a teacher",
+    )
+
+
+register_problem("teacher-student", teacher_student)
