@@ -59,7 +59,12 @@ class Problem:
     hessian(w (*shape)) -> (P, P) float64: its Hessian at one point (on a manifold: the
         Riemannian Hessian on the tangent space, in ambient coordinates); None: autograd of
         the objective.
-    canonical(W) -> (S, *shape): a representative modulo the symmetries.
+    canonical(W) -> (S, ...): a representative modulo the symmetries (any shape: the Gram
+        matrix YYᵀ of a factorisation, say), equal for two points the symmetries map onto
+        each other.
+    stuck(W) -> (S,) bool: whether a start ended at the spurious point, where that is not
+        "objective ≥ success" (a minimum that is not isolated, decided by its value); None:
+        every start that did not succeed.
     project(W, G) -> G on the tangent space at W, and retract(W) -> W on the manifold, for a
         problem on a manifold; None for a flat one.
     """
@@ -77,6 +82,7 @@ class Problem:
     canonical: Callable[[Tensor], Tensor] = _same
     project: Callable[[Tensor, Tensor], Tensor] | None = None
     retract: Callable[[Tensor], Tensor] | None = None
+    stuck: Callable[[Tensor], Tensor] | None = None
     description: str = field(default="", compare=False)
 
     @property
