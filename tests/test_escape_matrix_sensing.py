@@ -118,8 +118,8 @@ def test_the_problem_samples_predicts_and_counts_each_sign_once():
     torch.testing.assert_close(problem.predict(inst.z.expand(2, 3), x), y)  # z fits exactly
     torch.testing.assert_close(problem.init([7, 8])[0], problem.init([7])[0])
     assert gradient(problem, inst.z[None]).abs().max() < 1e-12
-    points = torch.stack([inst.spurious, -inst.spurious, inst.z, -inst.z])
-    assert distinct(problem, points) == [0, 2]
+    points = torch.stack([inst.spurious, -inst.spurious, inst.z, -inst.z, inst.z + 1e-3])
+    assert distinct(problem, points) == [0, 2, 4]
 
 
 def test_the_rip_constant_of_the_published_instance_is_one_half():

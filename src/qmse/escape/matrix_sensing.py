@@ -355,11 +355,8 @@ def sgd_failure_rate(
 
 
 def _canonical(W: Tensor) -> Tensor:
-    """x and −x are the same point: the sign that makes the largest-magnitude entry (the
-    first of ties) positive."""
-    k = W.abs().argmax(-1, keepdim=True)
-    s = torch.sign(W.gather(-1, k))
-    return W * torch.where(s == 0, 1.0, s)
+    """x and −x are the same point: xxᵀ, (S, n) -> (S, n, n)."""
+    return W[..., :, None] * W[..., None, :]
 
 
 def matrix_sensing_problem(
@@ -372,7 +369,8 @@ def matrix_sensing_problem(
     """The `Problem` of `make_instance(delta, n, seed, m)`: parameters x (n,); one sample is
     a measurement Aᵢ (n, n) drawn uniformly with its target bᵢ (1 output); predict ⟨Aᵢ, xxᵀ⟩;
     objective f (the full sum); success f < SUCCESS; starts N(0, init_scale²·I), one
-    generator per seed; canonical modulo x ↔ −x."""
+    generator per seed; canonical form xxᵀ (x ↔ −x); stuck: every start that did not
+    succeed."""
     inst = make_instance(delta, n, seed, m)
     A, b = inst.A, inst.b
 
