@@ -207,3 +207,35 @@ def test_a_flat_high_side_stops_the_widening():
     todo, chosen, (stage,) = plan3(SGD_LIKE, {}, points)
     assert todo == [] and stage["stopped"] == {"top": "flat", "bottom": "flat"}
     assert chosen == {"lr": 0.2}
+
+
+def test_a_noise_baseline_always_tries_its_parent_limit(tmp_path):
+    """Label noise's joint search first tries SGD's chosen lr with the least noise of its
+    space (its noise-free limit), within the same budget; its parent is searched first."""
+    problem = make_problem(3)
+    W0 = init_weights(range(10**6, 10**6 + 4), 3, 3)
+    kw = dict(steps=60, batch=8, seed=1, method_seed=2, quiet=True, budget=6)
+    records = tune_methods([METHODS["label-noise"], METHODS["sgd"]], {}, W0, problem,
+                           path=lambda n: tmp_path / n, **kw)  # fmt: skip
+    sgd, noisy = records["sgd"], records["label-noise"]
+    anchor = {"lr": sgd["chosen"]["lr"], "sigma": METHODS["label-noise"].hyper["sigma"][0]}
+    assert noisy["anchors"] == [anchor] and noisy["points"][0]["params"] == anchor
+    assert len(noisy["points"]) == len(sgd["points"]) == 6  # equal budgets, anchor included
+    assert sgd["anchors"] == []
+
+
+def test_search_tries_its_anchors_first_within_the_budget():
+    from qmse.tuning import Param, Space, Trial, search
+
+    space = Space((Param("lr", (0.1, 0.2, 0.4)), Param("sigma", (0.01, 0.02))))
+    seen = {}
+    anchor = {"lr": 0.3, "sigma": 0.01}
+
+    def lookup(s, seen=seen):
+        return seen.get(tuple(sorted(s.items())))
+
+    while (found := search(space, {}, lookup, budget=5, anchors=[anchor])).need:
+        if not seen:
+            assert found.need == [anchor]  # first, alone
+        seen |= {tuple(sorted(s.items())): Trial(s["lr"]) for s in found.need}
+    assert len(seen) == 5 and tuple(sorted(anchor.items())) in seen

@@ -274,10 +274,14 @@ def search(
     budget: int,
     seed: int = 0,
     rule: Rule = Rule(),
+    anchors: Sequence[Mapping[str, float]] = (),
 ) -> Plan:
     """A joint search of `space` with exactly `budget` trials (module docstring), the values
     `fixed` going with every trial; replayed from `lookup` like `plan`. The phases, in order:
 
+    0. anchors: settings that must be tried (within the budget), e.g. a noise baseline at its
+       noise-free parent's chosen step with the least noise of its space, so that the search
+       always holds the parent's behaviour;
     1. global: the first ⌈budget/2⌉ points of a scrambled Sobol sequence (`seed`) over the
        box of the space, each parameter log-uniform between the ends of its grid;
     2. widen: while the best trial holds the largest (smallest) value tried of a parameter,
@@ -314,6 +318,8 @@ def search(
     def pending(need: list[Settings]) -> Plan:
         return Plan(need, None, _joint_stages(space, tried, None), passes=1)
 
+    if need := run([{n: _exact(a[n]) for n in names} for a in anchors]):
+        return pending(need)
     if need := run(sobol[: (budget + 1) // 2]):
         return pending(need)
     while len(tried) < budget - 4 * d and (step := _widening(space, tried, best(), rule)):

@@ -28,6 +28,9 @@ A method is a training loss and an update rule, run on S students at once:
   and divergence check (PGD's kicks, restart's fresh start); `finish(W, state, run) -> W`
   after the last step (restart's choice of segment). `run` is a `Run`.
 - `report`: names of (S,) state tensors whose mean goes into the results (PGD's kicks).
+- `parent`: the method this one becomes when its extra hyperparameters go to the bottom of
+  their grids (label noise → SGD): its joint search then always tries that limit at the
+  parent's chosen settings (`qmse.escape.tuning`).
 - `constants`: the fixed numbers a rule reads (momentum's β, PGD's window): NAME -> float,
   put in `state` before the first step. They, the grids and `version` (raise it when you
   change a rule's code) make the method's cache key (`method_key`), not its source text.
@@ -115,6 +118,7 @@ class Method:
     constants: Mapping[str, float] = field(default_factory=dict)
     version: str = "1"
     family: str = "other"  # a group the figures draw together (at most 8 methods each)
+    parent: str | None = None  # the method this one becomes as its extra hyperparameters → 0
     description: str = ""
 
     def space(self, exclude: Mapping[str, float] = {}) -> Space:  # noqa: B006 (read only)

@@ -214,6 +214,7 @@ BUILTIN_METHODS = tuple(
             report=("perturbations",),
             constants=PGD,
             family="perturb or restart",
+            parent="sgd",
             description="SGD plus perturbations of radius r·‖W‖ (Jin et al. 2017)",
         ),
         Method(
@@ -262,6 +263,7 @@ BUILTIN_METHODS = tuple(
             SGD_LR,
             hyper={"sigma": LABEL_SIGMA},
             family="noise baselines",
+            parent="sgd",
             description="SGD on targets y + ξ, ξ ~ N(0, σ²) fresh each step",
         ),
         Method(
@@ -271,6 +273,7 @@ BUILTIN_METHODS = tuple(
             MOMENTUM_LR,
             hyper={"sigma": LABEL_SIGMA, **HEAVY_BALL},
             family="noise baselines",
+            parent="momentum",
             description="heavy ball on label-noise targets",
         ),
         Method(
@@ -280,6 +283,7 @@ BUILTIN_METHODS = tuple(
             SGD_LR,
             hyper={"sigma": GRAD_SIGMA},
             family="noise baselines",
+            parent="sgd",
             description="SGD on g + σz, z ~ N(0, I)",
         ),
         Method(
@@ -289,6 +293,7 @@ BUILTIN_METHODS = tuple(
             MOMENTUM_LR,
             hyper={"sigma": GRAD_SIGMA, **HEAVY_BALL},
             family="noise baselines",
+            parent="momentum",
             description="heavy ball on g + σz",
         ),
         Method(
@@ -298,6 +303,7 @@ BUILTIN_METHODS = tuple(
             SGD_LR,
             hyper={"sigma": ANTI_SIGMA},
             family="noise baselines",
+            parent="sgd",
             description="SGD plus ξ_{t+1} − ξ_t, ξ ~ N(0, σ²I) (Orvieto et al. 2022)",
         ),
         Method(
@@ -307,6 +313,7 @@ BUILTIN_METHODS = tuple(
             MOMENTUM_LR,
             hyper={"sigma": ANTI_SIGMA, **HEAVY_BALL},
             family="noise baselines",
+            parent="momentum",
             description="heavy ball plus ξ_{t+1} − ξ_t",
         ),
     )

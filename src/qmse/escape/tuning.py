@@ -5,7 +5,9 @@ The default protocol gives every method the same number of trials (`EscapeConfig
 a joint search of its whole space (`qmse.tuning.search`: quasi-random Sobol points, the
 same for every method, widening past a limit the best touches, a local refinement 2^(±1/4),
 2^(±1/2) around the best), each trial scored as below, the stops of rule 3 applying to the
-widening. Without a budget, the second edition's coordinate passes (`qmse.tuning.plan`):
+widening. A method with a `parent` (label noise → SGD) is searched after it, and its first
+trial is its noise-free limit: the parent's chosen settings with the bottom of its own extra
+grids, so that a noise baseline can never lose to its parent only for want of a trial. Without a budget, the second edition's coordinate passes (`qmse.tuning.plan`):
 
 
 1. The method's space: lr over its `lr_grid`, then each further hyperparameter over its grid
@@ -99,13 +101,18 @@ SOBOL_SEED = 0  # every method's joint search draws the same quasi-random points
 
 
 def plan(
-    method: Method, fixed: Mapping[str, float], points: Sequence[dict], budget: int | None = None
+    method: Method,
+    fixed: Mapping[str, float],
+    points: Sequence[dict],
+    budget: int | None = None,
+    anchors: Sequence[Mapping[str, float]] = (),
 ) -> Plan:
     """Where a method's sweep stands, from the points run so far (a pure function of them,
     so a resumed sweep continues exactly), over the method's space without the `fixed`
     values: with a `budget`, `qmse.tuning.search` (a joint search with exactly that many
-    trials: the protocol of equal budgets); without, `qmse.tuning.plan` (coordinate passes
-    from the middle of each grid: the second edition's protocol)."""
+    trials: the protocol of equal budgets, trying `anchors` first); without,
+    `qmse.tuning.plan` (coordinate passes from the middle of each grid: the second
+    edition's protocol)."""
     space = method.space(exclude=fixed)
     found = {_settings_key(p["params"]): trial(p) for p in points}
 
@@ -115,7 +122,9 @@ def plan(
     if not space.params:  # everything fixed: nothing to tune
         return Plan([], dict(fixed), [], converged=True)
     if budget is not None:
-        return search(space, fixed, lookup, budget=budget, seed=SOBOL_SEED, rule=RULE)
+        return search(
+            space, fixed, lookup, budget=budget, seed=SOBOL_SEED, rule=RULE, anchors=anchors
+        )
     start = {p.name: p.grid[len(p.grid) // 2] for p in space.params} | dict(fixed)
     return tuning_plan(space, start, lookup, RULE)
 
@@ -177,11 +186,28 @@ def tune_methods(
                 record = saved
         records[method.name] = record
     by_name = {m.name: m for m in methods}
+
+    def anchors(name: str) -> list[dict[str, float]] | None:
+        """A method's anchor (its parent's limit, `Method.parent`): [] without a parent in
+        this sweep; None while the parent's own search is unfinished."""
+        method = by_name[name]
+        parent = records.get(method.parent or "")
+        if budget is None or parent is None:
+            return []
+        found = plan(by_name[method.parent], parent["fixed"], parent["points"], budget)
+        if found.need:
+            return None
+        space = method.space(exclude=records[name]["fixed"])
+        return [{p.name: found.chosen.get(p.name, p.grid[0]) for p in space.params}]
+
     while True:
         todo = {}
         for name, record in records.items():
-            if need := plan(by_name[name], record["fixed"], record["points"], budget).need:
-                todo[name] = need
+            if (anchor := anchors(name)) is None:
+                continue  # its parent's search comes first
+            found = plan(by_name[name], record["fixed"], record["points"], budget, anchor)
+            if found.need:
+                todo[name] = found.need
         if not todo:
             break
         jobs = [
@@ -221,8 +247,9 @@ def tune_methods(
             record["seconds"] += seconds * len(settings) / rows  # its share of the round
             save_json(path(name), record)
     for name, record in records.items():
-        found = plan(by_name[name], record["fixed"], record["points"], budget)
+        anchor = anchors(name)
+        found = plan(by_name[name], record["fixed"], record["points"], budget, anchor)
         if record.get("chosen") != found.chosen or record.get("stages") != found.stages:
-            record |= {"chosen": found.chosen, "stages": found.stages}
+            record |= {"chosen": found.chosen, "stages": found.stages, "anchors": anchor}
             save_json(path(name), record)
     return records
