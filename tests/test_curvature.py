@@ -295,3 +295,23 @@ def test_the_operator_matches_the_dense_hessian_on_every_shared_case(case):
     eig = torch.linalg.eigvalsh(H)
     torch.testing.assert_close(top[0], eig[-1], rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(bottom[0], eig[0], rtol=1e-7, atol=1e-9)
+
+
+def test_a_block_of_parameters_gives_the_diagonal_block_and_its_gradient():
+    model = _mlp()
+    x, y = _data()
+    H = dense_hessian(model, _half_sq, x, y)
+    _, full_grad, _ = curvature.loss_gradient_hessian(model, _half_sq, (x, y))
+    block = ["layers.2.bias", "layers.0.weight"]  # taken in the model's order
+    sizes = [p.numel() for p in model.parameters()]  # layers.0.weight, .bias, layers.2.*
+    idx = torch.cat([torch.arange(0, sizes[0]), torch.arange(sum(sizes[:3]), sum(sizes))])
+    with leaves_untouched(model):
+        value, grad, op = curvature.loss_gradient_hessian(model, _half_sq, (x, y), params=block)
+    assert op.shape == (idx.numel(), idx.numel())
+    V = torch.randn(idx.numel(), 3, generator=torch.Generator().manual_seed(6), dtype=DT)
+    torch.testing.assert_close(op @ V, H[idx][:, idx] @ V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, full_grad[idx], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"\['layers\.1\.weight'\]: not trainable"):
+        curvature.loss_fn(model, _half_sq, (x, y), params=["layers.1.weight"])
+    with pytest.raises(ValueError, match="mode='inference'"):
+        curvature.loss_gradient_hessian(model, _half_sq, (x, y), mode="inference")

@@ -10,13 +10,22 @@ import re
 
 import pytest
 import torch
-from conftest import TESTS, leaves_untouched, per_sample_jacobians, tiny_config, tiny_images
+from conftest import (
+    TESTS,
+    dense_hessian,
+    leaves_untouched,
+    per_sample_jacobians,
+    tiny_config,
+    tiny_images,
+)
 from torch import nn
 
 from qmse import curvature, endstate
 from qmse import data as qdata
 from qmse import diagnose as dg
 from qmse.cli import main
+from qmse.hessian import hessian_summary
+from qmse.loss import get_loss
 from qmse.models import MLP
 from qmse.train import train_run
 
@@ -273,3 +282,29 @@ def test_readme_own_model_section_runs(capsys):
         exec(compile(block, "README.md", "exec"), namespace)
     label, true, bar = capsys.readouterr().out.splitlines()
     assert label.startswith("not-stationary") and true == "True" and float(bar) >= 0
+
+
+def test_without_geometry_any_output_shape_is_diagnosed(case):
+    """geometry=False: the Hessian part alone, for (N,) logits as for (N, C) outputs; the
+    numbers are hessian_summary's, the Ritz values interlace the dense spectrum."""
+    kw = dict(k=1, lanczos_steps=6, slq_vectors=1, trace_samples=3, quiet=True)
+    d = dg.diagnose_model(case.model, case.criterion, (case.x, case.y), geometry=False, **kw)
+    label = curvature.criterion_name(case.criterion)
+    assert set(d) == {"n_samples", "n_params", "hessian"} and set(d["hessian"]) == {label}
+    assert json.loads(json.dumps(d)) == d
+    h = d["hessian"][label]
+    s = hessian_summary(case.model, case.criterion, (case.x, case.y), k=1, lanczos_steps=6,
+                        slq_vectors=1, trace_samples=3)  # fmt: skip
+    assert h["top"] == list(s.top) and h["bottom"] == list(s.bottom)
+    assert (h["trace"], h["loss"], h["slq"][0]["nodes"]) == (s.trace, s.loss, list(s.density[0][0]))
+    crit = case.criterion
+    reference = crit if callable(crit) else (lambda out, t: get_loss(crit)(out, t))
+    exact = torch.linalg.eigvalsh(dense_hessian(case.model, reference, case.x, case.y))
+    assert exact[0] - 1e-12 <= h["bottom"][0] <= h["top"][0] <= exact[-1] + 1e-12
+    assert d["n_params"] == s.size and d["n_samples"] == case.x.shape[0]
+    if case.name == "scalar-bce":  # (N,) logits: the geometry is refused, naming the way out
+        with pytest.raises(ValueError, match=r"needs model outputs \(N, C\).*geometry=False"):
+            dg.diagnose_model(case.model, case.criterion, (case.x, case.y), **kw)
+    else:  # with the geometry: the same Hessian part
+        full = dg.diagnose_model(case.model, case.criterion, (case.x, case.y), **kw)
+        assert full["hessian"] == d["hessian"] and full["n_params"] == d["n_params"]

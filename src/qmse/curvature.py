@@ -1,8 +1,9 @@
 """The model as a function of its weights, and its curvature: HVPs, Lanczos, Hutchinson, SLQ.
 
 Every function reads the model through `torch.func.functional_call` on detached copies of
-its parameters and runs it in eval mode, restoring every module's `training` flag afterwards:
-the model's parameters, `requires_grad` flags and mode are the same before and after.
+its parameters and buffers and runs it in eval mode (or in train mode where asked: `mode`),
+restoring every module's `training` flag afterwards: the model's parameters, buffers,
+`requires_grad` flags and mode are the same before and after.
 
 The loss is a `criterion`: a deterministic loss of the registry `qmse.loss.LOSSES` by name,
 or any callable (output, target) -> scalar mean loss, as in PyHessian's
@@ -22,6 +23,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -36,18 +38,24 @@ from qmse.loss import get_loss
 Batch = tuple[Tensor, Tensor]
 MatVec = Callable[[Tensor], Tensor]
 Criterion = str | Callable[[Tensor, Tensor], Tensor]
+MODES = ("eval", "train")
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run `model` in eval mode and put every module's `training` flag back afterwards."""
+def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Run `model` in `mode` ("eval" or "train"); every module's `training` flag is put back."""
+    if mode not in MODES:
+        raise UserError(f"mode={mode!r}; expected one of {MODES}")
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(mode == "train")
     try:
         yield
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+eval_mode = partial(model_mode, mode="eval")  # with eval_mode(model): ...
 
 
 def criterion_fn(criterion: Criterion) -> Callable[[Tensor, Tensor], Tensor]:
@@ -102,13 +110,20 @@ def criterion_name(criterion: Criterion) -> str:
     return getattr(criterion, "__name__", type(criterion).__name__)
 
 
-def flat_params(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+def flat_params(
+    model: nn.Module, params: Sequence[str] | None = None
+) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
     """The trainable parameters as one detached flat vector w (P,) and its inverse map.
 
-    Only parameters with requires_grad=True are variables (the ones training moves); frozen
-    parameters and buffers enter `model_fn` as constants.
+    Only parameters with requires_grad=True are variables (the ones training moves), in the
+    model's order; `params` names a subset of them (a block), None all. Frozen parameters,
+    the others and buffers enter `model_fn` as constants.
     """
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    if params is not None:
+        if unknown := sorted(set(params) - {k for k, _ in named}):
+            raise UserError(f"{unknown}: not trainable parameters of the model")
+        named = [(k, p) for k, p in named if k in set(params)]
     if not named:
         raise UserError("model has no parameters with requires_grad=True to diagnose")
     names = [k for k, _ in named]
@@ -128,14 +143,19 @@ def flat_params(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, 
     return w, unflatten
 
 
-def model_fn(model: nn.Module) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
-    """(w, f) with f(w, x) = model(x) under weights w, a pure function of both arguments."""
-    w, unflatten = flat_params(model)
-    const = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
-    const.update({k: b.detach() for k, b in model.named_buffers()})
+def model_fn(
+    model: nn.Module, params: Sequence[str] | None = None
+) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+    """(w, f) with f(w, x) = model(x) under weights w (`flat_params`), a pure function of
+    both; each call copies the buffers (train mode updates the copy's BatchNorm statistics)."""
+    w, unflatten = flat_params(model, params)
+    variables = set(unflatten(w))
+    const = {k: p.detach() for k, p in model.named_parameters() if k not in variables}
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
 
     def f(wv: Tensor, x: Tensor) -> Tensor:
-        return functional_call(model, {**unflatten(wv), **const}, (x,))
+        fresh = {k: b.clone() for k, b in buffers.items()}
+        return functional_call(model, {**unflatten(wv), **const, **fresh}, (x,))
 
     return w, f
 
@@ -150,17 +170,22 @@ def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
 
 
 def loss_fn(
-    model: nn.Module, criterion: Criterion, batches: Batch | Sequence[Batch]
+    model: nn.Module,
+    criterion: Criterion,
+    batches: Batch | Sequence[Batch],
+    *,
+    params: Sequence[str] | None = None,
 ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """(w, L) with L(w) the mean of `criterion` over all samples of `batches` at weights w.
 
     `criterion`: a deterministic registered loss name ("mse" is ½‖r‖² per sample, eq. 3) or a
-    callable (output, target) -> scalar mean loss (`criterion_fn`). `batches`: one (x, y)
-    pair or a list of them; each batch's mean is weighted by its share of the samples.
+    callable (output, target) -> scalar mean loss (`criterion_fn`), of any output shape it
+    takes. `batches`: one (x, y) pair or a list of them; each batch's mean is weighted by its
+    share of the samples. `params`: the parameters that are w (`flat_params`), None: all.
     """
     crit = criterion_fn(criterion)
     data = _as_batches(batches)
-    w, f = model_fn(model)
+    w, f = model_fn(model, params)
     n_total = sum(x.shape[0] for x, _ in data)
 
     def loss_at(wv: Tensor) -> Tensor:
@@ -214,18 +239,25 @@ class HessianOperator:
 
 
 def loss_gradient_hessian(
-    model: nn.Module, criterion: Criterion, batches: Batch | Sequence[Batch]
+    model: nn.Module,
+    criterion: Criterion,
+    batches: Batch | Sequence[Batch],
+    *,
+    params: Sequence[str] | None = None,
+    mode: str = "eval",
 ) -> tuple[Tensor, Tensor, HessianOperator]:
     """(L, ∇L, H) at the model's weights, for the mean loss of `loss_fn`: the value, the
     gradient (P,) and the Hessian as a `HessianOperator`, all from one forward and backward
-    pass.
+    pass; with `params` (a block) of the loss as a function of that block alone: H is then
+    the diagonal block of the full Hessian. The model runs in `mode` ("eval"; "train":
+    BatchNorm on batch statistics, one dropout draw that every product shares).
 
     Reverse-over-reverse (`vjp` of `grad_and_value`; the Hessian is symmetric): the gradient
     graph is built once and each product is one more backward pass, so keep `batches` small
-    (a fixed subset of a few hundred samples). The model is evaluated in eval mode.
+    (a fixed subset of a few hundred samples).
     """
-    w, loss_at = loss_fn(model, criterion, batches)
-    with eval_mode(model):
+    w, loss_at = loss_fn(model, criterion, batches, params=params)
+    with model_mode(model, mode):
         g, pull, value = vjp(grad_and_value(loss_at), w, has_aux=True)
     P = w.numel()
     op = HessianOperator(lambda v: pull(v)[0], (P, P), w.dtype, w.device)

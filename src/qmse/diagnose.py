@@ -13,10 +13,11 @@ space, and with an output bias it never has one (∂f/∂b = I_C is a block of J
 𝐉 (N·C rows) has a left null space as soon as N·C > rank 𝐉: whole-set case 3 is where
 least squares with a nonzero residual ends (docs/theory.md, "Where MSE stops").
 
-These stopping cases are MSE's; the curvature around the point is measured for any loss
-(`qmse.curvature`): a registered deterministic loss by name or the user's own callable.
-The model is read as `qmse.curvature` reads it: parameters, `requires_grad` flags and
-every module's mode are the same before and after.
+These stopping cases are MSE's and need (N, C) outputs with targets of that shape or class
+indices; the curvature around the point is measured for any loss and output shape
+(`qmse.hessian.hessian_summary`): a registered deterministic loss by name or the user's own
+callable. The model is read as `qmse.curvature` reads it, in eval mode: parameters,
+buffers, `requires_grad` flags and every module's mode are the same before and after.
 """
 
 from __future__ import annotations
@@ -35,14 +36,11 @@ from qmse.curvature import (
     criterion_name,
     density_on_grid,
     eval_mode,
-    hutchinson_trace,
     lanczos,
-    loss_gradient_hessian,
     model_fn,
-    ritz_extremes,
-    spectral_density,
 )
 from qmse.errors import UserError
+from qmse.hessian import hessian_summary
 from qmse.runs import (
     progress,
 )
@@ -97,7 +95,11 @@ def gradient_geometry(
     with eval_mode(model), torch.no_grad():
         out = f(w, x)  # (N, C)
         if out.dim() != 2:
-            raise UserError(f"model output must be (N, C), got {tuple(out.shape)}")
+            raise UserError(
+                f"the stopping-case geometry needs model outputs (N, C), got "
+                f"{tuple(out.shape)}; for the Hessian alone use diagnose_model(..., "
+                f"geometry=False) or qmse.hessian.hessian_summary"
+            )
         r = _float_targets(y, out) - out  # (N, C)
         N, C = r.shape
         P = w.numel()
@@ -254,6 +256,7 @@ def diagnose_model(
     criterion: Criterion | Sequence[Criterion],
     data: tuple[Tensor, Tensor],
     *,
+    geometry: bool = True,
     k: int = 5,
     lanczos_steps: int = 30,
     slq_vectors: int = 2,
@@ -267,21 +270,26 @@ def diagnose_model(
 ) -> dict:
     """Where `model` stands on the batch `data` = (x, y), as a JSON-ready dict.
 
-    The stopping case (sec. 2.2) with its tolerances and the gradient geometry (whole set,
-    and per-sample quantiles) are those of MSE's optimality condition (eqs. 4-5), whatever
-    the criterion: they need targets of the output's shape or int class indices. For each
-    `criterion` (a deterministic registered loss name, a callable (output, target) -> scalar
-    mean loss, or a list of them; see `qmse.curvature.criterion_fn`), under its label
-    (`criterion_name`): its value and gradient norm, the top-k/bottom-k Hessian Ritz values,
-    the curvature label (meaningful where that gradient is ~0), the Hutchinson trace ±
-    standard error and the SLQ nodes/weights (`slq_vectors` Lanczos runs of
-    `lanczos_steps` products; the extremes are the first run's Ritz values), all from the
-    criterion's `qmse.curvature.HessianOperator`.
+    With `geometry` (the default), the stopping case (sec. 2.2) with its tolerances
+    ("stop") and the gradient geometry (whole set, and per-sample quantiles: "geometry"):
+    those of MSE's optimality condition (eqs. 4-5), whatever the criterion, so they need
+    (N, C) outputs and targets of that shape or int class indices. `geometry=False` leaves
+    them out, for models of any output shape ((N,) logits, (N, T, C) sequences).
+
+    For each `criterion` (a deterministic registered loss name, a callable (output, target)
+    -> scalar mean loss, or a list of them; see `qmse.curvature.criterion_fn`), under
+    "hessian" and its label (`criterion_name`): its value and gradient norm, the
+    top-k/bottom-k Hessian Ritz values, the curvature label (meaningful where that gradient
+    is ~0), the Hutchinson trace ± standard error and the SLQ nodes/weights (`slq_vectors`
+    Lanczos runs of `lanczos_steps` products; the extremes are the first run's Ritz values):
+    `qmse.hessian.hessian_summary` of the model in eval mode. For blocks, train mode or a
+    typed result, call that directly.
 
     Shape:
         - data: x of shape (N, *) (whatever the model takes), y of shape (N, C) (float
-          targets) or (N,) (int64 class indices).
-        - model(x): (N, C).
+          targets) or (N,) (int64 class indices); with geometry=False whatever the
+          criterion takes.
+        - model(x): (N, C); with geometry=False any shape the criterion takes.
 
     Examples::
 
@@ -306,46 +314,43 @@ def diagnose_model(
     """
     named = _criteria(criterion)
     x, y = data
-    bar = progress(total=1 + 2 * len(named), quiet=quiet, desc="diagnose")
-    geo = gradient_geometry(model, x, y, seed=seed)
-    stop = classify_stop(
-        geo, tol_residual=tol_residual, tol_gradient=tol_gradient, tol_ratio=tol_ratio
-    )
-    bar.update()
-    ps, N = geo["per_sample"], geo["n_samples"]
-    quantiles = {}
-    for name in ("residual_norm", "grad_norm", "ratio", "jacobian_spec", "jacobian_smin"):
-        q = torch.quantile(ps[name].double(), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
-        quantiles[name] = dict(zip(("min", "median", "max"), q.tolist()))
-    whole = dict(geo["whole_set"])
-    whole["mse"] = 0.5 * whole["residual_norm"] ** 2 / N  # the mean ½‖r‖² on these samples
-    whole["mse_grad_norm"] = whole["grad_norm"] / N  # ‖∇ mean ½‖r‖²‖
-    out = {
-        "n_samples": N,
-        "n_params": geo["n_params"],
-        "stop": {k_: v for k_, v in stop.items() if k_ != "per_sample_case"},
-        "geometry": {"whole_set": whole, "per_sample": quantiles},
-        "hessian": {},
-    }
-    P = geo["n_params"]
+    bar = progress(total=int(geometry) + len(named), quiet=quiet, desc="diagnose")
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out: dict = {"n_samples": x.shape[0], "n_params": P}
+    if geometry:
+        geo = gradient_geometry(model, x, y, seed=seed)
+        stop = classify_stop(
+            geo, tol_residual=tol_residual, tol_gradient=tol_gradient, tol_ratio=tol_ratio
+        )
+        bar.update()
+        ps, N = geo["per_sample"], geo["n_samples"]
+        quantiles = {}
+        for name in ("residual_norm", "grad_norm", "ratio", "jacobian_spec", "jacobian_smin"):
+            levels = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+            q = torch.quantile(ps[name].double(), levels)
+            quantiles[name] = dict(zip(("min", "median", "max"), q.tolist()))
+        whole = dict(geo["whole_set"])
+        whole["mse"] = 0.5 * whole["residual_norm"] ** 2 / N  # the mean ½‖r‖² on these samples
+        whole["mse_grad_norm"] = whole["grad_norm"] / N  # ‖∇ mean ½‖r‖²‖
+        out["stop"] = {k_: v for k_, v in stop.items() if k_ != "per_sample_case"}
+        out["geometry"] = {"whole_set": whole, "per_sample": quantiles}
+    out["hessian"] = {}
     for label, crit in named.items():
-        value, g, H = loss_gradient_hessian(model, crit, (x, y))
-        runs = spectral_density(H, steps=lanczos_steps, vectors=slq_vectors, seed=seed)
+        s = hessian_summary(model, crit, (x, y), k=k, lanczos_steps=lanczos_steps,
+                            slq_vectors=slq_vectors, trace_samples=trace_samples,
+                            seed=seed)  # fmt: skip
         bar.update()
-        trace, trace_se = hutchinson_trace(H, samples=trace_samples, seed=seed)
-        bar.update()
-        top, bottom = ritz_extremes(runs[0][0], k)  # spectral_density's first run = hessian_eigs
         out["hessian"][label] = {
-            "loss": value.item(),
-            "grad_norm": g.norm().item(),
-            "top": top.tolist(),
-            "bottom": bottom.tolist(),
-            "label": label_curvature(bottom[0].item(), top[0].item(), curvature_tol),
+            "loss": s.loss,
+            "grad_norm": s.grad_norm,
+            "top": list(s.top),
+            "bottom": list(s.bottom),
+            "label": label_curvature(s.bottom[0], s.top[0], curvature_tol),
             "curvature_tol": curvature_tol,
-            "trace": trace,
-            "trace_se": trace_se,
-            "lanczos_steps": min(lanczos_steps, P),
-            "slq": [{"nodes": n.tolist(), "weights": wt.tolist()} for n, wt in runs],
+            "trace": s.trace,
+            "trace_se": s.trace_se,
+            "lanczos_steps": s.lanczos_steps,
+            "slq": [{"nodes": list(n), "weights": list(w)} for n, w in s.density],
         }
     bar.close()
     return out
