@@ -9,6 +9,7 @@ import pytest
 from conftest import escape_row as row
 
 from qmse.escape.figures import (
+    _trials,
     budget_curve,
     performance_profile,
     plot_budgets,
@@ -63,5 +64,7 @@ def test_the_figures_are_drawn(tmp_path):
     plot_tuning(records, tmp_path / "sweeps.png")
     assert (tmp_path / "sweeps.png").stat().st_size > 0
     assert plot_budgets(records, tmp_path / "budgets.png")
+    joint = {"points": points * 2, "stages": [{"joint": True, "points": points}]}
+    assert _trials(joint) == points  # the search's own trials, not every point kept
     assert not plot_budgets(records[:1], tmp_path / "none.png")  # no points: no figure
     assert not (tmp_path / "none.png").exists() and not math.isnan(budget_curve([1.0])[0])

@@ -126,12 +126,12 @@ def budget_curve(scores: Sequence[float]) -> list[float]:
 
 
 def plot_budgets(records: Sequence[dict], path: str | os.PathLike) -> bool:
-    """The expected best failure rate on the tuning starts after N trials (`budget_curve`),
-    one panel per (protocol, tuning k), one curve per method; False (no figure) without
-    tuning points."""
+    """The expected best failure rate on the tuning starts after N trials (`budget_curve` of
+    the trials the choice rests on), one panel per (protocol, tuning k), one curve per
+    method; False (no figure) without tuning points."""
     panels: dict[tuple, list[tuple[str, list[float]]]] = {}
     for r in records:
-        scores = [p["failures"] / p["seeds"] for p in r.get("points") or []]
+        scores = [p["failures"] / p["seeds"] for p in _trials(r)]
         if scores:
             key = (PROTOCOLS.index(r["protocol"]), r["k"])
             panels.setdefault(key, []).append((r["method"], budget_curve(scores)))
@@ -154,6 +154,16 @@ def plot_budgets(records: Sequence[dict], path: str | os.PathLike) -> bool:
     fig.tight_layout()
     save_figure(path, fig)
     return True
+
+
+def _trials(record: dict) -> list[dict]:
+    """The trials a sweep's choice rests on: a joint search's (its stages hold exactly its
+    budget; the record may keep more points, run under an earlier replay); else every point
+    of the record (coordinate passes)."""
+    stages = record.get("stages") or []
+    if stages and stages[0].get("joint"):
+        return stages[0]["points"]
+    return record.get("points") or []
 
 
 def performance_profile(rows: Sequence[Row], taus: Sequence[float]) -> dict[str, list[float]]:
