@@ -95,6 +95,42 @@ def test_evaluate_points_one_hot_targets_and_closed_forms():
         assert acc[0] == (out.argmax(-1) == labels).double().mean().item()
 
 
+def test_accuracy_only_where_the_targets_are_class_indices():
+    """Sequence outputs (N, T, C) with (N, T) class indices: the share of hits over all
+    positions; regression targets of the output's shape (not one-hot) and (N,) outputs with
+    0/1 targets: NaN, not the argmax of numbers that are not classes."""
+    torch.manual_seed(5)
+    per_step = nn.Linear(4, 3).double()  # (N, T, 4) -> (N, T, 3)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 5, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (9, 5), generator=g)
+
+    def token_ce(out, t):
+        return nn.functional.cross_entropy(out.flatten(0, 1), t.flatten())
+
+    base = parameters_of(per_step)
+    _, acc = evaluate_points(per_step, token_ce, (x, labels), base, zero_of(per_step),
+                             torch.zeros(1, 1), batch_size=4)  # fmt: skip
+    with torch.no_grad():
+        want = (per_step(x).argmax(-1) == labels).double().mean().item()
+    assert acc[0] == pytest.approx(want, rel=1e-12) and 0 < want < 1
+    model = _mlp(3)
+    xm, _ = _data(model)
+    regression = torch.rand(xm.shape[0], 3, generator=g, dtype=torch.float64)
+    _, acc = evaluate_points(model, "mse", (xm, regression), parameters_of(model), zero_of(model),
+                             torch.zeros(1, 1))  # fmt: skip
+    assert np.isnan(acc).all()
+    logit = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)).double()  # (N,) logits
+    bits = torch.randint(0, 2, (xm.shape[0],), generator=g)
+    bce = nn.BCEWithLogitsLoss()
+    res = random_slice(logit, lambda out, t: bce(out, t.double()), (xm, bits), dims=1, points=3)
+    assert np.isnan(res["accuracy"]).all()
+
+
+def zero_of(model):
+    return [{k: torch.zeros_like(v) for k, v in parameters_of(model).items()}]
+
+
 def test_evaluate_points_refuses_bad_input():
     model = _mlp(0)
     x, y = _data(model)

@@ -87,12 +87,20 @@ def _save_npz(path: str | os.PathLike, arrays: dict) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def _labels(y: Tensor) -> Tensor | None:
-    """Class labels (N,) to score accuracy against: int targets, or the argmax of one-hot
-    (N, C ≥ 2) targets; None for regression targets (accuracy is then NaN)."""
+def _class_labels(y: Tensor, out: Tensor) -> Tensor | None:
+    """The class indices to score accuracy against, where the targets are class indices:
+    int targets shaped like the output `out` (of the first samples) without its last, class
+    dimension ((N,) for (N, C), (N, T) for (N, T, C)), or float targets of the output's
+    shape that are exactly one-hot; else None (regression targets, (N,) logits: accuracy is
+    then NaN, never the argmax of numbers that are not classes)."""
+    if out.dim() < 2:
+        return None
     if not y.is_floating_point():
-        return y
-    return y.argmax(-1) if y.dim() == 2 and y.size(1) > 1 else None
+        return y if y.shape[1:] == out.shape[1:-1] else None
+    if y.shape[1:] != out.shape[1:]:
+        return None
+    one_hot = bool(((y == 0) | (y == 1)).all() and (y.sum(-1) == 1).all())
+    return y.argmax(-1) if one_hot else None
 
 
 def evaluate_points(
@@ -113,10 +121,11 @@ def evaluate_points(
 
     coeffs: (P, K) for the K `directions`. `criterion`: a deterministic registered loss name
     or a callable (output, target) -> scalar mean loss; a random loss (QMSE's v) has no value
-    at a point and is refused with the name of its expectation. Accuracy compares the
-    output's argmax with int labels (N,) or the argmax of one-hot targets (N, C); NaN for
-    other targets. `group_size` points × `batch_size` samples go through one vmapped forward
-    pass in eval mode (memory grows with their product). `compile` runs that pass through
+    at a point and is refused with the name of its expectation. Accuracy, only where the
+    targets are class indices (`_class_labels`: int (N,) for (N, C) outputs, (N, T) for
+    (N, T, C), or exactly one-hot floats), is the share of argmax hits over all positions;
+    NaN for other targets. `group_size` points × `batch_size` samples go through one vmapped
+    forward pass in eval mode (memory grows with their product). `compile` runs that pass through
     `torch.compile` (15-30 s once, then about 2.4× less CPU time for SimpleCNN(32, 64); a new
     group or batch shape compiles again). `resume_file`: the sums so far are saved there
     atomically after every group and picked up by a later call with the same points, data
@@ -133,13 +142,14 @@ def evaluate_points(
         raise UserError(f"x and y must hold the same N ≥ 1 samples, got {len(x)} and {len(y)}")
     if group_size < 1 or batch_size < 1:
         raise UserError(f"group_size and batch_size must be ≥ 1, got {group_size}, {batch_size}")
-    labels = _labels(y)  # (N,) or None
     stacked = {k: torch.stack([d[k] for d in directions]) for k in base}  # (K, *shape) each
     coeffs = coeffs.to(device=x.device, dtype=next(iter(base.values())).dtype)
 
     def forward(params: Params, xb: Tensor) -> Tensor:
         return functional_call(model, params, (xb,))
 
+    with eval_mode(model), torch.no_grad():
+        labels = _class_labels(y, forward(base, x[:1]))  # (N, *) or None
     batched = vmap(forward, in_dims=(0, None))  # (G, B, C) outputs for G parameter sets
     if compile:
         batched = torch.compile(batched)
@@ -174,12 +184,12 @@ def evaluate_points(
                 means = torch.stack([crit(o, yb) for o in out])  # (G,) mean loss per point
                 total_loss[start : start + G] += xb.size(0) * means.double().cpu().numpy()
                 if labels is not None:
-                    hits = out.argmax(-1) == labels[b : b + batch_size]  # (G, B)
-                    correct[start : start + G] += hits.sum(1).double().cpu().numpy()
+                    hits = out.argmax(-1) == labels[b : b + batch_size]  # (G, B, *)
+                    correct[start : start + G] += hits.flatten(1).sum(1).double().cpu().numpy()
             if resume_file is not None:
                 _save_npz(resume_file, {**key, "loss_sum": total_loss, "correct": correct,
                                         "done": start + G})  # fmt: skip
-    accuracy = correct / N if labels is not None else np.full(P, np.nan)
+    accuracy = correct / labels.numel() if labels is not None else np.full(P, np.nan)
     return total_loss / N, accuracy
 
 
