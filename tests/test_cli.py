@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import errno
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -537,3 +538,173 @@ def test_the_escape_protocol_options_fill_the_config(monkeypatch):
     assert cfg.equivalence_margin == 0.1 and cfg.declared_comparisons() == [("qmse", "sgd")]
     assert main([*argv[:-2], "--tune-budget", "24", "--out", "unused"]) == 0
     assert seen["cfg"].tune_budget == 24
+
+
+# --- user losses: --plugin, and the paths each command wrote ------------------------------
+
+
+@pytest.fixture
+def loss_registry():
+    """The loss registry as it was before the test (plug-ins add to it)."""
+    from qmse.loss import LOSSES
+
+    saved = dict(LOSSES)
+    yield LOSSES
+    LOSSES.clear()
+    LOSSES.update(saved)
+
+
+def documented_plugin(tmp_path: Path, name: str = "my-huber") -> Path:
+    """docs/diagnostics.md's myloss.py, registering its loss under `name` (a new file
+    content per name: a plug-in is imported once per content and process)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "diagnostics.md").read_text()
+    section = doc.split("### A loss of your own", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"my-huber"' in code
+    path = tmp_path / "myloss.py"
+    path.write_text(code.replace('"my-huber"', f'"{name}"'))
+    return path
+
+
+def wrote(out: str) -> list[Path]:
+    """The paths a command's "wrote PATH" lines name."""
+    return [Path(line.split(" ", 1)[1].split(" (")[0]) for line in out.splitlines()
+            if line.startswith("wrote ")]  # fmt: skip
+
+
+def test_train_diagnose_landscape_with_a_plugin_loss(data_dir, tmp_path, capsys, loss_registry):
+    plugin = documented_plugin(tmp_path)
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--loss", "my-huber")) == 2  # not registered yet
+    one_line_error(capsys, "argument --loss: my-huber: not a registered loss", "--plugin FILE.py")
+    assert not run.exists()
+    assert main(train_args(data_dir, run, "--plugin", str(plugin), "--loss", "my-huber")) == 0
+    paths = wrote(capsys.readouterr().out)
+    assert paths == [run / n for n in ("config.json", "metrics.jsonl", "timings.jsonl",
+                                       "checkpoint.pt")]  # fmt: skip
+    assert all(p.is_file() for p in paths)
+    assert runs.load_json(run / "config.json")["loss"] == "my-huber"
+    diagnose = ["diagnose", str(run), "--samples", "12", "--lanczos-steps", "4",
+                "--slq-vectors", "1", "--trace-samples", "2", "--quiet", "--device",
+                "cpu"]  # fmt: skip
+    assert main([*diagnose, "--plugin", str(plugin)]) == 0
+    printed = capsys.readouterr().out
+    assert "[my-huber] λ_max" in printed and "[mse] λ_max" in printed
+    line = f"diagnosis: {run / 'diagnosis.json'}, {run / 'diagnosis.txt'} (in the run folder)"
+    assert line in printed and (run / "diagnosis.json").is_file()
+    out = tmp_path / "slice"
+    landscape = ["landscape", str(run), "--plugin", str(plugin), "--loss", "my-huber",
+                 "--dims", "1", "--points", "3", "--samples", "48", "--quiet", "--device",
+                 "cpu", "--out", str(out)]  # fmt: skip
+    assert main(landscape) == 0
+    paths = wrote(capsys.readouterr().out)
+    assert paths == [out / n for n in ("landscape-1d.npz", "landscape-1d.png", "summary.json")]
+    assert all(p.is_file() for p in paths)
+    # the run was trained and measured with the plug-in's loss: its train_loss (all 48
+    # training images) is my-huber at the final weights, the slice's centre, not ½‖r‖²
+    last = runs.read_jsonl(run / "metrics.jsonl")[-1]
+    centre = runs.load_json(out / "summary.json")["centre_loss"]
+    assert math.isclose(last["train_loss"], centre, rel_tol=1e-5)
+    assert not math.isclose(last["train_loss"], last["train_mse"], rel_tol=1e-2)
+    other = tmp_path / "other"  # a run of a loss no plug-in loaded here registers
+    other.mkdir()
+    config = runs.load_json(run / "config.json")
+    runs.save_json(other / "config.json", {**config, "loss": "their-huber"})
+    assert main([*diagnose[:1], str(other), *diagnose[2:]]) == 2
+    one_line_error(capsys, f"{other} was trained with loss 'their-huber'", "--plugin FILE.py",
+                   command="diagnose")  # fmt: skip
+
+
+def test_every_command_prints_the_paths_it_wrote(data_dir, tmp_path, capsys):
+    for seed in ("0", "1"):
+        assert main(train_args(data_dir, tmp_path / f"s{seed}", "--seed", seed)) == 0
+    capsys.readouterr()
+    a, b = str(tmp_path / "s0"), str(tmp_path / "s1")
+    small = ["--samples", "10", "--device", "cpu"]
+    diag = [*small, "--lanczos-steps", "3", "--slq-vectors", "1", "--trace-samples", "2",
+            "--quiet"]  # fmt: skip
+    commands = {
+        "match": ["symmetry", "match", a, b, "--points", "3", *small, "--out",
+                  str(tmp_path / "m")],
+        "landscape": ["landscape", a, b, "--dims", "1", "--points", "3", "--quiet", *small,
+                      "--out", str(tmp_path / "l")],
+        "compare": ["diagnose", "--compare", a, b, *diag, "--out", str(tmp_path / "c")],
+    }  # fmt: skip
+    expected = {
+        "match": [tmp_path / "m" / n for n in ("interpolation.png", "interpolation.npz",
+                                               "summary.json")],
+        "landscape": [tmp_path / "l" / r / n for r in ("s0", "s1")
+                      for n in ("landscape-1d.npz", "landscape-1d.png", "summary.json")]
+        + [tmp_path / "l" / "landscape-1d.png"],
+        "compare": [tmp_path / "c" / n for n in ("comparison.json", "comparison.txt",
+                                                 "diagnose-spectra.png")],
+    }  # fmt: skip
+    for name, argv in commands.items():
+        assert main(argv) == 0, name
+        out = capsys.readouterr().out
+        assert wrote(out) == expected[name], name
+        assert all(p.is_file() for p in expected[name]), name
+    for run in (a, b):  # --compare diagnoses each run into its own folder, and says so
+        assert f"diagnosis: {Path(run) / 'diagnosis.json'}" in out
+        assert (Path(run) / "diagnosis.json").is_file()
+
+
+def test_a_plugin_that_fails_is_one_line_and_registers_nothing(tmp_path, capsys, loss_registry):
+    bad = tmp_path / "half.py"
+    bad.write_text(
+        "from qmse import Loss, register_loss\n"
+        "register_loss(Loss('half-done', lambda o, t, n: (o - t).abs().sum(-1)))\n"
+        "raise RuntimeError('no data for the second loss')\n"
+    )
+    argv = ["train", "--plugin", str(bad), "--loss", "half-done", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    one_line_error(capsys, f"plug-in {bad}, line 3: RuntimeError: no data for the second loss")
+    assert "half-done" not in loss_registry and not (tmp_path / "r").exists()
+    taken = tmp_path / "taken.py"
+    taken.write_text("from qmse import Loss, register_loss\n"
+                     "register_loss(Loss('mse', lambda o, t, n: o.sum(-1)))\n")  # fmt: skip
+    assert main(["landscape", "r", "--plugin", str(taken)]) == 2
+    one_line_error(capsys, f"plug-in {taken}, line 2", "'mse' is already registered",
+                   command="landscape")  # fmt: skip
+    assert main(["symmetry", "match", "a", "b", "--loss", "hinge"]) == 2
+    one_line_error(capsys, "argument --loss: hinge: not a registered loss", command="symmetry")
+
+
+def test_reproduce_takes_a_plugin_loss_in_this_process_only(tmp_path, monkeypatch, capsys,
+                                                            loss_registry):  # fmt: skip
+    seen = {}
+    monkeypatch.setattr(cli_run, "run_grid", lambda configs, out, **kw: seen.update(c=configs))
+    monkeypatch.setattr(cli_run, "grid_outputs", lambda out: {})
+    plugin = documented_plugin(tmp_path, "grid-huber")
+    argv = ["reproduce", "--plugin", str(plugin), "--losses", "mse,grid-huber", "--seeds", "1",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert sorted({c.loss for c in seen["c"]}) == ["grid-huber", "mse"]
+    assert main([*argv, "--backend", "ray"]) == 2
+    one_line_error(capsys, "--plugin with --backend ray", "--backend local", command="reproduce")
+
+
+def test_load_plugin_imports_a_file_once_and_takes_back_what_a_failed_one_added(
+    tmp_path, monkeypatch
+):
+    """qmse.plugins.load_plugin on two registries of a module the plug-ins import."""
+    from types import ModuleType
+
+    from qmse.plugins import load_plugin
+
+    reg = ModuleType("plugin_registries")
+    reg.A, reg.B, reg.imports = {"kept": 0}, {}, []
+    monkeypatch.setitem(sys.modules, "plugin_registries", reg)
+    good = tmp_path / "good.py"
+    good.write_text("import plugin_registries as r\nr.imports.append(1)\nr.A['a'] = 1\n"
+                    "r.B['b'] = 2\n")  # fmt: skip
+    assert load_plugin(good, reg.A, reg.B) == ["a", "b"]
+    assert load_plugin(good, reg.A, reg.B) == ["a", "b"] and reg.imports == [1]  # once
+    bad = tmp_path / "bad.py"
+    bad.write_text("import plugin_registries as r\nr.A['c'] = 3\nr.B['d'] = 4\n1 / 0\n")
+    with pytest.raises(UserError, match=rf"plug-in {bad}, line 4: ZeroDivisionError") as e:
+        load_plugin(bad, reg.A, reg.B)
+    assert isinstance(e.value.__cause__, ZeroDivisionError)
+    assert reg.A == {"kept": 0, "a": 1} and reg.B == {"b": 2}  # c and d taken back
+    with pytest.raises(FileNotFoundError, match="plug-in .*missing.py does not exist"):
+        load_plugin(tmp_path / "missing.py", reg.A)

@@ -10,6 +10,7 @@ import copy
 import doctest
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,3 +313,14 @@ def test_docstring_examples_run():
         tests = doctest.DocTestFinder().find(hessian)
         attempted = sum(runner.run(t, out=report.append).attempted for t in tests)
     assert runner.failures == 0 and attempted >= 5, "".join(report)
+
+
+def test_the_documented_example_prints_what_the_docs_show(capsys):
+    """docs/diagnostics.md, "Hessian summaries": its code block prints its output block."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "diagnostics.md").read_text()
+    section = doc.split("### Hessian summaries", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = section.split("prints\n\n```\n", 1)[1].split("```", 1)[0]
+    with torch.random.fork_rng(devices=[]):
+        exec(compile(code, "docs/diagnostics.md", "exec"), {})
+    assert capsys.readouterr().out == shown

@@ -15,14 +15,20 @@ from qmse.cli.common import (
     POSITIVE,
     POSITIVE_NUMBER,
     add_device,
+    add_plugin,
+    check_losses,
+    check_run_losses,
     integer,
+    load_plugins,
 )
 from qmse.errors import UserError
 from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
-from qmse.loss import LOSSES
 from qmse.symmetry import count_equivalent, permute, worked_example
 
-DETERMINISTIC = "a registered loss; a random one is refused with the name of its expectation"
+DETERMINISTIC = (
+    "a registered loss (or a --plugin file's); a random one is refused with the name of its "
+    "expectation"
+)
 
 
 def add_diagnose(p: argparse.ArgumentParser) -> None:
@@ -64,6 +70,7 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
         "comparison.json/.txt go, None: printed only",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_plugin(p)
 
     def run(args: argparse.Namespace) -> int:
         if (args.run_dir is None) == (args.compare is None):
@@ -71,6 +78,8 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
                 "give exactly one of RUN_DIR or --compare RUN_A RUN_B (the convexity demo: "
                 "qmse diagnose convexity)"
             )
+        load_plugins(args)
+        check_run_losses(args.compare or [args.run_dir])
         kwargs = dict(
             n_samples=args.samples, seed=args.seed, device=args.device, quiet=args.quiet,
             k=args.eigenvalues, lanczos_steps=args.lanczos_steps,
@@ -80,9 +89,17 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
         )  # fmt: skip
         if args.compare is not None:
             print(endstate.compare_runs(*args.compare, out_dir=args.out, **kwargs), end="")
-            return 0
-        d = endstate.diagnose_run(args.run_dir, out_dir=args.out, **kwargs)
-        print(endstate.summary_text(d), end="")
+            folders = args.compare  # each run's diagnosis is kept in its own folder
+        else:
+            d = endstate.diagnose_run(args.run_dir, out_dir=args.out, **kwargs)
+            print(endstate.summary_text(d), end="")
+            folders = [args.out or args.run_dir]
+        for folder in map(Path, folders):
+            where = " (in the run folder)" if args.compare or args.out is None else ""
+            print(f"diagnosis: {folder / 'diagnosis.json'}, {folder / 'diagnosis.txt'}{where}")
+        if args.compare is not None and args.out is not None:
+            for name in ("comparison.json", "comparison.txt", "diagnose-spectra.png"):
+                print(f"wrote {Path(args.out) / name}")
         return 0
 
     p.set_defaults(func=run)
@@ -156,12 +173,15 @@ def add_symmetry(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_b", metavar="RUN_B", help="run directory of the same architecture")
     p.add_argument("--points", type=integer(2), default=25, help="values of alpha in [0, 1]")
     p.add_argument("--samples", type=POSITIVE, default=1000, help="first N training images")
-    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=DETERMINISTIC)
+    p.add_argument("--loss", default="mse", metavar="LOSS", help=DETERMINISTIC)
+    add_plugin(p)
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the matching's layer order")
     add_device(p)
     p.add_argument("--out", default=None, help="None: runs/symmetry/<RUN_A>--<RUN_B>")
 
     def match(args: argparse.Namespace) -> int:
+        check_losses(args, "--loss", [args.loss])
+        check_run_losses([args.run_a, args.run_b])
         out = args.out or f"runs/symmetry/{Path(args.run_a).name}--{Path(args.run_b).name}"
         s = match_runs(
             args.run_a,
@@ -176,7 +196,8 @@ def add_symmetry(p: argparse.ArgumentParser) -> None:
         print(f"{args.loss} barrier, straight path a -> b:  {s['naive_barrier']:.5f}")
         print(f"{args.loss} barrier after weight matching:  {s['aligned_barrier']:.5f}")
         print(f"ends: a {s['end_a']}, b {s['end_b']}")
-        print(f"wrote {out}/interpolation.png, interpolation.npz, summary.json")
+        for name in ("interpolation.png", "interpolation.npz", "summary.json"):
+            print(f"wrote {Path(out) / name}")
         return 0
 
     p.set_defaults(func=match)
@@ -193,7 +214,8 @@ def add_landscape(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", type=integer(2), default=25, help="grid points per direction")
     p.add_argument("--span", type=POSITIVE_NUMBER, default=1.0, help="grid covers [-span, span]")
     p.add_argument("--samples", type=POSITIVE, default=1000, help="first N training images")
-    p.add_argument("--loss", default="mse", choices=tuple(LOSSES), help=DETERMINISTIC)
+    p.add_argument("--loss", default="mse", metavar="LOSS", help=DETERMINISTIC)
+    add_plugin(p)
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random directions")
     p.add_argument("--group-size", type=POSITIVE, default=5, help="grid points per vmapped pass")
     p.add_argument("--batch-size", type=POSITIVE, default=40, help="samples per vmapped pass")
@@ -205,6 +227,8 @@ def add_landscape(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def landscape(args: argparse.Namespace) -> int:
+        check_losses(args, "--loss", [args.loss])
+        check_run_losses(args.run_dirs)
         names = "+".join(Path(r).name for r in args.run_dirs)
         out = args.out or f"runs/landscape/{names}-{args.dims}d"
         options = dict(
@@ -224,7 +248,16 @@ def add_landscape(p: argparse.ArgumentParser) -> None:
                 f"{args.loss} from {s['min_loss']:.4f} to {s['max_loss']:.4f}, centre "
                 f"{s['centre_loss']}"
             )
-        print(f"wrote {out}/landscape-{args.dims}d.png (and each run's .npz, summary.json)")
+        files = (f"landscape-{args.dims}d.npz", f"landscape-{args.dims}d.png", "summary.json")
+        if len(args.run_dirs) == 1:
+            folders = [Path(out)]
+        else:
+            folders = [Path(out) / Path(r).resolve().name for r in args.run_dirs]
+        for folder in folders:
+            for name in files:
+                print(f"wrote {folder / name}")
+        if len(args.run_dirs) > 1:
+            print(f"wrote {Path(out) / f'landscape-{args.dims}d.png'} (all runs on one scale)")
         return 0
 
     p.set_defaults(func=landscape)

@@ -267,3 +267,58 @@ def loss_params(pairs: Sequence[tuple[str, float]], losses: Sequence[Any]) -> di
                 + " ".join(f"--loss-param {p}=VALUE" for p in missing)
             )
     return given
+
+
+def add_plugin(p: argparse.ArgumentParser) -> None:
+    """--plugin FILE.py, repeatable: a Python file that registers losses, imported before
+    the command's loss names are checked (`check_losses`)."""
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="a Python file that registers losses with qmse.register_loss, imported before "
+        "the loss names are checked; repeatable",
+    )
+
+
+def load_plugins(args: argparse.Namespace) -> None:
+    """Import the --plugin files of `args` into the loss registry (`qmse.plugins`)."""
+    from qmse.loss import LOSSES
+    from qmse.plugins import load_plugin
+
+    for path in args.plugin:
+        load_plugin(path, LOSSES)
+
+
+def check_losses(args: argparse.Namespace, option: str, names: Sequence[str]) -> None:
+    """`load_plugins`, then check each of `names`, given with `option`, against the loss
+    registry: argparse's `choices` are built before the plug-ins are loaded, so the check is
+    made here, in argparse's words."""
+    from qmse.loss import LOSSES
+
+    load_plugins(args)
+    if unknown := [name for name in names if name not in LOSSES]:
+        raise UserError(
+            f"argument {option}: {', '.join(unknown)}: not a registered loss; choose from "
+            f"{', '.join(LOSSES)}, or register one in a --plugin FILE.py (qmse.register_loss)"
+        )
+
+
+def check_run_losses(run_dirs: Iterable[str]) -> None:
+    """Each run directory's loss (its config.json) is registered: a run trained with a
+    plug-in's loss needs that plug-in again (--plugin) to be read."""
+    from pathlib import Path
+
+    from qmse.loss import LOSSES
+    from qmse.runs import load_json
+
+    for run in run_dirs:
+        config = Path(run) / "config.json"
+        held = load_json(config) if config.is_file() else None
+        loss = held.get("loss") if isinstance(held, dict) else None
+        if isinstance(loss, str) and loss not in LOSSES:
+            raise UserError(
+                f"{run} was trained with loss {loss!r}, which no loaded plug-in registers: "
+                f"give the file that registers it, --plugin FILE.py"
+            )

@@ -14,14 +14,17 @@ from qmse.cli.common import (
     add_device,
     add_field,
     add_loss_param,
+    add_plugin,
+    check_losses,
     loss_params,
-    names_of,
+    names,
     number,
 )
 from qmse.config import TrainConfig
 from qmse.data import DATASETS
 from qmse.distributed import init_distributed, is_main
 from qmse.download import download, status
+from qmse.errors import UserError
 from qmse.loss import LOSSES
 from qmse.report import write_outputs
 from qmse.reproduce import (
@@ -39,6 +42,7 @@ from qmse.tblog import tensorboard_logger
 from qmse.train import train_run
 
 SEEDS_HELP = "train seeds 0..N-1 for every setting (loss × momentum)"
+RUN_FILES = ("config.json", "metrics.jsonl", "timings.jsonl", "checkpoint.pt", "diverged.json")
 
 
 def grid_outputs(out: str | Path) -> dict[str, Path]:
@@ -150,10 +154,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
         p,
         TrainConfig,
         "loss",
-        choices=tuple(LOSSES),
-        more_help="; ".join(f"{name}: {spec.description}" for name, spec in LOSSES.items()),
+        metavar="LOSS",
+        more_help="; ".join(f"{name}: {spec.description}" for name, spec in LOSSES.items())
+        + "; or a loss a --plugin file registers",
     )
     add_loss_param(p, LOSSES.values())
+    add_plugin(p)
     add_field(p, TrainConfig, "momentum", type=number(0, 1))
     add_field(p, TrainConfig, "seed", type=NONNEGATIVE)
     add_field(p, TrainConfig, "channels", type=POSITIVE, nargs=2, metavar=("C1", "C2"))
@@ -162,6 +168,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     add_field(p, TrainConfig, "resample_null", action="store_true")
 
     def train(args: argparse.Namespace) -> int:
+        check_losses(args, "--loss", [args.loss])
         cfg = TrainConfig(
             dataset=args.dataset,
             data_dir=args.data_dir,
@@ -193,6 +200,11 @@ def add_train(p: argparse.ArgumentParser) -> None:
                 f"{out}: epoch {last['epoch']} train acc {last['train_acc']:.4f} "
                 f"test acc {last['test_acc']:.4f} train ½‖r‖² {last['train_mse']:.5f}"
             )
+            for name in RUN_FILES:
+                if (Path(out) / name).exists():
+                    print(f"wrote {Path(out) / name}")
+            if args.tensorboard is not None:
+                print(f"wrote {Path(args.tensorboard) / Path(out).name} (TensorBoard)")
         return 0
 
     p.set_defaults(func=train)
@@ -204,11 +216,13 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=POSITIVE, default=5, help=SEEDS_HELP)
     p.add_argument(
         "--losses",
-        type=names_of(LOSSES, "a registered loss"),
+        type=names,
         default=",".join(PAPER_LOSSES),
         metavar="LOSS,...",
-        help=f"comma-separated registered losses; the end-of-training grid: {','.join(END_LOSSES)}",
+        help=f"comma-separated registered losses ({', '.join(LOSSES)}, or a --plugin file's); "
+        f"the end-of-training grid: {','.join(END_LOSSES)}",
     )
+    add_plugin(p)
     p.add_argument("--with-ablation", action="store_true", help=f"add {' and '.join(ABLATION)}")
     add_loss_param(
         p, LOSSES.values(), "for every loss of the grid that takes it; with --tune: its start value"
@@ -263,6 +277,12 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
     add_backend_args(p, "ray: one Ray task per run (per group with --parallel)")
 
     def reproduce(args: argparse.Namespace) -> int:
+        if args.plugin and args.backend != "local":
+            raise UserError(
+                f"--plugin with --backend {args.backend}: the workers do not import plug-in "
+                f"files; train a plug-in's loss with --backend local"
+            )
+        check_losses(args, "--losses", args.losses)
         out = args.out or f"runs/reproduce-{args.dataset}"
         if args.report_only:
             for kind, path in grid_outputs(out).items():
