@@ -23,11 +23,12 @@ from qmse.cli.common import (
 )
 from qmse.errors import UserError
 from qmse.landscape import landscape_of_run, landscapes_of_runs, match_runs
+from qmse.loss import LOSSES
 from qmse.symmetry import count_equivalent, permute, worked_example
 
 DETERMINISTIC = (
-    "a registered loss (or a --plugin file's); a random one is refused with the name of its "
-    "expectation"
+    f"a registered loss ({', '.join(LOSSES)}) or a --plugin file's; a random one is refused "
+    f"with the name of its expectation"
 )
 
 
