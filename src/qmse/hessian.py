@@ -203,8 +203,9 @@ def hessian_summary(
         blocks: None (the whole model alone), "layers" (`layer_blocks`: one block per
             layer), or a mapping name -> list of parameter names. Each block's Hessian is
             the diagonal block of the full Hessian; the whole model is always summarised.
-        mode: "eval" or "train" (BatchNorm on batch statistics, one dropout draw shared by
-            every product), recorded in the summary; the model's flags are put back after.
+        mode: "eval" or "train" (BatchNorm on batch statistics; dropout draws one mask per
+            operator, which all its products share), recorded in the summary; the model's
+            flags and buffers are as they were after.
         seed: seeds every estimator (Lanczos start vectors, Hutchinson probes); the global
             RNG is not used.
 
