@@ -1453,3 +1453,49 @@ def test_readme_findings_are_the_committed_results():
     )
     readme_findings(doc)
     doc.check(ESCAPE_WHITELIST + RESULTS_WHITELIST)
+
+
+def test_third_protocol_statements_are_what_its_results_give():
+    """docs/escape.md's section on the third protocol at k = 8 and 10: each statement from
+    the committed results.json of docs/escape-3."""
+    verdicts = {}
+    edges = set()
+    for k in (8, 10):
+        results = json.loads((ROOT / "docs" / "escape-3" / f"k{k}" / "results.json").read_text())
+        for t in results["comparisons"]:
+            verdicts[t["comparison"], t["protocol"], k] = t["verdict"]
+        edges |= {(r["method"], r["protocol"], k) for r in results["rows"]
+                  if (r.get("tuning") or {}).get("edge")}  # fmt: skip
+    cells = [(p, k) for p in ("random-init", "spurious-minima") for k in (8, 10)]
+    for a, b in (("qmse", "sgd"), ("qmse", "label-noise"), ("qmse-momentum", "momentum"),
+                 ("qmse-momentum", "label-noise-momentum")):  # fmt: skip
+        assert all(verdicts[f"{a}:{b}", p, k] == f"{a} fails more" for p, k in cells)
+    q = {(p, k): verdicts["qmse:expected-qmse", p, k] for p, k in cells}
+    assert q == {
+        ("random-init", 8): "qmse fails more", ("spurious-minima", 8): "not determined",
+        ("random-init", 10): "equivalent within ±0.05",
+        ("spurious-minima", 10): "equivalent within ±0.05",
+    }  # fmt: skip
+    m = {(p, k): verdicts["qmse-momentum:expected-qmse-momentum", p, k] for p, k in cells}
+    assert m.pop(("random-init", 10)) == "qmse-momentum fails more"
+    assert set(m.values()) == {"not determined"}
+    assert edges == {
+        ("expected-qmse", "spurious-minima", 8), ("label-noise-momentum", "spurious-minima", 8),
+        ("gradient-noise-momentum", "spurious-minima", 8),
+        ("anticorrelated-momentum", "spurious-minima", 8),
+        ("qmse", "spurious-minima", 10), ("expected-qmse", "spurious-minima", 10),
+    }  # fmt: skip
+    text = (ROOT / "docs" / "escape.md").read_text()
+    assert "## The third protocol at k = 8 and 10" in text
+
+
+def test_every_third_protocol_noise_baseline_tried_its_noise_free_limit():
+    for path in sorted((ROOT / "docs" / "escape-3").glob("k*/tuning/*.json")):
+        record = json.loads(path.read_text())
+        if record["method"] not in ("label-noise", "label-noise-momentum", "gradient-noise",
+                                    "gradient-noise-momentum", "anticorrelated",
+                                    "anticorrelated-momentum", "pgd"):  # fmt: skip
+            continue
+        tried = [p["settings"] for p in record["stages"][0]["points"]]
+        assert record["anchors"] and all(a in tried for a in record["anchors"]), path
+        assert len(tried) == record["budget"] == 32
