@@ -7,8 +7,8 @@ same for every method, widening past a limit the best touches, a local refinemen
 2^(±1/2) around the best), each trial scored as below, the stops of rule 3 applying to the
 widening. A method with a `parent` (label noise → SGD) is searched after it, and its first
 trial is its noise-free limit: the parent's chosen settings with the bottom of its own extra
-grids, so that a noise baseline can never lose to its parent only for want of a trial. Without a budget, the second edition's coordinate passes (`qmse.tuning.plan`):
-
+grids, so that a noise baseline can never lose to its parent only for want of a trial.
+Without a budget, the second edition's coordinate passes (`qmse.tuning.plan`):
 
 1. The method's space: lr over its `lr_grid`, then each further hyperparameter over its grid
    (the others at the middle of their grids while lr is swept); values fixed by the user are
