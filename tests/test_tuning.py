@@ -186,3 +186,15 @@ def test_the_sweep_figure_draws_coordinate_and_joint_stages(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
     assert not plot_sweeps([Sweep("row", "none", [])], tmp_path / "none.png", ylabel="", log_y=True)
     assert not (tmp_path / "none.png").exists()
+
+
+def test_the_joint_search_breaks_ties_towards_the_inside():
+    """A plateau of equal scores that reaches an edge (here every trial ties): the choice lies
+    inside the values tried in every parameter, the tie-break deciding only among those."""
+    found, seen = feed(NOISY, {}, lambda s: 1.0, budget=16, seed=0)
+    for name in ("lr", "sigma"):
+        values = [dict(k)[name] for k in seen]
+        assert min(values) < found.chosen[name] < max(values)
+    # a strict optimum on an edge is still chosen there (see the widening test above)
+    found, seen = feed(NOISY, {}, lambda s: 0.0 if s["lr"] >= 0.5 else 1.0, budget=16, seed=0)
+    assert found.chosen["lr"] >= 0.5

@@ -291,7 +291,10 @@ def search(
        the best's (4·d trials), once more around a new best if the budget allows;
     4. the rest of the budget: the next points of the Sobol sequence.
 
-    The choice is the best score, then the lower tie-break. `stages` holds one record per
+    The choice is the best score; among equal scores, the trial with the fewest parameters on
+    an edge of the values tried (as `plan` prefers values with neighbours on both sides: an
+    edge is where the space was left unexplored), then the lower tie-break. The phases follow
+    the best score and lower tie-break alone. `stages` holds one record per
     parameter with every trial ("joint": a scatter of the score against that parameter's
     value, the others varying)."""
     if budget < 1:
@@ -333,7 +336,7 @@ def search(
             break
     if need := run([p for p in sobol if _key(p, fixed) not in tried]):
         return pending(need)
-    chosen = best()
+    chosen = _choice(space, tried)
     return Plan(
         [], dict(fixed) | chosen, _joint_stages(space, tried, chosen), passes=1, converged=True
     )
@@ -345,6 +348,25 @@ def _key(settings: Mapping[str, float], fixed: Mapping[str, float]) -> tuple:
 
 def _order(settings: Settings) -> tuple:
     return tuple(sorted(settings.items()))
+
+
+def _choice(space: Space, tried: Mapping) -> Settings:
+    """`search`'s choice: the best score, then the fewest parameters at the smallest or
+    largest value tried, then the lower tie-break, then the smaller settings."""
+    ranges = {
+        p.name: (
+            min(s[p.name] for s, _ in tried.values()),
+            max(s[p.name] for s, _ in tried.values()),
+        )
+        for p in space.params
+    }
+
+    def edges(settings: Settings) -> int:
+        return sum(settings[name] in ends for name, ends in ranges.items())
+
+    return min(
+        tried.values(), key=lambda pt: (pt[1].score, edges(pt[0]), pt[1].tiebreak, _order(pt[0]))
+    )[0]
 
 
 def _widening(space: Space, tried: Mapping, best: Settings, rule: Rule) -> Settings | None:
