@@ -1,6 +1,7 @@
 """qmse.landscape against one-model-at-a-time references, closed forms and known permutations,
 on qmse's models and on a model and criterion qmse does not define."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 import qmse.landscape as landscape
 from qmse import data as qdata
 from qmse.cli import main
+from qmse.curvature import eval_mode
 from qmse.landscape import (
     barrier,
     evaluate_points,
@@ -22,6 +24,7 @@ from qmse.landscape import (
     interpolation_barriers,
     parameters_of,
     random_slice,
+    recompute_statistics,
 )
 from qmse.landscapeplot import plot_interpolation, plot_slices
 from qmse.loss import compute_loss, expected_qmse_loss, mse_loss_half
@@ -403,20 +406,158 @@ def test_every_writing_command_claims_its_directory(tmp_path, monkeypatch, capsy
     assert main(["landscape", runs[0], "--out", str(tmp_path / "span"), "--span", "nan"]) == 2
 
 
-def test_interpolating_models_with_different_buffers_is_refused():
-    """BatchNorm's running statistics are buffers: blending parameters alone would keep model
-    a's statistics along the whole path, so L(1) would not be model b's loss."""
-    torch.manual_seed(0)
+def _bn_net(seed: int, conv: bool) -> nn.Module:
+    """A small network with BatchNorm (1-D after a Linear, or 2-D after a Conv2d), float64."""
+    torch.manual_seed(seed)
+    if conv:
+        layers = [nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                  nn.Linear(3 * 4 * 4, 2)]  # fmt: skip
+    else:
+        layers = [nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)]
+    return nn.Sequential(*layers).double()
 
-    def net():
-        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
 
-    a, b = net(), net()
-    x, y = torch.randn(16, 3), torch.randn(16, 2)
-    for model in (a, b):  # different running statistics
+def _bn_data(conv: bool, n: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 1, 6, 6) if conv else (n, 3), generator=g, dtype=torch.float64)
+    return 1.5 * x + 0.7, torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def _reset_bn(model: nn.Module, loader) -> nn.Module:
+    """The reference: torch's own update_bn (train mode, momentum None) on a copy."""
+    model = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(loader, model)
+    return model.eval()
+
+
+def _own_loss(model: nn.Module, x, y) -> float:
+    with eval_mode(model), torch.no_grad():
+        return mse_loss_half(model(x), y).item()
+
+
+def _mix(a: nn.Module, b: nn.Module, alpha: float, buffers: bool) -> nn.Module:
+    """(1 − α)·a + α·b, parameters (and floating buffers if `buffers`), as a new model."""
+    sa, sb = a.state_dict(), b.state_dict()
+    names = {k for k, _ in a.named_parameters()}
+    mixed = copy.deepcopy(a)
+    mixed.load_state_dict({
+        k: (1 - alpha) * v + alpha * sb[k]
+        if k in names or (buffers and v.is_floating_point()) else v
+        for k, v in sa.items()
+    })  # fmt: skip
+    return mixed
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_bn_interpolation_recomputes_statistics_at_every_point(conv):
+    """Default for BN models: at each α the running statistics are those of bn_data (REPAIR's
+    reset). Ends: a's and b's own losses, their statistics being those of the same inputs;
+    midpoint: torch's update_bn on the averaged network. Batches of a DataLoader average."""
+    x, y = _bn_data(conv)
+    stats_x = _bn_data(conv, n=32, seed=1)[0]
+    loader = torch.utils.data.DataLoader(stats_x, batch_size=8)
+    a, b = (_reset_bn(_bn_net(s, conv), [stats_x]) for s in (0, 1))
+    res = interpolate(a, b, "mse", (x, y), points=5, bn_data=stats_x, group_size=2)
+    assert res["buffers"] == "recompute"
+    np.testing.assert_allclose(res["loss"][[0, -1]], [_own_loss(a, x, y), _own_loss(b, x, y)],
+                               rtol=1e-10)  # fmt: skip
+    for i, alpha in ((1, 0.25), (2, 0.5)):
+        want = _own_loss(_reset_bn(_mix(a, b, alpha, buffers=False), [stats_x]), x, y)
+        assert res["loss"][i] == pytest.approx(want, rel=1e-10)
+    blended = _own_loss(_mix(a, b, 0.5, buffers=True), x, y)
+    assert abs(res["loss"][2] - blended) > 1e-3  # recomputing is not blending here
+    batched = interpolate(a, b, "mse", (x, y), points=3, bn_data=loader)
+    want = _own_loss(_reset_bn(_mix(a, b, 0.5, buffers=False), loader), x, y)
+    assert batched["loss"][1] == pytest.approx(want, rel=1e-10)
+    default = interpolate(a, b, "mse", (x, y), points=3)  # bn_data: the inputs x, one batch
+    want = _own_loss(_reset_bn(_mix(a, b, 0.5, buffers=False), [x]), x, y)
+    assert default["loss"][1] == pytest.approx(want, rel=1e-10)
+    again = recompute_statistics(b, stats_x)
+    torch.testing.assert_close(again.state_dict(), b.state_dict(), rtol=1e-12, atol=1e-14)
+
+
+def test_bn_interpolation_blending_buffers_ends_at_the_models_themselves():
+    """buffers="blend": statistics move like parameters, so L(0), L(1) are a's and b's own
+    losses with their own (different) statistics; keeping a's buffers, as the library did
+    before, would miss b's loss at α = 1."""
+    x, y = _bn_data(False)
+    a, b = _bn_net(0, False), _bn_net(1, False)
+    for model, shift in ((a, 0.3), (b, -1.0)):  # different running statistics, not x's
         model.train()
-        model(x + torch.randn(1, 3))
-    with pytest.raises(ValueError, match=r"different buffers \(1.running_mean"):
-        interpolate(a.eval(), b.eval(), "mse", (x, y), points=3)
-    b.load_state_dict(a.state_dict())
-    assert interpolate(a, b, "mse", (x, y), points=3)["loss"].shape == (3,)
+        model(x + shift)
+        model.eval()
+    res = interpolate(a, b, "mse", (x, y), points=3, buffers="blend")
+    assert res["buffers"] == "blend"
+    path = (a, _mix(a, b, 0.5, buffers=True), b)
+    np.testing.assert_allclose(res["loss"], [_own_loss(m, x, y) for m in path], rtol=1e-10)
+    direction = {k: v - w for (k, v), w in zip(parameters_of(b).items(), parameters_of(a).values())}
+    kept, _ = evaluate_points(a, "mse", (x, y), parameters_of(a), [direction], torch.ones(1, 1))
+    assert abs(kept[0] - _own_loss(b, x, y)) > 1e-3
+
+
+def test_bn_dropout_stays_off_and_models_are_untouched():
+    """The statistics pass runs norm layers in train mode only: Dropout stays off, so two
+    recomputations agree; neither model nor its flags change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.5), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    model = model.double().train()
+    x, y = _bn_data(False)
+    before = copy.deepcopy(model.state_dict())
+    one, two = recompute_statistics(model, x), recompute_statistics(model, x)
+    torch.testing.assert_close(one.state_dict(), two.state_dict(), rtol=0, atol=0)
+    with torch.no_grad():
+        h = model[0](x)  # the BatchNorm's inputs with Dropout off: (N, 6)
+    torch.testing.assert_close(one[2].running_mean, h.mean(0), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(one[2].running_var, h.var(0), rtol=1e-12, atol=1e-14)
+    random_slice(model, "mse", (x, y), dims=1, points=3)
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+
+
+def test_bn_random_slice_recomputes_or_keeps_statistics():
+    x, y = _bn_data(True)
+    model = _bn_net(3, True)
+    res = random_slice(model, "mse", (x, y), dims=2, points=3, span=0.5)
+    assert res["buffers"] == "recompute"
+    assert res["loss"][1, 1] == pytest.approx(_own_loss(_reset_bn(model, [x]), x, y), rel=1e-10)
+    kept = random_slice(model, "mse", (x, y), dims=1, points=3, span=0.5, buffers="blend")
+    assert kept["buffers"] == "blend"
+    assert kept["loss"][1] == pytest.approx(_own_loss(model, x, y), rel=1e-12)
+
+
+class _Scaled(nn.Module):
+    """A Linear with a buffer that is not a running statistic."""
+
+    def __init__(self, dtype) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).to(dtype)
+        self.bn = nn.BatchNorm1d(2).to(dtype)
+        self.register_buffer("scale", torch.ones(2, dtype=dtype))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        return self.bn(self.lin(x)) * self.scale
+
+
+def test_buffers_that_cannot_be_carried_are_refused():
+    x, y = _bn_data(False)
+    a, b = _Scaled(torch.float64), _Scaled(torch.float64)
+    b.scale.fill_(2.0)
+    with pytest.raises(ValueError, match=r"buffer 'scale' differs .* buffers='blend'"):
+        interpolate(a, b, "mse", (x, y), points=3)
+    res = interpolate(a, b, "mse", (x, y), points=3, buffers="blend")
+    assert res["loss"][-1] == pytest.approx(_own_loss(b, x, y), rel=1e-12)
+    b.steps.fill_(3)
+    with pytest.raises(ValueError, match=r"buffer 'steps' \(torch.int64\) differs"):
+        interpolate(a, b, "mse", (x, y), points=3, buffers="blend")
+    mlp = _mlp(0)
+    xm, ym = _data(mlp)
+    with pytest.raises(ValueError, match="no norm layer with running statistics"):
+        interpolate(mlp, mlp, "mse", (xm, ym), points=3, buffers="recompute")
+    with pytest.raises(ValueError, match="expected one of"):
+        random_slice(mlp, "mse", (xm, ym), dims=1, buffers="keep")
+    with pytest.raises(ValueError, match="bn_data is used only"):
+        interpolate(a, a, "mse", (x, y), points=3, buffers="blend", bn_data=x)
+    with pytest.raises(ValueError, match="bn_data must be"):
+        interpolate(a, a, "mse", (x, y), points=3, bn_data=[])
+    assert interpolate(mlp, mlp, "mse", (xm, ym), points=3)["buffers"] == "blend"

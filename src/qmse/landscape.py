@@ -14,14 +14,26 @@ loss by name or a callable (output, target) -> scalar mean loss (`qmse.curvature
 Every point is a parameter vector θ₀ + Σₖ cₖ dₖ. Points are evaluated in groups: the group's
 parameters are stacked on a leading axis and the model is run once per data batch with
 `torch.func.vmap` over `torch.func.functional_call`, not one model at a time in Python.
+
+Buffers. A network's floating-point buffers (BatchNorm's running mean and variance) are part
+of its function in eval mode, so every path and slice says what they are at each point
+(`buffers`, recorded in every result): "recompute" sets the running statistics of every
+BatchNorm (any norm layer with `track_running_stats`) at each point to those of given inputs,
+as "reset BN stats" / REPAIR does (Jordan et al. 2022; `recompute_statistics`), the default
+for a model that has them; "blend" moves every floating buffer along the path like a
+parameter ((1 − α)·β_a + α·β_b on a path; a slice's directions are zero on buffers, so the
+model keeps its own). Without either, an interpolation would keep model a's statistics to
+its end and L(1) would not be model b's loss.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +55,139 @@ Params = dict[str, Tensor]
 # spent as much time in the kernel as in the convolutions).
 GROUP_SIZE = 5
 BATCH_SIZE = 40
+BUFFER_MODES = ("recompute", "blend")
+Inputs = Tensor | Iterable  # one batch of inputs, or batches (x or (x, y) each), e.g. a DataLoader
 
 
 def parameters_of(model: nn.Module) -> Params:
     """Detached copies of the model's parameters (the model itself is not touched)."""
     return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def state_of(model: nn.Module) -> Params:
+    """Detached copies of the model's parameters and floating-point buffers: everything a
+    point of a path or slice sets (integer buffers, like BatchNorm's batch counter, are left
+    to the model)."""
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers() if v.is_floating_point()}
+    return {**parameters_of(model), **buffers}
+
+
+def norm_layers(model: nn.Module) -> list[str]:
+    """Names of the layers whose running statistics `recompute` sets: every BatchNorm (1-, 2-
+    or 3-D, SyncBatchNorm) and InstanceNorm that tracks running statistics."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
+
+
+def _entry(layer: str, buffer: str) -> str:
+    return f"{layer}.{buffer}" if layer else buffer
+
+
+def _statistics_twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode but for its norm layers, which are in train mode with
+    momentum None: a forward pass then accumulates their running statistics as a plain average
+    over batches (`torch.optim.swa_utils.update_bn`), and Dropout stays off."""
+    twin = copy.deepcopy(model).eval()
+    for name in norm_layers(twin):
+        layer = twin.get_submodule(name)
+        layer.train()
+        layer.momentum = None
+    return twin
+
+
+def _statistics_at(twin: nn.Module, state: Params, batches: list[Tensor]) -> Params:
+    """The running means and variances of `twin`'s norm layers at the point `state`,
+    recomputed on `batches`: every layer sees its inputs with the layers before it already
+    recomputed (normalised by each batch's own statistics, as in training), and its running
+    mean and unbiased variance are the averages over the batches of theirs."""
+    fresh = {}
+    for name in norm_layers(twin):
+        layer = twin.get_submodule(name)
+        fresh[_entry(name, "running_mean")] = torch.zeros_like(layer.running_mean)
+        fresh[_entry(name, "running_var")] = torch.ones_like(layer.running_var)
+        fresh[_entry(name, "num_batches_tracked")] = torch.zeros_like(layer.num_batches_tracked)
+    with torch.no_grad():
+        for xb in batches:
+            functional_call(twin, {**state, **fresh}, (xb,))  # updates `fresh` in place
+    return {k: v for k, v in fresh.items() if v.is_floating_point()}
+
+
+def _input_batches(inputs: Inputs) -> list[Tensor]:
+    """`inputs` as a list of input batches: a tensor is one batch; an iterable yields batches,
+    each x or (x, y, …) (a DataLoader)."""
+    if isinstance(inputs, Tensor):
+        batches = [inputs]
+    else:
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in inputs]
+    if not batches or any(not isinstance(b, Tensor) or b.size(0) == 0 for b in batches):
+        raise UserError(
+            "bn_data must be a non-empty batch of inputs or an iterable of them (x or (x, y) "
+            "each, like a DataLoader)"
+        )
+    return batches
+
+
+def recompute_statistics(model: nn.Module, inputs: Inputs) -> nn.Module:
+    """A copy of `model` whose norm layers' running statistics are those of `inputs` ("reset
+    BN stats"; see `_statistics_at` for the averaging over batches): what "recompute" puts at
+    every point of a path, here for one model. `model` is not changed; the copy keeps its
+    training flags."""
+    if not norm_layers(model):
+        raise UserError("the model has no norm layer with running statistics to recompute")
+    stats = _statistics_at(_statistics_twin(model), state_of(model), _input_batches(inputs))
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, v in stats.items():
+            out.get_buffer(k).copy_(v)
+    return out
+
+
+def resolve_buffers(model: nn.Module, buffers: str | None, bn_data: Inputs | None) -> str:
+    """The buffer mode of a path or slice: `buffers` checked, or for None "recompute" if the
+    model has running statistics (`norm_layers`) and "blend" if not."""
+    mode = buffers if buffers is not None else ("recompute" if norm_layers(model) else "blend")
+    if mode not in BUFFER_MODES:
+        raise UserError(f"buffers={buffers!r}; expected one of {BUFFER_MODES} or None")
+    if mode == "recompute" and not norm_layers(model):
+        raise UserError(
+            "buffers='recompute', but the model has no norm layer with running statistics "
+            "(BatchNorm, InstanceNorm with track_running_stats); use buffers='blend'"
+        )
+    if mode == "blend" and bn_data is not None:
+        raise UserError("bn_data is used only with buffers='recompute'; drop it or switch")
+    return mode
+
+
+def _check_buffers(model_a: nn.Module, model_b: nn.Module, mode: str) -> None:
+    """Refuse the buffers that `mode` cannot carry from a to b: a buffer only one model has,
+    an integer buffer that differs (it can be neither blended nor recomputed; norm layers'
+    batch counters, unused in eval mode, excepted), and with "recompute" a floating buffer
+    that differs and is not a running statistic."""
+    stats = {_entry(n, b) for n in norm_layers(model_a) for b in ("running_mean", "running_var")}
+    counters = {_entry(n, "num_batches_tracked") for n in norm_layers(model_a)}
+    buffers_b = dict(model_b.named_buffers())
+    if set(buffers_b) != {k for k, _ in model_a.named_buffers()}:
+        raise UserError("model_a and model_b must have the same buffers (names and shapes)")
+    for k, v in model_a.named_buffers():
+        w = buffers_b[k]
+        if w.shape != v.shape:
+            raise UserError(f"buffer {k!r} is {tuple(v.shape)} in model_a, {tuple(w.shape)} in b")
+        if k in stats or k in counters or torch.equal(v, w):
+            continue
+        if not v.is_floating_point():
+            raise UserError(
+                f"buffer {k!r} ({v.dtype}) differs between the models: an integer buffer can be "
+                f"neither blended nor recomputed along a path; make it equal in both models"
+            )
+        if mode == "recompute":
+            raise UserError(
+                f"buffer {k!r} differs between the models and is not a norm layer's running "
+                f"statistic, so buffers='recompute' cannot set it; pass buffers='blend' to move "
+                f"every buffer along the path like a parameter"
+            )
 
 
 def filter_normalized_direction(model: nn.Module, generator: torch.Generator) -> Params:
@@ -116,12 +256,17 @@ def evaluate_points(
     compile: bool = False,
     resume_file: str | os.PathLike | None = None,
     quiet: bool = True,
+    statistics: list[Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean loss and accuracy on data = (x, y) at the P points base + Σₖ coeffs[p, k]·dₖ.
 
-    coeffs: (P, K) for the K `directions`. `criterion`: a deterministic registered loss name
-    or a callable (output, target) -> scalar mean loss; a random loss (QMSE's v) has no value
-    at a point and is refused with the name of its expectation. Accuracy, only where the
+    coeffs: (P, K) for the K `directions`. base and directions hold parameters and any
+    floating buffers (`state_of`); entries they lack are the model's own. `statistics`: input
+    batches on which the running statistics of the norm layers are recomputed at every point
+    (`_statistics_at`, one pass over them per point), replacing those of base and directions.
+    `criterion`: a deterministic registered loss name or a callable (output, target) ->
+    scalar mean loss; a random loss (QMSE's v) has no value at a point and is refused with
+    the name of its expectation. Accuracy, only where the
     targets are class indices (`_class_labels`: int (N,) for (N, C) outputs, (N, T) for
     (N, T, C), or exactly one-hot floats), is the share of argmax hits over all positions;
     NaN for other targets. `group_size` points × `batch_size` samples go through one vmapped
@@ -143,6 +288,7 @@ def evaluate_points(
     if group_size < 1 or batch_size < 1:
         raise UserError(f"group_size and batch_size must be ≥ 1, got {group_size}, {batch_size}")
     stacked = {k: torch.stack([d[k] for d in directions]) for k in base}  # (K, *shape) each
+    twin = _statistics_twin(model) if statistics is not None else None
     coeffs = coeffs.to(device=x.device, dtype=next(iter(base.values())).dtype)
 
     def forward(params: Params, xb: Tensor) -> Tensor:
@@ -159,7 +305,9 @@ def evaluate_points(
         "samples": N,
         "criterion": criterion_name(criterion),
         "fingerprint": _fingerprint(base, directions),
-    }
+        "statistics": -1.0 if statistics is None else sum(float(b.double().square().sum())
+                                                          for b in statistics),
+    }  # fmt: skip
     total_loss, correct, done = np.zeros(P), np.zeros(P), 0
     if resume_file is not None and Path(resume_file).exists():
         saved = np.load(resume_file)
@@ -178,6 +326,10 @@ def evaluate_points(
                 k: base[k] + torch.tensordot(c, stacked[k], dims=1) for k in base
             }  # (G, *shape) each
             G = c.size(0)
+            if twin is not None:
+                stats = [_statistics_at(twin, {k: v[g] for k, v in params.items()}, statistics)
+                         for g in range(G)]  # fmt: skip
+                params.update({k: torch.stack([s[k] for s in stats]) for k in stats[0]})
             for b in range(0, N, batch_size):
                 xb, yb = x[b : b + batch_size], y[b : b + batch_size]
                 out = batched(params, xb)  # (G, B, C)
@@ -200,36 +352,39 @@ def interpolate(
     data: tuple[Tensor, Tensor],
     *,
     points: int = 25,
+    buffers: str | None = None,
+    bn_data: Inputs | None = None,
     group_size: int = GROUP_SIZE,
     batch_size: int = BATCH_SIZE,
-) -> dict[str, np.ndarray]:
+) -> dict:
     """Loss and accuracy on `data` at (1 − α)·θ_a + α·θ_b for `points` values of α evenly in
-    [0, 1] (`evaluate_points`); the two models need the same parameter names and shapes.
-    Only parameters are blended, so models whose floating-point buffers differ (BatchNorm's
-    running statistics) are refused: the path would keep model a's buffers to its end, and
-    L(1) would not be model b's loss."""
+    [0, 1] (`evaluate_points`); the two models need the same parameter and buffer names and
+    shapes.
+
+    buffers (module docstring, "Buffers"): "recompute" (the default for a model with running
+    statistics) sets the norm layers' statistics at every α to those of `bn_data` (default:
+    the inputs of `data`, as one batch), so the ends are a and b with statistics of those
+    inputs: exactly a and b when theirs were computed on them (`recompute_statistics`).
+    "blend" (the default otherwise) blends every floating buffer like the parameters, so the
+    ends are a and b as they are. Buffers a mode cannot carry are refused (`_check_buffers`).
+    Returns `alphas`, `loss`, `accuracy` (float64 arrays) and `buffers` (the mode used).
+    """
     if points < 2:
         raise UserError(f"points={points}; need at least 2 to include both ends")
-    base, end = parameters_of(model_a), parameters_of(model_b)
+    mode = resolve_buffers(model_a, buffers, bn_data)
+    base, end = state_of(model_a), state_of(model_b)
     if base.keys() != end.keys() or any(base[k].shape != end[k].shape for k in base):
         raise UserError("model_a and model_b must have the same parameter names and shapes")
-    buffers_b = dict(model_b.named_buffers())
-    differ = [
-        k
-        for k, v in model_a.named_buffers()
-        if v.is_floating_point() and (k not in buffers_b or not torch.equal(v, buffers_b[k]))
-    ]
-    if differ:
-        raise UserError(
-            f"model_a and model_b have different buffers ({', '.join(differ[:3])}): "
-            f"interpolating their parameters alone would keep model a's buffers (BatchNorm's "
-            f"running statistics) along the whole path; not supported for such models"
-        )
+    _check_buffers(model_a, model_b, mode)
+    statistics = None
+    if mode == "recompute":
+        statistics = _input_batches(data[0] if bn_data is None else bn_data)
     alphas = torch.linspace(0, 1, points, dtype=torch.float64)
     direction = {k: end[k] - base[k] for k in base}
     losses, acc = evaluate_points(model_a, criterion, data, base, [direction], alphas.unsqueeze(1),
-                                  group_size=group_size, batch_size=batch_size)  # fmt: skip
-    return {"alphas": alphas.numpy(), "loss": losses, "accuracy": acc}
+                                  group_size=group_size, batch_size=batch_size,
+                                  statistics=statistics)  # fmt: skip
+    return {"alphas": alphas.numpy(), "loss": losses, "accuracy": acc, "buffers": mode}
 
 
 def barrier(values: np.ndarray) -> float:
@@ -256,19 +411,23 @@ def interpolation_barriers(
     spec: PermutationSpec | None = None,
     points: int = 25,
     seed: int = 0,
+    buffers: str | None = None,
+    bn_data: Inputs | None = None,
     group_size: int = GROUP_SIZE,
     batch_size: int = BATCH_SIZE,
 ) -> dict:
     """The straight path a → b before and after permuting b onto a by weight matching.
 
     `spec`: the models' `PermutationSpec` (default `qmse.symmetry.permutation_spec(model_a)`).
+    `buffers`, `bn_data`: see `interpolate` (the matching permutes b's buffers with its units).
     Returns arrays `alphas`, `naive_loss`, `naive_accuracy`, `aligned_loss`,
-    `aligned_accuracy`, the loss barriers `naive_barrier` / `aligned_barrier` (`barrier`) and
-    the matching `perms`.
+    `aligned_accuracy`, the loss barriers `naive_barrier` / `aligned_barrier` (`barrier`),
+    the matching `perms` and the buffer mode `buffers`.
     """
     spec = spec if spec is not None else permutation_spec(model_a)
     perms, aligned = weight_matching(model_a, model_b, spec=spec, seed=seed)
-    kw = dict(points=points, group_size=group_size, batch_size=batch_size)
+    kw = dict(points=points, buffers=buffers, bn_data=bn_data, group_size=group_size,
+              batch_size=batch_size)  # fmt: skip
     naive = interpolate(model_a, model_b, criterion, data, **kw)
     matched = interpolate(model_a, aligned, criterion, data, **kw)
     return {
@@ -280,6 +439,7 @@ def interpolation_barriers(
         "naive_barrier": barrier(naive["loss"]),
         "aligned_barrier": barrier(matched["loss"]),
         "perms": perms,
+        "buffers": naive["buffers"],
     }
 
 
@@ -292,33 +452,46 @@ def random_slice(
     points: int = 25,
     span: float = 1.0,
     seed: int = 0,
+    buffers: str | None = None,
+    bn_data: Inputs | None = None,
     group_size: int = GROUP_SIZE,
     batch_size: int = BATCH_SIZE,
     compile: bool = False,
     resume_file: str | os.PathLike | None = None,
     quiet: bool = True,
-) -> dict[str, np.ndarray]:
+) -> dict:
     """Loss and accuracy on a 1-D or 2-D grid θ + a·d₁ (+ b·d₂), a, b ∈ [−span, span].
 
     d₁, d₂ are independent filter-normalised Gaussian directions from
-    `torch.Generator().manual_seed(seed)` (`filter_normalized_direction`). Returns `coords`
-    (points,) and `loss`, `accuracy` of shape (points,) or (points, points) indexed [a, b].
-    `compile`, `resume_file`: see `evaluate_points`.
+    `torch.Generator().manual_seed(seed)` (`filter_normalized_direction`), zero on buffers.
+    `buffers`: "recompute" (the default for a model with running statistics) sets them at
+    every point to those of `bn_data` (default: the inputs of `data`, as one batch); "blend"
+    keeps the model's own. Returns `coords` (points,), `loss`, `accuracy` of shape (points,)
+    or (points, points) indexed [a, b], and `buffers` (the mode used). `compile`,
+    `resume_file`: see `evaluate_points`.
     """
     if dims not in (1, 2):
         raise UserError(f"dims={dims}; a slice is 1- or 2-dimensional")
     if points < 2 or not 0 < span < math.inf:
         raise UserError(f"need points ≥ 2 and a finite span > 0, got points={points}, span={span}")
+    mode = resolve_buffers(model, buffers, bn_data)
+    statistics = None
+    if mode == "recompute":
+        statistics = _input_batches(data[0] if bn_data is None else bn_data)
     g = torch.Generator().manual_seed(seed)
-    directions = [filter_normalized_direction(model, g) for _ in range(dims)]
+    base = state_of(model)
+    zero = {k: torch.zeros_like(v) for k, v in base.items()}
+    directions = [{**zero, **filter_normalized_direction(model, g)} for _ in range(dims)]
     coords = torch.linspace(-span, span, points, dtype=torch.float64)
     grid = torch.cartesian_prod(*[coords] * dims).reshape(-1, dims)  # (points**dims, dims)
-    losses, acc = evaluate_points(model, criterion, data, parameters_of(model), directions, grid,
+    losses, acc = evaluate_points(model, criterion, data, base, directions, grid,
                                   group_size=group_size, batch_size=batch_size, compile=compile,
-                                  resume_file=resume_file, quiet=quiet)  # fmt: skip
+                                  resume_file=resume_file, quiet=quiet,
+                                  statistics=statistics)  # fmt: skip
     shape = (points,) * dims
     _check_finite(losses, "the loss on the slice")
-    return {"coords": coords.numpy(), "loss": losses.reshape(shape), "accuracy": acc.reshape(shape)}
+    return {"coords": coords.numpy(), "loss": losses.reshape(shape),
+            "accuracy": acc.reshape(shape), "buffers": mode}  # fmt: skip
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:
@@ -402,6 +575,7 @@ def _match_runs(run_a, run_b, out, model_a, model_b, config_a, config_b, loss, d
         "samples": int(x.size(0)),
         "points": points,
         "seed": seed,
+        "buffers": res["buffers"],
         "naive_barrier": res["naive_barrier"],
         "aligned_barrier": res["aligned_barrier"],
         "naive_max_accuracy_drop": barrier(-res["naive_accuracy"]),
@@ -468,7 +642,7 @@ def _landscape_of_run(run_dir, out, model, config, data, dims, points, span, los
                        group_size=group_size, batch_size=batch_size, compile=compile,
                        resume_file=partial, quiet=quiet)  # fmt: skip
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    _save_npz(out / f"landscape-{dims}d.npz", res)
+    _save_npz(out / f"landscape-{dims}d.npz", {k: v for k, v in res.items() if k != "buffers"})
     partial.unlink(missing_ok=True)
     centre = res["loss"][(points // 2,) * dims] if points % 2 else None
     summary = {
@@ -479,6 +653,7 @@ def _landscape_of_run(run_dir, out, model, config, data, dims, points, span, los
         "samples": int(x.size(0)),
         "loss": loss,
         "seed": seed,
+        "buffers": res["buffers"],
         "group_size": group_size,
         "batch_size": batch_size,
         "evaluations": points**dims,
