@@ -1,9 +1,19 @@
 """The escape benchmark's engine: methods trained in lockstep on the same starts with common
-random numbers, judged on the closed-form population loss.
+random numbers, judged on the problem's exact objective.
 
-Common random numbers. One input stream per run: at every step one batch x (m, B, d) is
-drawn for the m starts, and every method and every parameter setting of the run trains on it
-(start i sees the same inputs at step t whatever trains it). Method randomness (QMSE's v,
+Problems. Any registered `qmse.escape.problems.Problem` trains by the generic path: one
+step's samples from `problem.sample`, the outputs `problem.predict(W, x)` (N, C) fed to the
+method's loss, the gradient by autograd (`problem_gradient`), projected onto the tangent
+space before the update and the update retracted onto the manifold after it where the
+problem has `project` and `retract` (part of the problem, not of each method); success is
+`problem.objective` below `problem.success`. The teacher–student problem (a
+`qmse.teacher_student.Problem`, or a registered Problem whose `native` is one) keeps its
+hand-written path (`job_gradient`, about 1.5x faster) judged on the closed-form population
+loss below STUCK_LOSS; both give the same gradients to rounding and draw the same noise.
+
+Common random numbers. One input stream per run: at every step one batch (x, y) is drawn
+for the m starts, and every method and every parameter setting of the run trains on it
+(start i sees the same samples at step t whatever trains it). Method randomness (QMSE's v,
 label and gradient noise, PGD's kicks, restart's fresh start) comes from a second stream:
 each job gets its own torch.Generator seeded with `method_seed`. So a method's results do not
 depend on which other methods run beside it, and two methods with the same loss, update and
@@ -11,25 +21,36 @@ step size give identical results. Sharing the draw is also the speed-up: the bat
 teacher's outputs on it) is drawn once per step for all methods.
 
 A job's G settings are stacked per start, so its forward pass is one batched matmul
-x (m, B, d) @ (m, d, G·n) and its backward pass one more; its loss (read from `qmse.loss` or
-the method's callable) is differentiated by autograd with respect to the outputs f.
+x (m, B, d) @ (m, d, G·n) and its backward pass one more (the teacher–student path); its
+loss (read from `qmse.loss` or the method's callable) is differentiated by autograd with
+respect to the outputs f.
 
-Success means closed-form population loss < STUCK_LOSS at the end; the first evaluated step
-(every `eval_every`) below it is recorded. A start whose weights become non-finite or exceed
-‖W‖_F = DIVERGED_NORM is frozen at its last finite point and counted as a diverged failure.
+The first evaluated step (every `eval_every`) below the success threshold is recorded. A
+start whose weights become non-finite or exceed ‖W‖_F = DIVERGED_NORM is frozen at its last
+finite point and counted as a diverged failure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from qmse.errors import UserError
-from qmse.escape.methods import HELD_OUT, Method, Run, check_step, get_method, plugin_errors
-from qmse.loss import get_loss
+from qmse.escape import problems
+from qmse.escape.methods import (
+    HELD_OUT,
+    HELD_OUT_CHUNK,
+    Method,
+    Run,
+    check_step,
+    get_method,
+    plugin_errors,
+)
+from qmse.loss import LOSSES, get_loss
 from qmse.runs import progress
 from qmse.teacher_student import Problem, population_loss, sample_inputs
 
@@ -141,10 +162,137 @@ def job_gradient(
     return grad.transpose(0, 1).reshape(G * m, n, d)
 
 
+def method_view(shape: Sequence[int]) -> tuple[int, int]:
+    """How the methods see one start's parameters of `shape`: as a matrix (n, d), the method
+    interface's (S, n, d) per start; (a, b, ...) as (a, b·...), a vector (a,) as (a, 1)."""
+    return (shape[0], math.prod(shape[1:]))
+
+
+@dataclass(frozen=True)
+class ProblemRun(Run):
+    """`Run` for a registered `qmse.escape.problems.Problem` trained by the generic path:
+    held-out samples and fresh starts come from the problem's own `sample` and `init`;
+    weights in and out are the methods' view (S, n, d) (`method_view`)."""
+
+    problem: problems.Problem
+
+    def held_out_loss(self, W: Tensor, generator: torch.Generator) -> Tensor:
+        """MSE ½‖f − y‖² of each start on HELD_OUT fresh samples of the problem (S,)."""
+        p, mse, out = self.problem, LOSSES["mse"], []
+        for chunk in W.split(HELD_OUT_CHUNK):
+            x, y = p.sample(len(chunk), HELD_OUT, generator)  # (S, N, ...), (S, N, C)
+            with torch.no_grad():
+                f = p.predict(chunk.float().reshape(-1, *p.shape), x.to(W.device))
+                f = f.reshape(-1, p.outputs)
+                y = y.to(f).reshape(-1, p.outputs)
+                out.append(mse.expected(f, y).view(len(chunk), HELD_OUT).double().mean(1))
+        return torch.cat(out)
+
+    def fresh_weights(self, count: int, generator: torch.Generator) -> Tensor:
+        """`count` fresh starts from the problem's initial distribution, their seeds drawn
+        from `generator`: (count, *shape) float32."""
+        seeds = torch.randint(2**62, (count,), generator=generator, device=generator.device)
+        W = self.problem.init(seeds.tolist()).to(torch.float32)
+        return W.reshape(count, *method_view(self.problem.shape))
+
+
+@dataclass(frozen=True)
+class _Path:
+    """How the lockstep loop trains one kind of problem: one step's shared draw, a job's
+    gradients, the exact objective and its success threshold, a Run for the hooks, and the
+    tangent projection and retraction of a problem on a manifold; each function takes and
+    returns the parameters in `view`, (rows, n, d)."""
+
+    shape: tuple[int, ...]  # one start's parameters, as the problem has them
+    view: tuple[int, int]  # ... and as the methods see them, (n, d)
+    draw: Callable[[int, int, torch.Generator], tuple[Tensor, Tensor]]
+    gradient: Callable[[Job, Tensor, Tensor, Tensor, torch.Generator], Tensor]
+    objective: Callable[[Tensor], Tensor]
+    success: float
+    run: Callable[[int, int, Tensor], Run]
+    project: Callable[[Tensor, Tensor], Tensor] | None = None
+    retract: Callable[[Tensor], Tensor] | None = None
+
+
+def _native_path(problem: Problem, dev: torch.device) -> _Path:
+    """The teacher–student problem's hand-written path: `job_gradient`, judged on the
+    closed-form population loss below STUCK_LOSS."""
+    p32, p64 = problem.to(torch.float32, dev), problem.to(torch.float64, dev)
+
+    def draw(m: int, batch: int, inputs: torch.Generator) -> tuple[Tensor, Tensor]:
+        x = sample_inputs(m, batch, problem.d, generator=inputs).to(dev)  # (m, B, d)
+        return x, teacher_outputs(x, p32)  # (m, B, C)
+
+    return _Path(
+        shape=(problem.n, problem.d),
+        view=(problem.n, problem.d),
+        draw=draw,
+        gradient=lambda job, W, x, y, rng: job_gradient(job, W, x, y, p32, rng),
+        objective=lambda W: population_loss(W.double(), p64),
+        success=STUCK_LOSS,
+        run=lambda steps, batch, diverged: Run(steps, batch, p32, diverged),
+    )
+
+
+def problem_gradient(
+    job: Job, W: Tensor, x: Tensor, y: Tensor, problem: problems.Problem, rng: torch.Generator
+) -> Tensor:
+    """The generic path's gradient of each of the job's rows: its loss on the problem's
+    outputs `predict(W, x)`, averaged over its start's batch, by autograd (the Euclidean
+    gradient; the engine projects it on a manifold). W: (G·m, *shape); x: (m, B, ...);
+    y: (m, B, C) -> (G·m, *shape). The samples reach the loss in the order of
+    `job_gradient`'s, (start, setting, sample), so a random loss draws the same noise."""
+    m, B, C, G = x.shape[0], x.shape[1], problem.outputs, job.settings
+    xs = x.repeat(G, *(1,) * (x.dim() - 1))  # row g·m + i sees start i's batch
+    W = W.detach().requires_grad_()
+    f = problem.predict(W, xs).view(G, m, B, C).transpose(0, 1)  # (m, G, B, C)
+    target = y.to(f).unsqueeze(1).expand(m, G, B, C).reshape(-1, C)
+    params = {
+        h: job.hyper[h].to(f).view(1, G, 1).expand(m, G, B).reshape(-1, 1)
+        for h in job.method.loss_params()
+    }
+    per_sample = _per_sample_loss(job.method, f.reshape(-1, C), target, rng, params)
+    (grad,) = torch.autograd.grad(per_sample.view(m, G, B).mean(2).sum(), W)
+    return grad
+
+
+def _generic_path(problem: problems.Problem, dev: torch.device) -> _Path:
+    """Any registered problem: autograd through `predict`, judged by its `objective` below
+    its `success`; the methods see `method_view` of its parameters."""
+    shape = tuple(problem.shape)
+    view = method_view(shape)
+
+    def own(W: Tensor) -> Tensor:  # (rows, *view) -> (rows, *shape)
+        return W.reshape(-1, *shape)
+
+    def back(W: Tensor) -> Tensor:  # (rows, *shape) -> (rows, *view)
+        return W.reshape(-1, *view)
+
+    def draw(m: int, batch: int, inputs: torch.Generator) -> tuple[Tensor, Tensor]:
+        x, y = problem.sample(m, batch, inputs)  # (m, B, ...), (m, B, C)
+        return x.to(dev), y.to(dev, torch.float32)
+
+    def gradient(job: Job, W: Tensor, x: Tensor, y: Tensor, rng: torch.Generator) -> Tensor:
+        return back(problem_gradient(job, own(W), x, y, problem, rng))
+
+    project, retract = problem.project, problem.retract
+    return _Path(
+        shape=shape,
+        view=view,
+        draw=draw,
+        gradient=gradient,
+        objective=lambda W: problem.objective(own(W).double()).double(),
+        success=problem.success,
+        run=lambda steps, batch, diverged: ProblemRun(steps, batch, problem, diverged),
+        project=None if project is None else lambda W, G: back(project(own(W), own(G))),
+        retract=None if retract is None else lambda W: back(retract(own(W))),
+    )
+
+
 def run_methods(
     jobs: Sequence[Job],
     W0: Tensor,
-    problem: Problem,
+    problem: Problem | problems.Problem,
     *,
     steps: int,
     batch: int,
@@ -154,78 +302,97 @@ def run_methods(
     quiet: bool = False,
     desc: str = "escape",
 ) -> list[dict[str, Tensor]]:
-    """Train every job from the m starts W0 (m, n, d) for `steps` steps of `batch` fresh
+    """Train every job from the m starts W0 (m, *shape) for `steps` steps of `batch` fresh
     samples per start, in lockstep with common random numbers (module docstring): inputs
     from `seed`, each job's own randomness from `method_seed`. Runs on W0's device.
 
-    Returns, per job, tensors over its G·m rows (g·m + i): loss (float64 population loss at
-    the end, inf if diverged), first_success (first evaluated step with loss < STUCK_LOSS,
-    −1 if none), diverged (bool), moved (‖W_T − W_0‖_F / ‖W_0‖_F), W (float32), and the
-    state tensors the method names in `report`."""
+    `problem`: the teacher–student `qmse.teacher_student.Problem`, or a registered
+    `qmse.escape.problems.Problem` (one with a `native` teacher–student problem takes its
+    hand-written path; any other the generic path, module docstring).
+
+    Returns, per job, tensors over its G·m rows (g·m + i): loss (float64 exact objective at
+    the end, inf if diverged), success (bool: loss below the problem's success threshold),
+    first_success (first evaluated step with loss below it, −1 if none), diverged (bool),
+    moved (‖W_T − W_0‖_F / ‖W_0‖_F), W (float32), and the state tensors the method names
+    in `report`."""
     if steps < 1 or batch < 1 or eval_every < 1:
         raise UserError(f"need steps, batch, eval_every >= 1; got {steps}, {batch}, {eval_every}")
-    if W0.dim() != 3 or tuple(W0.shape[1:]) != (problem.n, problem.d):
-        raise UserError(
-            f"W0 has shape {tuple(W0.shape)}; expected (m, {problem.n}, {problem.d}) starts"
-        )
     dev, m = W0.device, W0.shape[0]
-    p32, p64 = problem.to(torch.float32, dev), problem.to(torch.float64, dev)
+    if isinstance(problem, problems.Problem) and problem.native is None:
+        path = _generic_path(problem, dev)
+    else:
+        native = problem.native if isinstance(problem, problems.Problem) else problem
+        path = _native_path(native, dev)
+    if tuple(W0.shape[1:]) != path.shape:
+        raise UserError(
+            f"W0 has shape {tuple(W0.shape)}; expected (m, {', '.join(map(str, path.shape))}) "
+            f"starts"
+        )
+    flat = (-1, 1, 1)  # a per-row value against W (rows, n, d)
+
+    def retract(W: Tensor) -> Tensor:
+        return W if path.retract is None else path.retract(W)
+
     inputs = torch.Generator(device=dev).manual_seed(seed)
-    start = W0.detach().to(torch.float32)
+    start = W0.detach().to(torch.float32).reshape(m, *path.view)  # (m, n, d)
     Ws, lrs, states, runs, rngs, firsts = [], [], [], [], [], []
     for job in jobs:
         rows = job.settings * m
         rng = torch.Generator(device=dev).manual_seed(method_seed)
         per_row = {h: v.to(dev, torch.float32).repeat_interleave(m) for h, v in job.hyper.items()}
         state = {"rng": rng} | dict(job.method.constants)
-        state |= {h: v.view(-1, 1, 1) for h, v in per_row.items()}
-        run = Run(steps, batch, p32, torch.zeros(rows, dtype=torch.bool, device=dev))
+        state |= {h: v.view(flat) for h, v in per_row.items()}
+        run = path.run(steps, batch, torch.zeros(rows, dtype=torch.bool, device=dev))
         W = start.repeat(job.settings, 1, 1)  # (G·m, n, d)
         if job.method.init is not None:
             with plugin_errors(job.method, "in init"):
                 state = job.method.init(W, state, run)
         Ws.append(W)
-        lrs.append(job.lr.to(dev, torch.float32).repeat_interleave(m).view(-1, 1, 1))
+        lrs.append(job.lr.to(dev, torch.float32).repeat_interleave(m).view(flat))
         states.append(state)
         runs.append(run)
         rngs.append(rng)
         firsts.append(torch.full((rows,), -1, dtype=torch.long, device=dev))
     for t in progress(range(steps), quiet=quiet, desc=desc):
-        x = sample_inputs(m, batch, problem.d, generator=inputs).to(dev)  # (m, B, d)
-        y = teacher_outputs(x, p32)  # (m, B, C)
+        x, y = path.draw(m, batch, inputs)  # one draw for every job: (m, B, ...), (m, B, C)
         evaluate = (t + 1) % eval_every == 0 or t + 1 == steps
         for j, job in enumerate(jobs):
             run = runs[j]
             with plugin_errors(job.method, f"at step {t}"):
-                grad = job_gradient(job, Ws[j], x, y, p32, rngs[j])
+                grad = path.gradient(job, Ws[j], x, y, rngs[j])
+                if path.project is not None:
+                    grad = path.project(Ws[j], grad)
                 out = job.method.update(Ws[j], grad, states[j], t, lrs[j])
                 # at the first step a plug-in's mistake is an error, never broadcast
                 new, states[j] = check_step(job.method, "update", out, Ws[j]) if t == 0 else out
+                new = retract(new)
                 run.diverged.logical_or_(~(new.flatten(1).norm(dim=1) <= DIVERGED_NORM))  # or NaN
-                Ws[j] = torch.where(run.diverged.view(-1, 1, 1), Ws[j], new)
+                Ws[j] = torch.where(run.diverged.view(flat), Ws[j], new)
                 if job.method.after_step is not None:
                     out = job.method.after_step(Ws[j], states[j], t, lrs[j], run)
                     if t == 0:
                         out = check_step(job.method, "after_step", out, Ws[j])
                     Ws[j], states[j] = out
+                    Ws[j] = retract(Ws[j])
             if evaluate:
-                loss = population_loss(Ws[j].double(), p64)
-                hit = (loss < STUCK_LOSS) & ~run.diverged & (firsts[j] < 0)
+                loss = path.objective(Ws[j])
+                hit = (loss < path.success) & ~run.diverged & (firsts[j] < 0)
                 firsts[j][hit] = t + 1
     results = []
     for j, job in enumerate(jobs):
         run, W = runs[j], Ws[j]
         if job.method.finish is not None:
             with plugin_errors(job.method, "in finish"):
-                W = job.method.finish(W, states[j], run)
+                W = retract(job.method.finish(W, states[j], run))
         W0_rows = start.repeat(job.settings, 1, 1)
-        loss = population_loss(W.double(), p64)
+        loss = path.objective(W)
         loss[run.diverged] = float("inf")
         moved = (W - W0_rows).flatten(1).norm(dim=1) / W0_rows.flatten(1).norm(dim=1)
         results.append(
             {
-                "W": W,
+                "W": W.reshape(-1, *path.shape),
                 "loss": loss,
+                "success": loss < path.success,
                 "first_success": firsts[j],
                 "diverged": run.diverged,
                 "moved": moved,
@@ -238,7 +405,7 @@ def run_methods(
 def run_method(
     method: str | Method,
     W0: Tensor,
-    problem: Problem,
+    problem: Problem | problems.Problem,
     *,
     steps: int,
     lr: float | Sequence[float],

@@ -67,6 +67,9 @@ class Problem:
         every start that did not succeed.
     project(W, G) -> G on the tangent space at W, and retract(W) -> W on the manifold, for a
         problem on a manifold; None for a flat one.
+    native: the problem's own object where the engine has a hand-written path for it
+        (teacher–student's `qmse.teacher_student.Problem`, about 1.5x faster than autograd
+        through `predict`); None: the engine's generic path.
     """
 
     name: str
@@ -84,6 +87,7 @@ class Problem:
     retract: Callable[[Tensor], Tensor] | None = None
     stuck: Callable[[Tensor], Tensor] | None = None
     description: str = field(default="", compare=False)
+    native: Any = field(default=None, compare=False)
 
     @property
     def size(self) -> int:
@@ -164,16 +168,21 @@ def distinct(problem: Problem, W: Tensor, *, tol: float = 1e-6) -> list[int]:
 
 
 PROBLEMS: dict[str, Factory] = {}
+SIZES: dict[str, str | None] = {}  # problem -> the factory argument a benchmark's cells vary
 
 
-def register_problem(name: str, factory: Factory) -> Factory:
+def register_problem(name: str, factory: Factory, *, size: str | None = None) -> Factory:
     """Add a factory of instances under `name` (`qmse escape --problem NAME` and plug-in
-    files read the registry); registering the same factory again is a no-op."""
+    files read the registry); registering the same factory again is a no-op. `size`: the
+    factory's argument that the benchmark's cells vary (`EscapeConfig.ks`: teacher–student's
+    teacher width k); None: a problem whose benchmark has one cell, its instance given by
+    `EscapeConfig.problem_args` alone."""
     if not name or set(name) & set(",= \t\n"):
         raise UserError(f"problem name {name!r}: need a non-empty name without , = or spaces")
     if PROBLEMS.get(name, factory) is not factory:
         raise UserError(f"a different problem named {name!r} is already registered")
     PROBLEMS[name] = factory
+    SIZES[name] = size
     return factory
 
 
@@ -187,14 +196,42 @@ def get_problem(name: str) -> Factory:
     return PROBLEMS[name]
 
 
+def _lexsort_rows(X: Tensor, *, grid: float = 1e-6) -> Tensor:
+    """The rows of X (..., r, c) in lexicographic order of their values rounded to `grid`
+    (rows equal up to rounding keep their order: stable passes from the last column)."""
+    keys = torch.round(X / grid)
+    order = torch.arange(X.shape[-2], device=X.device).expand(X.shape[:-1])  # (..., r)
+    for j in range(X.shape[-1] - 1, -1, -1):
+        column = torch.gather(keys[..., j], -1, order)
+        order = torch.gather(order, -1, torch.argsort(column, dim=-1, stable=True))
+    return torch.gather(X, -2, order.unsqueeze(-1).expand_as(X))
+
+
+def permutation_invariant(U: Tensor) -> Tensor:
+    """A fingerprint of U (..., n, k) modulo permutations of its rows and of its columns:
+    each row's values sorted, the rows in lexicographic order; the same for the columns;
+    and the eigenvalues of UᵀU. (..., 2nk + k). Equal for U and P U Q (P, Q permutations);
+    two points that differ modulo the permutations differ in it unless their rows and
+    columns have the same multisets of values and the same spectrum."""
+    rows = _lexsort_rows(torch.sort(U, dim=-1).values)  # (..., n, k)
+    cols = _lexsort_rows(torch.sort(U.mT, dim=-1).values)  # (..., k, n)
+    spectrum = torch.linalg.eigvalsh(U.mT @ U)  # (..., k)
+    return torch.cat([rows.flatten(-2), cols.flatten(-2), spectrum], -1)
+
+
 def teacher_student(
     k: int, n: int | None = None, *, outputs: int = 1, seed: int = 0, teacher: str = "identity"
 ) -> Problem:
     """Safran & Shamir's teacher–student problem (`qmse.teacher_student`) as a `Problem`: W
-    (n, d), Gaussian inputs, the closed-form population loss, stuck at 10⁻³ or above. Its
-    canonical form sorts the hidden units (rows of W) for a scalar output, whose student units
-    are interchangeable; with vector outputs the student's output columns differ, and a
-    point is its own canonical form."""
+    (n, d), Gaussian inputs, the closed-form population loss, stuck at 10⁻³ or above; the
+    engine trains it by its hand-written path (`native`).
+
+    Symmetries: with a scalar output every student unit is interchangeable (rows of W) and
+    so is every teacher unit, with the input coordinates that the teacher's V maps onto
+    them (columns of W Vᵀ; the input distribution is rotation invariant): the canonical form
+    is `permutation_invariant(W Vᵀ)`. With vector outputs the output columns of the student
+    (and the teacher) differ, so no permutation is a symmetry: a point is its own canonical
+    form."""
     p = ts.make_problem(k, n, outputs=outputs, seed=seed, teacher=teacher)
     p32 = p.to(torch.float32)
 
@@ -205,11 +242,7 @@ def teacher_student(
     def canonical(W: Tensor) -> Tensor:
         if outputs > 1:
             return W
-        order = torch.argsort(W[..., 0], dim=-1)  # rows by first coordinate, then
-        for j in range(W.shape[-1] - 1, -1, -1):  # a stable lexicographic sort of the rows
-            order = torch.gather(order, -1, torch.argsort(torch.gather(W[..., j], -1, order),
-                                                          dim=-1, stable=True))  # fmt: skip
-        return torch.gather(W, -2, order.unsqueeze(-1).expand_as(W))
+        return permutation_invariant(W @ p.V.to(W).T)
 
     return Problem(
         name="teacher-student",
@@ -224,7 +257,8 @@ def teacher_student(
         hessian=lambda w: ts.population_hessian(w.double(), p),
         canonical=canonical,
         description="Safran & Shamir (2018): a student ReLU net fitting a teacher",
+        native=p,
     )
 
 
-register_problem("teacher-student", teacher_student)
+register_problem("teacher-student", teacher_student, size="k")
