@@ -120,10 +120,13 @@ def test_a_report_from_metrics_files_alone(tmp_path):
     d = q - b
     lo, hi = stats.t.interval(0.95, 3, loc=d.mean(), scale=stats.sem(d))
     assert paired[3] == f"{d.mean():.3g} [{lo:.3g}, {hi:.3g}]"
-    assert paired[4] == "0.00 (same in all 4)"  # Δ train acc: 0 in every seed, no [0, 0]
+    lr = np.log(q / b)  # the paired log-ratio, exponentiated
+    rlo, rhi = np.exp(stats.t.interval(0.95, 3, loc=lr.mean(), scale=stats.sem(lr)))
+    assert paired[4] == f"{np.exp(lr.mean()):.3g} [{rlo:.3g}, {rhi:.3g}]"
+    assert paired[5] == "0.00 (same in all 4)"  # Δ train acc: 0 in every seed, no [0, 0]
     dt = np.array([0.01 * s for s in range(4)])
     tlo, thi = stats.t.interval(0.95, 3, loc=dt.mean(), scale=stats.sem(dt))
-    assert paired[5] == f"{100 * dt.mean():.2f} [{100 * tlo:.2f}, {100 * thi:.2f}]"
+    assert paired[6] == f"{100 * dt.mean():.2f} [{100 * tlo:.2f}, {100 * thi:.2f}]"
     assert "QMSE's final train ½‖r‖² (the MSE yardstick) against MSE's: **higher**" in text
     assert "QMSE's final train accuracy against MSE's: **equal in every seed" in text
     assert "[0.00, 0.00]" not in text

@@ -32,7 +32,7 @@ from qmse.gridplot import (
     write_sweep_figure,
 )
 from qmse.results import RunResult, load_results, losses_of, lr_label, runs_of
-from qmse.stats import mean_ci, mean_std
+from qmse.stats import mean_ci, mean_std, paired_log_ratio
 from qmse.stepsize import SWEEP_DIR, Tuned, Tuning, replay_sweeps, yardstick
 
 MIN_PAIRS = 3  # fewer paired seeds: the verdict is "undetermined"
@@ -193,9 +193,9 @@ def _paired(results: list[RunResult], title: str) -> tuple[list[str], list[str]]
     """The paired table against MSE and the verdict lines of one set of runs."""
     losses, momenta = losses_of(results), sorted({r.config.momentum for r in results})
     lines = [
-        "| momentum | loss − MSE | pairs | Δ train ½‖r‖² [95 % CI] | Δ train acc [95 % CI] | "
-        "Δ test acc [95 % CI] |",
-        "|---|---|---|---|---|---|",
+        "| momentum | loss − MSE | pairs | Δ train ½‖r‖² [95 % CI] | "
+        "train ½‖r‖² ÷ MSE's [95 % CI] | Δ train acc [95 % CI] | Δ test acc [95 % CI] |",
+        "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for momentum in momenta:
@@ -219,6 +219,12 @@ def _paired(results: list[RunResult], title: str) -> tuple[list[str], list[str]]
                 interval_cell([other[s][key] - base[s][key] for s in paired], kind)
                 for key, kind in (("train_mse", "g"), ("train_acc", "pct"), ("test_acc", "pct"))
             ]
+            cells.insert(
+                1,
+                _ratio_cell(
+                    [other[s]["train_mse"] for s in paired], [base[s]["train_mse"] for s in paired]
+                ),
+            )
             lines.append(f"| {momentum:g} | {loss} | {len(paired)} | {' | '.join(cells)} |")
             if loss != "qmse":
                 continue
@@ -233,6 +239,19 @@ def _paired(results: list[RunResult], title: str) -> tuple[list[str], list[str]]
                     f"{' points' if kind == 'pct' else ''}, {len(paired)} paired seeds)."
                 )
     return lines, verdicts
+
+
+def _ratio_cell(a: list[float], b: list[float]) -> str:
+    """The geometric-mean ratio of paired positive values with its 95 % interval
+    (`paired_log_ratio`): scale-free where the values differ 20x between settings."""
+    if not a:
+        return "–"
+    if min(*a, *b) <= 0:
+        return "– (a value ≤ 0)"
+    ratio, lo, hi = paired_log_ratio(a, b)
+    if len(a) == 1:
+        return f"{ratio:.3g} (1 pair)"
+    return f"{ratio:.3g} [{lo:.3g}, {hi:.3g}]"
 
 
 def _sweep_lines(sweeps: list[tuple[TrainConfig, Tuned]], tuning: Tuning) -> list[str]:
