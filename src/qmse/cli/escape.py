@@ -55,6 +55,8 @@ def add_escape(p: argparse.ArgumentParser) -> None:
         p, EscapeConfig, "ks", "--teacher-widths", type=integers(1), default=[6, 8, 10, 12],
         metavar="K,...",
     )  # fmt: skip
+    add_field(p, EscapeConfig, "problem", metavar="NAME")
+    add_field(p, EscapeConfig, "problem_args", type=assignments, metavar="NAME=VALUE,...")
     add_field(p, EscapeConfig, "n_extra", type=NONNEGATIVE)
     add_field(p, EscapeConfig, "outputs", type=POSITIVE)
     add_field(p, EscapeConfig, "seeds", "--population-seeds", type=POSITIVE, metavar="N")
@@ -118,6 +120,8 @@ def add_escape(p: argparse.ArgumentParser) -> None:
         torch.set_num_threads(args.threads)
         cfg = EscapeConfig(
             ks=args.teacher_widths,
+            problem=args.problem,
+            problem_args=args.problem_args,
             n_extra=args.n_extra,
             outputs=args.outputs,
             seeds=args.population_seeds,

@@ -1,10 +1,13 @@
 """The escape benchmark's cells and their caches: `qmse escape`.
 
-A cell is (k, protocol). Protocols: "random-init" (failure rate from Xavier starts) and
-"spurious-minima" (failure to escape from gd-population's certified stuck end points, the
-direct test of the paper's claim). In a cell every sample-based method is tuned on tuning
-starts (disjoint from the evaluation starts, `qmse.escape.tuning`) and then evaluated on the
-same evaluation starts and input batches (common random numbers, `qmse.escape.engine`).
+A cell is (k, protocol) on the benchmark's problem (`EscapeConfig.problem`, instance of size
+k). Protocols: "random-init" (failure rate from random starts) and "spurious-minima"
+(failure to escape from gd-population's certified spurious minima, the direct test of the
+paper's claim; its rows count the distinct minima modulo symmetry, the starts and failures
+of each, and a rate that weighs every distinct minimum the same). In a cell every
+sample-based method is tuned on tuning starts (disjoint from the evaluation starts,
+`qmse.escape.tuning`) and then evaluated on the same evaluation starts and input batches
+(common random numbers, `qmse.escape.engine`).
 Every cached piece (gd-population end points, sweeps, rows) stores the key of what it was
 computed from and is recomputed when it differs, so an interrupted run resumes and a changed
 argument never gets stale results. `run_benchmark` writes results.json, table.md (Wilson
@@ -27,25 +30,28 @@ from scipy.stats import fisher_exact
 from qmse.errors import UserError
 from qmse.escape.config import (
     PROTOCOLS,
+    TEACHER_STUDENT,
     EscapeConfig,
     cell_name,
     is_benchmark_dir,
+    minima,
     population,
     problem_of,
     spurious_minima,
     starts,
     streams,
+    tuning_minima,
 )
-from qmse.escape.engine import STUCK_LOSS, engine_key, make_job, run_methods
+from qmse.escape.engine import engine_key, make_job, run_methods
 from qmse.escape.methods import get_method, load_plugin, method_key
-from qmse.escape.population import PUBLISHED, certify_minima
+from qmse.escape.population import PUBLISHED
+from qmse.escape.problems import Problem
 from qmse.escape.rows import Row
 from qmse.escape.tuning import tune_methods
 from qmse.keys import FORMAT, content_key, stale
 from qmse.runs import claim, load_json, load_torch, provenance, save_json
 from qmse.stats import holm, mcnemar, paired_rate_difference, tost_rates, wilson
 from qmse.sweep import ray_session, run_tasks
-from qmse.teacher_student import population_loss
 from qmse.tuning import final_stages
 
 
@@ -60,6 +66,13 @@ def tuning(out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str]
     methods = [get_method(n) for n in names if _sweeps(cfg, n)]
     if not methods:
         return {}
+    problem = problem_of(cfg, k)
+    if problem.native is None:
+        raise UserError(
+            f"the sweeps read the teacher-student problem only (qmse.escape.tuning), not "
+            f"{cfg.problem!r}: fix the settings of {', '.join(m.name for m in methods)} with "
+            f"--lr and --hyper"
+        )
     W0 = starts(out, cfg, k, protocol, tuning=True, quiet=quiet)
     if len(W0) == 0:
         raise RuntimeError(
@@ -72,7 +85,7 @@ def tuning(out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str]
         methods,
         {m.name: cfg.fixed(m.name) for m in methods},
         W0.to(cfg.device),
-        problem_of(cfg, k),
+        problem.native,
         path=lambda name: out / "tuning" / f"{protocol}_{name}_{cell}.json",
         steps=cfg.steps,
         batch=cfg.batch,
@@ -85,8 +98,11 @@ def tuning(out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str]
     )
 
 
-def _tuning_summary(cfg: EscapeConfig, name: str, record: dict | None, k: int) -> dict:
-    """What a row says about how its settings were chosen."""
+def _tuning_summary(
+    cfg: EscapeConfig, name: str, record: dict | None, k: int, minima: dict | None
+) -> dict:
+    """What a row says about how its settings were chosen (and, tuned on certified minima,
+    whether they were distinct minima other than the evaluation ones: `tuning_minima`)."""
     if record is None:
         return {"fixed": True}
     stages = final_stages(record["stages"])
@@ -96,17 +112,31 @@ def _tuning_summary(cfg: EscapeConfig, name: str, record: dict | None, k: int) -
         "tune_starts": record["starts"],
         "range": {s["param"]: s["range"] for s in stages},
         "edge": not all(s["interior"] for s in stages),
+        **(minima or {}),
     }
 
 
-def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key) -> Row:
-    """A sample method's results row (with the per-start outcomes for the paired tests)."""
+def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key, problem, labels):
+    """A sample method's results row (with the per-start outcomes for the paired tests);
+    `labels` (m,): each start's distinct minimum, None for random starts."""
     loss = result["loss"].cpu()
     seeds = int(loss.numel())
-    failed = ~(loss < STUCK_LOSS)
+    success = result["success"].cpu()
+    failed = ~success
     failures = int(failed.sum())
     lo, hi = wilson(failures, seeds)
-    first = result["first_success"].cpu()[loss < STUCK_LOSS].double()
+    first = result["first_success"].cpu()[success].double()
+    by_minimum = {}
+    if labels is not None:
+        count = int(labels.max()) + 1 if len(labels) else 0
+        starts_of = torch.bincount(labels, minlength=count)
+        fails_of = torch.bincount(labels, weights=failed.double(), minlength=count).long()
+        rates = fails_of.double() / starts_of.clamp_min(1)
+        by_minimum = {
+            "minima": starts_of.tolist(),
+            "minima_failures": fails_of.tolist(),
+            "weighted_failure_rate": float(rates.mean()) if count else None,
+        }
     reported = {
         f"mean_{name}": float(result[name].double().mean()) if seeds else None
         for name in get_method(method).report
@@ -136,19 +166,24 @@ def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key) -> 
         format=FORMAT,
         failed="".join("1" if f else "0" for f in failed.tolist()),
         family=get_method(method).family,
+        problem=problem.name,
+        instance=dict(problem.instance),
+        **by_minimum,
         extra=reported,
     )
 
 
-def row_key(method, starts_key, problem, cfg, seed, method_seed, settings) -> str:
+def row_key(method, starts_key, problem: Problem, cfg, seed, method_seed, settings) -> str:
     """The key of an evaluation row: the method's declared definition, the starts, the
-    problem, the budget, the streams, the settings, the device and the engine's thresholds."""
+    problem (name, instance, success threshold), the budget, the streams, the settings, the
+    device and the engine's thresholds."""
     return content_key(
         "row",
         method_key(method),
         starts_key,
-        problem.A_student,
-        problem.A_teacher,
+        problem.name,
+        dict(problem.instance),
+        problem.success,
         cfg.steps,
         cfg.batch,
         seed,
@@ -265,17 +300,24 @@ def evaluate_cell(
     input batches. Returns (rows, the sweep records they used)."""
     out = Path(out)
     cell = cell_name(cfg, k)
+    problem = problem_of(cfg, k)
     W0 = starts(out, cfg, k, protocol, tuning=False, quiet=quiet)
+    labels = None
+    if protocol == "spurious-minima":
+        labels = minima(out, cfg, k, tag="eval", quiet=quiet)["labels"][: len(W0)]
     if len(W0) == 0:  # no minima to start from (e.g. k = 6)
-        empty = {"loss": torch.zeros(0), "first_success": torch.zeros(0), "diverged": None}
+        empty = {"loss": torch.zeros(0), "success": torch.zeros(0, dtype=torch.bool)}
+        empty |= {"first_success": torch.zeros(0), "diverged": None}
         rows = []
         for name in names:
             result = empty | {r: torch.zeros(0) for r in get_method(name).report}
-            rows.append(_row(cfg, k, name, protocol, result, {}, None, None, None))
+            rows.append(_row(cfg, k, name, protocol, result, {}, None, None, None, problem, labels))
         return rows, []
     tune_k = cfg.tune_k or k
     records = tuning(out, cfg, tune_k, protocol, names, quiet=quiet)
-    problem = problem_of(cfg, k)
+    tune_minima = None
+    if records and protocol == "spurious-minima":
+        tune_minima = tuning_minima(out, cfg, tune_k, quiet=quiet)[1]
     seed, method_seed = streams(cfg, k, protocol, tuning=False)
     starts_key = content_key(W0)
     rows, todo = {}, {}
@@ -288,7 +330,8 @@ def evaluate_cell(
             rows[name] = Row.from_json(load_json(path))
             rows[name].family = get_method(name).family  # presentation: not in the key
         else:
-            todo[name] = (settings, _tuning_summary(cfg, name, record, tune_k), key, path)
+            tuned = _tuning_summary(cfg, name, record, tune_k, tune_minima)
+            todo[name] = (settings, tuned, key, path)
     if todo:
         jobs = [
             make_job(name, s["lr"], {h: v for h, v in s.items() if h != "lr"})
@@ -308,24 +351,29 @@ def evaluate_cell(
         )
         _record_time(out, f"eval_{protocol}_{cell}", time.perf_counter() - started)
         for (name, (settings, tuned, key, path)), result in zip(todo.items(), results):
-            rows[name] = _row(cfg, k, name, protocol, result, settings, tuned, starts_key, key)
+            rows[name] = _row(
+                cfg, k, name, protocol, result, settings, tuned, starts_key, key, problem, labels
+            )
             save_json(path, rows[name].to_json())
     return [rows[n] for n in names], [records[n] for n in names if n in records]
 
 
 def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
-    """The reproduction's row: gd-population from the evaluation seeds, with Safran &
-    Shamir's published rate (n = k, scalar output) and Fisher's exact test against it."""
+    """The reproduction's row: gd-population from the evaluation seeds (a failure: loss not
+    below the problem's success threshold), with Safran & Shamir's published rate
+    (teacher–student, n = k, scalar output) and Fisher's exact test against it."""
+    problem = problem_of(cfg, k)
     r = population(out, cfg, k, tag="eval", quiet=quiet)
     loss = r["loss"]
-    fails = int((loss >= STUCK_LOSS).sum())
+    fails = int((~(loss < problem.success)).sum())
     lo, hi = wilson(fails, cfg.seeds)
     extra = {
         "capped": int((~r["converged"]).sum()),
         "median_gd_steps": float(r["steps"].double().median()),
         "max_gd_steps": int(r["steps"].max()),
     }
-    published = PUBLISHED.get(k) if cfg.n_extra == 0 and cfg.outputs == 1 else None
+    classic = cfg.problem == TEACHER_STUDENT and cfg.n_extra == 0 and cfg.outputs == 1
+    published = PUBLISHED.get(k) if classic else None
     if published is not None:
         pub_fails = round(published * 1000)
         table = [[fails, cfg.seeds - fails], [pub_fails, 1000 - pub_fails]]
@@ -336,8 +384,8 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
         }
     return Row(
         k=k,
-        n=k + cfg.n_extra,
-        outputs=cfg.outputs,
+        n=problem.shape[0],
+        outputs=problem.outputs,
         method="gd-population",
         protocol="random-init",
         seeds=cfg.seeds,
@@ -352,28 +400,40 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
         steps=None,
         median_loss=float(loss.median()),
         family="MSE optimisers",
+        problem=problem.name,
+        instance=dict(problem.instance),
         extra=extra,
     )
 
 
-def minima_report(out: Path, cfg: EscapeConfig, k: int, *, check: int = 3, quiet=False):
-    """The spurious-minima protocol's starting points at k: how many, their losses, and the
-    smallest Hessian eigenvalue at the first `check` of them (out/minima/, keyed)."""
+def minima_report(out: Path, cfg: EscapeConfig, k: int, *, quiet=False) -> dict:
+    """The spurious-minima protocol's starting points at k (out/minima/, keyed): how many
+    stuck end points, how many certified strict minima and how many distinct ones modulo
+    symmetry (`config.minima`), the starts each distinct minimum has among the evaluation
+    starts, its objective and smallest Hessian eigenvalue, and the kinds of the stuck
+    classes left out (degenerate, saddle, not stationary)."""
     out = Path(out)
     problem = problem_of(cfg, k)
-    W = spurious_minima(out, cfg, k, tag="eval", quiet=quiet)
-    key = content_key("minima", W, check)
+    found = minima(out, cfg, k, tag="eval", quiet=quiet)
+    W, labels = found["W"], found["labels"][: cfg.sample_seeds]
+    key = content_key("minima", problem.name, dict(problem.instance), W, cfg.sample_seeds)
     path = out / "minima" / f"{cell_name(cfg, k)}.json"
     if path.exists() and (saved := load_json(path)).get("key") == key:
         return saved
-    losses = population_loss(W, problem).tolist() if len(W) else []
+    certificates = found["certificates"]
     report = {
+        "problem": problem.name,
+        "instance": dict(problem.instance),
         "k": k,
-        "n": problem.n,
+        "n": problem.shape[0],
         "count": len(W),
         "of_seeds": cfg.seeds,
-        "distinct_losses": sorted({round(v, 6) for v in losses}),
-        "min_hessian_eigenvalues": certify_minima(W[:check], problem),
+        "stuck": found["stuck"],
+        "excluded": found["excluded"],
+        "distinct": len(certificates),
+        "starts_per_minimum": torch.bincount(labels, minlength=len(certificates)).tolist(),
+        "distinct_losses": [c["objective"] for c in certificates],
+        "min_hessian_eigenvalues": [c["min_eigenvalue"] for c in certificates],
         "key": key,
     }
     save_json(path, report)

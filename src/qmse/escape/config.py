@@ -1,27 +1,38 @@
 """The escape benchmark's configuration and starting points.
 
-`EscapeConfig` is everything that defines a benchmark directory (config.json); the starts
-of a cell are Xavier initialisations ("random-init") or the certified stuck end points of
-gd-population ("spurious-minima"), with tuning starts disjoint from the evaluation starts;
-each cell has its own input stream and method stream (`qmse.escape.engine`).
+`EscapeConfig` is everything that defines a benchmark directory (config.json): the problem
+(any registered `qmse.escape.problems.Problem`; teacher–student by default) and its cells,
+one per size k. The starts of a cell are the problem's random initialisations
+("random-init") or the certified spurious minima among gd-population's end points
+("spurious-minima"): stuck points whose Hessian is positive definite, deduplicated modulo
+the problem's symmetries into distinct minima (`minima`). Tuning starts come from seeds
+disjoint from the evaluation seeds, and tuning minima are distinct minima other than the
+evaluation ones wherever the problem has any (`tuning_minima`); each cell has its own input
+stream and method stream (`qmse.escape.engine`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from qmse.errors import UserError
+from qmse.escape import problems
 from qmse.escape.engine import make_job
 from qmse.escape.methods import get_method, load_plugin
-from qmse.escape.population import population_runs, stuck_points
+from qmse.escape.population import population_runs, problem_runs, stuck_points
+from qmse.escape.problems import Problem, get_problem
 from qmse.escape.rules import BUILTIN_METHODS
+from qmse.keys import content_key
 from qmse.runs import load_json
-from qmse.teacher_student import Problem, init_weights, make_problem
 
 PROTOCOLS = ("random-init", "spurious-minima")  # from Xavier starts; from certified minima
+TEACHER_STUDENT = "teacher-student"  # the default problem, with options of its own
+DISTINCT_TOL = 1e-5  # two minima are one when their canonical forms agree to this (max-abs)
 TUNE_SEEDS = 10**6  # tuning initialisations: seeds 10⁶ + i (evaluation seeds are 0 … S−1)
 REFERENCES = ("sgd", "momentum", "qmse")  # exploratory paired tests of every method against these
 # The declared comparisons (the primary family, Holm over it): each QMSE variant against its
@@ -43,10 +54,32 @@ class EscapeConfig:
     checks its numbers and names but runs no plug-in code: `check_methods` loads the plug-ins
     and checks the methods, references and fixed values where a benchmark starts."""
 
-    ks: list[int] = field(metadata={"help": "teacher widths k, one cell per k"})
+    ks: list[int] = field(
+        metadata={
+            "help": "problem sizes, one cell per size: the teacher width k of teacher-student, "
+            "the argument a registered problem names as its size; one value (a label) for a "
+            "problem without one"
+        }
+    )
+    problem: str = field(
+        default=TEACHER_STUDENT,
+        metadata={"help": "the registered problem (qmse.escape.register_problem; plug-ins too)"},
+    )
+    problem_args: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "keyword arguments of a problem other than teacher-student (whose options "
+            "are --n-extra, --outputs, --teacher, --problem-seed), e.g. delta=0.7,n=3"
+        },
+    )
     n_extra: int = field(default=0, metadata={"help": "student width n = k + n_extra"})
     outputs: int = field(
-        default=1, metadata={"help": "C; > 1 is the vector-output variant y = A relu(Vx)"}
+        default=1,
+        metadata={
+            "help": "C, teacher-student's outputs; > 1 is the vector-output variant "
+            "y = A relu(Vx), where QMSE's v is uniform on the unit sphere of R^C (C = 1 "
+            "reduces it to a sign)"
+        },
     )
     seeds: int = field(
         default=1000,
@@ -134,6 +167,13 @@ class EscapeConfig:
             raise UserError(f"protocols {bad} unknown; choose from {PROTOCOLS}")
         if not self.ks or min(self.ks) < 1:
             raise UserError(f"ks={self.ks}: need at least one k >= 1")
+        if self.problem == TEACHER_STUDENT and self.problem_args:
+            raise UserError(
+                f"problem_args {self.problem_args} given for teacher-student, whose options are "
+                f"n_extra, outputs, teacher and problem_seed (--n-extra, --outputs, ...)"
+            )
+        if self.outputs < 1:
+            raise UserError(f"outputs={self.outputs}: need C >= 1")
         if self.n_extra < 0:
             raise UserError(f"n_extra={self.n_extra}: need >= 0 (n = k + n_extra)")
         for name in ("seeds", "sample_seeds", "steps", "batch", "tune_seeds", "tune_pool"):
@@ -160,6 +200,12 @@ class EscapeConfig:
         fixed value names a registered method of this run: where a benchmark starts."""
         for path in self.plugins:
             load_plugin(path)
+        get_problem(self.problem)  # an error naming the registered problems
+        if problems.SIZES.get(self.problem) is None and len(self.ks) > 1:
+            raise UserError(
+                f"problem {self.problem!r} registers no size argument, so its benchmark has one "
+                f"cell: give one size (--teacher-widths {self.ks[0]}), which only labels it"
+            )
         sample = self.sample_methods
         for name in sample:
             get_method(name)  # an error naming the registered methods
@@ -241,9 +287,22 @@ def parse_hyper(text: str | None, option: str = "--hyper") -> dict[str, dict[str
 
 
 def problem_of(cfg: EscapeConfig, k: int) -> Problem:
-    return make_problem(
-        k, k + cfg.n_extra, outputs=cfg.outputs, seed=cfg.problem_seed, teacher=cfg.teacher
-    )
+    """The registered problem of the cell of size k: teacher–student with n = k + n_extra
+    student units, or `cfg.problem`'s factory called with `problem_args` (whole numbers as
+    int) and, where it registers a size argument, k."""
+    if cfg.problem == TEACHER_STUDENT:
+        return problems.teacher_student(
+            k, k + cfg.n_extra, outputs=cfg.outputs, seed=cfg.problem_seed, teacher=cfg.teacher
+        )
+    kwargs: dict[str, Any] = {
+        name: int(v) if float(v).is_integer() else v for name, v in cfg.problem_args.items()
+    }
+    if (size := problems.SIZES.get(cfg.problem)) is not None:
+        kwargs[size] = k
+    try:
+        return get_problem(cfg.problem)(**kwargs)
+    except TypeError as e:
+        raise UserError(f"problem {cfg.problem!r} with arguments {kwargs}: {e}") from None
 
 
 def _run_id(*parts: object) -> int:
@@ -257,35 +316,117 @@ def _run_id(*parts: object) -> int:
 def streams(cfg: EscapeConfig, k: int, protocol: str, *, tuning: bool) -> tuple[int, int]:
     """(input seed, method seed) of a cell's tuning or evaluation runs."""
     parts = (k, k + cfg.n_extra, cfg.outputs, cfg.problem_seed, PROTOCOLS.index(protocol))
+    if cfg.problem != TEACHER_STUDENT:  # the problem and its arguments, as a number
+        parts += (int(content_key(cfg.problem, cfg.problem_args)[:12], 16),)
     first = 1 if tuning else 2
     return _run_id(first, *parts), _run_id(first + 2, *parts)
 
 
 def cell_name(cfg: EscapeConfig, k: int) -> str:
-    return f"k{k}_n{k + cfg.n_extra}_C{cfg.outputs}"
+    """k{k}_n{n}_C{C} (teacher–student: n student units, C outputs); for another problem
+    n is its parameters' first dimension and its name follows."""
+    if cfg.problem == TEACHER_STUDENT:
+        return f"k{k}_n{k + cfg.n_extra}_C{cfg.outputs}"
+    problem = problem_of(cfg, k)
+    return f"k{k}_n{problem.shape[0]}_C{problem.outputs}_{cfg.problem}"
 
 
 def population(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = False) -> dict:
     """gd-population from the evaluation seeds 0 … seeds−1 (tag "eval") or the tuning pool
-    10⁶ … 10⁶ + tune_pool − 1 ("tune"), cached."""
+    10⁶ … 10⁶ + tune_pool − 1 ("tune"), cached: Safran & Shamir's closed-form descent for
+    teacher–student, `descend` on the objective for another problem."""
     seeds = range(cfg.seeds) if tag == "eval" else range(TUNE_SEEDS, TUNE_SEEDS + cfg.tune_pool)
-    return population_runs(
-        out, problem_of(cfg, k), seeds, tag=tag, max_steps=cfg.max_gd_steps, quiet=quiet
+    problem = problem_of(cfg, k)
+    if problem.native is not None:
+        return population_runs(
+            out, problem.native, seeds, tag=tag, max_steps=cfg.max_gd_steps, quiet=quiet
+        )
+    cell = cell_name(cfg, k)
+    return problem_runs(
+        out, problem, seeds, tag=tag, cell=cell, max_steps=cfg.max_gd_steps, quiet=quiet
     )
 
 
+def minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = False) -> dict:
+    """The certified spurious minima of the evaluation seeds or the tuning pool, counted
+    modulo the problem's symmetries: the stuck end points (`stuck_points`) grouped into
+    classes whose canonical forms agree to DISTINCT_TOL (`problems.distinct`), each class
+    certified at its first point (`problems.certify`); the points of the classes that are
+    strict minima are kept.
+
+    Returns W (M, *shape) float64 in seed order; labels (M,) long, each point's distinct
+    minimum (0 … D−1, in order of first appearance); forms (D, ...) their canonical forms;
+    certificates (D) the certification of each kept minimum; stuck, the number of stuck
+    end points; excluded, the kinds of the classes left out ("degenerate", "saddle", ...)."""
+    problem = problem_of(cfg, k)
+    points = stuck_points(population(out, cfg, k, tag=tag, quiet=quiet)).double()
+    forms = problem.canonical(points).flatten(1) if len(points) else points.flatten(1)
+    firsts = problems.distinct(problem, points, tol=DISTINCT_TOL) if len(points) else []
+    labels = torch.tensor(
+        [_nearest(forms[i], forms[firsts]) for i in range(len(points))], dtype=torch.long
+    )
+    certificates = problems.certify(problem, points[firsts]) if firsts else []
+    keep = [c["kind"] == "strict minimum" for c in certificates]
+    renumber = torch.cumsum(torch.tensor([0, *keep], dtype=torch.long), 0)[:-1]
+    mask = torch.tensor(keep, dtype=torch.bool)[labels] if firsts else labels.bool()
+    return {
+        "W": points[mask],
+        "labels": renumber[labels[mask]],
+        "forms": forms[[f for f, kept in zip(firsts, keep) if kept]],
+        "certificates": [c for c, kept in zip(certificates, keep) if kept],
+        "stuck": len(points),
+        "excluded": [c["kind"] for c, kept in zip(certificates, keep) if not kept],
+    }
+
+
+def _nearest(form: Tensor, forms: Tensor) -> int:
+    """The index of the first of `forms` (D, F) within DISTINCT_TOL of `form` (F,)."""
+    close = (forms - form).abs().amax(1) <= DISTINCT_TOL
+    return int(close.nonzero()[0])
+
+
 def spurious_minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet=False) -> Tensor:
-    """The certified stuck end points (M, n, d) of the evaluation seeds or the tuning pool."""
-    return stuck_points(population(out, cfg, k, tag=tag, quiet=quiet))
+    """The certified spurious minima (M, *shape) of the evaluation seeds or the tuning pool
+    (`minima`)."""
+    return minima(out, cfg, k, tag=tag, quiet=quiet)["W"]
+
+
+def tuning_minima(out: Path, cfg: EscapeConfig, k: int, *, quiet=False) -> tuple[Tensor, dict]:
+    """The tuning pool's certified minima at k, without those that are (modulo symmetry) a
+    distinct minimum of the evaluation set at k, when k is an evaluation size; all of them
+    where no other remains (the problem has too few distinct minima). Returns the points
+    and what the rows say: disjoint (bool), the number of distinct tuning minima, and of
+    the evaluation minima they were kept apart from."""
+    tune = minima(out, cfg, k, tag="tune", quiet=quiet)
+    W, labels, forms = tune["W"], tune["labels"], tune["forms"]
+    shared = torch.zeros(len(forms), dtype=torch.bool)
+    evaluated = 0
+    if k in cfg.ks and len(forms):
+        seen = minima(out, cfg, k, tag="eval", quiet=quiet)["forms"]
+        evaluated = len(seen)
+        for j, form in enumerate(forms):
+            shared[j] = bool(len(seen)) and bool(
+                ((seen - form).abs().amax(1) <= DISTINCT_TOL).any()
+            )
+    own = ~shared[labels] if len(labels) else labels.bool()
+    disjoint = bool(own.any()) or not len(W)
+    if own.any():
+        W, kept = W[own], int((~shared).sum())
+    else:
+        kept = len(forms)
+    return W, {"disjoint_minima": disjoint, "tune_minima": kept, "eval_minima": evaluated}
 
 
 def starts(out: Path, cfg: EscapeConfig, k: int, protocol: str, *, tuning: bool, quiet=False):
-    """A cell's starting weights (m, n, d) float64: Xavier initialisations (random-init) or
-    the first certified minima (spurious-minima, all of them if fewer); tuning starts come
-    from seeds disjoint from the evaluation ones."""
+    """A cell's starting weights (m, *shape) float64: the problem's random initialisations
+    (random-init) or the first certified minima (spurious-minima, all of them if fewer);
+    tuning starts come from seeds disjoint from the evaluation ones, and tuning minima from
+    distinct minima other than the evaluation ones where there are any (`tuning_minima`)."""
     problem = problem_of(cfg, k)
     count = cfg.tune_seeds if tuning else cfg.sample_seeds
     if protocol == "random-init":
         first = TUNE_SEEDS if tuning else 0
-        return init_weights(range(first, first + count), problem.n, problem.d)
-    return spurious_minima(out, cfg, k, tag="tune" if tuning else "eval", quiet=quiet)[:count]
+        return problem.init(range(first, first + count)).double()
+    if tuning:
+        return tuning_minima(out, cfg, k, quiet=quiet)[0][:count]
+    return spurious_minima(out, cfg, k, tag="eval", quiet=quiet)[:count]

@@ -1,7 +1,11 @@
 """Safran & Shamir's gradient descent on the population loss: the reproduction, and the source
 of the certified spurious minima the escape protocol starts from.
 
-Problem: `qmse.teacher_student`. "Stuck" is decided by the closed-form population loss.
+Problem: `qmse.teacher_student` (`gd_population`, `population_runs`: the closed-form
+gradient, "stuck" decided by the closed-form population loss), or any registered
+`qmse.escape.problems.Problem` (`descend`, `problem_runs`: gradient descent on its exact
+objective by autograd, Riemannian on a manifold, "stuck" decided by its `stuck` or its
+`success`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor
 
 from qmse.errors import UserError
+from qmse.escape import problems
 from qmse.escape.engine import STUCK_LOSS
 from qmse.keys import content_key
 from qmse.runs import load_torch, progress, save_torch
@@ -117,9 +122,97 @@ def population_runs(
 
 
 def stuck_points(result: dict) -> Tensor:
-    """The certified stuck end points of a `population_runs` result (gradient ≤ tolerance,
-    loss ≥ STUCK_LOSS): (M, n, d) float64, in seed order."""
-    return result["W"][result["converged"] & (result["loss"] >= STUCK_LOSS)]
+    """The stuck end points of a `population_runs` or `problem_runs` result (gradient ≤
+    tolerance, not a success: loss ≥ STUCK_LOSS, or the result's own "stuck" flags):
+    (M, *shape) float64, in seed order."""
+    stuck = result["stuck"] if "stuck" in result else result["loss"] >= STUCK_LOSS
+    return result["W"][result["converged"] & stuck]
+
+
+def descend(
+    problem: problems.Problem,
+    W: Tensor,
+    *,
+    lr: float = GD_LR,
+    tol: float = GD_TOL,
+    max_steps: int = 100_000,
+    check_every: int = 50,
+    quiet: bool = False,
+) -> dict[str, Tensor]:
+    """`gd_population` for any registered problem: W ← retract(W − lr·∇f(W)) on its exact
+    objective f (the Riemannian gradient on a manifold, `problems.gradient`) until the
+    gradient's norm is ≤ `tol` (or `max_steps`); converged starts leave the batch every
+    `check_every` steps. W: (S, *shape) float64. Returns W, loss (S,), grad_norm (S,),
+    steps (S,), converged (S,) and stuck (S,) bool (the problem's `stuck`, else loss ≥
+    its `success`)."""
+    if lr <= 0 or tol <= 0 or max_steps < 1 or check_every < 1:
+        raise UserError(
+            f"need lr > 0, tol > 0, max_steps >= 1 and check_every >= 1; got lr={lr}, "
+            f"tol={tol}, max_steps={max_steps}, check_every={check_every}"
+        )
+    W = W.detach().double().clone()
+    S = W.shape[0]
+    steps = torch.full((S,), max_steps, dtype=torch.long)
+    active = torch.arange(S)  # (A,) indices still descending
+
+    def grad_norm(V: Tensor) -> Tensor:
+        return problems.gradient(problem, V).flatten(1).norm(dim=1)
+
+    bar = progress(total=max_steps, quiet=quiet, desc=f"descend {problem.name}")
+    for t in range(0, max_steps, check_every):
+        Wa = W[active]
+        for _ in range(min(check_every, max_steps - t)):
+            Wa = Wa - lr * problems.gradient(problem, Wa)
+            Wa = Wa if problem.retract is None else problem.retract(Wa)
+        W[active] = Wa
+        done = grad_norm(Wa) <= tol
+        steps[active[done]] = t + min(check_every, max_steps - t)
+        active = active[~done]
+        bar.update(min(check_every, max_steps - t))
+        if len(active) == 0:
+            break
+    bar.close()
+    loss = problem.objective(W).double()
+    norms = grad_norm(W)
+    stuck = problem.stuck(W) if problem.stuck is not None else ~(loss < problem.success)
+    return {
+        "W": W,
+        "loss": loss,
+        "grad_norm": norms,
+        "steps": steps,
+        "converged": norms <= tol,
+        "stuck": stuck.bool(),
+    }
+
+
+def problem_runs(
+    out: str | os.PathLike,
+    problem: problems.Problem,
+    seeds: Sequence[int],
+    *,
+    tag: str,
+    cell: str,
+    max_steps: int = 100_000,
+    quiet: bool = False,
+) -> dict:
+    """`descend` from the problem's starts `problem.init(seeds)`, cached in
+    out/gd-population/{tag}_{cell}.pt under the key of the problem (name and instance),
+    seeds, step cap, step size and tolerance, like `population_runs`."""
+    path = Path(out) / "gd-population" / f"{tag}_{cell}.pt"
+    seeds = [int(s) for s in seeds]
+    key = content_key("descend", problem.name, dict(problem.instance), seeds, max_steps)
+    key = content_key(key, GD_LR, GD_TOL)
+    if path.exists():
+        saved = load_torch(path)
+        if saved.get("key") == key:
+            return saved
+    W0 = problem.init(seeds).double()
+    started = time.perf_counter()
+    result = descend(problem, W0, max_steps=max_steps, quiet=quiet)
+    seconds = round(time.perf_counter() - started, 3)
+    result |= {"seeds": seeds, "max_steps": max_steps, "W0": W0, "key": key, "seconds": seconds}
+    save_torch(path, result)
+    return result
 
 
 def certify_minima(W: Tensor, problem: Problem) -> list[float]:

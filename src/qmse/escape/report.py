@@ -44,26 +44,31 @@ def _settings(row: Row) -> str:
 def wall_times(timings: Mapping[str, float]) -> list[str]:
     """Markdown lines: the seconds of `timings` (timings.json: piece -> seconds, the pieces
     named like "gd-population/eval_k8_n8_C1", "tuning/random-init_sgd_k8_n8_C1",
-    "eval_random-init_k8_n8_C1") summed by problem and kind, with a total row."""
+    "eval_random-init_k8_n8_C1", or "..._k2_n2_C1_matrix-sensing" for a problem other than
+    teacher–student) summed by problem and kind, with a total row."""
     kinds = ("gd-population", "sweeps", "evaluation")
     sums: dict[tuple[int, int, int], dict[str, float]] = {}
     for piece, seconds in timings.items():
-        if (match := re.search(r"_k(\d+)_n(\d+)_C(\d+)$", piece)) is None:
+        match = re.search(r"_k(\d+)_n(\d+)_C(\d+)(?:_([A-Za-z0-9.-]+))?$", piece)
+        if match is None:
             raise UserError(
                 f"timings.json names a piece {piece!r} that does not end in _k<k>_n<n>_C<C>: "
                 "it was not written by qmse.escape (remove it from timings/ and rerun)"
             )
-        k, n, C = map(int, match.groups())
+        k, n, C = map(int, match.groups()[:3])
         kind = "gd-population" if piece.startswith("gd-population/") else (
             "sweeps" if piece.startswith("tuning/") else "evaluation")  # fmt: skip
-        row = sums.setdefault((k, n, C), dict.fromkeys(kinds, 0.0))
+        row = sums.setdefault((match[4] or "", k, n, C), dict.fromkeys(kinds, 0.0))
         row[kind] += seconds
     if not sums:
         return []
     total = {kind: sum(row[kind] for row in sums.values()) for kind in kinds}
     named = {
-        f"k={k}" + (f", n={n}" if n != k else "") + (f", C={C}" if C != 1 else ""): sums[k, n, C]
-        for k, n, C in sorted(sums)
+        (f"{name} " if name else "")
+        + f"k={k}"
+        + (f", n={n}" if n != k or name else "")
+        + (f", C={C}" if C != 1 else ""): sums[name, k, n, C]
+        for name, k, n, C in sorted(sums)
     }
     lines = [
         "### Wall time (s): each computed piece, from timings.json, summed by problem and kind",
@@ -96,6 +101,7 @@ def write_table(
         what = "failure rate" if protocol == "random-init" else "failure to escape"
         budget = next((r for r in sel if r.steps), None)
         lines += [f"### Protocol {protocol}: {what} [Wilson 95 %] (diverged)", ""]
+        lines += _problem_lines(sel, ks)
         if budget:
             lines += [
                 f"Budget: {budget.steps} steps × batch {budget.batch} = "
@@ -122,6 +128,7 @@ def write_table(
                 )
             lines.append(f"| {m} | {' / '.join(settings)} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _minima_lines(sel, ks, methods, protocol)
         declared = [t for t in comparisons if t["protocol"] == protocol]
         lines += _declared_lines(declared, protocol)
         refs = [m for m in methods if any(m in r.paired for r in sel)]
@@ -159,6 +166,80 @@ def write_table(
     text = "\n".join(lines)
     atomic_write(path, text)
     return text
+
+
+def _problem_lines(rows: Sequence[Row], ks: Sequence[int]) -> list[str]:
+    """The problem the rows ran on and its instance at each k (rows written before rows named
+    their problem say nothing: teacher–student)."""
+    named = {r.k: r for r in rows if r.problem is not None}
+    if not named:
+        return []
+    names = sorted({r.problem for r in named.values()})
+    cells = [
+        f"k={k}: " + ", ".join(f"{a}={v}" for a, v in (named[k].instance or {}).items() if a != "k")
+        for k in ks
+        if k in named
+    ]
+    return [f"Problem: {', '.join(names)} ({'; '.join(cells)}).", ""]
+
+
+def _minima_lines(
+    rows: Sequence[Row], ks: Sequence[int], methods: Sequence[str], protocol: str
+) -> list[str]:
+    """For starts at certified minima: how many distinct minima (modulo the problem's
+    symmetries) each cell has and how many starts each got; whether the tuning minima
+    were other distinct minima; and a table of escape per distinct minimum with the rate
+    that weighs every distinct minimum the same beside the per-start rate."""
+    counted = [r for r in rows if r.minima is not None]
+    if not counted:
+        return []
+    per_k = {r.k: r.minima for r in counted}
+    lines = [
+        "Distinct minima modulo symmetry (starts at each): "
+        + "; ".join(
+            f"k={k}: {len(per_k[k])} ({', '.join(map(str, per_k[k])) or 'none'})"
+            for k in ks
+            if k in per_k
+        )
+        + ".",
+        "",
+    ]
+    tuned = {r.k: r.tuning for r in counted if r.tuning and "disjoint_minima" in r.tuning}
+    if tuned:
+        lines += [
+            "Tuning minima: "
+            + "; ".join(
+                f"k={k}: {t['tune_minima']} distinct, "
+                + (
+                    "other than the evaluation minima"
+                    if t["disjoint_minima"]
+                    else f"the same as evaluation minima (the problem has no other at k="
+                    f"{t['tuned_at_k']})"
+                )
+                for k, t in sorted(tuned.items())
+            )
+            + ".",
+            "",
+        ]
+    lines += [
+        f"#### Escape per distinct minimum ({protocol}): weighted failure rate (the mean of "
+        f"the distinct minima's rates, each minimum weighing the same), per-start rate, then "
+        f"failures / starts at each distinct minimum",
+        "",
+        "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|---" * (len(ks) + 1) + "|",
+    ]
+    for m in methods:
+        cells = []
+        for k in ks:
+            r = next((r for r in counted if r.method == m and r.k == k), None)
+            if r is None or not r.minima:
+                cells.append("–")
+                continue
+            each = ", ".join(f"{f}/{n}" for f, n in zip(r.minima_failures, r.minima))
+            cells.append(f"{r.weighted_failure_rate:.3f} (per start {r.failure_rate:.3f}): {each}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _declared_lines(tests: Sequence[dict], protocol: str) -> list[str]:
@@ -203,7 +284,9 @@ def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
     timings = load_json(out / "timings.json") if (out / "timings.json").exists() else {}
     cfg = load_json(out / "config.json")
     write_table(rows, out / "table.md", timings, results["comparisons"])
-    published = PUBLISHED if cfg.get("n_extra", 0) == 0 and cfg.get("outputs", 1) == 1 else None
+    classic = cfg.get("problem", "teacher-student") == "teacher-student"
+    classic &= cfg.get("n_extra", 0) == 0 and cfg.get("outputs", 1) == 1
+    published = PUBLISHED if classic else None
     plot_results(rows, out / "figure.png", published)
     paths = {"table": out / "table.md", "figure": out / "figure.png"}
     if (out / "sweeps.json").exists():

@@ -1,6 +1,6 @@
 """The escape benchmark's result record: one method (or the reproduction, gd-population) in
-one cell (k, protocol), as `qmse.escape.cells` computes it, results.json and rows/ hold it,
-and `qmse.escape.report` reads it."""
+one cell (problem instance of size k, protocol), as `qmse.escape.cells` computes it,
+results.json and rows/ hold it, and `qmse.escape.report` reads it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,14 @@ class Row:
     its paired tests against each reference (`paired`: reference -> {worse, better, p,
     p_holm}), the per-start outcomes (`failed`, "1" failed / "0" escaped, kept in rows/ and
     left out of results.json), and what only some rows have (`extra`: a method's reported
-    means, mean_<name>; gd-population's step counts and the published rate)."""
+    means, mean_<name>; gd-population's step counts and the published rate).
+
+    The problem: its registered name and `instance` (what defines it); None in a file
+    written before rows named it (teacher–student). From certified minima (spurious-minima),
+    the starts are grouped by distinct minimum modulo symmetry: `minima` (starts per distinct
+    minimum, in order of first appearance), `minima_failures` (failures per distinct
+    minimum) and `weighted_failure_rate` (their rates' mean: each distinct minimum weighs
+    the same, however many starts it got); None elsewhere."""
 
     k: int
     n: int
@@ -43,6 +50,11 @@ class Row:
     paired: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: str | None = None
     family: str | None = None  # the method's family (`Method.family`); None in older files
+    problem: str | None = None
+    instance: dict[str, Any] | None = None
+    minima: list[int] | None = None
+    minima_failures: list[int] | None = None
+    weighted_failure_rate: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, *, outcomes: bool = True) -> dict[str, Any]:
