@@ -1479,12 +1479,7 @@ def test_third_protocol_statements_are_what_its_results_give():
     m = {(p, k): verdicts["qmse-momentum:expected-qmse-momentum", p, k] for p, k in cells}
     assert m.pop(("random-init", 10)) == "qmse-momentum fails more"
     assert set(m.values()) == {"not determined"}
-    assert edges == {
-        ("expected-qmse", "spurious-minima", 8), ("label-noise-momentum", "spurious-minima", 8),
-        ("gradient-noise-momentum", "spurious-minima", 8),
-        ("anticorrelated-momentum", "spurious-minima", 8),
-        ("qmse", "spurious-minima", 10), ("expected-qmse", "spurious-minima", 10),
-    }  # fmt: skip
+    assert edges == set()  # ties go inside (qmse.tuning.search)
     text = (ROOT / "docs" / "escape.md").read_text()
     assert "## The third protocol at k = 8 and 10" in text
 
