@@ -75,8 +75,8 @@ def test_spec_names_and_sizes():
     assert _sizes(_cnn(0)) == {"conv1": 4, "conv2": 5, "fc1": 6}
     assert ("fc1.weight", 1, 9) in spec.axes["conv2"]
     assert _sizes(MLP(3, [], 2)) == {}
-    with pytest.raises(TypeError, match="PermutationSpec"):
-        permutation_spec(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="cannot derive a permutation spec .* PermutationSpec"):
+        permutation_spec(nn.Sequential(nn.Linear(2, 3), nn.GroupNorm(1, 3), nn.Linear(3, 1)))
 
 
 @pytest.mark.parametrize(
@@ -305,9 +305,9 @@ def test_sequential_spec_is_derived_with_the_flatten_block():
         MLP(3, [4], 2)
     )
     with pytest.raises(TypeError, match="LayerNorm"):
-        permutation_spec(nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1)))
+        sequential_spec(nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1)))
     with pytest.raises(TypeError, match="Flatten"):
-        permutation_spec(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Linear(4, 3)))
+        sequential_spec(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Linear(4, 3)))
 
 
 @pytest.mark.parametrize("make, spec", [(_conv_seq, None), (_two_path, TWO_PATH_SPEC)])

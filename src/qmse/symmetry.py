@@ -16,10 +16,12 @@ c·block … (c+1)·block − 1 of the linear weight. For your own model:
     spec = PermutationSpec({"hidden": [("0.weight", 0), ("0.bias", 0), ("2.weight", 1)]})
     twin = permute(model, random_permutation(model, torch.Generator(), spec=spec), spec=spec)
 
-Specs are derived automatically for an nn.Sequential of Linear/Conv2d layers with elementwise
-activations, channel-wise pooling and a Flatten between convolutions and linear layers
-(`sequential_spec`), and written out for `qmse.models.MLP` and `SimpleCNN`
-(`permutation_spec`). `permute` checks on a probe input that the permuted model computes the
+Specs are written out for `qmse.models.MLP` and `SimpleCNN`, derived for an nn.Sequential of
+Linear/Conv2d layers with elementwise activations, pooling and a Flatten (`sequential_spec`),
+and for other models by tracing their data flow with torch.fx (`qmse.tracespec`: norm layers
+and residual additions too); `permutation_spec` picks. Buffers are permuted with their units
+(a BatchNorm's running statistics with its channels), so a permuted model computes the same
+function in eval mode too. `permute` checks on a probe input that the permuted model computes the
 same outputs, so a spec that is not a symmetry of the model is refused, not silently used.
 
 Convention: a permutation `p` of a layer with n units is an int64 tensor of shape (n,); the
@@ -182,19 +184,18 @@ def simple_cnn_spec(model: SimpleCNN) -> PermutationSpec:
 
 
 def permutation_spec(model: nn.Module) -> PermutationSpec:
-    """The hidden-unit symmetry of a `qmse.models.MLP` (its Sequential: "layers.0",
-    "layers.2", …), a `SimpleCNN` (`simple_cnn_spec`) or an nn.Sequential
-    (`sequential_spec`). Any other model: write a `PermutationSpec` and pass it as `spec`."""
+    """The hidden-unit symmetry of a model: written out for a `qmse.models.MLP` (its
+    Sequential: "layers.0", "layers.2", …) and a `SimpleCNN` (`simple_cnn_spec`), derived by
+    tracing for any other (`qmse.tracespec.traced_spec`: Linear/Conv2d, norm layers,
+    activations, pooling, flatten, residual additions; a UserError names the first node it
+    cannot follow, and then you pass your own `PermutationSpec` as `spec`)."""
     if isinstance(model, MLP):
         return sequential_spec(model.layers, prefix="layers.")
     if isinstance(model, SimpleCNN):
         return simple_cnn_spec(model)
-    if isinstance(model, nn.Sequential):
-        return sequential_spec(model)
-    raise TypeError(
-        f"no permutation spec is known for a {type(model).__name__}; pass spec=PermutationSpec"
-        f"({{name: [(entry, axis[, block]), …]}}) (see qmse.symmetry)"
-    )
+    from qmse.tracespec import traced_spec  # it builds on this module
+
+    return traced_spec(model)
 
 
 def probe_input(model: nn.Module, n: int = 4) -> Tensor:
@@ -256,6 +257,27 @@ def _permuted_params(
     return out
 
 
+def _check_norm_layers(model: nn.Module, spec: PermutationSpec) -> None:
+    """A norm layer's weight, bias and running statistics are per channel: one permutation
+    must move all of them or none (a spec that permutes a BatchNorm's weight but not its
+    running mean would change the function in eval mode)."""
+    owner = {key: name for name, triples in spec.axes.items() for key, _, _ in triples}
+    for layer, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._NormBase):
+            continue
+        keys = [
+            f"{layer}.{k}" if layer else k
+            for k in ("weight", "bias", "running_mean", "running_var")
+            if isinstance(getattr(m, k, None), Tensor)
+        ]
+        if len({owner.get(k) for k in keys}) > 1:
+            moved = {k: owner.get(k) for k in keys}
+            raise UserError(
+                f"norm layer {layer!r}: the spec permutes its entries inconsistently ({moved}); "
+                f"its weight, bias, running_mean and running_var belong to one permutation"
+            )
+
+
 def _check_perms(sizes: dict[str, int], perms: Perms) -> None:
     if not isinstance(perms, dict) or set(perms) != set(sizes):
         got = sorted(perms) if isinstance(perms, dict) else type(perms).__name__
@@ -307,6 +329,7 @@ def permute(
     params = {k: v.detach() for k, v in model.state_dict().items()}
     sizes = spec.sizes(params)
     _check_perms(sizes, perms)
+    _check_norm_layers(model, spec)
     out = copy.deepcopy(model)
     out.load_state_dict(_permuted_params(spec, sizes, params, perms))
     x = probe if probe is not None else probe_input(model)
@@ -412,9 +435,12 @@ def weight_matching(
     Σ_w ⟨W_a, π(W_b)⟩ over the permutations π by coordinate descent. Each step fixes every
     permutation but one, whose objective is then linear, ⟨A, P⟩ with A[i, k] the inner product
     of a's unit i and b's unit k over every weight that permutation touches (the other
-    permutations applied); `scipy.optimize.linear_sum_assignment` solves it exactly. Layers are
-    visited in a random order (seeded by `seed` and the sweep number) until a full sweep
-    improves nothing, or `max_iter` sweeps. `spec` (default `permutation_spec(model_a)`) and
+    permutations applied); `scipy.optimize.linear_sum_assignment` solves it exactly. Layers
+    are visited in a random order (seeded by `seed` and the sweep number) until a full sweep
+    improves nothing, or `max_iter` sweeps. Only parameters enter the objective: buffers the
+    spec names (a BatchNorm's running statistics) are statistics of the data, not weights, and
+    are permuted with their units, as in the original (whose batch statistics are not
+    parameters). `spec` (default `permutation_spec(model_a)`) and
     `probe` are those of `permute`. Returns (perms, aligned copy of model_b); neither input is
     changed, and the aligned model computes model_b's function (checked by `permute`).
 
@@ -442,6 +468,7 @@ def weight_matching(
             "differ); weight matching needs the same shapes"
         )
     sizes = spec.sizes(params_a)
+    weights = {k for k, _ in model_a.named_parameters()}
     perms = {name: torch.arange(n) for name, n in sizes.items()}
     names = list(sizes)
     for sweep in range(max_iter):
@@ -451,7 +478,7 @@ def weight_matching(
             n = sizes[name]
             others = _permuted_params(spec, sizes, params_b, perms, skip=name)
             A = torch.zeros(n, n, dtype=torch.float64)
-            for key, axis, block in spec.axes[name]:
+            for key, axis, block in (t for t in spec.axes[name] if t[0] in weights):
                 axis %= params_a[key].dim()
                 wa = _unit_axis(params_a[key], axis, n, block).reshape(n, -1)  # (n, rest)
                 wb = _unit_axis(others[key], axis, n, block).reshape(n, -1)  # (n, rest)
