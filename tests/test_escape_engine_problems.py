@@ -116,3 +116,22 @@ def test_a_hooks_held_out_loss_is_the_population_loss_within_monte_carlo_error()
     assert ((held - exact).abs() < 5 * se).all()
     fresh = run.fresh_weights(3, torch.Generator().manual_seed(2))
     assert fresh.shape == (3, 4, 3) and fresh.dtype == torch.float32
+
+
+def test_qmse_noise_with_vector_outputs_averages_to_the_expected_loss():
+    """C = 3: QMSE's v is uniform on the unit sphere of R³ (one per sample), so over many
+    samples the engine's QMSE gradient approaches the gradient of its expectation
+    ¼‖r‖⁴ + ‖r‖²/(2C) (expected-qmse), within a few Monte Carlo standard errors; a v that
+    were a sign (C = 1's) or of another norm would miss it."""
+    problem = get_problem("teacher-student")(3, outputs=3, seed=1)
+    W = problem.init([4]).float()
+    x, y = problem.sample(1, 20000, torch.Generator().manual_seed(0))
+    exact = problem_gradient(make_job("expected-qmse", 0.1), W, x, y, problem, None)
+    draws = torch.stack([
+        problem_gradient(make_job("qmse", 0.1), W, x[:, i::10], y[:, i::10], problem,
+                         torch.Generator().manual_seed(i))
+        for i in range(10)
+    ])  # fmt: skip
+    mean, se = draws.mean(0), draws.std(0) / 10**0.5
+    assert ((mean - exact).abs() < 4 * se + 1e-3 * exact.abs().max()).all()
+    assert (se < 0.2 * exact.abs().max()).all()  # the check has power

@@ -143,8 +143,8 @@ def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key, pro
     }
     return Row(
         k=k,
-        n=k + cfg.n_extra,
-        outputs=cfg.outputs,
+        n=problem.shape[0],
+        outputs=problem.outputs,
         method=method,
         protocol=protocol,
         seeds=seeds,

@@ -1,0 +1,176 @@
+"""qmse escape on registered problems: the vector-output teacher–student problem end to end
+(minima found, certified and deduplicated), planted copies of one minimum counted once,
+tuning minima kept apart from the evaluation minima, rank-1 matrix sensing through the CLI
+(its spurious minimum's closed forms), and the errors of a configuration that cannot run."""
+
+import json
+
+import pytest
+import torch
+
+from qmse import teacher_student as ts
+from qmse.cli import main
+from qmse.errors import UserError
+from qmse.escape import EscapeConfig, config, register_problem
+from qmse.escape.problems import PROBLEMS, SIZES, teacher_student
+
+DT = torch.float64
+# Certified minima of teacher–student, to 4 decimals (Newton's method finishes them): k = 3,
+# n = 2, scalar output (gd-population from seed 0); k = 3, C = 3, problem seed 0 (seeds 6
+# and 22), two distinct minima with losses 0.094943 and 0.317707.
+SCALAR = [[0.9463, 0.9463, -0.2438], [0.0896, 0.0896, 1.3179]]
+VECTOR_A = [[-0.2675, -0.0001, 0.0552], [0.0196, 1.0027, 0.0059], [-0.3171, -0.0001, 0.8922]]
+VECTOR_B = [[0.7096, 0.0010, -0.6645], [0.0001, 1.0260, 0.0719], [0.0099, 0.0008, -0.2276]]
+
+
+def newton(W: list, problem: ts.Problem) -> torch.Tensor:
+    """A critical point of the population loss near W, by Newton's method."""
+    W = torch.tensor(W, dtype=DT)
+    for _ in range(8):
+        g = ts.population_grad(W, problem).reshape(-1)
+        W = W - torch.linalg.solve(ts.population_hessian(W, problem), g).view_as(W)
+    assert ts.population_grad(W, problem).norm() < 1e-12
+    return W
+
+
+def planted(monkeypatch, points: dict[str, torch.Tensor]) -> None:
+    """gd-population's end points replaced by `points` (tag -> (M, n, d)), all converged."""
+
+    def population(out, cfg, k, *, tag, quiet=False):
+        W = points[tag]
+        loss = config.problem_of(cfg, k).objective(W)
+        return {"W": W, "loss": loss, "converged": torch.ones(len(W), dtype=torch.bool)}
+
+    monkeypatch.setattr(config, "population", population)
+
+
+@pytest.fixture
+def narrow():
+    """A registered problem sized by k: teacher–student with n = k − 1 student units."""
+    register_problem("test-narrow", lambda k: teacher_student(k, k - 1), size="k")
+    yield "test-narrow"
+    PROBLEMS.pop("test-narrow")
+    SIZES.pop("test-narrow")
+
+
+def test_permuted_copies_of_a_minimum_are_one_distinct_minimum(tmp_path, monkeypatch, narrow):
+    """k = 3, n = 2, scalar output: the student's two units and the teacher's three (with
+    the input coordinates) are interchangeable, so W, W with its rows swapped and W with
+    two columns swapped are one certified minimum; every start is labelled with it."""
+    W = newton(SCALAR, ts.make_problem(3, 2))
+    copies = torch.stack([W, W[[1, 0]], W[:, [2, 1, 0]]])
+    assert not torch.allclose(copies[0], copies[1]) and not torch.allclose(copies[0], copies[2])
+    planted(monkeypatch, {"eval": copies})
+    cfg = EscapeConfig(ks=[3], problem=narrow, methods=["sgd"])
+    found = config.minima(tmp_path, cfg, 3, tag="eval")
+    assert len(found["certificates"]) == 1 and found["labels"].tolist() == [0, 0, 0]
+    (certificate,) = found["certificates"]
+    assert certificate["kind"] == "strict minimum" and certificate["min_eigenvalue"] > 1e-3
+    assert torch.equal(found["W"], copies) and found["stuck"] == 3 and found["excluded"] == []
+    other = newton(VECTOR_A, ts.make_problem(3, outputs=3))  # not a minimum of this problem
+    planted(monkeypatch, {"eval": torch.cat([copies, other[:2].unsqueeze(0)])})
+    found = config.minima(tmp_path, cfg, 3, tag="eval")
+    assert found["excluded"] == ["not stationary"] and len(found["W"]) == 3
+
+
+def test_tuning_minima_are_other_distinct_minima_where_there_are_any(tmp_path, monkeypatch):
+    """C = 3: minima A and B. Evaluation at A (twice); a tuning pool at A and B tunes on B
+    alone (disjoint); a pool at A alone has no other, so it tunes on A and says so."""
+    problem = ts.make_problem(3, outputs=3)
+    A, B = newton(VECTOR_A, problem), newton(VECTOR_B, problem)
+    cfg = EscapeConfig(ks=[3], outputs=3, methods=["sgd"])
+    planted(monkeypatch, {"eval": torch.stack([A, A]), "tune": torch.stack([A, B, A])})
+    W, info = config.tuning_minima(tmp_path, cfg, 3)
+    assert torch.equal(W, B.unsqueeze(0))
+    assert info == {"disjoint_minima": True, "tune_minima": 1, "eval_minima": 1}
+    planted(monkeypatch, {"eval": torch.stack([A, A]), "tune": torch.stack([A])})
+    W, info = config.tuning_minima(tmp_path, cfg, 3)
+    assert torch.equal(W, A.unsqueeze(0))
+    assert info == {"disjoint_minima": False, "tune_minima": 1, "eval_minima": 1}
+
+
+VECTOR = [
+    "escape", "--problem", "teacher-student", "--outputs", "3", "--teacher-widths", "3",
+    "--population-seeds", "23", "--max-gd-steps", "5000", "--protocols", "spurious-minima",
+    "--methods", "sgd,qmse", "--lr", "sgd=0.2,qmse=0.05", "--steps", "40", "--batch-size", "8",
+    "--quiet",
+]  # fmt: skip
+
+
+def test_vector_outputs_find_certify_and_deduplicate_minima(tmp_path):
+    """`qmse escape --problem teacher-student --outputs 3`: gd-population from seeds 0-22
+    ends stuck at seeds 6, 15, 17, 20 (one minimum) and 22 (another); both certified; the
+    rows count them, with failures per distinct minimum and the weighted rate."""
+    out = tmp_path / "vector"
+    assert main([*VECTOR, "--out", str(out)]) == 0
+    report = json.loads((out / "minima" / "k3_n3_C3.json").read_text())
+    assert (report["stuck"], report["count"], report["distinct"]) == (5, 5, 2)
+    assert report["starts_per_minimum"] == [4, 1] and report["excluded"] == []
+    assert report["distinct_losses"] == pytest.approx([0.094943, 0.317707], abs=1e-6)
+    assert min(report["min_hessian_eigenvalues"]) > 0.01
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for r in rows:
+        assert (r["problem"], r["outputs"], r["minima"]) == ("teacher-student", 3, [4, 1])
+        assert r["instance"] == {"k": 3, "n": 3, "outputs": 3, "seed": 0, "teacher": "identity"}
+        assert sum(r["minima_failures"]) == r["failures"]
+        rates = [f / n for f, n in zip(r["minima_failures"], r["minima"])]
+        assert r["weighted_failure_rate"] == pytest.approx(sum(rates) / 2)
+        saved = json.loads(
+            (out / "rows" / f"spurious-minima_{r['method']}_k3_n3_C3.json").read_text()
+        )
+        assert saved["failed"].count("1") == r["failures"]
+        assert sum(int(c) for c in saved["failed"][:4]) == r["minima_failures"][0]  # seeds 6-20
+    table = (out / "table.md").read_text()
+    assert "Problem: teacher-student (k=3: n=3, outputs=3, seed=0, teacher=identity)" in table
+    assert "Distinct minima modulo symmetry (starts at each): k=3: 2 (4, 1)." in table
+    assert "#### Escape per distinct minimum (spurious-minima)" in table
+
+
+def test_matrix_sensing_runs_through_the_cli(tmp_path):
+    """`qmse escape --problem matrix-sensing` at δ = 0.7, n = 3: rows for both protocols,
+    named by the problem; its certified minimum is the constructed one, f = 1 − δ² with
+    smallest Hessian eigenvalue 4(1 + δ)(2δ − 1); a second run in another directory gives
+    the same rows (seeded)."""
+    argv = [
+        "escape", "--problem", "matrix-sensing", "--problem-args", "delta=0.7,n=3,seed=1",
+        "--teacher-widths", "1", "--methods", "gd-population,sgd,qmse", "--lr",
+        "sgd=0.1,qmse=0.1", "--population-seeds", "12", "--sample-seeds", "6", "--steps", "100",
+        "--batch-size", "8", "--max-gd-steps", "2000", "--quiet",
+    ]  # fmt: skip
+    runs = []
+    for name in ("a", "b"):
+        assert main([*argv, "--out", str(tmp_path / name)]) == 0
+        runs.append(json.loads((tmp_path / name / "results.json").read_text())["rows"])
+    rows = runs[0]
+    assert {(r["protocol"], r["method"]) for r in rows} == {
+        ("random-init", "gd-population"), ("random-init", "sgd"), ("random-init", "qmse"),
+        ("spurious-minima", "sgd"), ("spurious-minima", "qmse"),
+    }  # fmt: skip
+    for r in rows:
+        assert r["problem"] == "matrix-sensing" and r["instance"]["delta"] == 0.7
+        assert r["k"] == 1 and r["n"] == 3 and r["seeds"] > 0
+    assert rows == runs[1]
+    report = json.loads((tmp_path / "a" / "minima" / "k1_n3_C1_matrix-sensing.json").read_text())
+    assert report["distinct"] == 1 and report["count"] >= 1
+    assert report["distinct_losses"] == pytest.approx([1 - 0.7**2], abs=1e-9)
+    assert report["min_hessian_eigenvalues"] == pytest.approx([4 * 1.7 * 0.4], abs=1e-6)
+    assert (
+        "Problem: matrix-sensing (k=1: delta=0.7, n=3, seed=1"
+        in (tmp_path / "a" / "table.md").read_text()
+    )
+
+
+def test_a_configuration_that_cannot_run_says_why(tmp_path):
+    with pytest.raises(UserError, match="options are n_extra, outputs"):
+        EscapeConfig(ks=[3], problem_args={"delta": 0.7})
+    with pytest.raises(UserError, match="one cell: give one size"):
+        EscapeConfig(ks=[1, 2], problem="matrix-sensing", methods=["sgd"]).check_methods()
+    with pytest.raises(UserError, match="not registered"):
+        EscapeConfig(ks=[1], problem="no-such-problem", methods=["sgd"]).check_methods()
+    with pytest.raises(UserError, match="with arguments"):
+        config.problem_of(EscapeConfig(ks=[1], problem="matrix-sensing",
+                                       problem_args={"width": 3}), 1)  # fmt: skip
+    sweep = ["escape", "--problem", "matrix-sensing", "--teacher-widths", "1", "--methods",
+             "sgd", "--protocols", "random-init", "--sample-seeds", "2", "--tune-seeds", "2",
+             "--steps", "5", "--quiet", "--out", str(tmp_path / "x")]  # fmt: skip
+    assert main(sweep) == 2  # the sweeps read teacher-student only: --lr is needed
