@@ -174,3 +174,19 @@ def test_a_configuration_that_cannot_run_says_why(tmp_path):
              "sgd", "--protocols", "random-init", "--sample-seeds", "2", "--tune-seeds", "2",
              "--steps", "5", "--quiet", "--out", str(tmp_path / "x")]  # fmt: skip
     assert main(sweep) == 2  # the sweeps read teacher-student only: --lr is needed
+
+
+def test_a_benchmark_written_before_problems_were_named_resumes(tmp_path):
+    """A finished directory whose config.json has no problem fields ran teacher–student: the
+    same settings are accepted, another problem is refused."""
+    from dataclasses import asdict
+
+    from qmse.escape.cells import _check_config
+
+    cfg = EscapeConfig(ks=[3], methods=["sgd"])
+    saved = {k: v for k, v in asdict(cfg).items() if k not in ("problem", "problem_args")}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "results.json").write_text("{}")
+    _check_config(tmp_path, cfg)
+    with pytest.raises(UserError, match="problem: 'teacher-student' there, 'matrix-sensing' now"):
+        _check_config(tmp_path, EscapeConfig(ks=[3], methods=["sgd"], problem="matrix-sensing"))

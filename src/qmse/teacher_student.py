@@ -1,9 +1,12 @@
 """The teacher–student ReLU problem of Safran & Shamir (ICML 2018), batched over seeds.
 
 Inputs x ~ N(0, I_d). Teacher f*(x) = A_t relu(V x), student f(x) = A_s relu(W x), with
-V = I_k (d = k), W (n, d) trainable and the output layers fixed. Scalar output (C = 1):
-A_t = 1ᵀ_k, A_s = 1ᵀ_n, Safran & Shamir's setting. Vector output (C > 1): A_t = A_s = A, a fixed
-random C×k matrix with unit-norm rows, n = k (QMSE's random direction v only matters for C > 1).
+V = I_k (or a seeded random rotation; d = k), W (n, d) trainable and the output layers fixed.
+Scalar output (C = 1): A_t = 1ᵀ_k, A_s = 1ᵀ_n, Safran & Shamir's setting. Vector output
+(C > 1, `make_problem`): A_t a seeded random C×k matrix with unit-norm rows, A_s = [A_t, B]
+for n ≥ k students (B's columns random unit vectors), so the student can fit the teacher.
+QMSE's random direction v is uniform on the unit sphere of R^C: with C = 1 it is a sign ±1,
+so only C > 1 tests the paper's method in its own form.
 
 The population loss ½E‖f − f*‖² has a closed form through the arc-cosine kernel
 (Cho & Saul 2009)

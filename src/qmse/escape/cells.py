@@ -448,7 +448,9 @@ def _check_config(out: Path, cfg: EscapeConfig) -> None:
     saved = out / "config.json"
     if not (saved.exists() and (out / "results.json").exists()):
         return
-    old, new = load_json(saved), asdict(cfg)
+    # a benchmark written before config.json named its problem ran teacher–student
+    old = {"problem": TEACHER_STUDENT, "problem_args": {}} | load_json(saved)
+    new = asdict(cfg)
     free = {"ks", "methods", "protocols", "lr", "hyper", "plugins", "references", "comparisons"}
     free |= {"equivalence_margin"}
     diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))

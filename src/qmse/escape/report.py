@@ -8,6 +8,12 @@ the null hypothesis each is equally likely to go either way, so their split is B
 ½)), against each reference method (MSE-SGD, momentum, QMSE by default), with Holm's
 correction over every comparison of a protocol (docs/theory.md, "Fair baselines for
 escaping").
+
+Every table names its problem and instance (rows written before rows named it: the
+teacher–student problem, unnamed). Starts at certified minima are counted by distinct
+minimum modulo the problem's symmetries: how many a cell has and how many starts each got,
+whether the tuning minima were other ones, and escape per distinct minimum with the rate
+that weighs each distinct minimum the same beside the per-start rate.
 """
 
 from __future__ import annotations
