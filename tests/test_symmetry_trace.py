@@ -18,9 +18,9 @@ from qmse.symmetry import (
     random_permutation,
     sequential_spec,
     simple_cnn_spec,
+    traced_spec,
     weight_matching,
 )
-from qmse.tracespec import traced_spec
 
 
 def _shifted_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:

@@ -43,13 +43,9 @@ from torch import Tensor, nn
 from qmse.curvature import eval_mode
 from qmse.errors import UserError
 from qmse.models import MLP, SimpleCNN
+from qmse.tracespec import ELEMENTWISE, trace_axes
 
 Perms = dict[str, Tensor]
-ELEMENTWISE = (
-    nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
-    nn.Identity, nn.Dropout,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-)  # fmt: skip  # per unit (or per channel): they commute with a permutation of the units
 
 
 @dataclass(frozen=True)
@@ -183,18 +179,24 @@ def simple_cnn_spec(model: SimpleCNN) -> PermutationSpec:
     )
 
 
+def traced_spec(model: nn.Module, example_input: Tensor | None = None) -> PermutationSpec:
+    """The hidden-unit symmetry of `model`, derived by tracing its forward pass with torch.fx
+    (`qmse.tracespec`: Linear/Conv2d, norm layers with their running statistics, activations,
+    pooling, flatten, residual additions sharing one permutation). `example_input`: a batch
+    to read the shapes from (default `probe_input(model)`). A UserError names the first node
+    it cannot follow; pass your own `PermutationSpec` as `spec` then."""
+    x = example_input if example_input is not None else probe_input(model)
+    return PermutationSpec(trace_axes(model, x))
+
+
 def permutation_spec(model: nn.Module) -> PermutationSpec:
     """The hidden-unit symmetry of a model: written out for a `qmse.models.MLP` (its
     Sequential: "layers.0", "layers.2", …) and a `SimpleCNN` (`simple_cnn_spec`), derived by
-    tracing for any other (`qmse.tracespec.traced_spec`: Linear/Conv2d, norm layers,
-    activations, pooling, flatten, residual additions; a UserError names the first node it
-    cannot follow, and then you pass your own `PermutationSpec` as `spec`)."""
+    tracing for any other (`traced_spec`)."""
     if isinstance(model, MLP):
         return sequential_spec(model.layers, prefix="layers.")
     if isinstance(model, SimpleCNN):
         return simple_cnn_spec(model)
-    from qmse.tracespec import traced_spec  # it builds on this module
-
     return traced_spec(model)
 
 

@@ -1,9 +1,10 @@
 """Permutation specs derived by tracing a model's data flow with torch.fx.
 
-`traced_spec(model)` reads `model.forward` as a graph (`torch.fx.symbolic_trace`; the
-shapes from one run on a probe input, in eval mode) and follows, node by node, which
-permutation may reorder the unit axis of each tensor (features of a Linear's output,
-channels of a convolution's):
+`trace_axes(model, example_input)` reads `model.forward` as a graph
+(`torch.fx.symbolic_trace`; the shapes from one run on the example input, in eval mode) and
+follows, node by node, which permutation may reorder the unit axis of each tensor (features
+of a Linear's output, channels of a convolution's); `qmse.symmetry.traced_spec` makes the
+result a `PermutationSpec`. The rules:
 
 - a Linear or Conv2d (groups 1) starts a permutation on its outputs (its weight's rows and
   its bias) and carries its input's permutation on its weight's axis 1, in blocks of
@@ -39,8 +40,13 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from qmse.curvature import eval_mode
 from qmse.errors import UserError
-from qmse.symmetry import ELEMENTWISE, PermutationSpec, probe_input
 
+Axes = dict[str, list[tuple[str, int, int]]]  # permutation -> [(entry, axis, block), …]
+ELEMENTWISE = (
+    nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
+    nn.Identity, nn.Dropout,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)  # fmt: skip  # per unit (or per channel): they commute with a permutation of the units
 FIXED = 0  # the class of the axes no permutation may reorder: the input's and the outputs'
 KEEP_FUNCTIONS = {
     torch.relu, torch.tanh, torch.sigmoid, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu,
@@ -102,15 +108,15 @@ def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
     return f"node {node.name!r} ({node.op} {name})"
 
 
-def traced_spec(model: nn.Module, example_input: Tensor | None = None) -> PermutationSpec:
-    """The hidden-unit symmetry of `model`, derived by tracing (module docstring).
+def trace_axes(model: nn.Module, example_input: Tensor) -> Axes:
+    """The hidden-unit symmetry of `model`, derived by tracing (module docstring), as the
+    axes of a `qmse.symmetry.PermutationSpec`.
 
-    `example_input`: a batch the model accepts, to read the shapes (default
-    `qmse.symmetry.probe_input(model)`); the model runs once on it in eval mode, untouched.
-    Raises UserError naming the first node it cannot follow, or if torch.fx cannot trace
-    the model (data-dependent control flow): write a `PermutationSpec` by hand then.
+    `example_input`: a batch the model accepts, to read the shapes; the model runs once on
+    it in eval mode, untouched. Raises UserError naming the first node it cannot follow, or
+    if torch.fx cannot trace the model (data-dependent control flow): write a
+    `PermutationSpec` by hand then.
     """
-    x = example_input if example_input is not None else probe_input(model)
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # torch.fx raises many kinds on code it cannot trace
@@ -119,8 +125,8 @@ def traced_spec(model: nn.Module, example_input: Tensor | None = None) -> Permut
             f"PermutationSpec by hand (see qmse.symmetry)"
         ) from e
     with eval_mode(model), torch.no_grad():
-        ShapeProp(gm).propagate(x)
-    return _Tracer(model, gm).spec()
+        ShapeProp(gm).propagate(example_input)
+    return _Tracer(model, gm).axes()
 
 
 class _Tracer:
@@ -154,15 +160,15 @@ class _Tracer:
     def fixed(self, u: Units) -> bool:
         return self.classes.find(u.cls) == FIXED
 
-    def spec(self) -> PermutationSpec:
+    def axes(self) -> Axes:
         for node in self.gm.graph.nodes:
             self.units[node] = self.visit(node)
-        axes: dict[str, list[tuple]] = {}
+        axes: Axes = {}
         for c, entry in self.entries:
             root = self.classes.find(c)
             if root != FIXED:
                 axes.setdefault(self.names[root], []).append(entry)
-        return PermutationSpec(axes)
+        return axes
 
     def inputs(self, node: fx.Node) -> list[Units]:
         return [u for a in node.all_input_nodes if (u := self.units.get(a)) is not None]
