@@ -48,6 +48,7 @@ Carlo: exact only for a finite sum, with standard errors from independent groups
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -348,7 +349,7 @@ def analyse(lin: Linearisation, lr: float, beta: float, batch: int) -> Stability
                      math.sqrt(max(soft @ additive @ soft, 0.0)))  # fmt: skip
 
 
-def _mean_threshold(hessian: np.ndarray, beta: float) -> float:
+def mean_threshold(hessian: np.ndarray, beta: float) -> float:
     """The smallest lr with ρ(A) ≥ 1, by bisection on the mean map (0: unstable at every lr)."""
     lo, hi = 0.0, 1.0 / max(np.abs(hessian).sum(1).max(), 1e-300)
     if np.linalg.eigvalsh(hessian)[0] <= 0:
@@ -384,10 +385,10 @@ def thresholds(lin: Linearisation, beta: float, batch: int) -> Thresholds:
     below it (halving lr until stable, then Brent), their standard errors from the groups
     (the second by the delta method: the spread of ρ(ℒ₁) over groups at the threshold over
     its slope in lr)."""
-    mean = _mean_threshold(lin.hessian, beta)
+    mean = mean_threshold(lin.hessian, beta)
     mean_se = 0.0
     if lin.group_hessians is not None:
-        mean_se = _se([_mean_threshold(Hg, beta) for Hg in lin.group_hessians])
+        mean_se = _se([mean_threshold(Hg, beta) for Hg in lin.group_hessians])
     op, start = _Operator(lin), None
     if mean == 0 or op.zero:
         return Thresholds(beta, batch, mean, mean_se, mean, mean_se)
@@ -449,7 +450,11 @@ def _global_minimum(problem: problems.Problem) -> Tensor:
     return p.V
 
 
-def stability_report(
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def stability_data(
     problem: str | problems.Problem,
     w: Tensor,
     betas: Sequence[float],
@@ -463,12 +468,13 @@ def stability_report(
     seed: int = 0,
     lrs: Sequence[float] = (),
     **loss_params: float,
-) -> str:
+) -> dict:
     """The predicted escape band of `loss` with heavy ball at the minimum w (*shape) for every
-    (β, B), as text: both points' thresholds (± one standard error), the band, and the
-    stationary spread along the minimum's softest direction at half and 0.9 of the onset (and
-    at `lrs`). problem: a Problem, or a registered name built with `instance` (e.g.
-    {"k": 8}); global_minimum defaults to the teacher's weights for teacher-student, n = k."""
+    (β, B), as plain data (JSON-ready; an undefined number is None): both points' thresholds
+    (± one standard error), the band, and the stationary spread along the minimum's softest
+    direction at half and 0.9 of the onset (and at `lrs`). problem: a Problem, or a
+    registered name built with `instance` (e.g. {"k": 8}); global_minimum defaults to the
+    teacher's weights for teacher-student, n = k."""
     if isinstance(problem, str):
         problem = problems.get_problem(problem)(**dict(instance or {}))
     w = w.detach().double()
@@ -478,37 +484,72 @@ def stability_report(
     kw = dict(samples=samples, groups=groups, seed=seed, **loss_params)
     lin, glob = linearise(problem, w, loss, **kw), linearise(problem, g.double(), loss, **kw)
     lam, lam_g = np.linalg.eigvalsh(lin.hessian), np.linalg.eigvalsh(glob.hessian)
-    exact = "exact" if lin.group_hessians is None else "MSE's plus Monte Carlo"
+    bands, spreads = [], []
+    for beta in betas:
+        for batch in batches:
+            band = escape_band(lin, glob, beta, batch)
+            bands.append({
+                "beta": beta, "batch": batch,
+                "minimum": dataclasses.asdict(band.minimum),
+                "global_minimum": dataclasses.asdict(band.global_minimum),
+                "band": band.interval, "deterministic": band.deterministic,
+            })  # fmt: skip
+            m = band.minimum
+            for lr in (*((0.5 * m.second, 0.9 * m.second) if m.second > 0 else ()), *lrs):
+                s = analyse(lin, lr, beta, batch)
+                spreads.append({
+                    "beta": beta, "batch": batch, "lr": lr,
+                    "mean_radius_squared": s.mean_radius**2, "second_radius": s.second_radius,
+                    "additive_spread": _finite(s.additive_spread), "spread": _finite(s.spread),
+                })  # fmt: skip
+    return {
+        "problem": problem.name,
+        "instance": dict(problem.instance),
+        "loss": loss if isinstance(loss, str) else loss.name,
+        "loss_params": dict(loss_params),
+        "samples": samples,
+        "groups": groups,
+        "seed": seed,
+        "mean_hessian": "exact" if lin.group_hessians is None else "MSE's plus Monte Carlo",
+        "minimum": {
+            "objective": float(problem.objective(w[None])[0]),
+            "eigenvalues": [float(lam[0]), float(lam[-1])],
+            "newton_shift": lin.shift,
+        },
+        "global_minimum": {
+            "objective": float(problem.objective(g.double()[None])[0]),
+            "eigenvalues": [float(lam_g[0]), float(lam_g[-1])],
+        },
+        "bands": bands,
+        "spreads": spreads,
+    }
+
+
+def format_report(data: Mapping) -> str:
+    """`stability_data`'s result as text: one row per (β, B), then the spreads."""
+    m, g = data["minimum"], data["global_minimum"]
     lines = [
-        f"Linear stability of heavy ball (b ← βb + g, w ← w − lr·b) on {loss!r}, problem "
-        f"{problem.name} {dict(problem.instance)}",
-        f"minimum: objective {float(problem.objective(w[None])[0]):.6g}, H̄ eigenvalues "
-        f"[{lam[0]:.4g}, {lam[-1]:.4g}], Newton shift {lin.shift:.2g}; global minimum: "
-        f"[{lam_g[0]:.4g}, {lam_g[-1]:.4g}]",
-        f"{samples} samples in {groups} groups (± one standard error); mean Hessian {exact}",
+        f"Linear stability of heavy ball (b ← βb + g, w ← w − lr·b) on {data['loss']!r}, "
+        f"problem {data['problem']} {data['instance']}",
+        f"minimum: objective {m['objective']:.6g}, H̄ eigenvalues [{m['eigenvalues'][0]:.4g}, "
+        f"{m['eigenvalues'][1]:.4g}], Newton shift {m['newton_shift']:.2g}; global minimum: "
+        f"[{g['eigenvalues'][0]:.4g}, {g['eigenvalues'][1]:.4g}]",
+        f"{data['samples']} samples in {data['groups']} groups (± one standard error); mean "
+        f"Hessian {data['mean_hessian']}",
         "",
         f"{'beta':>5} {'B':>5} | {'min: mean':>10} {'second':>17} | {'global: mean':>12} "
         f"{'second':>17} | predicted band | deterministic band",
     ]
-    spreads = []
-    for beta in betas:
-        for batch in batches:
-            band = escape_band(lin, glob, beta, batch)
-            m, gm = band.minimum, band.global_minimum
-            text = [f"[{iv[0]:.4g}, {iv[1]:.4g})" if iv else "empty"
-                    for iv in (band.interval, band.deterministic)]  # fmt: skip
-            lines.append(
-                f"{beta:5.3g} {batch:5d} | {m.mean:10.4g} {m.second:9.4g} ± {m.second_se:<5.2g} "
-                f"| {gm.mean:12.4g} {gm.second:9.4g} ± {gm.second_se:<5.2g} | {text[0]} | "
-                f"{text[1]}"
-            )
-            onset = (0.5 * m.second, 0.9 * m.second) if m.second > 0 else ()
-            for lr in (*onset, *lrs):
-                s = analyse(lin, lr, beta, batch)
-                spreads.append(
-                    f"{beta:5.3g} {batch:5d} {lr:9.4g} {s.mean_radius**2:9.5f} "
-                    f"{s.second_radius:8.5f} {s.additive_spread:10.3g} {s.spread:10.3g}"
-                )
+    for row in data["bands"]:
+        m, gm = row["minimum"], row["global_minimum"]
+        text = [f"[{iv[0]:.4g}, {iv[1]:.4g})" if iv else "empty"
+                for iv in (row["band"], row["deterministic"])]  # fmt: skip
+        lines.append(
+            f"{row['beta']:5.3g} {row['batch']:5d} | {m['mean']:10.4g} {m['second']:9.4g} ± "
+            f"{m['second_se']:<5.2g} | {gm['mean']:12.4g} {gm['second']:9.4g} ± "
+            f"{gm['second_se']:<5.2g} | {text[0]} | {text[1]}"
+        )
+    nan = float("nan")
     lines += [
         "",
         "at the minimum: ρ(A)² (the mean square without noise), ρ(T), and the stationary "
@@ -516,6 +557,21 @@ def stability_report(
         "multiplicative noise",
         f"{'beta':>5} {'B':>5} {'lr':>9} {'rho(A)^2':>9} {'rho(T)':>8} {'additive':>10} "
         f"{'full':>10}",
-        *spreads,
+        *(
+            f"{s['beta']:5.3g} {s['batch']:5d} {s['lr']:9.4g} {s['mean_radius_squared']:9.5f} "
+            f"{s['second_radius']:8.5f} {_or(s['additive_spread'], nan):10.3g} "
+            f"{_or(s['spread'], nan):10.3g}"
+            for s in data["spreads"]
+        ),
     ]
     return "\n".join(lines)
+
+
+def _or(x: float | None, default: float) -> float:
+    return default if x is None else x
+
+
+def stability_report(problem: str | problems.Problem, w: Tensor, betas: Sequence[float],
+                     batches: Sequence[int], **kwargs) -> str:  # fmt: skip
+    """`format_report` of `stability_data` (same arguments)."""
+    return format_report(stability_data(problem, w, betas, batches, **kwargs))
