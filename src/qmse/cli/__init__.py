@@ -1,11 +1,11 @@
 """The `qmse` command: a thin layer of argument parsing over the library's functions.
 
-One module per group of subcommands (run: demo, data, train, reproduce; escape; analysis:
-diagnose, diagnose convexity, symmetry, landscape), each with a table COMMANDS of the
-functions that fill a command's parser. This one lists the commands from a static table
-(`qmse --help` imports neither torch nor the library), imports the module of the command
-that is run, or whose help is asked, and turns the user's and the environment's mistakes
-into one-line errors.
+One module per group of subcommands (run: demo, data, train, reproduce; escape; stability:
+escape stability; analysis: diagnose, diagnose convexity, symmetry, landscape), each with a
+table COMMANDS of the functions that fill a command's parser. This one lists the commands
+from a static table (`qmse --help` imports neither torch nor the library), imports the module
+of the command that is run, or whose help is asked, and turns the user's and the
+environment's mistakes into one-line errors.
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ COMMANDS = {
     "escape": (
         "escape",
         "escape benchmark: teacher-student ReLU nets (Safran & Shamir 2018), from random "
-        "init and from certified spurious minima",
+        "init and from certified spurious minima; `qmse escape stability`: a minimum's "
+        "predicted escape band",
+    ),
+    "escape stability": (
+        "stability",
+        "the step sizes at which SGD or heavy ball is predicted to leave a minimum (linear "
+        "stability at batch B)",
     ),
     "diagnose": (
         "analysis",
