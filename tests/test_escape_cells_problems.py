@@ -12,7 +12,7 @@ from qmse import teacher_student as ts
 from qmse.cli import main
 from qmse.errors import UserError
 from qmse.escape import EscapeConfig, config, register_problem
-from qmse.escape.problems import PROBLEMS, SIZES, teacher_student
+from qmse.escape.problems import PROBLEMS, SIZES, Problem, teacher_student
 
 DT = torch.float64
 # Certified minima of teacher–student, to 4 decimals (Newton's method finishes them): k = 3,
@@ -190,3 +190,81 @@ def test_a_benchmark_written_before_problems_were_named_resumes(tmp_path):
     _check_config(tmp_path, cfg)
     with pytest.raises(UserError, match="problem: 'teacher-student' there, 'matrix-sensing' now"):
         _check_config(tmp_path, EscapeConfig(ks=[3], methods=["sgd"], problem="matrix-sensing"))
+
+
+def ring(value_test: bool) -> Problem:
+    """f(w) = (‖w‖² − 1)² + 1 on R²: every point of the unit circle is a minimum (Hessian
+    8wwᵀ, singular along the circle), none isolated; success is never reached."""
+
+    def objective(W):
+        return ((W * W).sum(-1) - 1) ** 2 + 1
+
+    return Problem(
+        name="test-ring",
+        instance={},
+        shape=(2,),
+        outputs=1,
+        init=lambda seeds: torch.randn(len(seeds), 2, dtype=DT),
+        sample=lambda m, b, g: (torch.zeros(m, b, 1), torch.zeros(m, b, 1)),
+        predict=lambda W, x: x,
+        objective=objective,
+        success=0.5,
+        stuck=(lambda W: objective(W) > 0.5) if value_test else None,
+    )
+
+
+@pytest.mark.parametrize("value_test", [True, False])
+def test_minima_that_are_not_isolated_count_only_where_the_problem_decides_by_value(
+    tmp_path, monkeypatch, value_test
+):
+    """Points of a circle of minima certify as degenerate: kept (and said not isolated)
+    for a problem with a `stuck` test of the value, left out for one without."""
+    register_problem("test-ring", lambda: ring(value_test))
+    try:
+        angles = torch.tensor([0.0, 1.0, 1.0 + 1e-9])
+        points = torch.stack([angles.cos(), angles.sin()], 1).double()
+        planted(monkeypatch, {"eval": points})
+        cfg = EscapeConfig(ks=[1], problem="test-ring", methods=["sgd"])
+        found = config.minima(tmp_path, cfg, 1, tag="eval")
+    finally:
+        PROBLEMS.pop("test-ring")
+        SIZES.pop("test-ring")
+    if value_test:
+        assert found["labels"].tolist() == [0, 1, 1] and not found["isolated"]
+        assert [c["kind"] for c in found["certificates"]] == ["degenerate"] * 2
+    else:
+        assert len(found["W"]) == 0 and found["excluded"] == ["degenerate"] * 2
+
+
+def test_tables_count_distinct_minima_and_weigh_them_equally(tmp_path):
+    """Two distinct minima with 8 and 2 starts: 6/8 and 0/2 fail, so 6/10 = 0.600 per start
+    but (0.75 + 0)/2 = 0.375 with each minimum weighing the same; the tuning line says the
+    tuning minima were the evaluation ones; the not-isolated note appears when said."""
+    from qmse.escape.report import write_table
+    from qmse.escape.rows import Row
+
+    def row(isolated):
+        return Row(
+            k=5, n=5, outputs=3, method="sgd", protocol="spurious-minima", seeds=10,
+            failures=6, failure_rate=0.6, ci95_low=0.3, ci95_high=0.8, diverged=0, lr=0.1,
+            hyper={}, batch=8, steps=10, median_loss=0.1, problem="teacher-student",
+            instance={"k": 5, "n": 5, "outputs": 3}, minima=[8, 2], minima_failures=[6, 0],
+            weighted_failure_rate=0.375,
+            tuning={"fixed": False, "tuned_at_k": 5, "disjoint_minima": False,
+                    "tune_minima": 2},
+            extra={"minima_isolated": isolated,
+                   "minima_excluded": {} if isolated else {"saddle": 1}},
+        )  # fmt: skip
+
+    text = write_table([row(True)], tmp_path / "t.md")
+    assert "Problem: teacher-student (k=5: n=5, outputs=3)." in text
+    assert "Distinct minima modulo symmetry (starts at each): k=5: 2 (8, 2)." in text
+    assert "| sgd | 0.375 (per start 0.600): 6/8, 0/2 |" in text
+    assert "the same as evaluation minima (the problem has no other at k=5)" in text
+    assert "Not isolated" not in text
+    assert "Stuck points left out" not in text
+    text = write_table([row(False)], tmp_path / "t.md")
+    assert (
+        "Not isolated at k=5" in text
+        and "left out, not certified strict minima: k=5: 1 saddle" in text
+    )

@@ -116,9 +116,10 @@ def _tuning_summary(
     }
 
 
-def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key, problem, labels):
+def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key, problem, labels, info):
     """A sample method's results row (with the per-start outcomes for the paired tests);
-    `labels` (m,): each start's distinct minimum, None for random starts."""
+    `labels` (m,): each start's distinct minimum, None for random starts; `info`: whether
+    those minima are strict and the kinds of stuck points left out (`config.minima`)."""
     loss = result["loss"].cpu()
     seeds = int(loss.numel())
     success = result["success"].cpu()
@@ -141,6 +142,7 @@ def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key, pro
         f"mean_{name}": float(result[name].double().mean()) if seeds else None
         for name in get_method(method).report
     }
+    reported |= info or {}
     return Row(
         k=k,
         n=problem.shape[0],
@@ -302,16 +304,21 @@ def evaluate_cell(
     cell = cell_name(cfg, k)
     problem = problem_of(cfg, k)
     W0 = starts(out, cfg, k, protocol, tuning=False, quiet=quiet)
-    labels = None
+    labels, info = None, None
     if protocol == "spurious-minima":
-        labels = minima(out, cfg, k, tag="eval", quiet=quiet)["labels"][: len(W0)]
+        found = minima(out, cfg, k, tag="eval", quiet=quiet)
+        labels = found["labels"][: len(W0)]
+        excluded = {kind: found["excluded"].count(kind) for kind in sorted(set(found["excluded"]))}
+        info = {"minima_isolated": found["isolated"], "minima_excluded": excluded}
     if len(W0) == 0:  # no minima to start from (e.g. k = 6)
         empty = {"loss": torch.zeros(0), "success": torch.zeros(0, dtype=torch.bool)}
         empty |= {"first_success": torch.zeros(0), "diverged": None}
         rows = []
         for name in names:
             result = empty | {r: torch.zeros(0) for r in get_method(name).report}
-            rows.append(_row(cfg, k, name, protocol, result, {}, None, None, None, problem, labels))
+            rows.append(
+                _row(cfg, k, name, protocol, result, {}, None, None, None, problem, labels, info)
+            )
         return rows, []
     tune_k = cfg.tune_k or k
     records = tuning(out, cfg, tune_k, protocol, names, quiet=quiet)
@@ -352,8 +359,9 @@ def evaluate_cell(
         _record_time(out, f"eval_{protocol}_{cell}", time.perf_counter() - started)
         for (name, (settings, tuned, key, path)), result in zip(todo.items(), results):
             rows[name] = _row(
-                cfg, k, name, protocol, result, settings, tuned, starts_key, key, problem, labels
-            )
+                cfg, k, name, protocol, result, settings, tuned, starts_key, key, problem, labels,
+                info,
+            )  # fmt: skip
             save_json(path, rows[name].to_json())
     return [rows[n] for n in names], [records[n] for n in names if n in records]
 
@@ -430,6 +438,7 @@ def minima_report(out: Path, cfg: EscapeConfig, k: int, *, quiet=False) -> dict:
         "of_seeds": cfg.seeds,
         "stuck": found["stuck"],
         "excluded": found["excluded"],
+        "isolated": found["isolated"],
         "distinct": len(certificates),
         "starts_per_minimum": torch.bincount(labels, minlength=len(certificates)).tolist(),
         "distinct_losses": [c["objective"] for c in certificates],

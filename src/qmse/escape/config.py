@@ -352,12 +352,14 @@ def minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = Fals
     modulo the problem's symmetries: the stuck end points (`stuck_points`) grouped into
     classes whose canonical forms agree to DISTINCT_TOL (`problems.distinct`), each class
     certified at its first point (`problems.certify`); the points of the classes that are
-    strict minima are kept.
+    strict minima are kept, and, for a problem whose minima are not isolated (one with a
+    `stuck` test, deciding by the value), the degenerate ones too.
 
     Returns W (M, *shape) float64 in seed order; labels (M,) long, each point's distinct
     minimum (0 … D−1, in order of first appearance); forms (D, ...) their canonical forms;
     certificates (D) the certification of each kept minimum; stuck, the number of stuck
-    end points; excluded, the kinds of the classes left out ("degenerate", "saddle", ...)."""
+    end points; excluded, the kinds of the classes left out ("degenerate", "saddle", ...);
+    isolated, whether every kept minimum is strict."""
     problem = problem_of(cfg, k)
     points = stuck_points(population(out, cfg, k, tag=tag, quiet=quiet)).double()
     forms = problem.canonical(points).flatten(1) if len(points) else points.flatten(1)
@@ -366,7 +368,9 @@ def minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = Fals
         [_nearest(forms[i], forms[firsts]) for i in range(len(points))], dtype=torch.long
     )
     certificates = problems.certify(problem, points[firsts]) if firsts else []
-    keep = [c["kind"] == "strict minimum" for c in certificates]
+    loose = problem.stuck is not None  # minima not isolated: stuck decided by the value
+    keep = [c["kind"] == "strict minimum" or (loose and c["kind"] == "degenerate")
+            for c in certificates]  # fmt: skip
     renumber = torch.cumsum(torch.tensor([0, *keep], dtype=torch.long), 0)[:-1]
     mask = torch.tensor(keep, dtype=torch.bool)[labels] if firsts else labels.bool()
     return {
@@ -376,6 +380,9 @@ def minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = Fals
         "certificates": [c for c, kept in zip(certificates, keep) if kept],
         "stuck": len(points),
         "excluded": [c["kind"] for c, kept in zip(certificates, keep) if not kept],
+        "isolated": all(
+            c["kind"] == "strict minimum" for c, kept in zip(certificates, keep) if kept
+        ),
     }
 
 

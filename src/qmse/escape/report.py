@@ -210,6 +210,27 @@ def _minima_lines(
         + ".",
         "",
     ]
+    loose = sorted({r.k for r in counted if r.extra.get("minima_isolated") is False})
+    if loose:
+        lines += [
+            f"Not isolated at k={', '.join(map(str, loose))}: the minima there have a singular "
+            f"Hessian (a set of minima, not points), so a start counts as stuck by the "
+            f"problem's own test of its value, and distinct minima are points of that set "
+            f"apart by more than the tolerance.",
+            "",
+        ]
+    left = {r.k: r.extra["minima_excluded"] for r in counted if r.extra.get("minima_excluded")}
+    if left:
+        lines += [
+            "Stuck points left out, not certified strict minima: "
+            + "; ".join(
+                f"k={k}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+                for k, kinds in sorted(left.items())
+            )
+            + " (a minimum that is not isolated counts only for a problem with a stuck test "
+            "of its value).",
+            "",
+        ]
     tuned = {r.k: r.tuning for r in counted if r.tuning and "disjoint_minima" in r.tuning}
     if tuned:
         lines += [
