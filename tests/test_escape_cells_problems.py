@@ -268,3 +268,51 @@ def test_tables_count_distinct_minima_and_weigh_them_equally(tmp_path):
         "Not isolated at k=5" in text
         and "left out, not certified strict minima: k=5: 1 saddle" in text
     )
+
+
+LINEAR = '''
+import torch
+from qmse.escape.problems import Problem, register_problem
+
+def linear(width, shift=1.0):
+    """Least squares y = ⟨x, w*⟩, x ~ N(0, I), w* = shift·1: population loss ½‖w − w*‖²."""
+    target = torch.full((width,), float(shift), dtype=torch.float64)
+    def sample(m, B, generator):
+        x = torch.randn(m, B, width, generator=generator)
+        return x, (x @ target.float()).unsqueeze(-1)
+    return Problem(
+        name="test-linear", instance={"width": width, "shift": shift}, shape=(width,),
+        outputs=1, init=lambda seeds: torch.zeros(len(seeds), width, dtype=torch.float64),
+        sample=sample, predict=lambda W, x: (x.to(W) @ W.unsqueeze(-1)),
+        objective=lambda W: 0.5 * ((W - target) ** 2).sum(-1), success=1e-6,
+    )
+
+register_problem("test-linear", linear, size="width")
+'''
+
+
+def test_a_plugin_registers_a_problem_that_runs_through_the_cli(tmp_path):
+    plugin = tmp_path / "linear.py"
+    plugin.write_text(LINEAR)
+    out = tmp_path / "linear"
+    argv = ["escape", "--plugin", str(plugin), "--problem", "test-linear", "--problem-args",
+            "shift=2", "--teacher-widths", "2,3", "--methods", "gd-population,sgd", "--lr",
+            "sgd=0.1", "--protocols", "random-init", "--population-seeds", "3",
+            "--sample-seeds", "4", "--steps", "300", "--batch-size", "16", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    try:
+        assert main(argv) == 0
+    finally:
+        PROBLEMS.pop("test-linear", None)
+        SIZES.pop("test-linear", None)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["method"], r["k"]) for r in rows} == {
+        (m, k) for m in ("gd-population", "sgd") for k in (2, 3)
+    }
+    for r in rows:
+        assert r["problem"] == "test-linear" and r["instance"] == {"width": r["k"], "shift": 2}
+        assert r["failures"] == 0 and r["n"] == r["k"]  # least squares: every start succeeds
+    assert (
+        "Problem: test-linear (k=2: width=2, shift=2; k=3: width=3, shift=2)."
+        in (out / "table.md").read_text()
+    )

@@ -416,9 +416,9 @@ def run_method(
     eval_every: int = EVAL_EVERY,
     quiet: bool = False,
 ) -> dict[str, Tensor]:
-    """One method (a registered name or a Method) from the m starts W0 at G settings (lr and
-    hyperparameters: scalars or length-G sequences); rows g·m + i. `method_seed` defaults to
-    seed + 2³²."""
+    """One method (a registered name or a Method) from the m starts W0 (m, *shape) of
+    `problem` (as `run_methods`) at G settings (lr and hyperparameters: scalars or length-G
+    sequences); rows g·m + i. `method_seed` defaults to seed + 2³²."""
     job = make_job(method, lr, hyper)
     (result,) = run_methods(
         [job],

@@ -16,8 +16,14 @@ work on any problem:
 
     from qmse.escape.problems import Problem, register_problem
 
-    def make_quadratic_well(shift: float) -> Problem: ...
-    register_problem("my-problem", make_quadratic_well)   # a factory of instances
+    def make_quadratic_well(width: int, shift: float = 1.0) -> Problem: ...
+    register_problem("my-problem", make_quadratic_well, size="width")  # a factory
+
+`qmse escape --problem my-problem --problem-args shift=2 --teacher-widths 4,8` then runs one
+cell per width (`size`; without one, a single cell) with the factory's other arguments from
+`--problem-args`; `--plugin FILE.py` imports a file that registers problems. The engine
+trains any problem by autograd through `predict` (`qmse.escape.engine`); `native` names a
+problem's own object where the engine has a hand-written path (teacher–student).
 
 Shapes: W is (S, *shape) for S starts; x is (S, B, ...) and y (S, B, C) for B samples per
 start; `predict` returns (S, B, C).
