@@ -260,6 +260,7 @@ def test_tables_count_distinct_minima_and_weigh_them_equally(tmp_path):
     assert "Problem: teacher-student (k=5: n=5, outputs=3)." in text
     assert "Distinct minima modulo symmetry (starts at each): k=5: 2 (8, 2)." in text
     assert "| sgd | 0.375 (per start 0.600): 6/8, 0/2 |" in text
+    assert "6/10 = 0.600 [0.300, 0.800]; weighted 0.375 over 2 distinct minima |" in text
     assert "the same as evaluation minima (the problem has no other at k=5)" in text
     assert "Not isolated" not in text
     assert "Stuck points left out" not in text

@@ -131,6 +131,12 @@ def write_table(
                     f"[{r.ci95_low:.3f}, {r.ci95_high:.3f}]"
                     + (f" ({r.diverged})" if r.diverged else "")
                     + (f"; published {published:g}" if published is not None else "")
+                    + (
+                        f"; weighted {r.weighted_failure_rate:.3f} over {len(r.minima)} "
+                        f"distinct minima"
+                        if r.minima
+                        else ""
+                    )
                 )
             lines.append(f"| {m} | {' / '.join(settings)} | " + " | ".join(cells) + " |")
         lines.append("")
