@@ -141,7 +141,8 @@ def phase_diagram(
     quiet: bool = False,
 ) -> dict:
     """The predicted thresholds and the measured outcomes of every (distinct minimum, β, B)
-    panel on its lr grid (module docstring), as plain data with the seconds each part took."""
+    panel on its lr grid (module docstring), as plain data with the wall-clock seconds each
+    part took."""
     clock = time.perf_counter()
     W, found = certified_minima(k, range(seeds))
     if not len(W):
@@ -326,3 +327,46 @@ def write(data: dict, out: str | os.PathLike, name: str) -> list[Path]:
     save_json(paths[0], data)
     plot(data, paths[1])
     return paths
+
+
+def _g(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def markdown(data: dict) -> str:
+    """Two Markdown tables: per panel the predicted edges against the measured ones
+    (`measured_edges`), and per rule its confusion table (`confusion`)."""
+    many = len(data["minima"]) > 1
+    head = ("| " + ("minimum | " if many else "") + "β | B | onset, 2nd moment (min) | "
+            "global unstable | escaped > ½ from | diverged > ½ from | 2(1−β)/λ_max | "
+            "2(1+β)/λ_max |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for p in data["panels"]:
+        lo, glob = p["predicted"]["minimum"], p["predicted"]["global_minimum"]
+        edges = measured_edges(p)
+        se = f" ± {lo['second_se']:.2g}" if lo["second_se"] else ""
+        cells = [
+            *([str(p["minimum"])] if many else []),
+            f"{p['beta']:g}",
+            "population" if p["batch"] is None else str(p["batch"]),
+            f"{lo['second']:.4g}{se}",
+            f"{glob['second']:.4g}",
+            _g(edges["escaped"]),
+            _g(edges["diverged"]),
+            f"{thresholds(data, p, 'lr/(1-β)')[0]:.4g}",
+            f"{thresholds(data, p, 'mean map')[0]:.4g}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| rule | unstable, left | unstable, stuck | stable, left | stable, stuck | "
+        "accuracy | outcome accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rule in RULES:
+        c = confusion(data, rule)
+        lines.append(
+            f"| {rule} | {c['unstable/left']} | {c['unstable/stuck']} | {c['stable/left']} | "
+            f"{c['stable/stuck']} | {c['accuracy']:.0%} | {c['outcome_accuracy']:.0%} |"
+        )
+    return "\n".join(lines)
