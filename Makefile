@@ -6,7 +6,7 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
 .PHONY: setup test test-fast test-slow gpu-check demo fashion-mnist fmnist-end fmnist-end-docs \
-	fmnist-300 fmnist-full fmnist-300-docs fmnist-full-docs lint format clean
+	fmnist-300 fmnist-full fmnist-300-docs fmnist-full-docs stability-phase lint format clean
 
 setup: $(STAMP)
 
@@ -108,6 +108,17 @@ fmnist-300-docs fmnist-full-docs: fmnist-%-docs: setup
 	tar -C runs/fmnist-$* -cf - --exclude=checkpoint.pt --exclude=.lock --exclude=diagnosis.txt \
 	  --exclude=kind.json . | tar -C docs/fmnist-$* -xf -
 	.venv/bin/qmse reproduce --report-only --out docs/fmnist-$*
+
+# The measured escape phase diagrams of docs/stability.md at the issue's full grid: teacher-
+# student k = 8 and 10, beta in {0, 0.5, 0.8, 0.9, 0.95, 0.99}, B in {4, 16, 64, 256,
+# population}: 30 panels per distinct minimum, each about 25 step sizes 2^(1/8) apart x 64
+# starts x 3000 steps. One core; the prediction dominates (about 75 s per (beta, B) and
+# minimum at k = 8, more at k = 10): about an hour at k = 8, a few hours with k = 10's
+# minima. Writes runs/stability/phase-k{8,10}.{json,png}. The committed piece
+# (docs/stability/) is k = 8, beta in {0, 0.9}, B in {16, 64, population}.
+stability-phase: setup
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.stability_phase --widths 8,10 \
+	  --betas 0,0.5,0.8,0.9,0.95,0.99 --batches 4,16,64,256,population --out runs/stability
 
 clean:
 	rm -rf .venv build src/*.egg-info .pytest_cache .ruff_cache

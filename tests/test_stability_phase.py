@@ -16,8 +16,17 @@ from qmse.escape import phase, problems
 SEED_STUCK_AT_K8 = 0  # gd-population from Xavier seed 0 at k = 8 ends at the spurious minimum
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors on a shared machine: two threads can be 30 times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def minimum():
+def minimum(one_thread):
     W, seeds = phase.certified_minima(8, [SEED_STUCK_AT_K8, 1])
     assert seeds == [SEED_STUCK_AT_K8]  # seed 1 reaches the global minimum
     return W[0]

@@ -115,6 +115,7 @@ def add_stability(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the numbers here")
 
     def run(args: argparse.Namespace) -> int:
+        torch.set_num_threads(1)  # small tensors: more threads only contend
         params = loss_params(args.loss_param, [get_loss(args.loss)])
         if args.samples < 2 * args.groups:
             raise UserError(f"--samples {args.samples}: need at least 2·--groups = "
@@ -128,7 +129,6 @@ def add_stability(p: argparse.ArgumentParser) -> None:
                 f"{cert['grad_norm']:.3g} > {GRAD_TOL:g}): descend to the minimum first, e.g. "
                 f"qmse.escape.gd_population(W[None], qmse.teacher_student.make_problem(k))"
             )
-        torch.set_num_threads(1)
         data = stability.stability_data(
             problem, W, args.betas, args.batch_sizes, loss=args.loss, samples=args.samples,
             groups=args.groups, seed=args.sample_seed, lrs=args.lrs, **params,

@@ -23,7 +23,9 @@ of escaped / diverged / stuck (ties in that order). A rule predicts the minimum 
 when lr is at or above its threshold there, and the outcome escaped when the minimum is
 unstable and the global minimum stable, diverged when both are, stuck otherwise. Rules
 (`RULES`): "second moment" (the stochastic threshold), "mean map" (2(1 + β)/λ_max), and
-"lr/(1-β)" (lr/(1 − β) against 2/λ_max, i.e. 2(1 − β)/λ_max, the simple rule).
+"lr/(1-β)" (lr/(1 − β) against 2/λ_max, i.e. 2(1 − β)/λ_max, the simple rule). The grid's
+step sizes have 6 significant digits, and one of them is a predicted edge: thresholds are
+compared at that precision, so that this point counts as at the edge, not below it.
 """
 
 from __future__ import annotations
@@ -229,7 +231,7 @@ def classify(data: dict, rule: str) -> list[dict]:
     "stuck") and outcome, and `rule`'s predicted stability and outcome (module docstring)."""
     cells = []
     for panel in data["panels"]:
-        lo, glob = thresholds(data, panel, rule)
+        lo, glob = (float(f"{t:.6g}") for t in thresholds(data, panel, rule))
         for j, lr in enumerate(panel["lrs"]):
             counts = [panel[o][j] for o in OUTCOMES]
             unstable = lr >= lo
