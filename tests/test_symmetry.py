@@ -246,9 +246,14 @@ def test_weight_matching_one_hidden_layer_is_the_brute_force_optimum():
     torch.testing.assert_close(_flat(a) @ _flat(aligned), best, rtol=1e-12, atol=0)
 
 
-def test_weight_matching_refuses_different_shapes():
+def test_weight_matching_refuses_different_shapes_and_diverged_models():
     with pytest.raises(ValueError, match="architectures"):
         weight_matching(_mlp(0), _mlp(0, hidden=(5, 4, 2)))
+    diverged = _mlp(1)
+    with torch.no_grad():
+        diverged.layers[2].bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"model_b has non-finite weights \(layers.2.bias\)"):
+        weight_matching(_mlp(0), diverged)
 
 
 # ------------------------------------------------------------- models qmse does not define

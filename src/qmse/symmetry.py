@@ -471,6 +471,13 @@ def weight_matching(
         )
     sizes = spec.sizes(params_a)
     weights = {k for k, _ in model_a.named_parameters()}
+    for name, params in (("model_a", params_a), ("model_b", params_b)):
+        bad = [k for k in weights if not torch.isfinite(params[k]).all()]
+        if bad:
+            raise UserError(
+                f"{name} has non-finite weights ({', '.join(bad[:3])}): a diverged model "
+                f"cannot be matched; check its training"
+            )
     perms = {name: torch.arange(n) for name, n in sizes.items()}
     names = list(sizes)
     for sweep in range(max_iter):
