@@ -115,7 +115,7 @@ fmnist-300-docs fmnist-full-docs: fmnist-%-docs: setup
 # starts x 3000 steps. One core; the prediction dominates (about 75 s per (beta, B) and
 # minimum at k = 8, more at k = 10): about an hour at k = 8, a few hours with k = 10's
 # minima. Writes runs/stability/phase-k{8,10}.{json,png}. The committed piece
-# (docs/stability/) is k = 8, beta in {0, 0.9}, B in {16, 64, population}.
+# (docs/stability/) is k = 8, beta in {0, 0.5, 0.9, 0.99}, B in {16, 64, population}.
 stability-phase: setup
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.stability_phase --widths 8,10 \
 	  --betas 0,0.5,0.8,0.9,0.95,0.99 --batches 4,16,64,256,population --out runs/stability

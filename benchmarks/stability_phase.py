@@ -4,10 +4,10 @@ with the linear-stability prediction drawn over them (`qmse.escape.phase`; docs/
 For each width k: OUT/phase-k{k}.json (the predicted thresholds and the escaped / diverged /
 stuck counts on an lr grid 2^(1/8) apart per distinct minimum, β and B) and phase-k{k}.png.
 B "population" is the closed-form population gradient. The committed piece (docs/stability/,
-about 6 minutes on one core):
+about 8 CPU minutes on one core, the predictions most of it):
 
-    python -m benchmarks.stability_phase --widths 8 --betas 0,0.9 --batches 16,64,population \\
-        --out docs/stability
+    python -m benchmarks.stability_phase --widths 8 --betas 0,0.5,0.9,0.99 \\
+        --batches 16,64,population --out docs/stability
 
 The issue's full grid is `make stability-phase` (Makefile: its size and time).
 """

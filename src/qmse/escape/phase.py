@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from torch import Tensor
 
 from qmse import stability as st
@@ -303,6 +304,7 @@ def plot(data: dict, path: str | os.PathLike) -> None:
         ax.axvline(thresholds(data, p, "lr/(1-β)")[0], color="C1", ls="-.",
                    label="lr/(1−β) = 2/λ_max")  # fmt: skip
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # only the decades: no overlapping labels
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlim(p["lrs"][0] / STEP, p["lrs"][-1] * STEP)
         batch = "population" if p["batch"] is None else f"B = {p['batch']}"
