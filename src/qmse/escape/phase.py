@@ -56,15 +56,13 @@ OUTCOMES = ("escaped", "diverged", "stuck")
 RULES = ("second moment", "mean map", "lr/(1-β)")
 
 
-def certified_minima(
-    k: int, seeds: Sequence[int], *, max_steps: int = 100_000, quiet: bool = True
-) -> tuple[Tensor, list[int]]:
+def certified_minima(k: int, seeds: Sequence[int]) -> tuple[Tensor, list[int]]:
     """The gd-population end points of the Xavier `seeds` at width k that are certified
     spurious minima (converged, loss ≥ STUCK_LOSS, smallest Hessian eigenvalue > 0): (M, k, k)
     float64, and their seeds."""
     p = ts.make_problem(k)
     seeds = [int(s) for s in seeds]
-    result = gd_population(ts.init_weights(seeds, k, k), p, max_steps=max_steps, quiet=quiet)
+    result = gd_population(ts.init_weights(seeds, k, k), p, quiet=True)
     stuck = (result["converged"] & (result["loss"] >= STUCK_LOSS)).tolist()
     W = result["W"][torch.tensor(stuck, dtype=torch.bool)]
     strict = [e > 0 for e in certify_minima(W, p)]
