@@ -124,6 +124,6 @@ clean:
 	rm -rf .venv build src/*.egg-info .pytest_cache .ruff_cache
 
 # docs/symmetry.md section 6: barriers between two ResNets at widths 1, 2, 4, straight and
-# matched, with and without BatchNorm recomputation (about 16 CPU minutes on one core).
+# matched, with and without BatchNorm recomputation (about 11 CPU minutes on one core).
 symmetry-width: setup fashion-mnist
 	OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.symmetry_width --out docs/symmetry/width.json

@@ -342,6 +342,7 @@ def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch, capsys):
     assert summary["aligned_barrier"] == barrier(arrays["aligned_loss"])
     assert summary["naive_max_accuracy_drop"] == barrier(-arrays["naive_accuracy"])
     assert summary["samples"] == 40 and "provenance" in summary
+    assert summary["buffers"] == "blend"  # a SimpleCNN: no running statistics
     ends = arrays["naive_loss"][[0, -1]]  # b and permuted b: equal up to float32 rounding
     np.testing.assert_allclose(ends, arrays["aligned_loss"][[0, -1]], rtol=1e-6)
     assert (out / "interpolation.png").exists()
@@ -355,6 +356,7 @@ def test_cli_match_and_landscape_on_two_runs(tmp_path, monkeypatch, capsys):
         torch.testing.assert_close(float(centre), summary["end_a"]["loss"], rtol=1e-6, atol=0)
         assert (ls / f"landscape-{dims}d.png").exists()
         assert not (ls / f"partial-{dims}d.npz").exists()
+        assert json.loads((ls / "summary.json").read_text())["buffers"] == "blend"
     both = tmp_path / "both"
     argv = ["landscape", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(both)]
     assert main([*argv, "--points", "3", "--samples", "20", "--quiet"]) == 0
