@@ -180,19 +180,19 @@ class _Tracer:
             for u in self.inputs(node):
                 self.classes.union(u.cls, FIXED)
             return None
-        functions_or_methods = 0 if node.op == "call_function" else 1
+        kind = 0 if node.op == "call_function" else 1  # index into (functions, methods)
         target = node.target
         if node.op == "call_module":
             return self.module(node, self.gm.get_submodule(target))
-        if target in SHAPE_QUERIES[functions_or_methods]:
+        if target in SHAPE_QUERIES[kind]:
             return None
-        if target in (KEEP_FUNCTIONS, KEEP_METHODS)[functions_or_methods]:
+        if target in (KEEP_FUNCTIONS, KEEP_METHODS)[kind]:
             return self.keep(node)
-        if target in (JOIN_FUNCTIONS, JOIN_METHODS)[functions_or_methods]:
+        if target in (JOIN_FUNCTIONS, JOIN_METHODS)[kind]:
             return self.join(node)
-        if target in RESHAPES[functions_or_methods]:
+        if target in RESHAPES[kind]:
             return self.flatten(node)
-        if target in REDUCTIONS[functions_or_methods]:
+        if target in REDUCTIONS[kind]:
             return self.reduce(node)
         return self.unknown(node, "is not an operation it knows")
 
