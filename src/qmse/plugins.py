@@ -3,13 +3,14 @@
 A loss plug-in calls `qmse.register_loss(...)`: `qmse train --loss`, `reproduce --losses`,
 `landscape --loss`, `symmetry match --loss` and `diagnose` (a run's own loss) import the
 files given with `--plugin FILE.py` before they check the names against the registry
-(`qmse.cli.common.check_losses`). `qmse escape --plugin` (method plug-ins) has the same
-rules in `qmse.escape.methods.load_plugin`.
+(`qmse.cli.common.check_losses`). `qmse escape --plugin` (method plug-ins) goes through the
+same loader with the method registry (`qmse.escape.methods.load_plugin`).
 
 `load_plugin` imports a file once per content (a second import of the same file would
 register the same names again), and turns a file that fails to import into one line naming
-the file and the line, after taking out what it registered before failing. It does not
-import torch: the registries are handed to it.
+the file and the line, after taking out what it registered before failing. It remembers the
+files it imported (`is_plugin_file`), so that an error raised later in a plug-in's code can
+be told from a bug of qmse's own. It does not import torch: the registries are handed to it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from qmse.errors import UserError
 
 _LOADED: dict[str, list[str]] = {}  # a plug-in file's content hash -> the names it added
+_FILES: set[Path] = set()  # the plug-in files imported, resolved
 
 
 def where(path: Path, error: BaseException) -> str:
@@ -69,4 +71,10 @@ def load_plugin(path: str | os.PathLike, *registries: MutableMapping[str, object
         raise
     added = [k for registry, known in zip(registries, before) for k in registry if k not in known]
     _LOADED[digest] = added
+    _FILES.add(path.resolve())
     return added
+
+
+def is_plugin_file(filename: str) -> bool:
+    """Whether `filename` (a traceback frame's) is a plug-in file `load_plugin` imported."""
+    return Path(filename).resolve() in _FILES

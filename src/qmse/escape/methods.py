@@ -41,20 +41,17 @@ Every built-in method (`qmse.escape.rules`) is registered through this same inte
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import inspect
 import math
 import os
-import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from qmse import plugins
 from qmse.errors import QmseError, UserError
 from qmse.keys import content_key
 from qmse.loss import LOSSES, get_loss
@@ -141,9 +138,6 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
-_PLUGINS: dict[str, list[str]] = {}  # plug-in file's content hash -> the methods it registered
-_LOADING: list[list[str]] = []  # names registered by the plug-in being imported
-_PLUGIN_FILES: set[Path] = set()  # the plug-in files imported, resolved
 
 
 def check_grid(what: str, grid: tuple[float, ...]) -> None:
@@ -235,8 +229,6 @@ def register_method(method: Method) -> Method:
     if old is not None and not _same(old, method):
         raise UserError(f"a different method named {method.name!r} is already registered")
     METHODS[method.name] = method
-    if _LOADING:
-        _LOADING[-1].append(method.name)
     return method
 
 
@@ -248,16 +240,6 @@ def get_method(name: str) -> Method:
             f"(or load a plug-in that registers it: qmse escape --plugin FILE.py)"
         )
     return METHODS[name]
-
-
-def _where(path: Path, error: Exception) -> str:
-    """ "FILE, line N" of the innermost frame of `error` in the plug-in file (a syntax error
-    carries its own line), or FILE alone."""
-    line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else None
-    for frame in traceback.extract_tb(error.__traceback__):
-        if Path(frame.filename).resolve() == path.resolve():
-            line = frame.lineno
-    return f"{path}, line {line}" if line else str(path)
 
 
 def check_step(method: Method, hook: str, out: object, W: Tensor) -> tuple[Tensor, dict]:
@@ -286,38 +268,12 @@ def check_step(method: Method, hook: str, out: object, W: Tensor) -> tuple[Tenso
 
 def load_plugin(path: str | os.PathLike) -> list[str]:
     """Import the Python file `path`, which registers methods with `register_method`; return
-    their names. The same file content is imported once per process. A file that fails to
-    import (a syntax error, a failed import, an exception) is a UserError of one line naming
-    the file and the line; what it registered before failing is removed again (the
-    traceback stays in the error's __cause__)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"plug-in {path} does not exist (give a .py file)")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    if digest in _PLUGINS:
-        return _PLUGINS[digest]
-    name = f"qmse_escape_plugin_{digest}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise UserError(f"plug-in {path}: not an importable Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    _LOADING.append([])
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        del sys.modules[name]
-        for method in _LOADING[-1]:
-            METHODS.pop(method, None)
-        raise UserError(f"plug-in {_where(path, e)}: {type(e).__name__}: {e}") from e
-    except BaseException:
-        del sys.modules[name]
-        raise
-    finally:
-        registered = _LOADING.pop()
-    _PLUGINS[digest] = registered
-    _PLUGIN_FILES.add(path.resolve())
-    return registered
+    the names it added. The same file content is imported once per process. A file that fails
+    to import (a syntax error, a failed import, an exception) is a UserError of one line
+    naming the file and the line; what it registered before failing is removed again (the
+    traceback stays in the error's __cause__). The loader is `qmse.plugins.load_plugin`, the
+    one the loss plug-ins go through."""
+    return plugins.load_plugin(path, METHODS)
 
 
 @contextlib.contextmanager
@@ -330,14 +286,12 @@ def plugin_errors(method: Method, when: str) -> Iterator[None]:
     except QmseError:
         raise
     except Exception as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if _is_plugin(f.filename)]
+        frames = [
+            f for f in traceback.extract_tb(e.__traceback__) if plugins.is_plugin_file(f.filename)
+        ]
         if not frames:
             raise
         raise UserError(
             f"method {method.name!r} ({frames[-1].filename}, line {frames[-1].lineno}) raised "
             f"{type(e).__name__}: {e} {when}"
         ) from e
-
-
-def _is_plugin(filename: str) -> bool:
-    return Path(filename).resolve() in _PLUGIN_FILES

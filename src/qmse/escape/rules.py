@@ -41,10 +41,15 @@ def sgd(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tenso
     return W - lr * grad, state
 
 
+def _heavy_ball(grad: Tensor, state: dict) -> Tensor:
+    """The heavy-ball buffer b ← β·b + g (b = 0 before the first step), kept in state["buf"]."""
+    state["buf"] = (1 - state["one_minus_beta"]) * state["buf"] + grad if "buf" in state else grad
+    return state["buf"]
+
+
 def momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tensor, dict]:
     """Heavy ball: b ← β·b + g (b = 0 before the first step), W ← W − lr·b."""
-    state["buf"] = (1 - state["one_minus_beta"]) * state["buf"] + grad if "buf" in state else grad
-    return W - lr * state["buf"], state
+    return W - lr * _heavy_ball(grad, state), state
 
 
 def adam(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tensor, dict]:
@@ -59,14 +64,19 @@ def adam(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor) -> tuple[Tens
     return W - lr * m_hat / (v_hat.sqrt() + state["eps"]), state
 
 
+def _noisy(W: Tensor, grad: Tensor, state: dict) -> Tensor:
+    """g + σz, z ~ N(0, I) drawn at every step."""
+    return grad + state["sigma"] * _normal(W, state)
+
+
 def gradient_noise(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
     """W ← W − lr·(g + σz), z ~ N(0, I) drawn at every step."""
-    return sgd(W, grad + state["sigma"] * _normal(W, state), state, t, lr)
+    return sgd(W, _noisy(W, grad, state), state, t, lr)
 
 
 def gradient_noise_momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
     """Heavy ball on g + σz, z ~ N(0, I) drawn at every step."""
-    return momentum(W, grad + state["sigma"] * _normal(W, state), state, t, lr)
+    return momentum(W, _noisy(W, grad, state), state, t, lr)
 
 
 def _anticorrelated(W: Tensor, step: Tensor, state: dict) -> tuple[Tensor, dict]:
@@ -86,8 +96,7 @@ def anticorrelated(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
 
 def anticorrelated_momentum(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
     """Heavy ball b ← β·b + g, W ← W − lr·b + (ξ_{t+1} − ξ_t)."""
-    state["buf"] = (1 - state["one_minus_beta"]) * state["buf"] + grad if "buf" in state else grad
-    return _anticorrelated(W, lr * state["buf"], state)
+    return _anticorrelated(W, lr * _heavy_ball(grad, state), state)
 
 
 def uniform_ball(shape: tuple[int, ...], radius: Tensor, generator: torch.Generator) -> Tensor:
