@@ -1,14 +1,27 @@
 """qmse.escape.engine: numbers recorded from the single-method loop it replaced, the batched
-gradient against autograd of the sample loss, common random numbers, divergence."""
+gradient against autograd of the sample loss, common random numbers, the gradient at other
+weights on the step's batch (state["grad_at"]), divergence."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from qmse.escape import STUCK_LOSS, Method, make_job, register_method, run_method, run_methods
+from qmse.errors import UserError
+from qmse.escape import (
+    STUCK_LOSS,
+    Method,
+    get_problem,
+    make_job,
+    register_method,
+    run_method,
+    run_methods,
+)
 from qmse.escape.engine import job_gradient, teacher_outputs
 from qmse.teacher_student import (
     init_weights,
     make_problem,
+    outputs,
     population_loss,
     sample_inputs,
     sample_loss,
@@ -121,3 +134,80 @@ def test_bad_arguments_raise():
         run_method("sgd", W0, problem, steps=10, lr=0.1, hyper={"sigma": 0.1})
     with pytest.raises(ValueError, match=r"expected \(m, 3, 3\)"):
         run_method("sgd", W0[:, :2], problem, steps=10, lr=0.1)
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["native", "generic"])
+def test_grad_at_is_the_gradient_on_the_steps_batch_and_noise(generic):
+    """state["grad_at"], on both engine paths, with a random loss (label noise): at W it is
+    the step's gradient bit for bit; at other weights, autograd of ½(y + ξ − f)² on the step's
+    inputs with the step's ξ (both redrawn here from the engine's seeds); asking for it does
+    not move the method's stream (the run is label-noise SGD's, bit for bit)."""
+    sigma, m, B, lr, steps = 0.3, 3, 5, 0.05, 3
+    seen = []
+
+    def probe(W, grad, state, t, lr):
+        shifted = W + 0.1 * torch.ones_like(W)
+        seen.append((grad, state["grad_at"](W), state["grad_at"](shifted), shifted))
+        return W - lr * grad, state
+
+    method = Method("test-grad-at", "label-noise", probe, (0.05,), hyper={"sigma": (sigma,)})
+    problem = get_problem("teacher-student")(3)
+    native = problem.native.to(torch.float32)
+    if generic:
+        problem = dataclasses.replace(problem, native=None)
+    W0 = problem.init(range(m))
+    kw = {"steps": steps, "batch": B, "seed": 3, "method_seed": 4, "quiet": True}
+    probed = run_method(method, W0, problem, lr=lr, **kw)
+    plain = run_method("label-noise", W0, problem, lr=lr, hyper={"sigma": sigma}, **kw)
+    assert torch.equal(probed["W"], plain["W"])
+    gx, gm = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    for grad, again, at_shifted, shifted in seen:
+        assert torch.equal(again, grad)
+        x = sample_inputs(m, B, 3, generator=gx)
+        xi = sigma * torch.randn(m, B, 1, generator=gm)  # one ξ per sample, (start, sample)
+        V = shifted.clone().requires_grad_()
+        y = outputs(native.V.expand(m, -1, -1), native.A_teacher, x)
+        loss = (0.5 * (y + xi - outputs(V, native.A_student, x)) ** 2).sum(-1).mean(-1).sum()
+        (ref,) = torch.autograd.grad(loss, V)
+        torch.testing.assert_close(at_shifted, ref, rtol=1e-5, atol=1e-6)
+        assert (at_shifted - grad).abs().max() > 1e-3  # another point, another gradient
+    assert len(seen) == steps
+
+
+def test_grad_at_refuses_weights_of_another_shape():
+    def wrong(W, grad, state, t, lr):
+        return W - lr * state["grad_at"](W[:, :1]), state
+
+    with pytest.raises(UserError, match=r"grad_at'\] takes weights like W \(\(2, 3, 3\)"):
+        run_method(
+            Method("test-grad-at-shape", "mse", wrong, (0.1,)),
+            init_weights(range(2), 3, 3),
+            make_problem(3),
+            steps=1,
+            lr=0.1,
+            quiet=True,
+        )
+
+
+def test_sam_on_a_manifold_takes_the_gradient_projected_at_the_ascent_point():
+    """Burer–Monteiro on the product of spheres: g = P_W ∇L(W), W' = W + ρ g/‖g‖, one SAM
+    step is W ← retract(W − lr·P_{W'} ∇L(W')), both gradients on the run's own batch."""
+    problem = get_problem("burer-monteiro")(2)
+    W0 = problem.init(range(4)).float()
+    lr, rho, B, seed = 0.05, 0.2, 8, 3
+    (one,) = run_methods([make_job("sam", lr, {"rho": rho})], W0, problem, steps=1, batch=B,
+                         seed=seed, method_seed=0, quiet=True)  # fmt: skip
+    x, y = problem.sample(4, B, torch.Generator().manual_seed(seed))
+
+    def projected_grad(W):
+        W = W.detach().requires_grad_()
+        loss = 0.5 * ((problem.predict(W, x) - y) ** 2).sum(-1).mean(-1).sum()
+        (grad,) = torch.autograd.grad(loss, W)
+        return problem.project(W.detach(), grad)
+
+    g = projected_grad(W0)
+    ascent = W0 + rho * g / g.flatten(1).norm(dim=1).view(-1, 1, 1)
+    expected = problem.retract(W0 - lr * projected_grad(ascent))
+    torch.testing.assert_close(one["W"], expected, rtol=1e-6, atol=1e-7)
+    sgd = problem.retract(W0 - lr * g)
+    assert not torch.allclose(expected, sgd, atol=1e-4)  # the ascent point matters

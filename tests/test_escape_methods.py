@@ -1,16 +1,23 @@
 """qmse.escape.methods: the plug-in interface's checks, the registry, plug-in files."""
 
+import dataclasses
+import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from qmse.cli import main
 from qmse.errors import UserError
 from qmse.escape import METHODS, Method, load_plugin, register_method, run_method
 from qmse.escape.methods import check_grid, method_key
-from qmse.escape.rules import BUILTIN_METHODS, sgd
+from qmse.escape.rules import BUILTIN_METHODS, EXTRA_METHODS, sgd
 from qmse.teacher_student import init_weights, make_problem
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "escape.md"
 
 PLUGIN = """
 from qmse.escape import Method, register_method
@@ -23,9 +30,10 @@ register_method(Method(name="sign-sgd", loss="mse", update=sign_sgd, lr_grid=(1e
 
 
 def test_builtins_are_registered_through_the_interface():
-    assert set(BUILTIN_METHODS) <= set(METHODS)
+    assert set(BUILTIN_METHODS) | set(EXTRA_METHODS) <= set(METHODS)
     assert {"label-noise", "gradient-noise", "anticorrelated", "pgd", "restart"} <= set(METHODS)
-    for name in BUILTIN_METHODS:
+    assert not set(EXTRA_METHODS) & set(BUILTIN_METHODS)  # not in the default run
+    for name in BUILTIN_METHODS + EXTRA_METHODS:
         m = METHODS[name]
         check_grid(name, m.lr_grid)
         for h, grid in m.hyper.items():
@@ -33,6 +41,12 @@ def test_builtins_are_registered_through_the_interface():
             assert m.default(h) == grid[len(grid) // 2]
     assert METHODS["label-noise"].loss_params() == ("sigma",)  # σ goes to the loss
     assert METHODS["gradient-noise"].loss_params() == ()  # σ stays with the update
+    spaces = {name: [p.name for p in METHODS[name].space().params] for name in EXTRA_METHODS}
+    assert spaces == {
+        "sgd-decay": ["lr", "floor"],
+        "sam": ["lr", "rho"],
+        "homotopy": ["lr", "sigma0"],
+    }
 
 
 @pytest.mark.parametrize(
@@ -56,6 +70,8 @@ def test_registration_errors_name_the_problem():
         register_method(Method("a,b", "mse", sgd, (0.1,)))
     with pytest.raises(ValueError, match="may not be named"):
         register_method(Method("test-bad-hyper", "mse", sgd, (0.1,), hyper={"lr": (0.1,)}))
+    with pytest.raises(ValueError, match="clash"):
+        register_method(Method("test-bad-const", "mse", sgd, (0.1,), constants={"grad_at": 1.0}))
     assert register_method(METHODS["sgd"]) is METHODS["sgd"]  # the same definition again
 
 
@@ -78,6 +94,7 @@ def test_method_key_follows_the_definition():
     assert method_key(a) != method_key(Method("test-key", "mse", sgd, (0.1, 0.15)))
     assert method_key(a) != method_key(Method("test-key", "qmse", sgd, (0.1, 0.2)))
     assert method_key(a) != method_key(METHODS["momentum"])
+    assert method_key(a) != method_key(dataclasses.replace(a, version="2"))  # a changed rule
 
 
 def test_the_fine_grid_plugin_reregisters_the_builtins_on_a_finer_grid():
@@ -163,3 +180,29 @@ def test_a_builtin_methods_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(engine, "job_gradient", broken)
     with pytest.raises(KeyError, match="a bug"):
         run_method("sgd", init_weights(range(2), 3, 3), make_problem(3), steps=1, lr=0.1)
+
+
+def test_the_docs_sam_plugin_runs_through_the_cli_and_is_the_builtin_sam(tmp_path):
+    """docs/escape.md's SAM plug-in, written to a file as printed: it runs through
+    `qmse escape --plugin`, and at the built-in's lr and ρ gives its outcomes start by start
+    and its weights bit for bit."""
+    section = DOCS.read_text().split("#### SAM as a plug-in", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(snippet.strip().splitlines()) < 15
+    plugin = tmp_path / "sam.py"
+    plugin.write_text(snippet)
+    out = tmp_path / "esc"
+    argv = ["escape", "--teacher-widths", "3", "--plugin", str(plugin), "--methods", "sam,my-sam",
+            "--lr", "sam=0.2,my-sam=0.2", "--hyper", "sam.rho=0.1,my-sam.rho=0.1",
+            "--population-seeds", "6", "--sample-seeds", "4", "--steps", "60", "--protocols",
+            "random-init", "--batch-size", "16", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    cells = {m: json.loads((out / "rows" / f"random-init_{m}_k3_n3_C1.json").read_text())
+             for m in ("sam", "my-sam")}  # fmt: skip
+    assert cells["my-sam"]["failed"] == cells["sam"]["failed"]
+    assert cells["my-sam"]["median_loss"] == cells["sam"]["median_loss"]
+    W0, problem = init_weights(range(4), 3, 3), make_problem(3)
+    kw = {"steps": 20, "lr": 0.2, "hyper": {"rho": 0.1}, "batch": 8, "quiet": True}
+    mine, builtin = run_method("my-sam", W0, problem, **kw), run_method("sam", W0, problem, **kw)
+    assert torch.equal(mine["W"], builtin["W"])
+    assert not torch.equal(builtin["W"], run_method("sgd", W0, problem, **kw | {"hyper": {}})["W"])

@@ -109,6 +109,51 @@ def test_adam_matches_its_definition():
     torch.testing.assert_close(out, W, rtol=1e-5, atol=1e-6)
 
 
+def test_sgd_decay_follows_the_cosine_schedule_to_its_floor():
+    """lr_t = lr·(f + (1 − f)·½(1 + cos(π t/T))) over a budget of T steps."""
+    floor, steps = 0.25, 4
+    W, problem, out = _run("sgd-decay", steps, floor=floor)
+    gx, _ = _streams()
+    factors = [
+        1.0,
+        0.25 + 0.75 * (2 + math.sqrt(2)) / 4,
+        0.25 + 0.75 / 2,
+        0.25 + 0.75 * (2 - math.sqrt(2)) / 4,
+    ]
+    for t in range(steps):
+        W = W - LR * factors[t] * _mse_grad(W, _x(gx), problem)
+    torch.testing.assert_close(out, W, rtol=1e-5, atol=1e-6)
+
+
+def test_sam_steps_with_the_gradient_at_the_ascent_point_of_the_same_batch():
+    """Foret et al. 2021: g = ∇L(W), W' = W + ρ g/‖g‖ (per start), W ← W − lr·∇L(W') with
+    the same batch; both gradients by autograd of the sample loss."""
+    rho = 0.3
+    W, problem, out = _run("sam", 3, rho=rho)
+    gx, _ = _streams()
+    for _ in range(3):
+        x = _x(gx)
+        g = _mse_grad(W, x, problem)
+        ascent = W + rho * g / g.flatten(1).norm(dim=1).view(-1, 1, 1)
+        W = W - LR * _mse_grad(ascent, x, problem)
+    torch.testing.assert_close(out, W, rtol=1e-5, atol=1e-6)
+    assert (out - _run("sgd", 3)[2]).abs().max() > 1e-3  # the ascent point matters here
+
+
+def test_homotopy_steps_with_the_gradient_at_a_gaussian_perturbation_annealed_to_zero():
+    """Mobahi 2016: W ← W − lr·∇L(W + σ_t ε), one ε ~ N(0, I) per step from the method's
+    stream, σ_t = σ_0·½(1 + cos(π t/T)): σ_0 at the first step of T = 2, σ_0/2 at the
+    second."""
+    sigma0, steps = 0.2, 2
+    W, problem, out = _run("homotopy", steps, sigma0=sigma0)
+    gx, gm = _streams()
+    for sigma in (sigma0, sigma0 / 2):
+        x, eps = _x(gx), torch.randn(M, K, K, generator=gm)
+        W = W - LR * _mse_grad(W + sigma * eps, x, problem)
+    torch.testing.assert_close(out, W, rtol=1e-5, atol=1e-6)
+    assert (out - _run("sgd", steps)[2]).abs().max() > 1e-3  # the perturbation matters here
+
+
 def test_qmse_gradient_is_label_noise_of_scale_2r2_on_the_expected_qmse_landscape():
     """Scalar output, v = ±1: L = ½⟨r + v, r⟩² with (r + v) held constant has
     ∂L/∂f = −(r + v)² r = −(r³ + r) − 2v r², so ∇QMSE − ∇expected-QMSE equals

@@ -18,7 +18,10 @@ label and gradient noise, PGD's kicks, restart's fresh start) comes from a secon
 each job gets its own torch.Generator seeded with `method_seed`. So a method's results do not
 depend on which other methods run beside it, and two methods with the same loss, update and
 step size give identical results. Sharing the draw is also the speed-up: the batch (and the
-teacher's outputs on it) is drawn once per step for all methods.
+teacher's outputs on it) is drawn once per step for all methods. An update that asks for the
+gradient at other weights (`state["grad_at"]`, SAM's and homotopy's) gets it on the step's
+batch with the step's loss noise, replayed from a copy of the method's stream (`_gradient_at`),
+so asking does not move the stream.
 
 A job's G settings are stacked per start, so its forward pass is one batched matmul
 x (m, B, d) @ (m, d, G·n) and its backward pass one more (the teacher–student path); its
@@ -289,6 +292,30 @@ def _generic_path(problem: problems.Problem, dev: torch.device) -> _Path:
     )
 
 
+def _gradient_at(
+    path: _Path, job: Job, W: Tensor, x: Tensor, y: Tensor, rng: torch.Generator
+) -> Callable[[Tensor], Tensor]:
+    """`state["grad_at"]` of one step (`qmse.escape.methods`): W' shaped like the job's
+    weights W (rows, n, d) -> the gradient the update is given, at W', on this step's batch
+    x, y with the loss noise the step's gradient drew. Made before the step's gradient is
+    computed: it replays a copy of the method's stream from that point, so every call draws
+    the same noise and the stream itself does not advance."""
+    replay = rng.get_state()
+
+    def grad_at(V: Tensor) -> Tensor:
+        if not isinstance(V, Tensor) or (V.shape, V.dtype) != (W.shape, W.dtype):
+            got = f"{tuple(V.shape)}, {V.dtype}" if isinstance(V, Tensor) else type(V).__name__
+            raise UserError(
+                f"method {job.method.name!r}: state['grad_at'] takes weights like W "
+                f"({tuple(W.shape)}, {W.dtype}); got {got}"
+            )
+        g = torch.Generator(device=rng.device).set_state(replay)
+        grad = path.gradient(job, V, x, y, g)
+        return grad if path.project is None else path.project(V, grad)
+
+    return grad_at
+
+
 def run_methods(
     jobs: Sequence[Job],
     W0: Tensor,
@@ -359,6 +386,7 @@ def run_methods(
         for j, job in enumerate(jobs):
             run = runs[j]
             with plugin_errors(job.method, f"at step {t}"):
+                states[j]["grad_at"] = _gradient_at(path, job, Ws[j], x, y, rngs[j])
                 grad = path.gradient(job, Ws[j], x, y, rngs[j])
                 if path.project is not None:
                     grad = path.project(Ws[j], grad)
@@ -374,6 +402,7 @@ def run_methods(
                         out = check_step(job.method, "after_step", out, Ws[j])
                     Ws[j], states[j] = out
                     Ws[j] = retract(Ws[j])
+                states[j].pop("grad_at", None)  # it holds the step's batch
             if evaluate:
                 loss = path.objective(Ws[j])
                 hit = (loss < path.success) & ~run.diverged & (firsts[j] < 0)

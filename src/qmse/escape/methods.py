@@ -18,6 +18,14 @@ A method is a training loss and an update rule, run on S students at once:
   is a dict kept across steps. It starts as {"rng": the method's torch.Generator (its own
   stream, never the inputs'), NAME: (S, 1, 1) tensor for each hyperparameter, NAME: float for
   each of `constants`}; a rule keeps its buffers in it.
+- `state["grad_at"]`: put in the state before each update (and taken out after the step),
+  a function W' (S, n, d) -> the gradient (S, n, d) the update would be given at W' on the
+  current step's batch: the same inputs and targets, and for a random loss the same noise
+  (QMSE's v, label noise's ξ: the draws the step's own gradient made from the method's
+  stream, replayed from a copy, so calling it neither moves that stream nor changes what
+  the loss draws later). On a manifold problem it is projected at W' as the step's gradient
+  is at W. SAM evaluates it at W + ρ g/‖g‖, homotopy at W + σ_t ε (`qmse.escape.rules`).
+  Each call costs one more gradient of the batch.
 - `lr_grid`: the learning rates swept first (a log grid, neighbours at most 2x apart; the
   sweep widens it while its best value is on an edge).
 - `hyper`: further hyperparameters, NAME -> grid, swept after lr at the chosen lr (the middle
@@ -61,6 +69,7 @@ from qmse.tuning import Param, Space
 GRID_RATIO = 2.0  # neighbouring grid values differ by at most this factor
 HELD_OUT = 4096  # fresh samples per start on which `Run.held_out_loss` compares weights
 HELD_OUT_CHUNK = 256  # starts per chunk of held-out samples (bounds the memory)
+ENGINE_NAMES = ("rng", "lr", "grad_at")  # what the engine puts in `state` or passes itself
 
 Update = Callable[[Tensor, Tensor, dict, int, Tensor], tuple[Tensor, dict]]
 
@@ -217,13 +226,13 @@ def register_method(method: Method) -> Method:
         raise TypeError(f"method {method.name!r}: loss must be a registered name or a callable")
     check_grid(f"{method.name}: lr_grid", tuple(method.lr_grid))
     for name, grid in method.hyper.items():
-        if name in ("rng", "lr"):
+        if name in ENGINE_NAMES:
             raise UserError(f"method {method.name!r}: a hyperparameter may not be named {name!r}")
         check_grid(f"{method.name}: hyper[{name!r}]", tuple(grid))
-    if clash := set(method.constants) & ({"rng", "lr"} | set(method.hyper)):
+    if clash := set(method.constants) & (set(ENGINE_NAMES) | set(method.hyper)):
         raise UserError(
             f"method {method.name!r}: constants {sorted(clash)} clash with a hyperparameter "
-            f"or a name the engine uses (rng, lr); rename them"
+            f"or a name the engine uses ({', '.join(ENGINE_NAMES)}); rename them"
         )
     old = METHODS.get(method.name)
     if old is not None and not _same(old, method):

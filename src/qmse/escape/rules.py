@@ -9,14 +9,29 @@ Update rules (W, grad: (S, n, d); lr and hyperparameters: (S, 1, 1); draws from 
 - `anticorrelated` (+ momentum): W ← W − lr·g + (ξ_{t+1} − ξ_t), ξ_t ~ N(0, σ²I) i.i.d.
   (Orvieto et al. 2022, "Anticorrelated noise injection for improved generalization"):
   the perturbations are anti-correlated, so they do not accumulate into a random walk;
-- PGD (Jin et al. 2017) and restart: SGD plus hooks (`pgd_after_step`, `restart_after_step`).
+- PGD (Jin et al. 2017) and restart: SGD plus hooks (`pgd_after_step`, `restart_after_step`);
+- `sgd_decay`: SGD with the step cosine-decayed from lr to floor·lr over the budget T:
+  lr_t = lr·(f + (1 − f)·c_t), c_t = ½(1 + cos(π t/T));
+- `sam` (Foret et al. 2021, "Sharpness-aware minimization"): W' = W + ρ g/(‖g‖ + 10⁻¹²), the
+  norm over each start's parameters, then W ← W − lr·∇L(W') on the same batch
+  (`state["grad_at"]`, two gradients per step);
+- `homotopy` (continuation, Mobahi 2016, "Training recurrent neural networks by
+  diffusion"): W ← W − lr·∇L(W + σ_t ε), one ε ~ N(0, I) per step from the method's stream, a
+  one-draw estimate of the gradient of the loss smoothed by N(0, σ_t²I) weight noise, with
+  σ_t = σ_0·c_t annealed to 0 over the budget (its gradient at W goes unused).
 
 Label-noise SGD is plain SGD on the registered "label-noise" loss (targets y + ξ,
 ξ ~ N(0, σ²) fresh at every step), its σ a hyperparameter of the method. docs/theory.md
 ("Fair baselines for escaping", "QMSE's noise against label noise") says why these baselines.
+
+`BUILTIN_METHODS` are the methods a benchmark runs by default (the committed benchmarks'
+commands); `EXTRA_METHODS` (step decay, SAM, homotopy) are registered beside them and run
+when named with `--methods`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -28,6 +43,7 @@ BETA_GAP = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)  # 1 − β of heavy ball: β 0.
 HEAVY_BALL = {"one_minus_beta": BETA_GAP}  # b ← β·b + g; W ← W − lr·b
 ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 PGD = {"window": 500, "grad_threshold": 0.05}  # t_thres steps; g_thres on the window's gradient
+SAM = {"eps": 1e-12}  # added to ‖g‖ (Foret et al.'s code), so that g = 0 gives W' = W
 
 
 def _normal(W: Tensor, state: dict) -> Tensor:
@@ -175,6 +191,35 @@ def restart_finish(W: Tensor, state: dict, run: Run) -> Tensor:
     return torch.where(keep_first.view(-1, 1, 1), first, W)
 
 
+def remember_budget(W: Tensor, state: dict, run: Run) -> dict:
+    """Before the first step: the step budget T in state["steps"], for the schedules."""
+    state["steps"] = run.steps
+    return state
+
+
+def cosine(t: int, steps: int) -> float:
+    """c_t = ½(1 + cos(π t/T)): 1 at the first step, falling to 0 at the end of the budget."""
+    return 0.5 * (1 + math.cos(math.pi * t / steps))
+
+
+def sgd_decay(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
+    """W ← W − lr·(f + (1 − f)·c_t)·g: the step cosine-decayed from lr to the floor f·lr."""
+    floor = state["floor"]
+    return W - lr * (floor + (1 - floor) * cosine(t, state["steps"])) * grad, state
+
+
+def sam(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
+    """SAM: the gradient at W + ρ g/(‖g‖ + eps), ‖g‖ per start, on the step's batch."""
+    norm = grad.flatten(1).norm(dim=1).view(-1, 1, 1)  # (S, 1, 1)
+    return W - lr * state["grad_at"](W + state["rho"] * grad / (norm + state["eps"])), state
+
+
+def homotopy(W: Tensor, grad: Tensor, state: dict, t: int, lr: Tensor):
+    """W ← W − lr·∇L(W + σ_t ε), ε ~ N(0, I) drawn at every step, σ_t = σ_0·c_t."""
+    sigma = state["sigma0"] * cosine(t, state["steps"])
+    return W - lr * state["grad_at"](W + sigma * _normal(W, state)), state
+
+
 # Initial grids: log grids (neighbours 2x apart) around the values earlier sweeps chose; the
 # sweep widens a grid whose best value lies on an edge. QMSE's gradient grows like ‖r‖³
 # (docs/theory.md, "Scale: the ‖r‖³ growth"), so its grids reach lower; momentum's
@@ -189,6 +234,9 @@ LABEL_SIGMA = tuple(0.8 / 2**k for k in range(9, -1, -1))  # residuals at the mi
 GRAD_SIGMA = tuple(0.16 / 2**k for k in range(9, -1, -1))
 ANTI_SIGMA = tuple(0.016 / 2**k for k in range(9, -1, -1))
 PGD_RADIUS = tuple(2.0 / 2**k for k in range(7, -1, -1))  # fractions of ‖W‖_F, 1/64 … 2
+DECAY_FLOOR = tuple(1 / 2**k for k in range(9, -1, -1))  # final step / lr: 1/512 … 1 (SGD)
+SAM_RHO = tuple(0.5 / 2**k for k in range(9, -1, -1))  # ‖W' − W‖; ‖W‖_F ≈ √n near the minima
+HOMOTOPY_SIGMA = tuple(0.2 / 2**k for k in range(9, -1, -1))  # σ_0 per weight; rows ≈ unit
 
 BUILTIN_METHODS = tuple(
     register_method(m).name
@@ -324,6 +372,44 @@ BUILTIN_METHODS = tuple(
             family="noise baselines",
             parent="momentum",
             description="heavy ball plus ξ_{t+1} − ξ_t",
+        ),
+    )
+)
+
+EXTRA_METHODS = tuple(
+    register_method(m).name
+    for m in (
+        Method(
+            "sgd-decay",
+            "mse",
+            sgd_decay,
+            SGD_LR,
+            hyper={"floor": DECAY_FLOOR},
+            init=remember_budget,
+            family="MSE optimisers",
+            description="SGD, step cosine-decayed from lr to floor·lr over the budget",
+        ),
+        Method(
+            "sam",
+            "mse",
+            sam,
+            SGD_LR,
+            hyper={"rho": SAM_RHO},
+            constants=SAM,
+            family="sharpness and smoothing",
+            parent="sgd",
+            description="SAM: SGD with the gradient at W + ρ g/‖g‖ (Foret et al. 2021)",
+        ),
+        Method(
+            "homotopy",
+            "mse",
+            homotopy,
+            SGD_LR,
+            hyper={"sigma0": HOMOTOPY_SIGMA},
+            init=remember_budget,
+            family="sharpness and smoothing",
+            parent="sgd",
+            description="SGD with the gradient at W + σ_t ε, σ_t = σ_0 → 0 (Mobahi 2016)",
         ),
     )
 )
