@@ -8,8 +8,9 @@ committed copy of a grid, docs/fmnist-end/) regenerates its report byte for byte
 
 Runs with the same seed share their initial weights and batch order, so a method − MSE
 difference is paired per seed; its mean gets a 95 % Student-t interval, and the verdict
-says whether the method's value is higher, lower or equal within noise. Fewer than three
-pairs are "undetermined", and differences that are the same in every seed are said to be,
+says whether the method's value is higher or lower, or that the interval holds 0 (which
+is not a finding of equality: that needs an equivalence test). Fewer than three pairs are
+"undetermined", and differences that are the same in every seed are said to be,
 rather than printed as an interval of zero width.
 """
 
@@ -36,6 +37,7 @@ from qmse.stats import mean_ci, mean_std, paired_log_ratio
 from qmse.stepsize import SWEEP_DIR, Tuned, Tuning, replay_sweeps, yardstick
 
 MIN_PAIRS = 3  # fewer paired seeds: the verdict is "undetermined"
+NOT_DETERMINED = "not determined (the interval holds 0; equality is not shown)"
 SHOWN_THRESHOLD = 0.1  # the ‖r_i‖ threshold of the report's fit column (RESIDUAL_THRESHOLDS)
 
 
@@ -46,8 +48,9 @@ SHOWN_THRESHOLD = 0.1  # the ‖r_i‖ threshold of the report's fit column (RES
 
 
 def verdict(deltas: Sequence[float]) -> tuple[str, float, float, float]:
-    """(word, mean, lo, hi) of paired differences: "higher", "lower" or "equal within noise"
-    as the 95 % Student-t interval [lo, hi] excludes 0 or not. With fewer than MIN_PAIRS
+    """(word, mean, lo, hi) of paired differences: "higher", "lower" or "not determined"
+    as the 95 % Student-t interval [lo, hi] excludes 0 or not (an interval holding 0 does not
+    show equality). With fewer than MIN_PAIRS
     pairs the word is "undetermined" (the interval is still given from 2 pairs). When every
     difference is the same the word says so and lo = hi = nan: such an interval has no
     width to report."""
@@ -67,7 +70,7 @@ def verdict(deltas: Sequence[float]) -> tuple[str, float, float, float]:
         return "higher", m, lo, hi
     if hi < 0:
         return "lower", m, lo, hi
-    return "equal within noise", m, lo, hi
+    return NOT_DETERMINED, m, lo, hi
 
 
 def _precision(lo: float, hi: float, kind: str) -> int:
