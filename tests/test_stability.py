@@ -12,6 +12,7 @@ import torch
 from qmse import stability as st
 from qmse import teacher_student as ts
 from qmse.errors import UserError
+from qmse.escape import matrix_sensing as ms
 from qmse.escape import problems
 from qmse.loss import Loss, get_loss
 
@@ -193,3 +194,29 @@ def test_stability_report_prints_the_bands_of_escape_band():
     assert f"[{lo:.4g}, {hi:.4g})" in text
     with pytest.raises(UserError, match="shape"):
         st.stability_report(problem, V[:2], [0.0], [8])
+
+
+def test_finite_sum_is_matrix_sensings_per_measurement_closed_form():
+    """Each measurement's term ½rᵢ², rᵢ = xᵀAᵢx − bᵢ: gradient 2rᵢAᵢx and Hessian
+    4(Aᵢx)(Aᵢx)ᵀ + 2rᵢAᵢ; their mean's Hessian is the closed-form ∇²f over 2m. With m = 3
+    measurements, the second-moment radius equals the explicit Kronecker operator over every
+    batch of two."""
+    inst = ms.make_instance(0.75, 2, seed=0, m=3)
+    problem = ms.matrix_sensing_problem(0.75, 2, seed=0, m=3)
+    x = torch.tensor([0.3, -0.8], dtype=torch.float64)
+    lin = st.finite_sum(problem, x, inst.A, inst.b[:, None])
+    Ax = inst.A @ x
+    r = Ax @ x - inst.b
+    Hs = 4 * Ax[:, :, None] * Ax[:, None, :] + 2 * r[:, None, None] * inst.A
+    np.testing.assert_allclose(lin.gradients, (2 * r[:, None] * Ax).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(lin.curvatures, Hs.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(lin.hessian, ms.hessian(inst, x).numpy() / 6, rtol=1e-12)
+    assert lin.groups == 1 and lin.group_hessians is None
+    at_min = st.finite_sum(problem, inst.spurious, inst.A, inst.b[:, None])
+    t = st.thresholds(at_min, 0.5, 2)
+    assert t.second_se == 0 and 0 < t.second < t.mean
+    Hmin = at_min.curvatures
+    for lr in (0.9 * t.second, 1.1 * t.second):
+        s = st.analyse(at_min, lr, 0.5, 2)
+        reference = explicit_second_moment_radius(Hmin, lr, 0.5, 2)
+        assert s.second_radius == pytest.approx(reference, rel=1e-7)

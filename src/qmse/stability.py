@@ -29,8 +29,11 @@ contracts iff the mean does and ρ(ℒ₁) < 1. Stationary covariance: E[δδᵀ
 Y = Σ/B + ℒ₁(Y); from the additive noise alone (𝒞 = 0) it is the solution of the discrete
 Lyapunov equation S = A S Aᵀ + (eeᵀ) ⊗ Σ/B (scipy.linalg.solve_discrete_lyapunov).
 
-Problems. A finite sum (`quadratic`) is exact: its expectation is the mean over its terms (a
-batch draws B of them with replacement). For a `qmse.escape.problems.Problem` (`linearise`)
+Problems. A finite sum is exact: its expectation is the mean over its terms (a batch draws B
+of them with replacement): `quadratic` for quadratic terms, `finite_sum` for MSE on a problem
+whose samples are a finite list (rank-1 matrix sensing's measurements), its per-sample
+Hessians in full by autograd (outputs curved in w included). For a sampled
+`qmse.escape.problems.Problem` (`linearise`)
 the outputs f must be piecewise linear in w (teacher–student's f = A relu(Wx)): a sample's
 H(ξ) is then JᵀDJ almost everywhere (J = ∂f/∂w, D = ∂q/∂f for the loss's output field
 q = ∂ℓ/∂f, by central differences), but E[JᵀDJ] ≠ H̄: differentiating E[Jᵀq] also moves the
@@ -110,11 +113,37 @@ def quadratic(hessians: np.ndarray, gradients: np.ndarray, w: np.ndarray | None 
     Hs, gs = np.asarray(hessians, float), np.asarray(gradients, float)
     if not np.allclose(Hs, Hs.transpose(0, 2, 1)):
         raise UserError("quadratic: the per-sample Hessians must be symmetric")
-    H = Hs.mean(0)
-    w = np.linalg.solve(H, -gs.mean(0)) if w is None else np.asarray(w, float)
-    g = Hs @ w + gs  # (n, P)
-    eye = np.broadcast_to(np.eye(H.shape[0]), Hs.shape)
-    return Linearisation(H, g, eye, Hs, g.mean(0))
+    w = np.linalg.solve(Hs.mean(0), -gs.mean(0)) if w is None else np.asarray(w, float)
+    return _exact(Hs, Hs @ w + gs)
+
+
+def _exact(hessians: np.ndarray, gradients: np.ndarray) -> Linearisation:
+    """The linearisation of a finite sum from its terms' Hessians (n, P, P) and gradients
+    (n, P) at the point: one group, exact."""
+    eye = np.broadcast_to(np.eye(hessians.shape[-1]), hessians.shape)
+    return Linearisation(hessians.mean(0), gradients, eye, hessians, gradients.mean(0))
+
+
+def finite_sum(problem: problems.Problem, w: Tensor, x: Tensor, y: Tensor) -> Linearisation:
+    """The exact linearisation of MSE's per-sample field at w (*shape) for a problem whose
+    samples are the N pairs (x (N, ...), y (N, C)), a batch drawing B of them uniformly with
+    replacement: each term ½‖f(w; xᵢ) − yᵢ‖²'s gradient and Hessian by autograd, so outputs
+    curved in w (matrix sensing's ⟨Aᵢ, xxᵀ⟩) are exact too. H̄ is their mean: the Hessian of
+    the problem's objective only up to its scale (matrix sensing's f = Σᵢ rᵢ² is 2N times
+    the mean)."""
+    if problem.project is not None:
+        raise UserError(f"problem {problem.name!r} lives on a manifold; linearise a flat one")
+    shape = problem.shape
+    x, y = x.double(), y.double()
+
+    def term(v: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
+        f = problem.predict(v.view(1, *shape), xi.view(1, 1, *xi.shape))[0, 0]
+        return 0.5 * ((f - yi) ** 2).sum()
+
+    w = w.detach().double().reshape(-1)
+    g = torch.func.vmap(torch.func.grad(term), in_dims=(None, 0, 0))(w, x, y)
+    H = torch.func.vmap(torch.func.hessian(term), in_dims=(None, 0, 0))(w, x, y)
+    return _exact(0.5 * (H + H.transpose(1, 2)).numpy(), g.numpy())
 
 
 def linearise(

@@ -2,30 +2,53 @@
 prediction of `qmse.stability`: does a minimum's predicted escape band say at which step
 sizes SGD and heavy ball leave it?
 
-Problem: the escape benchmark's teacher–student problem at width k (n = k, scalar output,
-identity teacher). Minima: gd-population (`gd_population`) from the Xavier seeds 0 … S−1,
-the end points that are certified strict minima (`certify_minima`) with population loss ≥
-STUCK_LOSS, grouped by their loss to 6 digits (as the benchmark's minima report does): one
-group per distinct minimum, up to the problem's symmetries.
+Families (`Family`: a problem, its certified minima, its global minimum, and how to linearise,
+follow and finish it):
+- `teacher_student(k)`: the escape benchmark's problem at width k (n = k, scalar output,
+  identity teacher). Minima: gd-population (`gd_population`) from the Xavier seeds
+  0 … S−1, the end points that are certified strict minima (`certify_minima`) with
+  population loss ≥ STUCK_LOSS. The prediction is Monte Carlo (`stability.linearise`).
+- `matrix_sensing(delta, n, seed, m)`: rank-1 matrix sensing
+  (`qmse.escape.matrix_sensing`), m measurements, RIP constant δ > 1/2, whose constructed
+  point √δ·e₂ (rotated) is a strict spurious minimum. Minima: gradient descent on f
+  (`descend`) from the problem's starts of seeds 0 … S−1, the end points certified strict
+  minima (`problems.certify`) that did not succeed. The engine trains it by its generic path,
+  one sample a measurement, MSE ½r² averaged over the batch: the mean field is ∇f/(2m), and
+  the prediction is exact (`stability.finite_sum` over the m measurements).
+Minima are grouped by their objective to 6 digits (as the benchmark's minima report does):
+one group per distinct minimum, up to the problem's symmetries.
 
-Per distinct minimum and (β, B): the prediction (`stability.escape_band` for MSE at the
-group's first point and at the teacher, from `samples` Monte Carlo inputs) and, on an lr grid
-STEP = 2^(1/8) apart from `below` steps under the lower of the two predicted edges to `above`
-steps over the upper one, `starts` runs of `steps` steps of SGD (β = 0) or heavy ball (β > 0,
+Per distinct minimum and (β, B), a panel: the prediction (`stability.escape_band` for MSE
+at the group's first point and at the global minimum) and, on an lr grid STEP = 2^(1/8)
+apart from `below` steps under the lower of the two predicted edges to `above` steps over
+the upper one, `starts` runs of `steps` steps of SGD (β = 0) or heavy ball (β > 0,
 b ← βb + g, w ← w − lr·b) from the group's points, cycled when there are fewer (every start
-draws its own inputs: `qmse.escape.run_method`). B = None is the population gradient (the
-closed form, deterministic: one start; its prediction is the mean map's). Each run ends
-escaped (population loss < STUCK_LOSS), diverged (‖W‖ beyond DIVERGED_NORM) or stuck (neither).
+draws its own samples: `qmse.escape.run_method`). B = None is the population gradient (the
+closed-form mean field, deterministic: one start; its prediction is the mean map's).
+
+Outcomes (`measure`). A run that ends beyond DIVERGED_NORM (or non-finite) diverged. Any
+other end point is finished by gradient descent on the problem's exact objective (step
+GD_LR, until the gradient norm, each neuron's for teacher–student, is ≤ FINISH_TOL, or
+FINISH_STEPS steps), which says which basin it ended in, not where in its oscillation the
+budget caught it (heavy ball at β = 0.99 still swings after 3000 steps): escaped if the
+finished objective is below the problem's success threshold, moved if it is a spurious point
+other than the start's minimum (objective differing by more than MOVED relative), else
+stuck. `end_escaped` counts the runs whose objective was below the success threshold at the
+end of the budget itself (the escape benchmark's rule), for comparison.
 
 Verdict (`classify`, `confusion`). A cell (minimum, β, B, lr) is measured "left" when more
-than half of its starts escaped or diverged, else "stuck"; its outcome is the most frequent
-of escaped / diverged / stuck (ties in that order). A rule predicts the minimum unstable
-when lr is at or above its threshold there, and the outcome escaped when the minimum is
-unstable and the global minimum stable, diverged when both are, stuck otherwise. Rules
-(`RULES`): "second moment" (the stochastic threshold), "mean map" (2(1 + β)/λ_max), and
-"lr/(1-β)" (lr/(1 − β) against 2/λ_max, i.e. 2(1 − β)/λ_max, the simple rule). The grid's
-step sizes have 6 significant digits, and one of them is a predicted edge: thresholds are
-compared at that precision, so that this point counts as at the edge, not below it.
+than half of its starts escaped, diverged or moved, else "stuck"; its outcome is the most
+frequent of OUTCOMES (ties in that order). A rule predicts the minimum unstable when lr is
+at or above its threshold there, and the outcome escaped when the minimum is unstable and
+the global minimum stable, diverged when both are, stuck otherwise. Rules (`RULES`): "second
+moment" (the stochastic threshold), "mean map" (2(1 + β)/λ_max), and "lr/(1-β)" (lr/(1 − β)
+against 2/λ_max, i.e. 2(1 − β)/λ_max, the simple rule); λ_max of the mean field's Hessian.
+The grid's step sizes have 6 significant digits, and one of them is a predicted edge:
+thresholds are compared at that precision, so that this point counts as at the edge.
+
+Resuming (`phase_diagram` with `path`): the diagram is rewritten to its JSON after each
+panel, and a run that finds a diagram of the same family and protocol there computes only
+the panels it lacks.
 """
 
 from __future__ import annotations
@@ -33,8 +56,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +69,45 @@ from torch import Tensor
 from qmse import stability as st
 from qmse import teacher_student as ts
 from qmse.errors import UserError
+from qmse.escape import matrix_sensing as ms
 from qmse.escape import problems
 from qmse.escape.engine import DIVERGED_NORM, STUCK_LOSS, run_method
-from qmse.escape.population import certify_minima, gd_population
-from qmse.runs import progress, save_figure, save_json
+from qmse.escape.population import GD_LR, certify_minima, descend, gd_population
+from qmse.runs import load_json, progress, save_figure, save_json
 
 STEP = 2 ** (1 / 8)
-OUTCOMES = ("escaped", "diverged", "stuck")
+OUTCOMES = ("escaped", "diverged", "moved", "stuck")
 RULES = ("second moment", "mean map", "lr/(1-β)")
+FINISH_TOL, FINISH_STEPS = 1e-6, 20_000  # the finishing gradient descent's stop
+MOVED = 1e-4  # a finished objective this far (relative) from the start's is another point
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a phase diagram needs of one problem instance (module docstring).
+
+    name: the files' stem (phase-NAME.json); title: the figure's; protocol: what defines
+    the family's part of the diagram (JSON). problem: the registered Problem the engine
+    trains. minima (M, *shape) float64: certified strict spurious minima, from the starts of
+    `seeds` (one per point). global_minimum (*shape). hessian(w): the mean field's Hessian
+    (P, P) float64; linearise(w): MSE's per-sample field there (`stability.Linearisation`);
+    field(W (S, *shape)): the mean field (the population gradient of MSE as the engine
+    averages it); finish(W): gradient descent on the exact objective from each point,
+    (objective (S,), converged (S,) bool). seconds: the wall-clock time finding the minima
+    took."""
+
+    name: str
+    title: str
+    protocol: dict
+    problem: problems.Problem
+    minima: Tensor
+    seeds: list[int]
+    global_minimum: Tensor
+    hessian: Callable[[Tensor], Tensor]
+    linearise: Callable[[Tensor], st.Linearisation]
+    field: Callable[[Tensor], Tensor]
+    finish: Callable[[Tensor], tuple[Tensor, Tensor]]
+    seconds: float
 
 
 def certified_minima(k: int, seeds: Sequence[int]) -> tuple[Tensor, list[int]]:
@@ -70,32 +124,116 @@ def certified_minima(k: int, seeds: Sequence[int]) -> tuple[Tensor, list[int]]:
     return W[torch.tensor(strict, dtype=torch.bool)], [s for s, ok in zip(chosen, strict) if ok]
 
 
+def teacher_student(
+    k: int, *, seeds: int = 200, samples: int = 2**14, groups: int = 8, sample_seed: int = 0
+) -> Family:
+    """The teacher–student family at width k (module docstring); the prediction from
+    `samples` Monte Carlo inputs in `groups` groups, seeded `sample_seed`."""
+    clock = time.perf_counter()
+    W, found = certified_minima(k, range(seeds))
+    if not len(W):
+        raise UserError(f"k={k}: none of gd-population's seeds 0..{seeds - 1} ends at a "
+                        "certified spurious minimum; give more seeds")  # fmt: skip
+    p, problem = ts.make_problem(k), problems.teacher_student(k)
+
+    def finish(W: Tensor) -> tuple[Tensor, Tensor]:
+        out = gd_population(W.double(), p, tol=FINISH_TOL, max_steps=FINISH_STEPS, quiet=True)
+        return out["loss"], out["converged"]
+
+    kw = dict(samples=samples, groups=groups, seed=sample_seed)
+    return Family(
+        name=f"k{k}",
+        title=f"teacher–student k = {k}",
+        protocol={
+            "problem": "teacher-student",
+            "k": k,
+            "seeds": seeds,
+            "samples": samples,
+            "groups": groups,
+            "sample_seed": sample_seed,
+        },  # fmt: skip
+        problem=problem,
+        minima=W,
+        seeds=found,
+        global_minimum=p.V,
+        hessian=lambda w: ts.population_hessian(w.double(), p),
+        linearise=lambda w: st.linearise(problem, w, **kw),
+        field=lambda W: ts.population_grad(W, p),
+        finish=finish,
+        seconds=time.perf_counter() - clock,
+    )
+
+
+def matrix_sensing(delta: float, n: int, seed: int, m: int, *, seeds: int = 64) -> Family:
+    """The rank-1 matrix sensing family of `ms.make_instance(delta, n, seed, m)` (module
+    docstring); minima from gradient descent on f from the starts of seeds 0 … seeds−1."""
+    clock = time.perf_counter()
+    inst = ms.make_instance(delta, n, seed, m)
+    problem = ms.matrix_sensing_problem(delta, n, seed, m)
+    scale = 2 * inst.m  # f = Σ rᵢ², the engine's mean field that of mean ½rᵢ²
+
+    def finish(W: Tensor) -> tuple[Tensor, Tensor]:
+        out = descend(problem, W.double(), tol=FINISH_TOL, max_steps=FINISH_STEPS, quiet=True)
+        return out["loss"], out["converged"]
+
+    ends = descend(problem, problem.init(range(seeds)), quiet=True)
+    keep = (ends["converged"] & ends["stuck"]).tolist()
+    W = ends["W"][torch.tensor(keep, dtype=torch.bool)]
+    strict = [c["kind"] == "strict minimum" for c in problems.certify(problem, W)]
+    found = [s for s, ok in zip([s for s, k in zip(range(seeds), keep) if k], strict) if ok]
+    if not found:
+        raise UserError(
+            f"matrix sensing δ={delta}, n={n}, m={m}, seed {seed}: gradient descent from "
+            f"seeds 0..{seeds - 1} ends at no certified spurious minimum"
+        )
+    return Family(
+        name="sensing",
+        title=f"rank-1 matrix sensing δ = {delta:g}, n = {n}, m = {inst.m}",
+        protocol={
+            "problem": "matrix-sensing",
+            "delta": delta,
+            "n": n,
+            "seed": seed,
+            "m": inst.m,
+            "seeds": seeds,
+        },  # fmt: skip
+        problem=problem,
+        minima=W[torch.tensor(strict, dtype=torch.bool)],
+        seeds=found,
+        global_minimum=inst.z,
+        hessian=lambda w: ms.hessian(inst, w) / scale,
+        linearise=lambda w: st.finite_sum(problem, w, inst.A, inst.b[:, None]),
+        field=lambda W: problems.gradient(problem, W) / scale,
+        finish=finish,
+        seconds=time.perf_counter() - clock,
+    )
+
+
 def lr_grid(lo: float, hi: float, below: int, above: int) -> list[float]:
     """lo·STEP^i from i = −below to `above` steps past hi (lo ≤ hi), 6 significant digits."""
     top = math.ceil(math.log(hi / lo) / math.log(STEP) - 1e-9) + above
     return [float(f"{lo * STEP**i:.6g}") for i in range(-below, top + 1)]
 
 
-def _population_runs(W0: Tensor, k: int, lrs: Sequence[float], beta: float, steps: int):
-    """Heavy ball on the closed-form population gradient from each start at each lr:
-    (final losses, diverged), rows g·m + i as `run_method`'s."""
-    p = ts.make_problem(k)
+def _population_runs(family: Family, W0: Tensor, lrs: Sequence[float], beta: float, steps: int):
+    """Heavy ball on the family's mean field from each start at each lr: (end points,
+    diverged), rows g·m + i as `run_method`'s."""
     m = len(W0)
-    W = W0.double().repeat(len(lrs), 1, 1)  # (G·m, k, k)
-    lr = torch.tensor(lrs, dtype=torch.float64).repeat_interleave(m).view(-1, 1, 1)
+    W = W0.double().repeat(len(lrs), *(1,) * (W0.dim() - 1))  # (G·m, *shape)
+    flat = (-1,) + (1,) * (W0.dim() - 1)
+    lr = torch.tensor(lrs, dtype=torch.float64).repeat_interleave(m).view(flat)
     buf, diverged = torch.zeros_like(W), torch.zeros(len(W), dtype=torch.bool)
     for _ in range(steps):
-        buf = beta * buf + ts.population_grad(W, p)
+        buf = beta * buf + family.field(W)
         new = W - lr * buf
         diverged |= ~(new.flatten(1).norm(dim=1) <= DIVERGED_NORM)
-        W = torch.where(diverged.view(-1, 1, 1), W, new)
-    loss = ts.population_loss(W, p)
-    return loss.masked_fill(diverged, float("inf")), diverged
+        W = torch.where(diverged.view(flat), W, new)
+    return W, diverged
 
 
 def measure(
+    family: Family,
     W0: Tensor,
-    k: int,
     lrs: Sequence[float],
     beta: float,
     batch: int | None,
@@ -103,105 +241,48 @@ def measure(
     steps: int,
     seed: int = 0,
 ) -> dict[str, list]:
-    """How many of the starts W0 (m, k, k) escaped, diverged or stuck at each lr, and the
-    median final population loss of those stuck (None if none: is it still the minimum's?):
-    SGD (β = 0) or heavy ball on MSE with fresh batches of `batch` inputs (`run_method`,
-    inputs from `seed`), or on the population gradient (batch None)."""
+    """How many of the starts W0 (m, *shape) escaped, diverged, moved or stuck at each lr
+    (module docstring), how many had escaped at the end of the budget itself
+    (`end_escaped`), how many finishing descents hit FINISH_STEPS (`unfinished`), and the
+    median objective at the end of the budget of those stuck (`stuck_loss`: how far they
+    wander) and the median finished objective of those moved (`moved_loss`), None where there
+    are none: SGD (β = 0) or heavy ball on MSE with fresh batches of `batch` samples
+    (`run_method`, samples from `seed`), or on the mean field (batch None)."""
     G, m = len(lrs), len(W0)
     if batch is None:
-        loss, diverged = _population_runs(W0, k, lrs, beta, steps)
+        W, diverged = _population_runs(family, W0, lrs, beta, steps)
     else:
         method, hyper = ("sgd", None) if beta == 0 else ("momentum", {"one_minus_beta": 1 - beta})
-        out = run_method(method, W0, ts.make_problem(k), steps=steps, lr=list(lrs), hyper=hyper,
+        out = run_method(method, W0, family.problem, steps=steps, lr=list(lrs), hyper=hyper,
                          batch=batch, seed=seed, quiet=True)  # fmt: skip
-        loss, diverged = out["loss"], out["diverged"]
-    loss, diverged = loss.view(G, m), diverged.view(G, m)
-    escaped = loss < STUCK_LOSS
-    stuck = ~escaped & ~diverged
+        W, diverged = out["W"].double(), out["diverged"]
+    objective, success = family.problem.objective, family.problem.success
+    end = objective(W).masked_fill(diverged, float("inf"))
+    final, finished = end.clone(), torch.ones(len(W), dtype=torch.bool)
+    if (~diverged).any():
+        final[~diverged], finished[~diverged] = family.finish(W[~diverged])
+    start = objective(W0.double()).repeat(G)
+    escaped = final < success
+    moved = ~escaped & ~diverged & ((final - start).abs() > MOVED * start)
+    stuck = ~escaped & ~diverged & ~moved
+
+    def median(values: Tensor, where: Tensor) -> list[float | None]:
+        values, where = values.view(G, m), where.view(G, m)
+        return [float(v[s].median()) if s.any() else None for v, s in zip(values, where)]
+
+    def count(flags: Tensor) -> list[int]:
+        return flags.view(G, m).sum(1).tolist()
+
     return {
-        "escaped": escaped.sum(1).tolist(),
-        "diverged": diverged.sum(1).tolist(),
-        "stuck": stuck.sum(1).tolist(),
-        "stuck_loss": [float(v[s].median()) if s.any() else None for v, s in zip(loss, stuck)],
+        "escaped": count(escaped),
+        "diverged": count(diverged),
+        "moved": count(moved),
+        "stuck": count(stuck),
+        "end_escaped": count(end < success),
+        "unfinished": count(~finished),
+        "stuck_loss": median(end, stuck),
+        "moved_loss": median(final, moved),
     }
-
-
-def phase_diagram(
-    k: int,
-    betas: Sequence[float],
-    batches: Sequence[int | None],
-    *,
-    seeds: int = 200,
-    starts: int = 64,
-    steps: int = 3000,
-    below: int = 16,
-    above: int = 6,
-    samples: int = 2**14,
-    groups: int = 8,
-    seed: int = 0,
-    quiet: bool = False,
-) -> dict:
-    """The predicted thresholds and the measured outcomes of every (distinct minimum, β, B)
-    panel on its lr grid (module docstring), as plain data with the wall-clock seconds each
-    part took."""
-    clock = time.perf_counter()
-    W, found = certified_minima(k, range(seeds))
-    if not len(W):
-        raise UserError(f"k={k}: none of gd-population's seeds 0..{seeds - 1} ends at a "
-                        "certified spurious minimum; give more seeds")  # fmt: skip
-    losses = ts.population_loss(W, ts.make_problem(k)).tolist()
-    classes = list(dict.fromkeys(round(v, 6) for v in losses))
-    seconds = {"minima": time.perf_counter() - clock, "prediction": 0.0, "measurement": 0.0}
-    problem = problems.teacher_student(k)
-    V = ts.make_problem(k).V
-    kw = dict(samples=samples, groups=groups, seed=seed)
-    glob = st.linearise(problem, V, **kw)
-    minima, panels = [], []
-    todo = [(i, b, B) for i in range(len(classes)) for b in betas for B in batches]
-    bar = progress(total=len(todo), quiet=quiet, desc=f"phase k={k}")
-    for i, value in enumerate(classes):
-        rows = [j for j, v in enumerate(losses) if round(v, 6) == value]
-        clock = time.perf_counter()
-        lin = st.linearise(problem, W[rows[0]], **kw)
-        seconds["prediction"] += time.perf_counter() - clock
-        minima.append({
-            "loss": value, "count": len(rows), "seeds": [found[j] for j in rows],
-            "eigenvalues": _extremes(lin.hessian),
-        })  # fmt: skip
-        for beta in betas:
-            for batch in batches:
-                clock = time.perf_counter()
-                if batch is None:
-                    pair = [st.mean_threshold(x.hessian, beta) for x in (lin, glob)]
-                    pred = [dict(beta=beta, batch=None, mean=t, mean_se=0.0, second=t,
-                                 second_se=0.0) for t in pair]  # fmt: skip
-                else:
-                    band = st.escape_band(lin, glob, beta, batch)
-                    pred = [asdict(band.minimum), asdict(band.global_minimum)]
-                seconds["prediction"] += time.perf_counter() - clock
-                edges = sorted(t["second"] for t in pred)
-                lrs = lr_grid(edges[0], edges[1], below, above)
-                count = 1 if batch is None else starts
-                W0 = W[[rows[j % len(rows)] for j in range(count)]]
-                clock = time.perf_counter()
-                counts = measure(W0, k, lrs, beta, batch, steps=steps, seed=seed)
-                seconds["measurement"] += time.perf_counter() - clock
-                panels.append({"minimum": i, "beta": beta, "batch": batch, "starts": count,
-                               "predicted": {"minimum": pred[0], "global_minimum": pred[1]},
-                               "lrs": lrs, **counts})  # fmt: skip
-                bar.update()
-    bar.close()
-    return {
-        "protocol": {
-            "k": k, "seeds": seeds, "starts": starts, "steps": steps, "step": "2^(1/8)",
-            "below": below, "above": above, "samples": samples, "groups": groups,
-            "seed": seed, "stuck_loss": STUCK_LOSS, "diverged_norm": DIVERGED_NORM,
-        },
-        "minima": minima,
-        "global_minimum": {"eigenvalues": _extremes(glob.hessian)},
-        "panels": panels,
-        "seconds": {name: round(s, 1) for name, s in seconds.items()},
-    }  # fmt: skip
 
 
 def _extremes(H: np.ndarray) -> list[float]:
@@ -209,12 +290,117 @@ def _extremes(H: np.ndarray) -> list[float]:
     return [float(lam[0]), float(lam[-1])]
 
 
+def _key(panel: dict) -> tuple:
+    return (panel["minimum"], panel["beta"], panel["batch"])
+
+
+def phase_diagram(
+    family: Family,
+    betas: Sequence[float],
+    batches: Sequence[int | None],
+    *,
+    starts: int = 64,
+    steps: int = 3000,
+    below: int = 16,
+    above: int = 6,
+    seed: int = 0,
+    path: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> dict:
+    """The predicted thresholds and the measured outcomes of every (distinct minimum, β, B)
+    panel on its lr grid (module docstring), as plain data with the wall-clock seconds each
+    panel's prediction, runs and finishing descents took. With `path`, resumable: the
+    panels of a diagram of the same family and protocol there are kept, and the diagram is
+    rewritten there after each new panel."""
+    problem = family.problem
+    losses = problem.objective(family.minima).tolist()
+    classes = list(dict.fromkeys(round(v, 6) for v in losses))
+    protocol = family.protocol | {
+        "starts": starts, "steps": steps, "step": "2^(1/8)", "below": below, "above": above,
+        "seed": seed, "success": problem.success, "diverged_norm": DIVERGED_NORM,
+        "finish_lr": GD_LR, "finish_tol": FINISH_TOL, "finish_steps": FINISH_STEPS,
+        "moved": MOVED,
+    }  # fmt: skip
+    minima = []
+    for value in classes:
+        rows = [j for j, v in enumerate(losses) if round(v, 6) == value]
+        H = family.hessian(family.minima[rows[0]]).numpy()
+        seeds = [family.seeds[j] for j in rows]
+        minima.append(
+            {"loss": value, "count": len(rows), "seeds": seeds, "eigenvalues": _extremes(H)}
+        )
+    data = {
+        "name": family.name,
+        "title": family.title,
+        "protocol": protocol,
+        "minima": minima,
+        "global_minimum": {"eigenvalues": _extremes(family.hessian(family.global_minimum).numpy())},
+        "panels": [],
+        "minima_seconds": round(family.seconds, 1),
+    }
+    if path is not None and Path(path).exists():
+        old = load_json(path)
+        same = [(m["loss"], m["seeds"]) for m in old["minima"]] == [
+            (m["loss"], m["seeds"]) for m in minima
+        ]
+        if old["protocol"] != protocol or not same:
+            raise UserError(f"{path}: a diagram of another protocol or other minima; move it "
+                            "away, or write to another --out")  # fmt: skip
+        data["panels"] = old["panels"]
+    done = {_key(p) for p in data["panels"]}
+    grid = [(i, b, B) for i in range(len(classes)) for b in betas for B in batches]
+    order = {key: n for n, key in enumerate(grid)}
+    todo = [key for key in grid if key not in done]
+    lins: dict = {}
+
+    def linearised(key) -> st.Linearisation:
+        if key not in lins:
+            w = family.global_minimum if key == "global" else family.minima[key]
+            lins[key] = family.linearise(w)
+        return lins[key]
+
+    for i, beta, batch in progress(todo, quiet=quiet, desc=f"phase {family.name}"):
+        rows = [j for j, v in enumerate(losses) if round(v, 6) == classes[i]]
+        clock = time.perf_counter()
+        if batch is None:
+            pair = [st.mean_threshold(family.hessian(w).numpy(), beta)
+                    for w in (family.minima[rows[0]], family.global_minimum)]  # fmt: skip
+            pred = [dict(beta=beta, batch=None, mean=t, mean_se=0.0, second=t, second_se=0.0)
+                    for t in pair]  # fmt: skip
+        else:
+            band = st.escape_band(linearised(rows[0]), linearised("global"), beta, batch)
+            pred = [asdict(band.minimum), asdict(band.global_minimum)]
+        predicted = time.perf_counter() - clock
+        edges = sorted(t["second"] for t in pred)
+        lrs = lr_grid(edges[0], edges[1], below, above)
+        count = 1 if batch is None else starts
+        W0 = family.minima[[rows[j % len(rows)] for j in range(count)]]
+        clock = time.perf_counter()
+        counts = measure(family, W0, lrs, beta, batch, steps=steps, seed=seed)
+        data["panels"].append({
+            "minimum": i, "beta": beta, "batch": batch, "starts": count,
+            "predicted": {"minimum": pred[0], "global_minimum": pred[1]}, "lrs": lrs, **counts,
+            "seconds": {"prediction": round(predicted, 1),
+                        "measurement": round(time.perf_counter() - clock, 1)},
+        })  # fmt: skip
+        data["panels"].sort(key=lambda p: order.get(_key(p), len(order)))
+        if path is not None:
+            save_json(path, data)
+    return data
+
+
+def seconds(data: dict) -> dict[str, float]:
+    """The panels' wall-clock seconds, summed: prediction and measurement (runs and
+    finishing descents)."""
+    return {part: round(sum(p["seconds"][part] for p in data["panels"]), 1)
+            for part in ("prediction", "measurement")}  # fmt: skip
+
+
 def thresholds(data: dict, panel: dict, rule: str) -> tuple[float, float]:
     """The lr at which `rule` predicts the panel's minimum, and the global minimum, unstable."""
     if rule == "second moment":
-        return panel["predicted"]["minimum"]["second"], panel["predicted"]["global_minimum"][
-            "second"
-        ]
+        pred = panel["predicted"]
+        return pred["minimum"]["second"], pred["global_minimum"]["second"]
     lam = (data["minima"][panel["minimum"]]["eigenvalues"][1],
            data["global_minimum"]["eigenvalues"][1])  # fmt: skip
     beta = panel["beta"]
@@ -238,7 +424,7 @@ def classify(data: dict, rule: str) -> list[dict]:
             cells.append({
                 "minimum": panel["minimum"], "beta": panel["beta"], "batch": panel["batch"],
                 "lr": lr, "predicted_unstable": unstable, "predicted": predicted,
-                "left": counts[0] + counts[1] > panel["starts"] / 2,
+                "left": sum(counts[:3]) > panel["starts"] / 2,
                 "outcome": OUTCOMES[counts.index(max(counts))],
             })  # fmt: skip
     return cells
@@ -266,26 +452,26 @@ def confusion(data: dict, rule: str) -> dict[str, int | float]:
 
 def measured_edges(panel: dict) -> dict[str, float | None]:
     """The smallest lr of the panel's grid at which more than half of the starts escaped,
-    left (escaped or diverged), or diverged (None where none did)."""
+    left (escaped, diverged or moved), or diverged (None where none did)."""
     half = panel["starts"] / 2
 
     def first(counts: list[int]) -> float | None:
         return next((lr for lr, c in zip(panel["lrs"], counts) if c > half), None)
 
-    left = [e + d for e, d in zip(panel["escaped"], panel["diverged"])]
+    left = [sum(c) for c in zip(*(panel[o] for o in OUTCOMES[:3]))]
     return {"escaped": first(panel["escaped"]), "left": first(left),
             "diverged": first(panel["diverged"])}  # fmt: skip
 
 
 def plot(data: dict, path: str | os.PathLike) -> None:
-    """One panel per (minimum, β, B): the escaped and diverged fractions against lr (log),
-    with the predicted edges drawn over them: the second-moment thresholds of the minimum
-    (solid) and of the global minimum (dashed), the band between them shaded, the mean map's
-    2(1 + β)/λ_max (dotted) and lr/(1 − β) = 2/λ_max (dash-dot) at the minimum."""
+    """One panel per (minimum, β, B): the escaped, moved and diverged fractions against lr
+    (log), with the predicted edges drawn over them: the second-moment thresholds of the
+    minimum (solid) and of the global minimum (dashed), the band between them shaded, the
+    mean map's 2(1 + β)/λ_max (dotted) and lr/(1 − β) = 2/λ_max (dash-dot) at the minimum."""
     panels = data["panels"]
     betas = list(dict.fromkeys(p["beta"] for p in panels))
     cols = list(dict.fromkeys((p["minimum"], p["batch"]) for p in panels))
-    fig = Figure(figsize=(3.6 * len(cols), 2.9 * len(betas) + 1.0))
+    fig = Figure(figsize=(3.2 * len(cols), 2.5 * len(betas) + 1.0))
     axes = fig.subplots(len(betas), len(cols), squeeze=False)
     for p in panels:
         ax = axes[betas.index(p["beta"])][cols.index((p["minimum"], p["batch"]))]
@@ -293,6 +479,9 @@ def plot(data: dict, path: str | os.PathLike) -> None:
         ax.plot(p["lrs"], [e / n for e in p["escaped"]], "o-", ms=3, color="C2", label="escaped")
         ax.plot(p["lrs"], [d / n for d in p["diverged"]], "s:", ms=3, color="C3",
                 mfc="none", label="diverged")  # fmt: skip
+        if any(p["moved"]):
+            ax.plot(p["lrs"], [d / n for d in p["moved"]], "^--", ms=3, color="C4",
+                    label="moved to another minimum")  # fmt: skip
         lo, hi = thresholds(data, p, "second moment")
         if lo < hi:
             ax.axvspan(lo, hi, color="C0", alpha=0.15, label="predicted band")
@@ -309,26 +498,20 @@ def plot(data: dict, path: str | os.PathLike) -> None:
         many = len(data["minima"]) > 1
         ax.set_title(f"β = {p['beta']:g}, {batch}" + (f", minimum {p['minimum']}" if many else ""),
                      fontsize=9)  # fmt: skip
-        ax.set_xlabel("lr")
-        ax.set_ylabel(f"share of {n} start{'s' if n > 1 else ''}")
+        ax.set_xlabel("lr", fontsize=8)
+        ax.set_ylabel(f"share of {n} start{'s' if n > 1 else ''}", fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
-    k = data["protocol"]["k"]
+    labels: dict = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=4, fontsize=8)
     steps = data["protocol"]["steps"]
-    title = f"Escape from the certified minima, teacher–student k = {k}, {steps} steps"
-    fig.suptitle(f"{title}: measured vs predicted", fontsize=10)
-    fig.tight_layout(rect=(0, 0.09 * 2 / (len(betas) + 1), 1, 1))
+    fig.suptitle(f"Escape from the certified minima, {data['title']}, {steps} steps: measured "
+                 "vs predicted", fontsize=11)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.6 / (2.5 * len(betas) + 1.0), 1, 1))
     save_figure(path, fig)
-
-
-def write(data: dict, out: str | os.PathLike, name: str) -> list[Path]:
-    """out/NAME.json and out/NAME.png; returns their paths."""
-    out = Path(out)
-    paths = [out / f"{name}.json", out / f"{name}.png"]
-    save_json(paths[0], data)
-    plot(data, paths[1])
-    return paths
 
 
 def _g(x: float | None) -> str:
@@ -340,8 +523,8 @@ def markdown(data: dict) -> str:
     (`measured_edges`), and per rule its confusion table (`confusion`)."""
     many = len(data["minima"]) > 1
     head = ("| " + ("minimum | " if many else "") + "β | B | onset, 2nd moment (min) | "
-            "global unstable | escaped > ½ from | diverged > ½ from | 2(1−β)/λ_max | "
-            "2(1+β)/λ_max |")  # fmt: skip
+            "global unstable | escaped > ½ from | left > ½ from | diverged > ½ from | "
+            "2(1−β)/λ_max | 2(1+β)/λ_max |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in data["panels"]:
         lo, glob = p["predicted"]["minimum"], p["predicted"]["global_minimum"]
@@ -354,6 +537,7 @@ def markdown(data: dict) -> str:
             f"{lo['second']:.4g}{se}",
             f"{glob['second']:.4g}",
             _g(edges["escaped"]),
+            _g(edges["left"]),
             _g(edges["diverged"]),
             f"{thresholds(data, p, 'lr/(1-β)')[0]:.4g}",
             f"{thresholds(data, p, 'mean map')[0]:.4g}",
