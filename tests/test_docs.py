@@ -1,15 +1,16 @@
 """The results prose says only what the committed files give.
 
 docs/escape.md, docs/results.md and README.md quote numbers from committed outputs:
-docs/escape-2/** (the escape benchmark), docs/fmnist-end/**, docs/fmnist-long/** and
-docs/fmnist-grid/report.md (the CNN grids). For every quoted number a check below computes
-it from those files (failure counts and paired tests from the per-start outcomes in rows/,
-statistics from `qmse.stats`) and asserts that its exact text is in the document; a table
-copied from a committed table.md or report.md must be rows of that file, and a table built
-from results.json must be what the check builds. Then a guard: with every checked snippet
-taken out, no number may be left in the checked sections except those on a short list of
-tokens that are not results (k values, section numbers, the protocol's thresholds). A new
-number in the prose fails here until a check computes it.
+docs/escape-2/** (the escape benchmark), docs/fmnist-end/**, docs/fmnist-300/**,
+docs/fmnist-full/**, docs/fmnist-long/** and docs/fmnist-grid/report.md (the CNN grids). For
+every quoted number a check below computes it from those files (failure counts and paired
+tests from the per-start outcomes in rows/, statistics from `qmse.stats`) and asserts that
+its exact text is in the document; a table copied from a committed table.md or report.md
+must be rows of that file, and a table built from results.json must be what the check
+builds. Then a guard: with every checked snippet taken out, no number may be left in the
+checked sections except those on a short list of tokens that are not results (k values,
+section numbers, the protocol's thresholds). A new number in the prose fails here until a
+check computes it.
 
 Checked: docs/escape.md's paragraph on the second edition's sweeps and everything from
 "Results of the second edition" on; docs/results.md but its GPU plan (what would run, not
@@ -1195,7 +1196,6 @@ def results_answer(doc: Doc) -> None:
         f"{own_config('expected-qmse', 0.9)['lr']:g})",
         "(4 pairs instead of 5)",
         "in the first epoch on seed 0",
-        f"Trained on to {LONG_EPOCHS[-1]} epochs",
     )
 
 
@@ -1384,6 +1384,177 @@ def results_short_grid(doc: Doc) -> None:
     )
 
 
+LONGER = ROOT / "docs" / "fmnist-300"  # 300 epochs, step sizes re-tuned, 5 seeds
+FULL = ROOT / "docs" / "fmnist-full"  # all 60,000 images, 100 epochs, lr 0.01
+
+
+def diff_cell(path: Path, setting: str, momentum: str, column: str) -> str:
+    """A QMSE − MSE cell of a grid report's paired table (setting "" for a grid with one)."""
+    tables = report_tables(path / "report.md")
+    key = next(h for h in tables if setting in h and "Paired differences" in h)
+    return next(
+        r[column] for r in tables[key] if (r["momentum"], r["loss − MSE"]) == (momentum, "qmse")
+    )
+
+
+def report_rows(doc: Doc, heading: str, grid: Path) -> None:
+    """Every table row under `heading` is a row of the grid's report.md (which
+    tests/test_report.py regenerates from the grid's files)."""
+    rows = doc.tables_under(heading)
+    lines = set((grid / "report.md").read_text().split("\n"))
+    assert rows and all(x in lines for x in rows), heading
+    doc.quote(*rows)
+
+
+def summary_line(grid: Path) -> dict:
+    """The numbers of a report's summary line."""
+    line = (grid / "report.md").read_text().split("\n")[2]
+    out = {
+        "complete": int(re.search(r"(\d+) of \d+ runs complete", line)[1]),
+        "planned": int(re.search(r"\d+ of (\d+) runs complete", line)[1]),
+        "train": int(re.search(r"summed over runs: (\d+) s", line)[1]),
+        "diag": int(re.search(r"diagnoses: (\d+) s", line)[1]),
+    }
+    sweep = re.search(r"step-size sweep runs: (\d+) s", line)
+    out["sweep"] = int(sweep[1]) if sweep else 0
+    return out
+
+
+def results_longer(doc: Doc) -> None:
+    """300 epochs with step sizes re-tuned (docs/fmnist-300) against the 100-epoch grid."""
+    heading = "## 300 epochs, step sizes re-tuned for 300 epochs"
+    report_rows(doc, heading, LONGER)
+    grid = load(LONGER / "grid.json")
+    seeds = sorted({c["seed"] for c in grid["configs"]})
+    epochs = {c["epochs"] for c in grid["configs"]}
+    assert epochs == {300} and len(seeds) == 5
+    # the same step sizes as the 100-epoch grid's
+    for loss in ("mse", "qmse"):
+        for m in (0.0, 0.9):
+            lr = next(
+                c["lr"]
+                for n, c in zip(grid["runs"], grid["configs"])
+                if c["loss"] == loss and c["momentum"] == m and "-lr" in n
+            )
+            assert lr == own_config(loss, m)["lr"]
+    # every 300-epoch run's epoch-100 values are the 100-epoch grid's final ones
+    for run in LONGER.glob("*-s[0-9]*"):
+        if (run / "metrics.jsonl").exists():
+            assert at_epoch(run, 100) == metrics(END / run.name)[-1], run.name
+    diagnosed = [load(d) for d in LONGER.glob("*/diagnosis.json")]
+    assert all(d["stop"]["whole_set_label"] == "not-stationary" for d in diagnosed)
+    ratio, delta = "train ½‖r‖² ÷ MSE's [95 % CI]", R2
+    settings = [(OWN, "0"), (OWN, "0.9"), (PAPER, "0"), (PAPER, "0.9")]
+    before = [cell(st, DIFF, m, "qmse", ratio) for st, m in settings]
+    after = [diff_cell(LONGER, st, m, ratio) for st, m in settings]
+    assert all(float(mean_of(a)) > float(mean_of(b)) for a, b in zip(after, before))
+    d0 = [mean_of(cell(st, DIFF, m, "qmse", delta)) for st, m in settings]
+    d1 = [mean_of(diff_cell(LONGER, st, m, delta)) for st, m in settings]
+    assert float(d1[0]) < float(d0[0]) and float(d1[1]) < float(d0[1])
+    assert float(d1[3]) < float(d0[3])
+    s = summary_line(LONGER)
+    total = s["train"] + s["sweep"] + s["diag"]
+    doc.quote(
+        heading.removeprefix("## "),
+        f"trained for 300 epochs instead of {BASE['epochs']}",
+        f"the 300-epoch budget (the same factor-2 sweep, widened past its edges), "
+        f"{len(seeds)} seeds",
+        f"all {len(diagnosed)} diagnosed runs are not-stationary",
+        f"{before[0]} → {after[0]} at the own lr without momentum, {before[1]} → {after[1]} "
+        f"with momentum 0.9, and at lr 0.01 {before[2]} → {after[2]} and {before[3]} → "
+        f"{after[3]}",
+        f"{d0[0]} → {d1[0]} and {d0[1]} → {d1[1]} at the own lr, {d0[2]} → {d1[2]} and "
+        f"{d0[3]} → {d1[3]} at lr 0.01",
+        f"from {BASE['epochs']} to 300 epochs",
+        f"Against the {BASE['epochs']}-epoch grid",
+        f"as for {BASE['epochs']} epochs",
+        f"{num(s['train'])} s for the {s['complete']} evaluation runs that finished (the "
+        f"{s['planned']}th diverged in its first epoch), about {s['train'] / s['complete']:.0f} s "
+        f"per 300-epoch run; {num(s['sweep'])} s for the "
+        f"{len(list((LONGER / 'sweep').iterdir()))} sweep runs; {num(s['diag'])} s for the "
+        f"{len(diagnosed)} diagnoses: **{num(total)} s, {total / 3600:.1f} hours of one core**",
+        "2-core x86_64 CPU",
+        f"trained for 300 epochs with step sizes re-tuned for that budget ({len(seeds)} seeds)",
+        "(momentum 0, 0.9)",
+        f'("{heading.split(",")[0].removeprefix("## ")}" below)',
+    )
+    (diverged,) = [load(d.parent / "config.json") for d in LONGER.glob("*/diverged.json")]
+    assert (diverged["loss"], diverged["momentum"]) == ("qmse", 0.0)
+    assert diverged["lr"] == own_config("qmse", 0.0)["lr"]
+    doc.quote(f"QMSE's seed-{diverged['seed']} run at its own lr without momentum diverged")
+
+
+def results_full(doc: Doc) -> None:
+    """All 60,000 images, 100 epochs at lr 0.01 (docs/fmnist-full)."""
+    heading = "## All 60,000 images, 100 epochs"
+    report_rows(doc, heading, FULL)
+    cfg = load(FULL / "mse-m0-s0" / "config.json")
+    assert (cfg["num_train"], cfg["num_test"], cfg["lr"], cfg["epochs"]) == (
+        60000,
+        10000,
+        0.01,
+        100,
+    )
+    done = sorted(
+        {
+            load(r / "config.json")["seed"]
+            for r in FULL.glob("*-s*")
+            if (r / "metrics.jsonl").exists()
+        }
+    )
+    planned = sorted({c["seed"] for c in load(FULL / "grid.json")["configs"]})
+    r_full = [diff_cell(FULL, "", m, R2) for m in ("0", "0.9")]
+    ratio = "train ½‖r‖² ÷ MSE's [95 % CI]"
+    q_full = [diff_cell(FULL, "", m, ratio) for m in ("0", "0.9")]
+    q_end = [cell(PAPER, DIFF, m, "qmse", ratio) for m in ("0", "0.9")]
+    assert all(lower(c) > 0 for c in r_full)
+    full_mse = report_tables(FULL / "report.md")
+    fin = next(
+        r
+        for r in full_mse["Final epoch, mean ± std over seeds"]
+        if (r["momentum"], r["loss"]) == ("0.9", "mse")
+    )
+    stop = next(
+        r
+        for r in full_mse["Where the runs stopped"]
+        if (r["momentum"], r["loss"]) == ("0.9", "mse")
+    )
+    steps = [math.ceil(n / BASE["batch_size"]) for n in (60000, BASE["train_subset"])]
+    s = summary_line(FULL)
+    per_epoch = s["train"] / s["complete"] / 100
+    doc.quote(
+        heading.removeprefix("## "),
+        f"on all {num(cfg['num_train'])} Fashion-MNIST training images (test on all "
+        f"{num(cfg['num_test'])})",
+        f"seeds {three(done)} of the planned {planned[0]}–{planned[-1]}"
+        if len(done) > 2
+        else f"seeds {done[0]} and {done[1]} of the planned {planned[0]}–{planned[-1]} (seed "
+        f"{planned[-1]}'s runs are not committed)",
+        f"QMSE ends above MSE by {mean_of(r_full[0])} [{r_full[0].split('[')[1]} without momentum "
+        f"and {mean_of(r_full[1])} [{r_full[1].split('[')[1]} with momentum 0.9, {q_full[0]} and "
+        f"{q_full[1]} times MSE's, against {q_end[0]} and {q_end[1]} on "
+        f"{num(BASE['train_subset'])} images after {BASE['epochs']} epochs",
+        f"With {steps[0]} steps an epoch instead of {steps[1]}",
+        f"½‖r‖² {mean_of(fin['train ½‖r‖²'])} with {stop[FIT]} % of the images".replace(
+            f"{stop[FIT]} %", f"{stop[FIT].split(' ')[0]} %"
+        ),
+        f"against {mean_of(cell(PAPER, FINAL, '0.9', 'mse', 'train ½‖r‖²'))} and "
+        f"{cell(PAPER, STOP, '0.9', 'mse', FIT).split(' ')[0]} %",
+        f"With {WORDS[len(done)]} paired seeds the report's rule (at least 3 pairs)",
+        f"{num(s['train'])} s of one core for the {s['complete']} runs (about "
+        f"{per_epoch * 100 / 60:.0f} minutes a run, {per_epoch:.0f} s an epoch), "
+        f"{num(s['diag'])} s for their {len(list(FULL.glob('*/diagnosis.json')))} diagnoses",
+        f"on {num(BASE['train_subset'])} images",
+        f"On all {num(cfg['num_train'])} images",
+        f"(100 epochs, lr 0.01) QMSE ends above MSE in both momenta's {WORDS[len(done)]} pairs",
+        f"with {WORDS[len(done)]} pairs of the {WORDS[len(planned)]} planned",
+        f"All {num(cfg['num_train'])} images",
+        f"the {num(BASE['train_subset'])}-image grid",
+        f"the {num(BASE['train_subset'])}-image grid)",
+        f"the full train and test sets evaluated every {cfg['eval_every']} epochs",
+    )
+
+
 RESULTS_WHITELIST = [
     r"sec\. \d",  # the paper's sections and data sets
     r"figs\. \d–\d",
@@ -1399,7 +1570,7 @@ RESULTS_WHITELIST = [
     r"2\^±5",
     r"\(from 0\.1\)",
     r"fc\(10\)",  # ten classes
-    r"fmnist-(?:end|long|grid)/",  # the results' folders
+    r"fmnist-(?:end|long|grid|300|full)/",  # the results' folders
 ]
 
 
@@ -1408,7 +1579,7 @@ def test_results_doc_numbers_are_the_committed_results():
         "docs/results.md",
         [("# Results", "## On a GPU at the paper's scale"), ("## The 20-epoch grid", None)],
     )
-    for check in (results_answer, results_grid, results_short_grid):
+    for check in (results_answer, results_grid, results_longer, results_full, results_short_grid):
         check(doc)
     doc.check(RESULTS_WHITELIST)
 
