@@ -19,16 +19,21 @@ each with the BatchNorm statistics
   blend     the models' own running statistics blended like the weights (`buffers="blend"`).
 
 Writes one JSON (`--out`): what was run, per width the training curves, test accuracy, the
-four paths, their loss and accuracy barriers and the CPU seconds of each stage. No
-checkpoints are written. The run of docs/symmetry.md:
+four paths, their loss and accuracy barriers, the CPU seconds of each stage and the wall
+seconds of the width. It is rewritten after every width; run again with the same arguments,
+the script keeps the widths already in it and runs the rest. No checkpoints are written. The
+runs of docs/symmetry.md (ResNet-8, then ResNet-20):
 
     OMP_NUM_THREADS=1 python -m benchmarks.symmetry_width --out docs/symmetry/width.json
+    OMP_NUM_THREADS=1 python -m benchmarks.symmetry_width --blocks 3 \
+        --out docs/symmetry/width-resnet20.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -107,8 +112,15 @@ def main() -> None:
     x_eval, y_eval = x[: args.eval], y[: args.eval]
     x_stats = x[: args.stats]
     result = {"settings": vars(args), "torch_threads": torch.get_num_threads(), "widths": {}}
+    if Path(args.out).exists():  # resume a run of the same settings
+        done = json.loads(Path(args.out).read_text())
+        if done["settings"] == result["settings"]:
+            result["widths"] = done["widths"]
     for width in args.widths:
-        start = time.process_time()
+        if str(width) in result["widths"]:
+            print(f"width {width}: in {args.out} already", flush=True)
+            continue
+        start, wall = time.process_time(), time.perf_counter()
         models, runs = [], []
         for seed in (0, 1):
             model, curve = train(width, args.blocks, seed, x, y, args.epochs, args.lr)
@@ -135,6 +147,7 @@ def main() -> None:
         ends = [recompute_statistics(m, x_stats) for m in models]
         row["test_accuracy_recomputed"] = [accuracy(m, x_test, y_test) for m in ends]
         row["permutations"] = len(spec.axes)
+        row["wall_s"] = time.perf_counter() - wall
         result["widths"][str(width)] = row
         save_json(args.out, {**result, "provenance": provenance("cpu")})  # after every width
         print(
