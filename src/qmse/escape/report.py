@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from qmse.errors import UserError
@@ -154,30 +154,28 @@ def write_table(
                 else f"#### Exploratory: paired against {ref} ({protocol}): starts won / lost "
                 f"against {ref}, McNemar exact p, raw (not corrected for multiple tests)",
                 "",
-                "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
-                "|---" * (len(ks) + 1) + "|",
             ]
-            for m in methods:
-                cells = []
-                for k in ks:
-                    r = next((r for r in sel if r.method == m and r.k == k), None)
-                    test = None if r is None else r.paired.get(ref)
-                    if test is None:
-                        cells.append("–")
-                        continue
-                    value = test["p_holm"] if adjusted else test["p"]
-                    p = f"p={value:.2g}"
-                    cells.append(
-                        f"+{test['better']} −{test['worse']} "
-                        + (f"**{p}**" if adjusted and value < 0.05 else p)
-                    )
-                if any(c != "–" for c in cells):
-                    lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            lines.append("")
+            lines += _by_method_and_k(
+                sel,
+                ks,
+                methods,
+                lambda r, ref=ref, adjusted=adjusted: _paired_cell(r.paired.get(ref), adjusted),
+                drop_empty=True,
+            )
     lines += wall_times(timings or {})
     text = "\n".join(lines)
     atomic_write(path, text)
     return text
+
+
+def _paired_cell(test: dict | None, adjusted: bool) -> str | None:
+    """A paired test as a table cell: starts won and lost, p (Holm-adjusted: bold below
+    0.05); None without a test."""
+    if test is None:
+        return None
+    value = test["p_holm"] if adjusted else test["p"]
+    p = f"p={value:.2g}"
+    return f"+{test['better']} −{test['worse']} " + (f"**{p}**" if adjusted and value < 0.05 else p)
 
 
 def _problem_lines(rows: Sequence[Row], ks: Sequence[int]) -> list[str]:
@@ -259,19 +257,37 @@ def _minima_lines(
         f"the distinct minima's rates, each minimum weighing the same), per-start rate, then "
         f"failures / starts at each distinct minimum",
         "",
-        "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
-        "|---" * (len(ks) + 1) + "|",
     ]
+
+    def per_minimum(r: Row) -> str | None:
+        if not r.minima:
+            return None
+        each = ", ".join(f"{f}/{n}" for f, n in zip(r.minima_failures, r.minima))
+        return f"{r.weighted_failure_rate:.3f} (per start {r.failure_rate:.3f}): {each}"
+
+    return lines + _by_method_and_k(counted, ks, methods, per_minimum)
+
+
+def _by_method_and_k(
+    rows: Sequence[Row],
+    ks: Sequence[int],
+    methods: Sequence[str],
+    cell: Callable[[Row], str | None],
+    *,
+    drop_empty: bool = False,
+) -> list[str]:
+    """A markdown table, a line per method and a column per k: `cell` of the method's row
+    at k, "–" where it has none or `cell` says None; with `drop_empty`, a method with
+    nothing in any column is left out. Ends with an empty line."""
+    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
     for m in methods:
         cells = []
         for k in ks:
-            r = next((r for r in counted if r.method == m and r.k == k), None)
-            if r is None or not r.minima:
-                cells.append("–")
-                continue
-            each = ", ".join(f"{f}/{n}" for f, n in zip(r.minima_failures, r.minima))
-            cells.append(f"{r.weighted_failure_rate:.3f} (per start {r.failure_rate:.3f}): {each}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            r = next((r for r in rows if r.method == m and r.k == k), None)
+            text = None if r is None else cell(r)
+            cells.append("–" if text is None else text)
+        if not drop_empty or any(c != "–" for c in cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
