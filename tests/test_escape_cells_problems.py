@@ -21,6 +21,10 @@ DT = torch.float64
 SCALAR = [[0.9463, 0.9463, -0.2438], [0.0896, 0.0896, 1.3179]]
 VECTOR_A = [[-0.2675, -0.0001, 0.0552], [0.0196, 1.0027, 0.0059], [-0.3171, -0.0001, 0.8922]]
 VECTOR_B = [[0.7096, 0.0010, -0.6645], [0.0001, 1.0260, 0.0719], [0.0099, 0.0008, -0.2276]]
+# k = 3, C = 3, problem seeds 2 and 3 (other teachers): a minimum of each, losses 0.147803
+# (gd-population from seed 3) and 0.068235 (seed 14).
+TEACHER_2 = [[0.9014, -0.0095, -0.1585], [-0.0145, 0.9036, -0.1592], [-0.0016, -0.0017, -0.0603]]
+TEACHER_3 = [[1.0693, 0.2201, 0.0177], [0.0216, -0.1531, 0.0059], [-0.002, -0.1809, 0.9112]]
 
 
 def newton(W: list, problem: ts.Problem) -> torch.Tensor:
@@ -33,13 +37,16 @@ def newton(W: list, problem: ts.Problem) -> torch.Tensor:
     return W
 
 
-def planted(monkeypatch, points: dict[str, torch.Tensor]) -> None:
-    """gd-population's end points replaced by `points` (tag -> (M, n, d)), all converged."""
+def planted(monkeypatch, points: dict[str, torch.Tensor | list[torch.Tensor]]) -> None:
+    """gd-population's end points replaced by `points` (tag -> (M, n, d), or a list of
+    them, one per teacher), all converged."""
 
     def population(out, cfg, k, *, tag, quiet=False):
-        W = points[tag]
-        loss = config.problem_of(cfg, k).objective(W)
-        return {"W": W, "loss": loss, "converged": torch.ones(len(W), dtype=torch.bool)}
+        found = points[tag] if isinstance(points[tag], list) else [points[tag]]
+        return [
+            {"W": W, "loss": p.objective(W), "converged": torch.ones(len(W), dtype=torch.bool)}
+            for p, W in zip(config.problems_of(cfg, k), found, strict=True)
+        ]
 
     monkeypatch.setattr(config, "population", population)
 
@@ -80,13 +87,69 @@ def test_tuning_minima_are_other_distinct_minima_where_there_are_any(tmp_path, m
     A, B = newton(VECTOR_A, problem), newton(VECTOR_B, problem)
     cfg = EscapeConfig(ks=[3], outputs=3, methods=["sgd"])
     planted(monkeypatch, {"eval": torch.stack([A, A]), "tune": torch.stack([A, B, A])})
-    W, info = config.tuning_minima(tmp_path, cfg, 3)
-    assert torch.equal(W, B.unsqueeze(0))
+    W, owner, info = config.tuning_minima(tmp_path, cfg, 3)
+    assert torch.equal(W, B.unsqueeze(0)) and owner.tolist() == [0]
     assert info == {"disjoint_minima": True, "tune_minima": 1, "eval_minima": 1}
     planted(monkeypatch, {"eval": torch.stack([A, A]), "tune": torch.stack([A])})
-    W, info = config.tuning_minima(tmp_path, cfg, 3)
+    W, owner, info = config.tuning_minima(tmp_path, cfg, 3)
     assert torch.equal(W, A.unsqueeze(0))
     assert info == {"disjoint_minima": False, "tune_minima": 1, "eval_minima": 1}
+
+
+def test_teachers_pool_their_minima_and_never_share_one(tmp_path, monkeypatch):
+    """Two teachers (problem seeds 2 and 3) in one cell: teacher 2's minimum planted twice
+    and teacher 3's once are two distinct minima, labelled per start and owned by their
+    teachers; teacher 2's minimum planted for teacher 3 is not a critical point there. The
+    tuning pool's minimum of teacher 3 is kept apart from the evaluation set only where
+    teacher 3's evaluation set has it; sample_seeds counts starts per teacher."""
+    M2 = newton(TEACHER_2, ts.make_problem(3, outputs=3, seed=2))
+    M3 = newton(TEACHER_3, ts.make_problem(3, outputs=3, seed=3))
+    cfg = EscapeConfig(ks=[3], outputs=3, problem_seed=2, teachers=2, methods=["sgd"])
+    planted(monkeypatch, {"eval": [torch.stack([M2, M2]), torch.stack([M3, M2])]})
+    found = config.minima(tmp_path, cfg, 3, tag="eval")
+    assert found["labels"].tolist() == [0, 0, 1] and found["owner"].tolist() == [0, 0, 1]
+    assert [round(c["objective"], 6) for c in found["certificates"]] == [0.147803, 0.068235]
+    assert found["excluded"] == ["not stationary"] and found["stuck"] == 4
+    assert found["forms"][:, 0].tolist() == [0.0, 1.0]  # each form after its teacher
+    assert config.instance_of(cfg, 3)["seed"] == [2, 3]
+    planted(monkeypatch, {"eval": [torch.stack([M2, M2]), torch.stack([M3])],
+                          "tune": [torch.stack([M2]), torch.stack([M3])]})  # fmt: skip
+    W, owner, info = config.tuning_minima(tmp_path, cfg, 3)
+    assert owner.tolist() == [0, 1] and info["disjoint_minima"] is False  # no other minimum
+    planted(monkeypatch, {"eval": [torch.stack([M2]), M3[None][:0]],
+                          "tune": [M2[None][:0], torch.stack([M3])]})  # fmt: skip
+    W, owner, info = config.tuning_minima(tmp_path, cfg, 3)
+    assert torch.equal(W, M3.unsqueeze(0)) and owner.tolist() == [1]
+    assert info == {"disjoint_minima": True, "tune_minima": 1, "eval_minima": 1}
+    planted(monkeypatch, {"eval": [torch.stack([M2, M2]), torch.stack([M3])]})
+    one = EscapeConfig(ks=[3], outputs=3, problem_seed=2, teachers=2, sample_seeds=1)
+    W, owner = config.starts(tmp_path, one, 3, "spurious-minima", tuning=False)
+    assert owner.tolist() == [0, 1] and torch.equal(W, torch.stack([M2, M3]))
+    W, owner = config.starts(tmp_path, one, 3, "random-init", tuning=False)
+    assert owner.tolist() == [0, 1] and torch.equal(W[0], W[1])  # the same seed, each teacher
+    with pytest.raises(UserError, match="several teachers need teacher-student with outputs"):
+        EscapeConfig(ks=[3], teachers=2)
+
+
+def test_teachers_through_the_cli(tmp_path):
+    """`qmse escape --outputs 3 --problem-seed 2 --teachers 2`: gd-population per teacher,
+    one certified minimum each (the planted ones above), pooled in one row per method."""
+    out = tmp_path / "teachers"
+    argv = ["escape", "--outputs", "3", "--problem-seed", "2", "--teachers", "2",
+            "--teacher-widths", "3", "--population-seeds", "20", "--max-gd-steps", "1000",
+            "--protocols", "spurious-minima", "--methods", "sgd", "--lr", "sgd=0.2",
+            "--steps", "40", "--batch-size", "8", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "minima" / "k3_n3_C3.json").read_text())
+    assert report["distinct_per_teacher"] == [1, 1] and report["of_seeds"] == 40
+    assert report["distinct_losses"] == pytest.approx([0.147803, 0.068235], abs=1e-6)
+    assert report["instance"]["seed"] == [2, 3]
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert (row["seeds"], row["minima"], row["instance"]["seed"]) == (2, [1, 1], [2, 3])
+    assert sorted(p.name for p in (out / "gd-population").iterdir()) == [
+        "eval_seed2_k3_n3_C3.pt", "eval_seed3_k3_n3_C3.pt"
+    ]  # fmt: skip
+    assert "seed=[2, 3]" in (out / "table.md").read_text()
 
 
 VECTOR = [
@@ -99,18 +162,20 @@ VECTOR = [
 
 def test_vector_outputs_find_certify_and_deduplicate_minima(tmp_path):
     """`qmse escape --problem teacher-student --outputs 3`: gd-population from seeds 0-22
-    ends stuck at seeds 6, 15, 17, 20 (one minimum) and 22 (another); both certified; the
-    rows count them, with failures per distinct minimum and the weighted rate."""
+    ends stuck at seeds 0 and 22 (one minimum) and 4, 6, 15, 17, 20 (another), seeds 0 and 4
+    finished by Newton's method where the 5,000-step cap stopped gradient descent; both
+    certified; the rows count them, with failures per distinct minimum and the weighted
+    rate."""
     out = tmp_path / "vector"
     assert main([*VECTOR, "--out", str(out)]) == 0
     report = json.loads((out / "minima" / "k3_n3_C3.json").read_text())
-    assert (report["stuck"], report["count"], report["distinct"]) == (5, 5, 2)
-    assert report["starts_per_minimum"] == [4, 1] and report["excluded"] == []
-    assert report["distinct_losses"] == pytest.approx([0.094943, 0.317707], abs=1e-6)
+    assert (report["stuck"], report["count"], report["distinct"]) == (7, 7, 2)
+    assert report["starts_per_minimum"] == [2, 5] and report["excluded"] == []
+    assert report["distinct_losses"] == pytest.approx([0.317707, 0.094943], abs=1e-6)
     assert min(report["min_hessian_eigenvalues"]) > 0.01
     rows = json.loads((out / "results.json").read_text())["rows"]
     for r in rows:
-        assert (r["problem"], r["outputs"], r["minima"]) == ("teacher-student", 3, [4, 1])
+        assert (r["problem"], r["outputs"], r["minima"]) == ("teacher-student", 3, [2, 5])
         assert r["instance"] == {"k": 3, "n": 3, "outputs": 3, "seed": 0, "teacher": "identity"}
         assert sum(r["minima_failures"]) == r["failures"]
         rates = [f / n for f, n in zip(r["minima_failures"], r["minima"])]
@@ -119,10 +184,11 @@ def test_vector_outputs_find_certify_and_deduplicate_minima(tmp_path):
             (out / "rows" / f"spurious-minima_{r['method']}_k3_n3_C3.json").read_text()
         )
         assert saved["failed"].count("1") == r["failures"]
-        assert sum(int(c) for c in saved["failed"][:4]) == r["minima_failures"][0]  # seeds 6-20
+        failed = [int(c) for c in saved["failed"]]  # seeds 0, 4, 6, 15, 17, 20, 22
+        assert failed[0] + failed[6] == r["minima_failures"][0]
     table = (out / "table.md").read_text()
     assert "Problem: teacher-student (k=3: n=3, outputs=3, seed=0, teacher=identity)" in table
-    assert "Distinct minima modulo symmetry (starts at each): k=3: 2 (4, 1)." in table
+    assert "Distinct minima modulo symmetry (starts at each): k=3: 2 (2, 5)." in table
     assert "#### Escape per distinct minimum (spurious-minima)" in table
 
 
@@ -132,8 +198,8 @@ def test_matrix_sensing_runs_through_the_cli(tmp_path):
     smallest Hessian eigenvalue 4(1 + δ)(2δ − 1); a second run in another directory gives
     the same rows (seeded)."""
     argv = [
-        "escape", "--problem", "matrix-sensing", "--problem-args", "delta=0.7,n=3,seed=1",
-        "--teacher-widths", "1", "--methods", "gd-population,sgd,qmse", "--lr",
+        "escape", "--problem", "matrix-sensing", "--problem-args", "delta=0.7,seed=1",
+        "--teacher-widths", "3", "--methods", "gd-population,sgd,qmse", "--lr",
         "sgd=0.1,qmse=0.1", "--population-seeds", "12", "--sample-seeds", "6", "--steps", "100",
         "--batch-size", "8", "--max-gd-steps", "2000", "--quiet",
     ]  # fmt: skip
@@ -148,32 +214,67 @@ def test_matrix_sensing_runs_through_the_cli(tmp_path):
     }  # fmt: skip
     for r in rows:
         assert r["problem"] == "matrix-sensing" and r["instance"]["delta"] == 0.7
-        assert r["k"] == 1 and r["n"] == 3 and r["seeds"] > 0
+        assert r["k"] == 3 and r["n"] == 3 and r["instance"]["n"] == 3 and r["seeds"] > 0
     assert rows == runs[1]
-    report = json.loads((tmp_path / "a" / "minima" / "k1_n3_C1_matrix-sensing.json").read_text())
+    report = json.loads((tmp_path / "a" / "minima" / "k3_n3_C1_matrix-sensing.json").read_text())
     assert report["distinct"] == 1 and report["count"] >= 1
     assert report["distinct_losses"] == pytest.approx([1 - 0.7**2], abs=1e-9)
     assert report["min_hessian_eigenvalues"] == pytest.approx([4 * 1.7 * 0.4], abs=1e-6)
     assert (
-        "Problem: matrix-sensing (k=1: delta=0.7, n=3, seed=1"
+        "Problem: matrix-sensing (k=3: delta=0.7, n=3, seed=1"
         in (tmp_path / "a" / "table.md").read_text()
     )
+
+
+def test_burer_monteiro_keeps_its_degenerate_minima_and_sweeps_through_the_cli(tmp_path):
+    """`qmse escape --problem burer-monteiro` at p = 2 (its size): gradient descent returns
+    every start to the spurious set (cost 0, Hessian singular), which the problem's value
+    test calls stuck, so the degenerate points are kept and the table says they are not
+    isolated; SGD's step is swept on tuning minima of their own (no --lr), the record
+    names its problem, and the row uses the chosen step."""
+    out = tmp_path / "bm"
+    argv = ["escape", "--problem", "burer-monteiro", "--teacher-widths", "2",
+            "--population-seeds", "8", "--tune-pool", "8", "--max-gd-steps", "3000",
+            "--protocols", "spurious-minima", "--methods", "sgd", "--tune-seeds", "4",
+            "--tune-budget", "6", "--sample-seeds", "4", "--steps", "100", "--batch-size", "8",
+            "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "minima" / "k2_n4_C2_burer-monteiro.json").read_text())
+    assert report["stuck"] == report["count"] == report["distinct"] == 8
+    assert report["excluded"] == [] and report["isolated"] is False
+    assert max(abs(v) for v in report["distinct_losses"]) < 1e-12  # all on the set f = 0
+    assert max(abs(v) for v in report["min_hessian_eigenvalues"]) < 1e-12  # degenerate
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    sweep = out / "tuning" / "spurious-minima_sgd_k2_n4_C2_burer-monteiro.json"
+    sweep = json.loads(sweep.read_text())
+    assert (sweep["problem"], len(sweep["points"])) == ("burer-monteiro", 6)
+    assert row["lr"] == sweep["chosen"]["lr"] and row["tuning"]["fixed"] is False
+    assert row["tuning"]["disjoint_minima"] and row["minima_isolated"] is False
+    assert "Not isolated at k=2" in (out / "table.md").read_text()
 
 
 def test_a_configuration_that_cannot_run_says_why(tmp_path):
     with pytest.raises(UserError, match="options are n_extra, outputs"):
         EscapeConfig(ks=[3], problem_args={"delta": 0.7})
-    with pytest.raises(UserError, match="one cell: give one size"):
-        EscapeConfig(ks=[1, 2], problem="matrix-sensing", methods=["sgd"]).check_methods()
+    register_problem("test-sizeless", lambda: ring(True))
+    try:
+        with pytest.raises(UserError, match="one cell: give one size"):
+            EscapeConfig(ks=[1, 2], problem="test-sizeless", methods=["sgd"]).check_methods()
+    finally:
+        PROBLEMS.pop("test-sizeless")
+        SIZES.pop("test-sizeless")
     with pytest.raises(UserError, match="not registered"):
         EscapeConfig(ks=[1], problem="no-such-problem", methods=["sgd"]).check_methods()
     with pytest.raises(UserError, match="with arguments"):
-        config.problem_of(EscapeConfig(ks=[1], problem="matrix-sensing",
-                                       problem_args={"width": 3}), 1)  # fmt: skip
+        config.problem_of(EscapeConfig(ks=[2], problem="matrix-sensing",
+                                       problem_args={"width": 3}), 2)  # fmt: skip
+    with pytest.raises(UserError, match="takes its size n from the sizes"):
+        EscapeConfig(ks=[3], problem="matrix-sensing", problem_args={"n": 3}).check_methods()
     sweep = ["escape", "--problem", "matrix-sensing", "--teacher-widths", "1", "--methods",
              "sgd", "--protocols", "random-init", "--sample-seeds", "2", "--tune-seeds", "2",
              "--steps", "5", "--quiet", "--out", str(tmp_path / "x")]  # fmt: skip
-    assert main(sweep) == 2  # the sweeps read teacher-student only: --lr is needed
+    assert main(sweep) == 2  # n = 1: matrix sensing needs n >= 2, said before anything runs
+    assert not (tmp_path / "x" / "config.json").exists()
 
 
 def test_a_benchmark_written_before_problems_were_named_resumes(tmp_path):

@@ -78,3 +78,18 @@ def test_stuck_seed_is_a_certified_minimum_that_sgd_does_not_leave():
     assert min(certify_minima(out["W"], problem)) > 0
     sgd = run_method("sgd", out["W"], problem, steps=500, lr=0.1, quiet=True)
     assert sgd["loss"].item() >= STUCK_LOSS
+
+
+def test_newton_finishes_a_capped_descent_at_the_minimum_it_was_creeping_to(tmp_path):
+    """k = 3, C = 3: seeds 0, 6 and 22 take gradient descent 4,400-5,500 steps to reach two
+    spurious minima. Capped at 1,000 steps, Newton's method finishes all three at the very
+    points the uncapped descent reaches (to its 1e-9 tolerance); the reproduction's numbers
+    stay gradient descent's (not converged at the cap)."""
+    problem = make_problem(3, outputs=3)
+    full = population_runs(tmp_path / "a", problem, [0, 6, 22], max_steps=20_000, quiet=True)
+    assert full["converged"].all() and (full["steps"] > 4000).all()
+    capped = population_runs(tmp_path / "b", problem, [0, 6, 22], max_steps=1000, quiet=True)
+    assert not capped["converged"].any() and capped["newton"].all()
+    assert capped["end_stuck"].all() and not torch.equal(capped["W"], capped["end"])
+    torch.testing.assert_close(stuck_points(capped), stuck_points(full), rtol=0, atol=1e-7)
+    assert (capped["loss"] > full["loss"]).all()  # the reproduction's losses: descent's own

@@ -1,13 +1,16 @@
 """qmse.escape.tuning: the widening rule on hand-made sweeps, and a real sweep that starts
 with a grid far too low and widens until its best value lies inside."""
 
+import math
+
 import pytest
 import torch
 
 from qmse.escape import METHODS, Method, register_method
+from qmse.escape.problems import teacher_student
 from qmse.escape.rules import sgd
 from qmse.escape.tuning import plan, summarize, tune_methods
-from qmse.teacher_student import init_weights, make_problem
+from qmse.teacher_student import init_weights
 from qmse.tuning import Param
 
 MAX_EXTEND = Param("lr", (1.0,)).max_extend
@@ -155,16 +158,22 @@ def test_a_second_pass_retunes_lr_chosen_at_a_poor_default():
 
 
 def test_summarize_counts_failures_and_divergence():
+    """Failures are the starts without success (the engine's verdict, not a loss threshold);
+    the median log₁₀ loss is measured above the problem's optimum."""
     loss = torch.tensor([1e-5, 0.02, float("inf"), 5e-4], dtype=torch.float64)
-    s = summarize(loss, torch.tensor([False, False, True, False]), torch.tensor([1.0, 0, 0, 0]))
+    success = torch.tensor([True, False, False, True])
+    s = summarize(loss, success, torch.tensor([False, False, True, False]), torch.ones(4), 0.0)
     assert (s["failures"], s["diverged"], s["seeds"]) == (2, 1, 4)
+    assert s["median_log10_loss"] == pytest.approx(math.log10(5e-4))  # torch: the lower middle
+    shifted = summarize(loss - 8, success, torch.zeros(4, dtype=torch.bool), torch.ones(4), -8.0)
+    assert shifted["median_log10_loss"] == pytest.approx(s["median_log10_loss"], abs=1e-9)
 
 
 def test_a_sweep_that_starts_far_too_low_widens_until_its_best_value_is_inside(tmp_path):
     """SGD on k = 3 from Xavier starts, 150 steps: lr 0.01-0.02 barely moves; the grid
     widens upward past the values that converge until larger steps do worse."""
     low = register_method(Method("test-low-grid", "mse", sgd, (0.0125, 0.025)))
-    problem = make_problem(3)
+    problem = teacher_student(3)
     W0 = init_weights(range(10**6, 10**6 + 6), 3, 3)
     kw = dict(steps=150, batch=16, seed=1, method_seed=2, quiet=True)
     path = lambda name: tmp_path / f"{name}.json"  # noqa: E731
@@ -181,7 +190,7 @@ def test_a_sweep_that_starts_far_too_low_widens_until_its_best_value_is_inside(t
 
 
 def test_tuning_is_independent_of_the_other_methods_swept(tmp_path):
-    problem = make_problem(3)
+    problem = teacher_student(3)
     W0 = init_weights(range(10**6, 10**6 + 4), 3, 3)
     kw = dict(steps=60, batch=8, seed=1, method_seed=2, quiet=True)
     alone = tune_methods([METHODS["sgd"]], {}, W0, problem, path=lambda n: tmp_path / n, **kw)
@@ -195,7 +204,7 @@ def test_tuning_is_independent_of_the_other_methods_swept(tmp_path):
 def test_bad_fixed_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match="lr > 0"):
         tune_methods(
-            [NOISY], {NOISY.name: {"lr": -1.0}}, init_weights(range(2), 3, 3), make_problem(3),
+            [NOISY], {NOISY.name: {"lr": -1.0}}, init_weights(range(2), 3, 3), teacher_student(3),
             path=lambda n: tmp_path / n, steps=5, batch=2, seed=0, method_seed=0, quiet=True,
         )  # fmt: skip
 
@@ -212,7 +221,7 @@ def test_a_flat_high_side_stops_the_widening():
 def test_a_noise_baseline_always_tries_its_parent_limit(tmp_path):
     """Label noise's joint search first tries SGD's chosen lr with the least noise of its
     space (its noise-free limit), within the same budget; its parent is searched first."""
-    problem = make_problem(3)
+    problem = teacher_student(3)
     W0 = init_weights(range(10**6, 10**6 + 4), 3, 3)
     kw = dict(steps=60, batch=8, seed=1, method_seed=2, quiet=True, budget=6)
     records = tune_methods([METHODS["label-noise"], METHODS["sgd"]], {}, W0, problem,
@@ -239,3 +248,47 @@ def test_search_tries_its_anchors_first_within_the_budget():
             assert found.need == [anchor]  # first, alone
         seen |= {tuple(sorted(s.items())): Trial(s["lr"]) for s in found.need}
     assert len(seen) == 5 and tuple(sorted(anchor.items())) in seen
+
+
+def test_a_sweep_on_burer_monteiro_counts_failures_by_the_problems_own_rule(tmp_path):
+    """Burer–Monteiro at p = 2 (cost ⟨C, YYᵀ⟩ ≤ 0: the optimum −8, the spurious set 0, so a
+    loss threshold of 10⁻³ would call every start a success): each swept point's failures
+    are the starts that do not end at the optimum, the count a row of the same run makes;
+    the record names its problem and the sweep chooses a value where some starts escape."""
+    from qmse.escape import run_method
+    from qmse.escape.burer_monteiro import burer_monteiro, classify
+
+    problem = burer_monteiro(2)
+    W0 = problem.init(range(10**6, 10**6 + 8))
+    kw = dict(steps=200, batch=8, seed=1, method_seed=2, quiet=True)
+    record = tune_methods([METHODS["sgd"]], {}, W0, problem, path=lambda n: tmp_path / n, **kw)
+    record = record["sgd"]
+    assert (record["problem"], record["instances"]) == ("burer-monteiro", [problem.instance])
+    failures = {}
+    for p in record["points"]:
+        row = run_method("sgd", W0, problem, lr=p["params"]["lr"], **kw)
+        assert p["failures"] == int((~row["success"]).sum())
+        verdicts = classify(2, problem.objective(row["W"].double()))
+        assert p["failures"] == sum(v != "optimal" for v in verdicts)
+        failures[p["params"]["lr"]] = p["failures"]
+    assert max(failures.values()) == 8 and failures[record["chosen"]["lr"]] < 8
+
+
+def test_pooled_starts_train_on_their_own_teachers_as_runs_of_their_own():
+    """Starts of two teachers in one call (owners 0, 1, 0, not sorted), two settings: each
+    start's row is what run_methods gives it on its own teacher's starts alone."""
+    from qmse.escape import make_job, run_methods
+    from qmse.escape.tuning import run_pooled
+
+    teachers = [teacher_student(3, outputs=3, seed=s) for s in (0, 1)]
+    W0 = init_weights(range(3), 3, 3)
+    owner = torch.tensor([0, 1, 0])
+    jobs = [make_job("sgd", [0.1, 0.2]), make_job("qmse", 0.05)]
+    kw = dict(steps=20, batch=4, seed=3, method_seed=4, quiet=True)
+    pooled = run_pooled(jobs, W0, teachers, owner, **kw)
+    for t, index in ((0, [0, 2]), (1, [1])):
+        alone = run_methods(jobs, W0[index], teachers[t], **kw)
+        for job, mine, theirs in zip(jobs, pooled, alone):
+            for name, value in theirs.items():
+                rows = [g * 3 + i for g in range(job.settings) for i in index]
+                assert torch.equal(mine[name][rows], value), name

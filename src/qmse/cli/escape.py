@@ -81,6 +81,7 @@ def add_escape(p: argparse.ArgumentParser) -> None:
     add_field(p, EscapeConfig, "tune_pool", type=POSITIVE, metavar="N")
     add_field(p, EscapeConfig, "max_gd_steps", type=POSITIVE, metavar="N")
     add_field(p, EscapeConfig, "problem_seed", type=NONNEGATIVE)
+    add_field(p, EscapeConfig, "teachers", type=POSITIVE, metavar="N")
     add_field(p, EscapeConfig, "teacher", choices=("identity", "random"))
     add_field(p, EscapeConfig, "references", type=names, metavar="METHOD,...",
               more_help="each among --methods")  # fmt: skip
@@ -135,6 +136,7 @@ def add_escape(p: argparse.ArgumentParser) -> None:
             tune_pool=args.tune_pool,
             max_gd_steps=args.max_gd_steps,
             problem_seed=args.problem_seed,
+            teachers=args.teachers,
             teacher=args.teacher,
             device=str(args.device),
             lr=args.lr,

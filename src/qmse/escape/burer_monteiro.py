@@ -411,7 +411,11 @@ def perturbation_experiment(
 def burer_monteiro(p: int = 2, perturbation: float = 0.25) -> Problem:
     """Their instance at rank p (n = 2p) as a `Problem` (see the module docstring): starts
     perturbed from Y₀ at `perturbation`, objective ⟨C, YYᵀ⟩, success below f* + TOL·|f*|,
-    samples x ~ N(0, C − λ_min I) with target 0 (population MSE ½(f − f*))."""
+    samples x ~ N(0, C − λ_min I) with target 0 (population MSE ½(f − f*)). Its spurious
+    minima are not isolated (the manifold N), so `stuck` decides by the cost, |f| ≤ TOL·|f*|
+    (`classify`'s "spurious"), and the benchmark keeps the degenerate points it certifies
+    there. Registered with size p: `qmse escape --problem burer-monteiro --teacher-widths
+    2,25` runs one cell per rank."""
     _check_rank(p)
     if not perturbation >= 0:
         raise UserError(f"perturbation={perturbation!r}: need a number >= 0")
@@ -435,12 +439,14 @@ def burer_monteiro(p: int = 2, perturbation: float = 0.25) -> Problem:
         predict=lambda W, x: x.to(W) @ W,  # (S, B, n) @ (S, n, p) → (S, B, p)
         objective=lambda W: objective(C, W),
         success=fstar + TOL * abs(fstar),
+        optimum=fstar,
         hessian=lambda w: riemannian_hessian(C, w),
         canonical=lambda W: W @ W.mT,  # (S, n, n) Gram matrices
         project=project,
         retract=retract,
+        stuck=lambda W: objective(C, W).abs() <= TOL * abs(fstar),
         description=f"Burer–Monteiro, O'Carroll et al.'s cost at rank p={p} (n={n})",
     )
 
 
-register_problem("burer-monteiro", burer_monteiro)
+register_problem("burer-monteiro", burer_monteiro, size="p")

@@ -1,10 +1,12 @@
 """The escape benchmark's cells and their caches: `qmse escape`.
 
 A cell is (k, protocol) on the benchmark's problem (`EscapeConfig.problem`, instance of size
-k). Protocols: "random-init" (failure rate from random starts) and "spurious-minima"
-(failure to escape from gd-population's certified spurious minima, the direct test of the
-paper's claim; its rows count the distinct minima modulo symmetry, the starts and failures
-of each, and a rate that weighs every distinct minimum the same). In a cell every
+k; for teacher–student, one or several teachers, whose starts the cell pools, each trained
+on its own teacher: `qmse.escape.tuning.run_pooled`). Protocols: "random-init" (failure
+rate from random starts) and "spurious-minima" (failure to escape from gd-population's
+certified spurious minima, the direct test of the paper's claim; its rows count the
+distinct minima modulo symmetry, the starts and failures of each, and a rate that weighs
+every distinct minimum the same). In a cell every
 sample-based method is tuned on tuning starts (disjoint from the evaluation starts,
 `qmse.escape.tuning`) and then evaluated on the same evaluation starts and input batches
 (common random numbers, `qmse.escape.engine`).
@@ -33,21 +35,25 @@ from qmse.escape.config import (
     TEACHER_STUDENT,
     EscapeConfig,
     cell_name,
+    first_of_each,
+    instance_of,
     is_benchmark_dir,
+    key_of_starts,
     minima,
     population,
     problem_of,
+    problems_of,
     spurious_minima,
     starts,
     streams,
     tuning_minima,
 )
-from qmse.escape.engine import engine_key, make_job, run_methods
+from qmse.escape.engine import engine_key, make_job
 from qmse.escape.methods import get_method, load_plugin, method_key
 from qmse.escape.population import PUBLISHED
 from qmse.escape.problems import Problem
 from qmse.escape.rows import Row
-from qmse.escape.tuning import tune_methods
+from qmse.escape.tuning import run_pooled, tune_methods
 from qmse.keys import FORMAT, content_key, stale
 from qmse.runs import claim, load_json, load_torch, provenance, save_json
 from qmse.stats import holm, mcnemar, paired_rate_difference, tost_rates, wilson
@@ -66,14 +72,8 @@ def tuning(out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str]
     methods = [get_method(n) for n in names if _sweeps(cfg, n)]
     if not methods:
         return {}
-    problem = problem_of(cfg, k)
-    if problem.native is None:
-        raise UserError(
-            f"the sweeps read the teacher-student problem only (qmse.escape.tuning), not "
-            f"{cfg.problem!r}: fix the settings of {', '.join(m.name for m in methods)} with "
-            f"--lr and --hyper"
-        )
-    W0 = starts(out, cfg, k, protocol, tuning=True, quiet=quiet)
+    found = problems_of(cfg, k)
+    W0, owner = starts(out, cfg, k, protocol, tuning=True, quiet=quiet)
     if len(W0) == 0:
         raise RuntimeError(
             f"no spurious minima among the {cfg.tune_pool} tuning seeds at k={k}; raise "
@@ -85,14 +85,15 @@ def tuning(out: Path, cfg: EscapeConfig, k: int, protocol: str, names: list[str]
         methods,
         {m.name: cfg.fixed(m.name) for m in methods},
         W0.to(cfg.device),
-        problem.native,
+        found,
+        owner=owner,
         path=lambda name: out / "tuning" / f"{protocol}_{name}_{cell}.json",
         steps=cfg.steps,
         batch=cfg.batch,
         seed=seed,
         method_seed=method_seed,
         budget=cfg.tune_budget,
-        meta={"protocol": protocol, "k": k, "n": k + cfg.n_extra, "outputs": cfg.outputs},
+        meta={"protocol": protocol, "k": k, "n": found[0].shape[0], "outputs": found[0].outputs},
         label=f"tune {protocol} k={k}",
         quiet=quiet,
     )
@@ -169,7 +170,7 @@ def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key, pro
         failed="".join("1" if f else "0" for f in failed.tolist()),
         family=get_method(method).family,
         problem=problem.name,
-        instance=dict(problem.instance),
+        instance=instance_of(cfg, k),
         **by_minimum,
         extra=reported,
     )
@@ -303,11 +304,11 @@ def evaluate_cell(
     out = Path(out)
     cell = cell_name(cfg, k)
     problem = problem_of(cfg, k)
-    W0 = starts(out, cfg, k, protocol, tuning=False, quiet=quiet)
+    W0, owner = starts(out, cfg, k, protocol, tuning=False, quiet=quiet)
     labels, info = None, None
     if protocol == "spurious-minima":
         found = minima(out, cfg, k, tag="eval", quiet=quiet)
-        labels = found["labels"][: len(W0)]
+        labels = found["labels"][first_of_each(found["owner"], cfg.sample_seeds)]
         excluded = {kind: found["excluded"].count(kind) for kind in sorted(set(found["excluded"]))}
         info = {"minima_isolated": found["isolated"], "minima_excluded": excluded}
     if len(W0) == 0:  # no minima to start from (e.g. k = 6)
@@ -324,9 +325,9 @@ def evaluate_cell(
     records = tuning(out, cfg, tune_k, protocol, names, quiet=quiet)
     tune_minima = None
     if records and protocol == "spurious-minima":
-        tune_minima = tuning_minima(out, cfg, tune_k, quiet=quiet)[1]
+        tune_minima = tuning_minima(out, cfg, tune_k, quiet=quiet)[2]
     seed, method_seed = streams(cfg, k, protocol, tuning=False)
-    starts_key = content_key(W0)
+    starts_key = key_of_starts(W0, owner, cfg, k)
     rows, todo = {}, {}
     for name in names:
         record = records.get(name)
@@ -345,10 +346,11 @@ def evaluate_cell(
             for name, (s, *_) in todo.items()
         ]
         started = time.perf_counter()
-        results = run_methods(
+        results = run_pooled(
             jobs,
             W0.to(cfg.device),
-            problem,
+            problems_of(cfg, k),
+            owner,
             steps=cfg.steps,
             batch=cfg.batch,
             seed=seed,
@@ -367,18 +369,21 @@ def evaluate_cell(
 
 
 def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
-    """The reproduction's row: gd-population from the evaluation seeds (a failure: loss not
-    below the problem's success threshold), with Safran & Shamir's published rate
-    (teacher–student, n = k, scalar output) and Fisher's exact test against it."""
+    """The reproduction's row: gd-population from the evaluation seeds of every teacher (a
+    failure: loss not below the problem's success threshold), with Safran & Shamir's
+    published rate (teacher–student, n = k, scalar output) and Fisher's exact test
+    against it."""
     problem = problem_of(cfg, k)
-    r = population(out, cfg, k, tag="eval", quiet=quiet)
-    loss = r["loss"]
+    runs = population(out, cfg, k, tag="eval", quiet=quiet)
+    loss = torch.cat([r["loss"] for r in runs])
+    steps = torch.cat([r["steps"] for r in runs])
+    seeds = len(loss)
     fails = int((~(loss < problem.success)).sum())
-    lo, hi = wilson(fails, cfg.seeds)
+    lo, hi = wilson(fails, seeds)
     extra = {
-        "capped": int((~r["converged"]).sum()),
-        "median_gd_steps": float(r["steps"].double().median()),
-        "max_gd_steps": int(r["steps"].max()),
+        "capped": sum(int((~r["converged"]).sum()) for r in runs),
+        "median_gd_steps": float(steps.double().median()),
+        "max_gd_steps": int(steps.max()),
     }
     classic = cfg.problem == TEACHER_STUDENT and cfg.n_extra == 0 and cfg.outputs == 1
     published = PUBLISHED.get(k) if classic else None
@@ -396,9 +401,9 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
         outputs=problem.outputs,
         method="gd-population",
         protocol="random-init",
-        seeds=cfg.seeds,
+        seeds=seeds,
         failures=fails,
-        failure_rate=fails / cfg.seeds,
+        failure_rate=fails / seeds,
         ci95_low=lo,
         ci95_high=hi,
         diverged=0,
@@ -409,7 +414,7 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
         median_loss=float(loss.median()),
         family="MSE optimisers",
         problem=problem.name,
-        instance=dict(problem.instance),
+        instance=instance_of(cfg, k),
         extra=extra,
     )
 
@@ -417,29 +422,33 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
 def minima_report(out: Path, cfg: EscapeConfig, k: int, *, quiet=False) -> dict:
     """The spurious-minima protocol's starting points at k (out/minima/, keyed): how many
     stuck end points, how many certified strict minima and how many distinct ones modulo
-    symmetry (`config.minima`), the starts each distinct minimum has among the evaluation
-    starts, its objective and smallest Hessian eigenvalue, and the kinds of the stuck
-    classes left out (degenerate, saddle, not stationary)."""
+    symmetry (`config.minima`; per teacher too), the starts each distinct minimum has among
+    the evaluation starts, its objective and smallest Hessian eigenvalue, and the kinds of
+    the stuck classes left out (degenerate, saddle, not stationary)."""
     out = Path(out)
-    problem = problem_of(cfg, k)
+    problem, instance = problem_of(cfg, k), instance_of(cfg, k)
     found = minima(out, cfg, k, tag="eval", quiet=quiet)
-    W, labels = found["W"], found["labels"][: cfg.sample_seeds]
-    key = content_key("minima", problem.name, dict(problem.instance), W, cfg.sample_seeds)
+    W, owner = found["W"], found["owner"]
+    labels = found["labels"][first_of_each(owner, cfg.sample_seeds)]
+    key = content_key("minima", problem.name, instance, W, cfg.sample_seeds)
     path = out / "minima" / f"{cell_name(cfg, k)}.json"
     if path.exists() and (saved := load_json(path)).get("key") == key:
         return saved
     certificates = found["certificates"]
     report = {
         "problem": problem.name,
-        "instance": dict(problem.instance),
+        "instance": instance,
         "k": k,
         "n": problem.shape[0],
         "count": len(W),
-        "of_seeds": cfg.seeds,
+        "of_seeds": cfg.seeds * cfg.teachers,
         "stuck": found["stuck"],
         "excluded": found["excluded"],
         "isolated": found["isolated"],
         "distinct": len(certificates),
+        "distinct_per_teacher": [
+            len(found["labels"][owner == t].unique()) for t in range(cfg.teachers)
+        ],
         "starts_per_minimum": torch.bincount(labels, minlength=len(certificates)).tolist(),
         "distinct_losses": [c["objective"] for c in certificates],
         "min_hessian_eigenvalues": [c["min_eigenvalue"] for c in certificates],
@@ -458,7 +467,7 @@ def _check_config(out: Path, cfg: EscapeConfig) -> None:
     if not (saved.exists() and (out / "results.json").exists()):
         return
     # a benchmark written before config.json named its problem ran teacher–student
-    old = {"problem": TEACHER_STUDENT, "problem_args": {}} | load_json(saved)
+    old = {"problem": TEACHER_STUDENT, "problem_args": {}, "teachers": 1} | load_json(saved)
     new = asdict(cfg)
     free = {"ks", "methods", "protocols", "lr", "hyper", "plugins", "references", "comparisons"}
     free |= {"equivalence_margin"}

@@ -2,13 +2,18 @@
 
 `EscapeConfig` is everything that defines a benchmark directory (config.json): the problem
 (any registered `qmse.escape.problems.Problem`; teacher–student by default) and its cells,
-one per size k. The starts of a cell are the problem's random initialisations
-("random-init") or the certified spurious minima among gd-population's end points
+one per size k. A teacher–student cell may pool several teachers (`teachers`: problem seeds
+problem_seed, problem_seed + 1, ...; `problems_of`), each an instance of its own with its
+own gd-population runs and minima: the cell's starts are theirs, in teacher order, and each
+start knows its teacher (`owner`), so the engine trains it on its own problem. The starts of
+a cell are the problem's random initialisations ("random-init", the same seeds for every
+teacher) or the certified spurious minima among gd-population's end points
 ("spurious-minima"): stuck points whose Hessian is positive definite, deduplicated modulo
-the problem's symmetries into distinct minima (`minima`). Tuning starts come from seeds
-disjoint from the evaluation seeds, and tuning minima are distinct minima other than the
-evaluation ones wherever the problem has any (`tuning_minima`); each cell has its own input
-stream and method stream (`qmse.escape.engine`).
+the problem's symmetries into distinct minima (`minima`; two teachers never share one).
+Tuning starts come from seeds disjoint from the evaluation seeds, and tuning minima are
+distinct minima other than the evaluation ones wherever the problem has any
+(`tuning_minima`); each cell has its own input stream and method stream
+(`qmse.escape.engine`).
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class EscapeConfig:
     sample_seeds: int = field(
         default=1000,
         metadata={
-            "help": "evaluation starts per cell: seeds (random-init) or minima "
+            "help": "evaluation starts per cell and teacher: seeds (random-init) or minima "
             "(spurious-minima; all of them if fewer)"
         },
     )
@@ -114,6 +119,15 @@ class EscapeConfig:
     max_gd_steps: int = field(default=100_000, metadata={"help": "gd-population's step cap"})
     problem_seed: int = field(
         default=0, metadata={"help": "draws the output layers when outputs > 1, and a random V"}
+    )
+    teachers: int = field(
+        default=1,
+        metadata={
+            "help": "teacher-student's teachers per cell, problem seeds problem_seed ... "
+            "problem_seed + N - 1 (needs outputs > 1: with one output every seed is the same "
+            "teacher, or the same in another basis), their starts and minima pooled in the "
+            "cell's rows"
+        },
     )
     teacher: str = field(
         default="identity",
@@ -174,6 +188,14 @@ class EscapeConfig:
             )
         if self.outputs < 1:
             raise UserError(f"outputs={self.outputs}: need C >= 1")
+        if self.teachers < 1:
+            raise UserError(f"teachers={self.teachers}: need >= 1")
+        if self.teachers > 1 and (self.problem != TEACHER_STUDENT or self.outputs == 1):
+            raise UserError(
+                f"teachers={self.teachers}: several teachers need teacher-student with outputs "
+                f"> 1 (with one output every seed gives the same teacher, V = I, or the same "
+                f"one in another basis): give --outputs 2 or more, or one teacher"
+            )
         if self.n_extra < 0:
             raise UserError(f"n_extra={self.n_extra}: need >= 0 (n = k + n_extra)")
         for name in ("seeds", "sample_seeds", "steps", "batch", "tune_seeds", "tune_pool"):
@@ -206,6 +228,8 @@ class EscapeConfig:
                 f"problem {self.problem!r} registers no size argument, so its benchmark has one "
                 f"cell: give one size (--teacher-widths {self.ks[0]}), which only labels it"
             )
+        for k in self.ks:
+            problem_of(self, k)  # the problem's own errors (its arguments, its sizes) here
         sample = self.sample_methods
         for name in sample:
             get_method(name)  # an error naming the registered methods
@@ -287,22 +311,56 @@ def parse_hyper(text: str | None, option: str = "--hyper") -> dict[str, dict[str
 
 
 def problem_of(cfg: EscapeConfig, k: int) -> Problem:
-    """The registered problem of the cell of size k: teacher–student with n = k + n_extra
-    student units, or `cfg.problem`'s factory called with `problem_args` (whole numbers as
-    int) and, where it registers a size argument, k."""
+    """The registered problem of the cell of size k (its first teacher's, `problems_of`):
+    teacher–student with n = k + n_extra student units, or `cfg.problem`'s factory called
+    with `problem_args` (whole numbers as int) and, where it registers a size argument, k."""
+    return problems_of(cfg, k)[0]
+
+
+def problems_of(cfg: EscapeConfig, k: int) -> list[Problem]:
+    """The problems of the cell of size k: one per teacher (problem seeds problem_seed …
+    problem_seed + teachers − 1) for teacher–student; `cfg.problem`'s one instance else."""
     if cfg.problem == TEACHER_STUDENT:
-        return problems.teacher_student(
-            k, k + cfg.n_extra, outputs=cfg.outputs, seed=cfg.problem_seed, teacher=cfg.teacher
-        )
+        return [
+            problems.teacher_student(
+                k, k + cfg.n_extra, outputs=cfg.outputs, seed=seed, teacher=cfg.teacher
+            )
+            for seed in range(cfg.problem_seed, cfg.problem_seed + cfg.teachers)
+        ]
     kwargs: dict[str, Any] = {
         name: int(v) if float(v).is_integer() else v for name, v in cfg.problem_args.items()
     }
     if (size := problems.SIZES.get(cfg.problem)) is not None:
+        if size in kwargs:
+            raise UserError(
+                f"problem {cfg.problem!r} takes its size {size} from the sizes "
+                f"(--teacher-widths {kwargs[size]}), not from problem_args: drop {size}= there"
+            )
         kwargs[size] = k
     try:
-        return get_problem(cfg.problem)(**kwargs)
+        return [get_problem(cfg.problem)(**kwargs)]
     except TypeError as e:
         raise UserError(f"problem {cfg.problem!r} with arguments {kwargs}: {e}") from None
+
+
+def instance_of(cfg: EscapeConfig, k: int) -> dict[str, Any]:
+    """What defines the cell of size k, for its rows, tables and keys: its problem's
+    instance; with several teachers, their seeds as a list under "seed"."""
+    found = problems_of(cfg, k)
+    instance = dict(found[0].instance)
+    if len(found) > 1:
+        instance["seed"] = [p.instance["seed"] for p in found]
+    return instance
+
+
+def key_of_starts(W0: Tensor, owner: Tensor, cfg: EscapeConfig, k: int) -> str:
+    """The key of a cell's starts W0 (m, *shape) and their teachers `owner` (m,): W0 alone
+    for one problem (as before cells pooled teachers), with the owners and the teachers'
+    instances for several."""
+    found = problems_of(cfg, k)
+    if len(found) == 1:
+        return content_key(W0)
+    return content_key(W0, owner, [dict(p.instance) for p in found])
 
 
 def _run_id(*parts: object) -> int:
@@ -331,38 +389,81 @@ def cell_name(cfg: EscapeConfig, k: int) -> str:
     return f"k{k}_n{problem.shape[0]}_C{problem.outputs}_{cfg.problem}"
 
 
-def population(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = False) -> dict:
+def population(
+    out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = False
+) -> list[dict]:
     """gd-population from the evaluation seeds 0 … seeds−1 (tag "eval") or the tuning pool
-    10⁶ … 10⁶ + tune_pool − 1 ("tune"), cached: Safran & Shamir's closed-form descent for
-    teacher–student, `descend` on the objective for another problem."""
+    10⁶ … 10⁶ + tune_pool − 1 ("tune"), one result per teacher (`problems_of`), cached:
+    Safran & Shamir's closed-form descent for teacher–student (each teacher of several in a
+    file of its own, {tag}_seed{seed}_…), `descend` on the objective for another problem."""
     seeds = range(cfg.seeds) if tag == "eval" else range(TUNE_SEEDS, TUNE_SEEDS + cfg.tune_pool)
-    problem = problem_of(cfg, k)
-    if problem.native is not None:
-        return population_runs(
-            out, problem.native, seeds, tag=tag, max_steps=cfg.max_gd_steps, quiet=quiet
-        )
-    cell = cell_name(cfg, k)
-    return problem_runs(
-        out, problem, seeds, tag=tag, cell=cell, max_steps=cfg.max_gd_steps, quiet=quiet
-    )
+    found = problems_of(cfg, k)
+    out_runs = []
+    for problem in found:
+        if problem.native is not None:
+            mine = tag if len(found) == 1 else f"{tag}_seed{problem.instance['seed']}"
+            out_runs.append(
+                population_runs(
+                    out, problem.native, seeds, tag=mine, max_steps=cfg.max_gd_steps, quiet=quiet
+                )
+            )
+        else:
+            cell = cell_name(cfg, k)
+            out_runs.append(
+                problem_runs(
+                    out,
+                    problem,
+                    seeds,
+                    tag=tag,
+                    cell=cell,
+                    max_steps=cfg.max_gd_steps,
+                    quiet=quiet,
+                )  # fmt: skip
+            )
+    return out_runs
 
 
 def minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = False) -> dict:
     """The certified spurious minima of the evaluation seeds or the tuning pool, counted
-    modulo the problem's symmetries: the stuck end points (`stuck_points`) grouped into
-    classes whose canonical forms agree to DISTINCT_TOL (`problems.distinct`), each class
-    certified at its first point (`problems.certify`); the points of the classes that are
-    strict minima are kept, and, for a problem whose minima are not isolated (one with a
-    `stuck` test, deciding by the value), the degenerate ones too.
+    modulo the problem's symmetries: each teacher's stuck end points (`stuck_points`)
+    grouped into classes whose canonical forms agree to DISTINCT_TOL (`problems.distinct`),
+    each class certified at its first point (`problems.certify`); the points of the classes
+    that are strict minima are kept, and, for a problem whose minima are not isolated (one
+    with a `stuck` test, deciding by the value), the degenerate ones too. Teachers follow
+    each other; a class never spans two.
 
-    Returns W (M, *shape) float64 in seed order; labels (M,) long, each point's distinct
-    minimum (0 … D−1, in order of first appearance); forms (D, ...) their canonical forms;
-    certificates (D) the certification of each kept minimum; stuck, the number of stuck
-    end points; excluded, the kinds of the classes left out ("degenerate", "saddle", ...);
-    isolated, whether every kept minimum is strict."""
-    problem = problem_of(cfg, k)
-    points = stuck_points(population(out, cfg, k, tag=tag, quiet=quiet)).double()
+    Returns W (M, *shape) float64 in (teacher, seed) order; owner (M,) long, each point's
+    teacher (its index in `problems_of`); labels (M,) long, each point's distinct minimum
+    (0 … D−1, in order of first appearance); forms (D, 1 + F) their canonical forms after
+    their teacher's index; certificates (D) the certification of each kept minimum; stuck,
+    the number of stuck end points; excluded, the kinds of the classes left out
+    ("degenerate", "saddle", ...); isolated, whether every kept minimum is strict."""
+    parts = [
+        _teacher_minima(problem, stuck_points(run).double(), t)
+        for t, (problem, run) in enumerate(
+            zip(problems_of(cfg, k), population(out, cfg, k, tag=tag, quiet=quiet))
+        )
+    ]
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part["forms"]))
+    certificates = [c for part in parts for c in part["certificates"]]
+    return {
+        "W": torch.cat([part["W"] for part in parts]),
+        "owner": torch.cat([torch.full((len(part["W"]),), t) for t, part in enumerate(parts)]),
+        "labels": torch.cat([part["labels"] + o for part, o in zip(parts, offsets)]),
+        "forms": torch.cat([part["forms"] for part in parts]),
+        "certificates": certificates,
+        "stuck": sum(part["stuck"] for part in parts),
+        "excluded": [kind for part in parts for kind in part["excluded"]],
+        "isolated": all(c["kind"] == "strict minimum" for c in certificates),
+    }
+
+
+def _teacher_minima(problem: Problem, points: Tensor, teacher: int) -> dict:
+    """`minima` of one problem's stuck points (M, *shape); its forms start with `teacher`."""
     forms = problem.canonical(points).flatten(1) if len(points) else points.flatten(1)
+    forms = torch.cat([torch.full((len(forms), 1), float(teacher), dtype=forms.dtype), forms], 1)
     firsts = problems.distinct(problem, points, tol=DISTINCT_TOL) if len(points) else []
     labels = torch.tensor(
         [_nearest(forms[i], forms[firsts]) for i in range(len(points))], dtype=torch.long
@@ -380,9 +481,6 @@ def minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet: bool = Fals
         "certificates": [c for c, kept in zip(certificates, keep) if kept],
         "stuck": len(points),
         "excluded": [c["kind"] for c, kept in zip(certificates, keep) if not kept],
-        "isolated": all(
-            c["kind"] == "strict minimum" for c, kept in zip(certificates, keep) if kept
-        ),
     }
 
 
@@ -398,14 +496,16 @@ def spurious_minima(out: Path, cfg: EscapeConfig, k: int, *, tag: str, quiet=Fal
     return minima(out, cfg, k, tag=tag, quiet=quiet)["W"]
 
 
-def tuning_minima(out: Path, cfg: EscapeConfig, k: int, *, quiet=False) -> tuple[Tensor, dict]:
+def tuning_minima(
+    out: Path, cfg: EscapeConfig, k: int, *, quiet=False
+) -> tuple[Tensor, Tensor, dict]:
     """The tuning pool's certified minima at k, without those that are (modulo symmetry) a
     distinct minimum of the evaluation set at k, when k is an evaluation size; all of them
     where no other remains (the problem has too few distinct minima). Returns the points
-    and what the rows say: disjoint (bool), the number of distinct tuning minima, and of
-    the evaluation minima they were kept apart from."""
+    (M, *shape), their teachers (M,) and what the rows say: disjoint (bool), the number of
+    distinct tuning minima, and of the evaluation minima they were kept apart from."""
     tune = minima(out, cfg, k, tag="tune", quiet=quiet)
-    W, labels, forms = tune["W"], tune["labels"], tune["forms"]
+    W, owner, labels, forms = tune["W"], tune["owner"], tune["labels"], tune["forms"]
     shared = torch.zeros(len(forms), dtype=torch.bool)
     evaluated = 0
     if k in cfg.ks and len(forms):
@@ -418,22 +518,38 @@ def tuning_minima(out: Path, cfg: EscapeConfig, k: int, *, quiet=False) -> tuple
     own = ~shared[labels] if len(labels) else labels.bool()
     disjoint = bool(own.any()) or not len(W)
     if own.any():
-        W, kept = W[own], int((~shared).sum())
+        W, owner, kept = W[own], owner[own], int((~shared).sum())
     else:
         kept = len(forms)
-    return W, {"disjoint_minima": disjoint, "tune_minima": kept, "eval_minima": evaluated}
+    return W, owner, {"disjoint_minima": disjoint, "tune_minima": kept, "eval_minima": evaluated}
 
 
-def starts(out: Path, cfg: EscapeConfig, k: int, protocol: str, *, tuning: bool, quiet=False):
-    """A cell's starting weights (m, *shape) float64: the problem's random initialisations
-    (random-init) or the first certified minima (spurious-minima, all of them if fewer);
-    tuning starts come from seeds disjoint from the evaluation ones, and tuning minima from
-    distinct minima other than the evaluation ones where there are any (`tuning_minima`)."""
-    problem = problem_of(cfg, k)
+def starts(
+    out: Path, cfg: EscapeConfig, k: int, protocol: str, *, tuning: bool, quiet=False
+) -> tuple[Tensor, Tensor]:
+    """A cell's starting weights (m, *shape) float64 and their teachers (m,) long (indices
+    into `problems_of`), `count` (tune_seeds or sample_seeds) per teacher: the problem's
+    random initialisations, the same seeds for each teacher (random-init), or each
+    teacher's first certified minima (spurious-minima, all of them if fewer); tuning starts
+    come from seeds disjoint from the evaluation ones, and tuning minima from distinct
+    minima other than the evaluation ones where there are any (`tuning_minima`)."""
     count = cfg.tune_seeds if tuning else cfg.sample_seeds
     if protocol == "random-init":
         first = TUNE_SEEDS if tuning else 0
-        return problem.init(range(first, first + count)).double()
+        found = problems_of(cfg, k)
+        W = torch.cat([p.init(range(first, first + count)).double() for p in found])
+        return W, torch.arange(len(found)).repeat_interleave(count)
     if tuning:
-        return tuning_minima(out, cfg, k, quiet=quiet)[0][:count]
-    return spurious_minima(out, cfg, k, tag="eval", quiet=quiet)[:count]
+        W, owner, _ = tuning_minima(out, cfg, k, quiet=quiet)
+    else:
+        found = minima(out, cfg, k, tag="eval", quiet=quiet)
+        W, owner = found["W"], found["owner"]
+    first = first_of_each(owner, count)
+    return W[first], owner[first]
+
+
+def first_of_each(owner: Tensor, count: int) -> Tensor:
+    """Which points (M,) bool are among the first `count` of their teacher; `owner` (M,)
+    is in teacher order."""
+    index = torch.arange(len(owner))
+    return index - torch.searchsorted(owner, owner) < count

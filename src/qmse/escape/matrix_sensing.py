@@ -370,7 +370,8 @@ def matrix_sensing_problem(
     a measurement Aᵢ (n, n) drawn uniformly with its target bᵢ (1 output); predict ⟨Aᵢ, xxᵀ⟩;
     objective f (the full sum); success f < SUCCESS; starts N(0, init_scale²·I), one
     generator per seed; canonical form xxᵀ (x ↔ −x); stuck: every start that did not
-    succeed."""
+    succeed. Registered with size n: `qmse escape --problem matrix-sensing --problem-args
+    delta=0.7,seed=1 --teacher-widths 2,3` runs one cell per dimension."""
     inst = make_instance(delta, n, seed, m)
     A, b = inst.A, inst.b
 
@@ -404,4 +405,4 @@ def matrix_sensing_problem(
     )
 
 
-register_problem("matrix-sensing", matrix_sensing_problem)
+register_problem("matrix-sensing", matrix_sensing_problem, size="n")

@@ -62,6 +62,8 @@ class Problem:
         differentiable by autograd.
     objective(W) -> (S,) float64: the exact loss that decides success (< `success`) and
         whether a start is stuck.
+    optimum: the objective's global minimum (0 for a realisable regression; f* for
+        Burer–Monteiro's cost): the sweeps score a start by its objective above it.
     hessian(w (*shape)) -> (P, P) float64: its Hessian at one point (on a manifold: the
         Riemannian Hessian on the tangent space, in ambient coordinates); None: autograd of
         the objective.
@@ -87,6 +89,7 @@ class Problem:
     predict: Callable[[Tensor, Tensor], Tensor]
     objective: Callable[[Tensor], Tensor]
     success: float
+    optimum: float = 0.0
     hessian: Callable[[Tensor], Tensor] | None = None
     canonical: Callable[[Tensor], Tensor] = _same
     project: Callable[[Tensor, Tensor], Tensor] | None = None
@@ -181,8 +184,8 @@ def register_problem(name: str, factory: Factory, *, size: str | None = None) ->
     """Add a factory of instances under `name` (`qmse escape --problem NAME` and plug-in
     files read the registry); registering the same factory again is a no-op. `size`: the
     factory's argument that the benchmark's cells vary (`EscapeConfig.ks`: teacher–student's
-    teacher width k); None: a problem whose benchmark has one cell, its instance given by
-    `EscapeConfig.problem_args` alone."""
+    teacher width k; `problem_args` may not name it); None: a problem whose benchmark has
+    one cell, its instance given by `EscapeConfig.problem_args` alone."""
     if not name or set(name) & set(",= \t\n"):
         raise UserError(f"problem name {name!r}: need a non-empty name without , = or spaces")
     if PROBLEMS.get(name, factory) is not factory:

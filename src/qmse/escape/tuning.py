@@ -13,9 +13,12 @@ Without a budget, the second edition's coordinate passes (`qmse.tuning.plan`):
 1. The method's space: lr over its `lr_grid`, then each further hyperparameter over its grid
    (the others at the middle of their grids while lr is swept); values fixed by the user are
    not swept. The coordinate passes repeat until one changes nothing (at most 3).
-2. Each value is scored by its failure rate on the tuning starts (population loss ≥ 1e-3 at
-   the end, divergence included); ties go to a value with neighbours on both sides, then to
-   the lowest median log₁₀ final loss (a diverged start counts as 10³⁰).
+2. Each value is scored by its failure rate on the tuning starts, decided as the rows decide
+   it: a start fails when the problem's exact objective does not end below its `success`
+   threshold (teacher–student: population loss ≥ 1e-3; Burer–Monteiro: cost above
+   f* + 10⁻³|f*|), divergence included; ties go to a value with neighbours on both sides,
+   then to the lowest median log₁₀ final loss, the objective above the problem's `optimum`
+   (0 but for Burer–Monteiro's cost; a diverged start counts as 10³⁰).
 3. While an edge of the swept values has the lowest failure rate (alone or tied: when every
    value fails on every start, larger steps or more noise may still escape), the sweep
    widens past it by a factor of 2 (`qmse.tuning`), at most 8 values past each edge of the
@@ -44,11 +47,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmse.escape.engine import STUCK_LOSS, engine_key, make_job, run_methods
+from qmse.escape.engine import Job, engine_key, make_job, run_methods
 from qmse.escape.methods import Method, method_key
+from qmse.escape.problems import Problem
 from qmse.keys import FORMAT, content_key
 from qmse.runs import load_json, save_json
-from qmse.teacher_student import Problem
 from qmse.tuning import Plan, Rule, Trial, search
 from qmse.tuning import plan as tuning_plan
 
@@ -57,12 +60,16 @@ FLAT_LOG10 = 0.01  # halving changed the median log₁₀ loss by at most this: 
 MAX_PASSES = 3  # passes over (lr, hyperparameters) until one changes nothing
 
 
-def summarize(loss: Tensor, diverged: Tensor, moved: Tensor) -> dict:
-    """One setting's score on m starts: failures, divergences, median log₁₀ final loss
-    (a diverged start counts as 10³⁰), median relative displacement."""
-    log = torch.log10(loss.double().clamp_min(1e-30)).nan_to_num(posinf=30.0)
+def summarize(
+    loss: Tensor, success: Tensor, diverged: Tensor, moved: Tensor, optimum: float | Tensor
+) -> dict:
+    """One setting's score on m starts (m,) each, from the engine's result: failures (starts
+    without `success`, the problem's own rule), divergences, median log₁₀ final loss above
+    the problem's `optimum` (a number, or one per start) (a diverged start counts as 10³⁰),
+    median relative displacement."""
+    log = torch.log10((loss.double() - optimum).clamp_min(1e-30)).nan_to_num(posinf=30.0)
     return {
-        "failures": int((~(loss < STUCK_LOSS)).sum()),
+        "failures": int((~success).sum()),
         "seeds": int(loss.numel()),
         "diverged": int(diverged.sum()),
         "median_log10_loss": float(log.median()),
@@ -133,12 +140,41 @@ def _settings_key(settings: Mapping[str, float]) -> tuple:
     return tuple(sorted(settings.items()))
 
 
+def run_pooled(
+    jobs: Sequence[Job], W0: Tensor, problems: Sequence[Problem], owner: Tensor, **kw
+) -> list[dict[str, Tensor]]:
+    """`qmse.escape.engine.run_methods` on starts of several problems (a cell's teachers):
+    start i of W0 (m, *shape) trains on problems[owner[i]], each problem's starts in one run
+    of their own (the same seeds `kw` for each), the results put back in the order of W0
+    (rows g·m + i, as run_methods gives them). One problem: run_methods itself."""
+    if len(problems) == 1:
+        return run_methods(jobs, W0, problems[0], **kw)
+    m, parts = len(W0), []
+    for t, problem in enumerate(problems):
+        index = (owner == t).nonzero().flatten()  # (m_t,)
+        if len(index):
+            parts.append((index, run_methods(jobs, W0[index.to(W0.device)], problem, **kw)))
+    out = []
+    for j, job in enumerate(jobs):
+        merged = {}
+        for name, first in parts[0][1][j].items():
+            rest = first.shape[1:]
+            whole = first.new_empty((job.settings, m, *rest))  # (G, m, ...)
+            for index, results in parts:
+                part = results[j][name].view(job.settings, len(index), *rest)
+                whole[:, index.to(whole.device)] = part
+            merged[name] = whole.reshape(job.settings * m, *rest)
+        out.append(merged)
+    return out
+
+
 def tune_methods(
     methods: Sequence[Method],
     fixed: Mapping[str, Mapping[str, float]],
     W0: Tensor,
-    problem: Problem,
+    problem: Problem | Sequence[Problem],
     *,
+    owner: Tensor | None = None,
     path: Callable[[str], Path],
     steps: int,
     batch: int,
@@ -149,12 +185,19 @@ def tune_methods(
     label: str = "tune",
     quiet: bool = False,
 ) -> dict[str, dict]:
-    """Sweep every method on the tuning starts W0 (m, n, d) until each is settled (module
-    docstring); the rounds run all methods that still need settings in lockstep. `fixed`:
+    """Sweep every method on the tuning starts W0 (m, *shape) of the registered `problem`
+    (or of several, start i on problem[owner[i]]: a cell's teachers, `run_pooled`) until
+    each is settled (module docstring), each setting's failures decided by the engine's
+    `success` (the problem's own rule, as in the rows); the rounds run all methods that
+    still need settings in lockstep. `fixed`:
     method -> values not to sweep; `budget`: trials per method of a joint search (`plan`),
     None for coordinate passes. The record of method M is saved at path(M) after every
     round, with `meta` (e.g. protocol and k); returns method -> record ("chosen", "stages",
     "points", "space", "budget", ...)."""
+    pool = [problem] if isinstance(problem, Problem) else list(problem)
+    owner = torch.zeros(len(W0), dtype=torch.long) if owner is None else owner.cpu()
+    optimum = torch.tensor([p.optimum for p in pool], dtype=torch.float64)[owner]  # (m,)
+    named = [(p.name, dict(p.instance), p.success, p.optimum) for p in pool]
     records = {}
     for method in methods:
         pinned = dict(fixed.get(method.name, {}))
@@ -162,9 +205,8 @@ def tune_methods(
             "tune",
             method_key(method),
             W0,
-            problem.V,
-            problem.A_teacher,
-            problem.A_student,
+            named,
+            owner,
             steps,
             batch,
             seed,
@@ -175,6 +217,7 @@ def tune_methods(
             {"budget": budget, "sobol_seed": SOBOL_SEED},
         )
         record = {"key": key, "format": FORMAT, "method": method.name, "starts": int(W0.shape[0])}
+        record |= {"problem": pool[0].name, "instances": [i for _, i, _, _ in named]}
         record["points"] = []
         record |= dict(meta or {}) | {"fixed": pinned, "steps": steps, "batch": batch}
         record |= {"budget": budget, "space": method.space(exclude=pinned).describe()}
@@ -219,10 +262,11 @@ def tune_methods(
             for name, settings in todo.items()
         ]
         started = time.perf_counter()
-        results = run_methods(
+        results = run_pooled(
             jobs,
             W0,
-            problem,
+            pool,
+            owner,
             steps=steps,
             batch=batch,
             seed=seed,
@@ -239,9 +283,8 @@ def tune_methods(
             for g, params in enumerate(settings):
                 rows_g = slice(g * m, (g + 1) * m)
                 score = summarize(
-                    result["loss"][rows_g].cpu(),
-                    result["diverged"][rows_g].cpu(),
-                    result["moved"][rows_g].cpu(),
+                    *(result[r][rows_g].cpu() for r in ("loss", "success", "diverged", "moved")),
+                    optimum,
                 )
                 record["points"].append({"params": params, **score, "round": round_})
             record["seconds"] += seconds * len(settings) / rows  # its share of the round
