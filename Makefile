@@ -124,6 +124,10 @@ clean:
 	rm -rf .venv build src/*.egg-info .pytest_cache .ruff_cache
 
 # docs/symmetry.md section 6: barriers between two ResNets at widths 1, 2, 4, straight and
-# matched, with and without BatchNorm recomputation (about 11 CPU minutes on one core).
+# matched, with and without BatchNorm recomputation: ResNet-8 (about 11 CPU minutes on one
+# core), then ResNet-20 (about 8). Run again, it keeps the widths already in each JSON
+# (delete a JSON to rerun it).
 symmetry-width: setup fashion-mnist
 	OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.symmetry_width --out docs/symmetry/width.json
+	OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.symmetry_width --blocks 3 \
+	  --out docs/symmetry/width-resnet20.json

@@ -20,9 +20,11 @@ each with the BatchNorm statistics
 
 Writes one JSON (`--out`): what was run, per width the training curves, test accuracy, the
 four paths, their loss and accuracy barriers, the CPU seconds of each stage and the wall
-seconds of the width. It is rewritten after every width; run again with the same arguments,
-the script keeps the widths already in it and runs the rest. No checkpoints are written. The
-runs of docs/symmetry.md (ResNet-8, then ResNet-20):
+seconds of the width; a width whose training loss turns non-finite (ResNet-20 at width 4) is
+recorded with the step at which it did, and not interpolated. The JSON is rewritten after
+every width; run again with the same arguments, the script keeps the widths already in it and
+runs the rest. No checkpoints are written. The runs of docs/symmetry.md (ResNet-8, then
+ResNet-20):
 
     OMP_NUM_THREADS=1 python -m benchmarks.symmetry_width --out docs/symmetry/width.json
     OMP_NUM_THREADS=1 python -m benchmarks.symmetry_width --blocks 3 \
@@ -64,7 +66,9 @@ def padded_fashion_mnist(train: int, test: int):
 
 
 def train(width: int, blocks: int, seed: int, x, y, epochs: int, lr: float) -> tuple:
-    """A ResNet trained on (x, y); returns (model in eval mode, mean ½‖r‖² per epoch)."""
+    """A ResNet trained on (x, y); returns (model in eval mode, mean ½‖r‖² per epoch, None),
+    or, when a step's loss is not finite, (None, the finished epochs' curve, that step's
+    number counted from 1): a diverged width is recorded, not an error."""
     torch.manual_seed(seed)
     model = ResNet(1, 10, width=width, blocks=blocks)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -73,20 +77,21 @@ def train(width: int, blocks: int, seed: int, x, y, epochs: int, lr: float) -> t
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * s / steps))
     )
     g = torch.Generator().manual_seed(seed)
-    curve = []
+    curve, step = [], 0
     for _ in range(epochs):
         total = 0.0
         for idx in torch.randperm(len(x), generator=g).split(128):
+            step += 1
             opt.zero_grad()
             loss = mse_loss_half(model(x[idx]), y[idx])
+            if not math.isfinite(loss.item()):
+                return None, curve, step
             loss.backward()
             opt.step()
             schedule.step()
             total += loss.item() * len(idx)
         curve.append(total / len(x))
-        if not math.isfinite(curve[-1]):
-            raise SystemExit(f"width {width}, seed {seed}: training diverged ({curve})")
-    return model.eval(), curve
+    return model.eval(), curve, None
 
 
 def accuracy(model, x, y) -> float:
@@ -123,11 +128,21 @@ def main() -> None:
         start, wall = time.process_time(), time.perf_counter()
         models, runs = [], []
         for seed in (0, 1):
-            model, curve = train(width, args.blocks, seed, x, y, args.epochs, args.lr)
+            model, curve, diverged = train(width, args.blocks, seed, x, y, args.epochs, args.lr)
+            if diverged:
+                runs.append({"seed": seed, "train_loss": curve, "diverged_at_step": diverged})
+                break
             models.append(model)
             runs.append({"seed": seed, "train_loss": curve,
                          "test_accuracy": accuracy(model, x_test, y_test)})  # fmt: skip
         train_cpu = time.process_time() - start
+        if diverged:  # nothing to interpolate; the next run of the command skips it too
+            result["widths"][str(width)] = {
+                "runs": runs, "train_cpu_s": train_cpu, "wall_s": time.perf_counter() - wall,
+            }  # fmt: skip
+            save_json(args.out, {**result, "provenance": provenance("cpu")})
+            print(f"width {width}, seed {seed}: step {diverged}'s loss not finite", flush=True)
+            continue
         spec = permutation_spec(models[0])
         row = {"runs": runs, "train_cpu_s": train_cpu, "paths": {}}
         for mode in ("recompute", "blend"):
