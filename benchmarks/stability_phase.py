@@ -6,12 +6,15 @@ Per family, OUT/phase-NAME.json (the predicted thresholds and the escaped / dive
 phase-NAME.png: NAME k8, k10, … for the teacher–student widths (--widths), "sensing" for
 rank-1 matrix sensing (--sensing DELTA,N,SEED,M). B "population" is the mean field in closed
 form. Resumable: the JSON is rewritten after each panel, and a rerun computes only the
-panels it lacks. The committed diagrams (docs/stability/):
+panels it lacks. The committed diagrams (docs/stability/; matrix sensing's escapes start
+further below the predicted band, hence its longer grid):
 
-    python -m benchmarks.stability_phase --widths 8 --sensing 0.75,2,0,8 \\
+    python -m benchmarks.stability_phase --widths 8 \\
+        --betas 0,0.5,0.8,0.9,0.95,0.99 --batches 4,16,64,256,population --out docs/stability
+    python -m benchmarks.stability_phase --widths '' --sensing 0.75,2,0,8 --below 24 \\
         --betas 0,0.5,0.8,0.9,0.95,0.99 --batches 4,16,64,256,population --out docs/stability
 
-`make stability-phase` adds k = 10 (Makefile: its size and time).
+`make stability-phase` runs the same into runs/stability (Makefile: its time).
 """
 
 from __future__ import annotations
