@@ -5,9 +5,11 @@ Per family, OUT/phase-NAME.json (the predicted thresholds and the escaped / dive
 / stuck counts on an lr grid 2^(1/8) apart per distinct minimum, β and B) and
 phase-NAME.png: NAME k8, k10, … for the teacher–student widths (--widths), "sensing" for
 rank-1 matrix sensing (--sensing DELTA,N,SEED,M). B "population" is the mean field in closed
-form. Resumable: the JSON is rewritten after each panel, and a rerun computes only the
-panels it lacks. The committed diagrams (docs/stability/; matrix sensing's escapes start
-further below the predicted band, hence its longer grid):
+form. --loss qmse or expected-qmse trains that loss from the same minima of MSE
+(phase-NAME-LOSS.json; minibatch panels only). Resumable: the JSON is rewritten after each
+panel, and a rerun computes only the panels it lacks. The committed diagrams
+(docs/stability/; matrix sensing's escapes start further below the predicted band, hence its
+longer grid):
 
     python -m benchmarks.stability_phase --widths 8 \\
         --betas 0,0.5,0.8,0.9,0.95,0.99 --batches 4,16,64,256,population --out docs/stability
@@ -51,6 +53,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000, help="steps per run")
     parser.add_argument("--below", type=int, default=16, help="grid steps under the band")
     parser.add_argument("--above", type=int, default=6, help="grid steps over the band")
+    parser.add_argument("--loss", choices=tuple(phase.LOSS_METHODS), default="mse",
+                        help="the loss trained (other than MSE: teacher-student)")  # fmt: skip
     parser.add_argument("--out", default="runs/stability", help="output directory")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -59,10 +63,11 @@ def main() -> None:
         families.append(lambda: phase.matrix_sensing(*args.sensing))
     for make in families:
         family = make()
-        path = Path(args.out) / f"phase-{family.name}.json"
+        suffix = "" if args.loss == "mse" else f"-{args.loss}"
+        path = Path(args.out) / f"phase-{family.name}{suffix}.json"
         data = phase.phase_diagram(
             family, [float(b) for b in args.betas.split(",")], args.batches, starts=args.starts,
-            steps=args.steps, below=args.below, above=args.above, path=path,
+            steps=args.steps, below=args.below, above=args.above, loss=args.loss, path=path,
         )  # fmt: skip
         phase.plot(data, path.with_suffix(".png"))
         print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -141,7 +141,7 @@ def test_the_mean_fields_are_the_engines_gradient_over_every_sample(family, sens
     x, y = inst.A[None].expand(3, -1, -1, -1), inst.b[None, :, None].expand(3, -1, 1)
     engine = problem_gradient(job, W, x, y, sensing.problem, torch.Generator())
     torch.testing.assert_close(engine, sensing.field(W), rtol=1e-10, atol=1e-12)
-    lin = sensing.linearise(W[0])
+    lin = sensing.linearise(W[0], "mse")
     np.testing.assert_allclose(lin.hessian, ms.hessian(inst, W[0]).numpy() / 16, rtol=1e-10)
     np.testing.assert_allclose(lin.mean_gradient, sensing.field(W[:1])[0].numpy(), rtol=1e-10)
     p = ts.make_problem(8)
@@ -209,8 +209,8 @@ def test_phase_diagram_resumes_from_its_file(sensing, tmp_path):
     kw = dict(starts=4, steps=50, below=1, above=1, path=path, quiet=True)
     first = phase.phase_diagram(sensing, [0.9], [4], **kw)
     (panel,) = first["panels"]
-    lin = sensing.linearise(sensing.minima[0])
-    band = st.escape_band(lin, sensing.linearise(sensing.global_minimum), 0.9, 4)
+    lin = sensing.linearise(sensing.minima[0], "mse")
+    band = st.escape_band(lin, sensing.linearise(sensing.global_minimum, "mse"), 0.9, 4)
     assert panel["predicted"]["minimum"]["second"] == band.minimum.second
     assert panel["predicted"]["minimum"]["second_se"] == 0
     assert panel["lrs"][1] == float(f"{min(band.minimum.second, band.global_minimum.second):.6g}")
@@ -219,3 +219,29 @@ def test_phase_diagram_resumes_from_its_file(sensing, tmp_path):
     assert [p["batch"] for p in phase.load_json(path)["panels"]] == [4, None]
     with pytest.raises(UserError, match="another protocol"):
         phase.phase_diagram(sensing, [0.9], [4], **(kw | {"steps": 60}))
+
+
+def test_other_losses_start_from_mses_minima_with_their_own_prediction(family, sensing):
+    """Expected-QMSE (¼r⁴ + r²/2 at C = 1) has MSE's curvature where r = 0: its Monte Carlo H̄
+    at the teacher is MSE's closed form. At MSE's minimum it is not stationary (a Newton
+    shift), and the diagram's thresholds and λ_max are its own linearisation's. No
+    population panel and no matrix sensing for it."""
+    V = family.global_minimum
+    H = family.linearise(V, "expected-qmse").hessian
+    exact = family.hessian(V).numpy()
+    assert np.linalg.norm(H - exact) < 0.05 * np.linalg.norm(exact)
+    data = phase.phase_diagram(family, [0.9], [16], starts=2, steps=20, below=0, above=0,
+                               loss="expected-qmse", quiet=True)  # fmt: skip
+    (minimum,), (panel,) = data["minima"], data["panels"]
+    lin = family.linearise(family.minima[0], "expected-qmse")
+    band = st.escape_band(lin, family.linearise(V, "expected-qmse"), 0.9, 16)
+    assert panel["predicted"]["minimum"]["second"] == band.minimum.second
+    assert minimum["eigenvalues"][1] == pytest.approx(np.linalg.eigvalsh(lin.hessian)[-1])
+    assert minimum["newton_shift"] == pytest.approx(lin.shift) and lin.shift > 1e-3
+    assert data["protocol"]["loss"] == "expected-qmse" and "expected-qmse" in data["title"]
+    with pytest.raises(UserError, match="population"):
+        phase.phase_diagram(family, [0.9], [None], loss="qmse", quiet=True)
+    with pytest.raises(UserError, match="MSE's only"):
+        sensing.linearise(sensing.minima[0], "qmse")
+    with pytest.raises(UserError, match="expected one of"):
+        phase.measure(family, family.minima, [1e-3], 0.0, 16, steps=1, loss="adam")

@@ -18,6 +18,12 @@ follow and finish it):
 Minima are grouped by their objective to 6 digits (as the benchmark's minima report does):
 one group per distinct minimum, up to the problem's symmetries.
 
+The loss trained (`LOSS_METHODS`) is MSE by default; teacher–student also takes QMSE and
+expected-QMSE (the engine's `qmse`, `qmse-momentum`, … methods, and `stability.linearise` of
+that loss, its noise included), from the same minima of MSE: does the loss get out of them?
+Their mean field has no closed form here, so they have no population panel, and the mean-map
+rules read λ_max of their Monte Carlo H̄.
+
 Per distinct minimum and (β, B), a panel: the prediction (`stability.escape_band` for MSE
 at the group's first point and at the global minimum) and, on an lr grid STEP = 2^(1/8)
 apart from `below` steps under the lower of the two predicted edges to `above` steps over
@@ -80,6 +86,11 @@ OUTCOMES = ("escaped", "diverged", "moved", "stuck")
 RULES = ("second moment", "mean map", "lr/(1-β)")
 FINISH_TOL, FINISH_STEPS = 1e-6, 20_000  # the finishing gradient descent's stop
 MOVED = 1e-4  # a finished objective this far (relative) from the start's is another point
+LOSS_METHODS = {  # loss -> the engine's methods for SGD (β = 0) and heavy ball
+    "mse": ("sgd", "momentum"),
+    "qmse": ("qmse", "qmse-momentum"),
+    "expected-qmse": ("expected-qmse", "expected-qmse-momentum"),
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,8 @@ class Family:
     the family's part of the diagram (JSON). problem: the registered Problem the engine
     trains. minima (M, *shape) float64: certified strict spurious minima, from the starts of
     `seeds` (one per point). global_minimum (*shape). hessian(w): the mean field's Hessian
-    (P, P) float64; linearise(w): MSE's per-sample field there (`stability.Linearisation`);
+    (P, P) float64; linearise(w, loss): the loss's per-sample field there
+    (`stability.Linearisation`; matrix sensing: MSE only);
     field(W (S, *shape)): the mean field (the population gradient of MSE as the engine
     averages it); finish(W): gradient descent on the exact objective from each point,
     (objective (S,), converged (S,) bool). seconds: the wall-clock time finding the minima
@@ -104,7 +116,7 @@ class Family:
     seeds: list[int]
     global_minimum: Tensor
     hessian: Callable[[Tensor], Tensor]
-    linearise: Callable[[Tensor], st.Linearisation]
+    linearise: Callable[[Tensor, str], st.Linearisation]
     field: Callable[[Tensor], Tensor]
     finish: Callable[[Tensor], tuple[Tensor, Tensor]]
     seconds: float
@@ -157,7 +169,7 @@ def teacher_student(
         seeds=found,
         global_minimum=p.V,
         hessian=lambda w: ts.population_hessian(w.double(), p),
-        linearise=lambda w: st.linearise(problem, w, **kw),
+        linearise=lambda w, loss: st.linearise(problem, w, loss, **kw),
         field=lambda W: ts.population_grad(W, p),
         finish=finish,
         seconds=time.perf_counter() - clock,
@@ -202,11 +214,17 @@ def matrix_sensing(delta: float, n: int, seed: int, m: int, *, seeds: int = 64) 
         seeds=found,
         global_minimum=inst.z,
         hessian=lambda w: ms.hessian(inst, w) / scale,
-        linearise=lambda w: st.finite_sum(problem, w, inst.A, inst.b[:, None]),
+        linearise=lambda w, loss: (
+            st.finite_sum(problem, w, inst.A, inst.b[:, None]) if loss == "mse" else _only_mse(loss)
+        ),
         field=lambda W: problems.gradient(problem, W) / scale,
         finish=finish,
         seconds=time.perf_counter() - clock,
     )
+
+
+def _only_mse(loss: str) -> st.Linearisation:
+    raise UserError(f"loss {loss!r}: matrix sensing's exact linearisation is MSE's only")
 
 
 def lr_grid(lo: float, hi: float, below: int, above: int) -> list[float]:
@@ -240,19 +258,22 @@ def measure(
     *,
     steps: int,
     seed: int = 0,
+    loss: str = "mse",
 ) -> dict[str, list]:
     """How many of the starts W0 (m, *shape) escaped, diverged, moved or stuck at each lr
     (module docstring), how many had escaped at the end of the budget itself
     (`end_escaped`), how many finishing descents hit FINISH_STEPS (`unfinished`), and the
     median objective at the end of the budget of those stuck (`stuck_loss`: how far they
     wander) and the median finished objective of those moved (`moved_loss`), None where there
-    are none: SGD (β = 0) or heavy ball on MSE with fresh batches of `batch` samples
-    (`run_method`, samples from `seed`), or on the mean field (batch None)."""
+    are none: SGD (β = 0) or heavy ball on `loss` with fresh batches of `batch` samples
+    (`run_method`, samples from `seed`), or on MSE's mean field (batch None)."""
     G, m = len(lrs), len(W0)
     if batch is None:
+        _population_only_mse(loss)
         W, diverged = _population_runs(family, W0, lrs, beta, steps)
     else:
-        method, hyper = ("sgd", None) if beta == 0 else ("momentum", {"one_minus_beta": 1 - beta})
+        plain, heavy = _methods(loss)
+        method, hyper = (plain, None) if beta == 0 else (heavy, {"one_minus_beta": 1 - beta})
         out = run_method(method, W0, family.problem, steps=steps, lr=list(lrs), hyper=hyper,
                          batch=batch, seed=seed, quiet=True)  # fmt: skip
         W, diverged = out["W"].double(), out["diverged"]
@@ -285,6 +306,17 @@ def measure(
     }
 
 
+def _methods(loss: str) -> tuple[str, str]:
+    if loss not in LOSS_METHODS:
+        raise UserError(f"loss {loss!r}: expected one of {', '.join(LOSS_METHODS)}")
+    return LOSS_METHODS[loss]
+
+
+def _population_only_mse(loss: str) -> None:
+    if loss != "mse":
+        raise UserError(f"loss {loss!r}: the population gradient is MSE's only; drop it")
+
+
 def _extremes(H: np.ndarray) -> list[float]:
     lam = np.linalg.eigvalsh(H)
     return [float(lam[0]), float(lam[-1])]
@@ -304,14 +336,18 @@ def phase_diagram(
     below: int = 16,
     above: int = 6,
     seed: int = 0,
+    loss: str = "mse",
     path: str | os.PathLike | None = None,
     quiet: bool = False,
 ) -> dict:
     """The predicted thresholds and the measured outcomes of every (distinct minimum, β, B)
     panel on its lr grid (module docstring), as plain data with the wall-clock seconds each
-    panel's prediction, runs and finishing descents took. With `path`, resumable: the
-    panels of a diagram of the same family and protocol there are kept, and the diagram is
-    rewritten there after each new panel."""
+    panel's prediction, runs and finishing descents took, for `loss` (`LOSS_METHODS`). With
+    `path`, resumable: the panels of a diagram of the same family and protocol there are
+    kept, and the diagram is rewritten there after each new panel."""
+    _methods(loss)
+    if None in batches:
+        _population_only_mse(loss)
     problem = family.problem
     losses = problem.objective(family.minima).tolist()
     classes = list(dict.fromkeys(round(v, 6) for v in losses))
@@ -319,22 +355,35 @@ def phase_diagram(
         "starts": starts, "steps": steps, "step": "2^(1/8)", "below": below, "above": above,
         "seed": seed, "success": problem.success, "diverged_norm": DIVERGED_NORM,
         "finish_lr": GD_LR, "finish_tol": FINISH_TOL, "finish_steps": FINISH_STEPS,
-        "moved": MOVED,
+        "moved": MOVED, "loss": loss,
     }  # fmt: skip
+    lins: dict = {}
+
+    def linearised(key) -> st.Linearisation:
+        if key not in lins:
+            w = family.global_minimum if key == "global" else family.minima[key]
+            lins[key] = family.linearise(w, loss)
+        return lins[key]
+
+    def hessian(key) -> np.ndarray:  # the mean field's: MSE's closed form, else Monte Carlo
+        if loss != "mse":
+            return linearised(key).hessian
+        return family.hessian(family.global_minimum if key == "global" else family.minima[key])
+
     minima = []
     for value in classes:
         rows = [j for j, v in enumerate(losses) if round(v, 6) == value]
-        H = family.hessian(family.minima[rows[0]]).numpy()
         seeds = [family.seeds[j] for j in rows]
-        minima.append(
-            {"loss": value, "count": len(rows), "seeds": seeds, "eigenvalues": _extremes(H)}
-        )
+        minima.append({"loss": value, "count": len(rows), "seeds": seeds,
+                       "eigenvalues": _extremes(np.asarray(hessian(rows[0])))})  # fmt: skip
+        if loss != "mse":  # the start is MSE's minimum, not the loss's stationary point
+            minima[-1]["newton_shift"] = linearised(rows[0]).shift
     data = {
         "name": family.name,
-        "title": family.title,
+        "title": family.title + ("" if loss == "mse" else f", trained on {loss}"),
         "protocol": protocol,
         "minima": minima,
-        "global_minimum": {"eigenvalues": _extremes(family.hessian(family.global_minimum).numpy())},
+        "global_minimum": {"eigenvalues": _extremes(np.asarray(hessian("global")))},
         "panels": [],
         "minima_seconds": round(family.seconds, 1),
     }
@@ -351,14 +400,6 @@ def phase_diagram(
     grid = [(i, b, B) for i in range(len(classes)) for b in betas for B in batches]
     order = {key: n for n, key in enumerate(grid)}
     todo = [key for key in grid if key not in done]
-    lins: dict = {}
-
-    def linearised(key) -> st.Linearisation:
-        if key not in lins:
-            w = family.global_minimum if key == "global" else family.minima[key]
-            lins[key] = family.linearise(w)
-        return lins[key]
-
     for i, beta, batch in progress(todo, quiet=quiet, desc=f"phase {family.name}"):
         rows = [j for j, v in enumerate(losses) if round(v, 6) == classes[i]]
         clock = time.perf_counter()
@@ -376,7 +417,7 @@ def phase_diagram(
         count = 1 if batch is None else starts
         W0 = family.minima[[rows[j % len(rows)] for j in range(count)]]
         clock = time.perf_counter()
-        counts = measure(family, W0, lrs, beta, batch, steps=steps, seed=seed)
+        counts = measure(family, W0, lrs, beta, batch, steps=steps, seed=seed, loss=loss)
         data["panels"].append({
             "minimum": i, "beta": beta, "batch": batch, "starts": count,
             "predicted": {"minimum": pred[0], "global_minimum": pred[1]}, "lrs": lrs, **counts,
