@@ -1,4 +1,4 @@
-"""docs/stability.md says only what docs/stability/phase-k8.json and phase-sensing.json give.
+"""docs/stability.md says only what docs/stability/phase-*.json give.
 
 The tables between the markers are `qmse.escape.phase.markdown` of each JSON, verbatim;
 every number of the prose is recomputed below from the JSON (through `qmse.escape.phase`'s
@@ -21,7 +21,8 @@ from qmse.escape import phase
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "stability.md"
-DATA = {name: ROOT / "docs" / "stability" / f"phase-{name}.json" for name in ("k8", "sensing")}
+NAMES = ("k8", "sensing", "k8-qmse", "k8-expected-qmse")
+DATA = {name: ROOT / "docs" / "stability" / f"phase-{name}.json" for name in NAMES}
 WORDS = {4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 SUP = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 TOKENS = {"0", "1", "2", "4", "8", "10", "16", "64", "256", "0.5", "0.8", "0.9", "0.95", "0.99",
@@ -274,8 +275,44 @@ def claims_sensing(data: dict) -> list[str]:
     return out
 
 
-def claims(k8: dict, sensing: dict) -> list[str]:
-    out = claims_k8(k8) + claims_sensing(sensing)
+def claims_losses(k8: dict, qmse: dict, expected: dict) -> list[str]:
+    """QMSE and expected-QMSE from MSE's minimum, against MSE's panels at the same (β, B)."""
+    mse = {(p["beta"], p["batch"]): p for p in k8["panels"]}
+    out = []
+    for name, data in (("QMSE", qmse), ("expected-QMSE", expected)):
+        (minimum,) = data["minima"]
+        assert minimum["loss"] == k8["minima"][0]["loss"] and data["protocol"]["below"] == 24
+        out.append(f"{name}: Newton shift {minimum['newton_shift']:.3g}, λ_max "
+                   f"{g(minimum['eigenvalues'][1])}")  # fmt: skip
+        p = next(p for p in data["panels"] if (p["beta"], p["batch"]) == (0.0, 16))
+        lo, hi = second(data, p)
+        assert hi == pytest.approx(second(k8, mse[(0.0, 16)])[1], rel=1e-6)  # MSE's at r = 0
+        out.append(f"[{g(lo)}, {g(hi)}) for {name}")
+        escaping = [(p["beta"], p["batch"]) for p in data["panels"]
+                    if phase.measured_edges(p)["escaped"] is not None]  # fmt: skip
+        assert escaping == [(0.9, 64)]
+        for p in data["panels"]:  # "the largest share that escape is below MSE's"
+            assert max(p["escaped"]) < max(mse[(p["beta"], p["batch"])]["escaped"])
+        ratio = [phase.measured_edges(p)["diverged"] / second(data, p)[1] for p in data["panels"]]
+        out.append(f"{min(ratio):.2f} to {max(ratio):.2f} times the global minimum's threshold "
+                   f"for {name}")  # fmt: skip
+    p = mse[(0.0, 16)]
+    out.append(f"against [{g(second(k8, p)[0])}, {g(second(k8, p)[1])}) for MSE")
+    ratio = [phase.measured_edges(mse[(p["beta"], p["batch"])])["diverged"] / second(k8, p)[1]
+             for p in qmse["panels"]]  # fmt: skip
+    out.append(f"for MSE in the same panels {min(ratio):.2f} to {max(ratio):.2f} times")
+    q = {(p["beta"], p["batch"]): p for p in qmse["panels"]}
+    se = q[(0.0, 16)]["predicted"]["minimum"]
+    out.append(f"({g(se['second'])} ± {se['second_se']:.2g} at β = 0 and B = 16)")
+    for name, data in (("QMSE", qmse), ("expected-QMSE", expected)):
+        s = phase.seconds(data)
+        out.append(f"{name}: {data['minima_seconds']} s for the minima, {s['prediction']} s for "
+                   f"the predictions, {s['measurement']} s for the runs")  # fmt: skip
+    return out
+
+
+def claims(k8: dict, sensing: dict, qmse: dict, expected: dict) -> list[str]:
+    out = claims_k8(k8) + claims_sensing(sensing) + claims_losses(k8, qmse, expected)
     for name, data in (("k = 8", k8), ("matrix sensing", sensing)):
         s = phase.seconds(data)
         out.append(f"{name}: {data['minima_seconds']} s for the minima, {s['prediction']} s "
@@ -308,7 +345,7 @@ def test_the_tables_are_the_committed_results(name):
 def test_every_number_in_the_prose_is_recomputed():
     doc = text()
     rest = doc
-    for snippet in claims(load("k8"), load("sensing")):
+    for snippet in claims(*(load(name) for name in NAMES)):
         assert snippet in doc, snippet
         rest = rest.replace(snippet, " ")
     rest = re.sub(r"<!-- tables.*?<!-- end of tables -->", " ", rest, flags=re.S)

@@ -512,7 +512,7 @@ def plot(data: dict, path: str | os.PathLike) -> None:
     panels = data["panels"]
     betas = list(dict.fromkeys(p["beta"] for p in panels))
     cols = list(dict.fromkeys((p["minimum"], p["batch"]) for p in panels))
-    fig = Figure(figsize=(3.2 * len(cols), 2.5 * len(betas) + 1.0))
+    fig = Figure(figsize=(max(3.2 * len(cols), 10.0), 2.5 * len(betas) + 1.0))  # title, legend
     axes = fig.subplots(len(betas), len(cols), squeeze=False)
     for p in panels:
         ax = axes[betas.index(p["beta"])][cols.index((p["minimum"], p["batch"]))]
