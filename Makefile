@@ -114,14 +114,18 @@ fmnist-300-docs fmnist-full-docs: fmnist-%-docs: setup
 # {4, 16, 64, 256, population}: 30 panels each, about 25 step sizes 2^(1/8) apart x 64 starts
 # x 3000 steps, every end point finished by gradient descent. One core: about 20 minutes for
 # k = 8 and 13 for matrix sensing on the shared 2-core machine under load (the JSON's
-# seconds). Resumable. Writes runs/stability/phase-{k8,sensing}.{json,png}; the committed
-# copies are in docs/stability/.
+# seconds); then QMSE and expected-QMSE from the k = 8 minimum at beta in {0, 0.9}, B in
+# {16, 64}: about 7 and 4 minutes. Resumable. Writes runs/stability/phase-{k8,sensing,
+# k8-qmse,k8-expected-qmse}.{json,png}; the committed copies are in docs/stability/.
 stability-phase: setup
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.stability_phase --widths 8 \
 	  --betas 0,0.5,0.8,0.9,0.95,0.99 --batches 4,16,64,256,population --out runs/stability
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.stability_phase --widths '' --sensing 0.75,2,0,8 \
 	  --below 24 --betas 0,0.5,0.8,0.9,0.95,0.99 --batches 4,16,64,256,population \
 	  --out runs/stability
+	for loss in qmse expected-qmse; do OMP_NUM_THREADS=1 $(PY) -m benchmarks.stability_phase \
+	  --widths 8 --loss $$loss --below 24 --betas 0,0.9 --batches 16,64 --out runs/stability \
+	  || exit 1; done
 
 clean:
 	rm -rf .venv build src/*.egg-info .pytest_cache .ruff_cache
