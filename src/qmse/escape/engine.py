@@ -23,12 +23,19 @@ gradient at other weights (`state["grad_at"]`, SAM's and homotopy's) gets it on 
 batch with the step's loss noise, replayed from a copy of the method's stream (`_gradient_at`),
 so asking does not move the stream.
 
-A job's G settings are stacked per start, so its forward pass is one batched matmul
-x (m, B, d) @ (m, d, G·n) and its backward pass one more (the teacher–student path); its
-loss (read from `qmse.loss` or the method's callable) is differentiated by autograd with
-respect to the outputs f.
+A job's G settings are stacked as rows g·m + i (setting g, start i) and share one forward and
+backward pass, but each setting is a run of its own: its own copy of the method's stream
+(seeded `method_seed`, like every job: common random numbers across settings too), its own
+state, hooks and divergence flags (`_Lane`), its loss noise drawn from its own stream
+(`_lane_losses`), and its rows' products computed as a job of that setting alone computes
+them (one batch entry (n × d)(d × B) per row). So a setting's numbers are, bit for bit,
+those it gets run alone, whatever is stacked beside it, and a start's do not depend on the
+other starts' weights, but for PGD's, whose kicks are drawn when any start of the setting
+needs one (tests/test_escape_engine.py). The loss (read from `qmse.loss` or the method's
+callable) is differentiated by autograd with respect to the outputs f.
 
-The first evaluated step (every `eval_every`) below the success threshold is recorded. A
+The first evaluated step (every `eval_every`) below the success threshold is recorded (the
+rows of every job that have not yet succeeded, EVAL_CHUNK at a time). A
 start whose weights become non-finite or exceed ‖W‖_F = DIVERGED_NORM is frozen at its last
 finite point and counted as a diverged failure.
 """
@@ -60,6 +67,10 @@ from qmse.teacher_student import Problem, population_loss, sample_inputs
 STUCK_LOSS = 1e-3  # a run fails (is stuck) if its population loss ends ≥ this (S&S 2018)
 DIVERGED_NORM = 1e4  # ‖W‖_F beyond this (or non-finite) counts as divergence
 EVAL_EVERY = 50  # steps between evaluations of the closed-form loss
+EVAL_CHUNK = 1024  # rows per call of the exact objective (the closed form's fastest size)
+# How a job stacks its settings: each its own run, bit for bit its numbers alone (module
+# docstring). Only sweeps stack settings, so it is part of their keys, not of the rows'.
+STACKING = "settings as runs of their own"
 
 
 def engine_key() -> dict[str, float]:
@@ -119,50 +130,78 @@ def teacher_outputs(x: Tensor, problem: Problem) -> Tensor:
     return (problem.A_teacher @ hidden).transpose(1, 2)
 
 
-def _per_sample_loss(
-    method: Method, f: Tensor, y: Tensor, rng: torch.Generator, params: dict[str, Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _lane_losses(
+    method: Method, f: Tensor, y: Tensor, rngs: Generators, hyper: Mapping[str, Tensor]
 ) -> Tensor:
-    """The method's per-sample training loss: f, y (N, C) -> (N,)."""
+    """The sum over settings and starts of each start's training loss averaged over its
+    batch: its gradient with respect to f is every row's own. f: (G, m, B, C) outputs, rows
+    g·m + i; y: (m, B, C) targets; rngs: one generator per setting (or one for every setting
+    in turn, or None for a deterministic loss); hyper: the job's values (G,) each, those the
+    registered loss takes go to its draw, per sample. A random loss draws each setting's
+    noise from that setting's generator (`Loss.draw`, then one `Loss.per_sample` for every
+    setting: what `Loss.__call__` does for one), so that each setting draws the noise it
+    would draw alone; a callable is called once per setting, on its generator."""
+    G, m, B, C = f.shape
+    rngs = [rngs] * G if rngs is None or isinstance(rngs, torch.Generator) else list(rngs)
+    target = y.to(f).unsqueeze(0).expand(G, m, B, C)
     if callable(method.loss):
-        return method.loss(f, y, generator=rng)
-    return get_loss(method.loss)(f, y, generator=rng, reduction="none", **params)
+        per_sample = torch.cat(
+            [method.loss(f[g].reshape(-1, C), target[g].reshape(-1, C), generator=rngs[g])
+             for g in range(G)]
+        )  # fmt: skip
+    else:
+        loss, noise = get_loss(method.loss), None
+        if loss.random:
+            noise = torch.cat(
+                [loss.draw(m * B, C, generator=rngs[g], device=f.device, dtype=f.dtype,
+                           **{h: hyper[h][g : g + 1].to(f).view(1, 1).expand(m * B, 1)
+                              for h in method.loss_params()})
+                 for g in range(G)]
+            )  # fmt: skip
+        per_sample = loss.per_sample(f.reshape(-1, C), target.reshape(-1, C), noise)
+    return per_sample.view(G, m, B).mean(2).sum()
 
 
 def job_gradient(
-    job: Job, W: Tensor, x: Tensor, y: Tensor, problem: Problem, rng: torch.Generator
+    job: Job, W: Tensor, x: Tensor, y: Tensor, problem: Problem, rngs: Generators
 ) -> Tensor:
     """The gradient of each of the job's rows: its loss averaged over its start's batch,
-    differentiated by autograd with respect to the outputs f and by hand through
-    f = A relu(W x) (one batched matmul forward, one backward for all the job's settings).
-    W: (G·m, n, d); x: (m, B, d); y: (m, B, C) -> (G·m, n, d).
+    differentiated by autograd with respect to the outputs f (`_lane_losses`) and by hand
+    through f = A relu(W x). W: (G·m, n, d), rows g·m + i; x: (m, B, d); y: (m, B, C);
+    rngs: one generator per setting (`_lane_losses`) -> (G·m, n, d).
 
-    Each job is computed on its own, so its results never depend on what else runs in the
-    same lockstep (bit for bit: the same shapes take the same kernels). The products are
-    (G·n × d)(d × B) per start: wide in B, which the CPU's batched matmul prefers."""
+    Every row's products are one batch entry, (n × d)(d × B) forward and (n × B)(B × d)
+    backward, as in a job of its setting alone (a batched matmul's rows are not independent
+    of how many share a product: stacking the settings in one (G·n × d) product per start
+    changes the last bits in some shapes); a batch entry's numbers do not depend on the
+    number of entries. With one output and all-ones output weights (Safran & Shamir's) the
+    multiplications by A are left out: exact either way."""
     m, B, d = x.shape
     n, C, G = problem.n, problem.outputs, job.settings
     A = problem.A_student  # (C, n)
-    Ws = W.view(G, m, n, d).transpose(0, 1).reshape(m, G * n, d)  # per start: (G·n, d)
-    pre = torch.bmm(Ws, x.transpose(1, 2)).view(m, G, n, B)  # (m, G, n, B)
+    weighted = C > 1 or not bool((A == 1).all())
+    xT = x.transpose(1, 2)  # (m, d, B)
+    pre = W.new_empty(G, m, n, B)  # rows g·m + i
+    for g in range(G):
+        torch.bmm(W[g * m : (g + 1) * m], xT, out=pre[g])
     hidden = torch.relu(pre)
-    # a scalar output as a weighted sum over the neurons: a one-row matmul is slow on the CPU
-    f = (hidden * A.view(n, 1)).sum(2, keepdim=True) if C == 1 else A @ hidden  # (m, G, C, B)
-    f = f.transpose(2, 3).contiguous().requires_grad_()  # (m, G, B, C)
-    target = y.unsqueeze(1).expand(m, G, B, C).reshape(-1, C)  # samples (i, g, b)
-    params = {
-        h: job.hyper[h].to(f).view(1, G, 1).expand(m, G, B).reshape(-1, 1)
-        for h in job.method.loss_params()
-    }
-    per_sample = _per_sample_loss(job.method, f.view(-1, C), target, rng, params)  # (m·G·B,)
-    (grad_f,) = torch.autograd.grad(per_sample.view(m, G, B).mean(2).sum(), f)
+    if C == 1:  # a weighted sum over the neurons: a one-row matmul is slow on the CPU
+        f = (hidden * A.view(n, 1) if weighted else hidden).sum(2, keepdim=True)
+    else:
+        f = A @ hidden  # (G, m, C, B)
+    f = f.transpose(2, 3).contiguous().requires_grad_()  # (G, m, B, C)
+    (grad_f,) = torch.autograd.grad(_lane_losses(job.method, f, y, rngs, job.hyper), f)
     # ∂f/∂h = A; for a scalar output it is applied after the matmul, on the (n, d) gradients
-    grad_f = grad_f.transpose(2, 3)  # (m, G, C, B)
-    grad_h = grad_f.expand(m, G, n, B) if C == 1 else A.T @ grad_f  # (m, G, n, B)
+    grad_f = grad_f.transpose(2, 3)  # (G, m, C, B)
+    grad_h = grad_f.expand(G, m, n, B) if C == 1 else A.T @ grad_f  # (G, m, n, B)
     grad_pre = torch.ops.aten.threshold_backward(grad_h, pre, 0)  # relu'
-    grad = torch.bmm(grad_pre.view(m, G * n, B), x).view(m, G, n, d)
-    if C == 1:
-        grad = grad * A.view(n, 1)
-    return grad.transpose(0, 1).reshape(G * m, n, d)
+    grad = W.new_empty(G * m, n, d)
+    for g in range(G):
+        torch.bmm(grad_pre[g], x, out=grad[g * m : (g + 1) * m])
+    return grad * A.view(n, 1) if C == 1 and weighted else grad
 
 
 def method_view(shape: Sequence[int]) -> tuple[int, int]:
@@ -209,7 +248,7 @@ class _Path:
     shape: tuple[int, ...]  # one start's parameters, as the problem has them
     view: tuple[int, int]  # ... and as the methods see them, (n, d)
     draw: Callable[[int, int, torch.Generator], tuple[Tensor, Tensor]]
-    gradient: Callable[[Job, Tensor, Tensor, Tensor, torch.Generator], Tensor]
+    gradient: Callable[[Job, Tensor, Tensor, Tensor, Generators], Tensor]
     objective: Callable[[Tensor], Tensor]
     success: float
     run: Callable[[int, int, Tensor], Run]
@@ -230,7 +269,7 @@ def _native_path(problem: Problem, dev: torch.device) -> _Path:
         shape=(problem.n, problem.d),
         view=(problem.n, problem.d),
         draw=draw,
-        gradient=lambda job, W, x, y, rng: job_gradient(job, W, x, y, p32, rng),
+        gradient=lambda job, W, x, y, rngs: job_gradient(job, W, x, y, p32, rngs),
         objective=lambda W: population_loss(W.double(), p64),
         success=STUCK_LOSS,
         run=lambda steps, batch, diverged: Run(steps, batch, p32, diverged),
@@ -238,24 +277,19 @@ def _native_path(problem: Problem, dev: torch.device) -> _Path:
 
 
 def problem_gradient(
-    job: Job, W: Tensor, x: Tensor, y: Tensor, problem: problems.Problem, rng: torch.Generator
+    job: Job, W: Tensor, x: Tensor, y: Tensor, problem: problems.Problem, rngs: Generators
 ) -> Tensor:
     """The generic path's gradient of each of the job's rows: its loss on the problem's
     outputs `predict(W, x)`, averaged over its start's batch, by autograd (the Euclidean
-    gradient; the engine projects it on a manifold). W: (G·m, *shape); x: (m, B, ...);
-    y: (m, B, C) -> (G·m, *shape). The samples reach the loss in the order of
-    `job_gradient`'s, (start, setting, sample), so a random loss draws the same noise."""
+    gradient; the engine projects it on a manifold). W: (G·m, *shape), rows g·m + i;
+    x: (m, B, ...); y: (m, B, C); rngs: one generator per setting (`_lane_losses`) ->
+    (G·m, *shape). Each setting's samples reach the loss as in `job_gradient`, so a random
+    loss draws the same noise."""
     m, B, C, G = x.shape[0], x.shape[1], problem.outputs, job.settings
     xs = x.repeat(G, *(1,) * (x.dim() - 1))  # row g·m + i sees start i's batch
     W = W.detach().requires_grad_()
-    f = problem.predict(W, xs).view(G, m, B, C).transpose(0, 1)  # (m, G, B, C)
-    target = y.to(f).unsqueeze(1).expand(m, G, B, C).reshape(-1, C)
-    params = {
-        h: job.hyper[h].to(f).view(1, G, 1).expand(m, G, B).reshape(-1, 1)
-        for h in job.method.loss_params()
-    }
-    per_sample = _per_sample_loss(job.method, f.reshape(-1, C), target, rng, params)
-    (grad,) = torch.autograd.grad(per_sample.view(m, G, B).mean(2).sum(), W)
+    f = problem.predict(W, xs).view(G, m, B, C)
+    (grad,) = torch.autograd.grad(_lane_losses(job.method, f, y.to(f), rngs, job.hyper), W)
     return grad
 
 
@@ -275,8 +309,8 @@ def _generic_path(problem: problems.Problem, dev: torch.device) -> _Path:
         x, y = problem.sample(m, batch, inputs)  # (m, B, ...), (m, B, C)
         return x.to(dev), y.to(dev, torch.float32)
 
-    def gradient(job: Job, W: Tensor, x: Tensor, y: Tensor, rng: torch.Generator) -> Tensor:
-        return back(problem_gradient(job, own(W), x, y, problem, rng))
+    def gradient(job: Job, W: Tensor, x: Tensor, y: Tensor, rngs: Generators) -> Tensor:
+        return back(problem_gradient(job, own(W), x, y, problem, rngs))
 
     project, retract = problem.project, problem.retract
     return _Path(
@@ -292,28 +326,119 @@ def _generic_path(problem: problems.Problem, dev: torch.device) -> _Path:
     )
 
 
+@dataclass
+class _Lane:
+    """One setting of a job on the m starts, trained as a run of its own (module docstring):
+    its rows of the job's weights, its step size (m, 1, 1), its state (its own generator
+    under "rng"), its `Run` (divergence flags: a view of the job's), and the setting as a
+    job alone (what `grad_at` differentiates)."""
+
+    job: Job
+    rows: slice
+    lr: Tensor
+    rng: torch.Generator
+    state: dict
+    run: Run
+    gradients: int = 0  # batch gradients per start so far: the engine's and grad_at's
+
+
 def _gradient_at(
-    path: _Path, job: Job, W: Tensor, x: Tensor, y: Tensor, rng: torch.Generator
+    path: _Path, lane: _Lane, W: Tensor, x: Tensor, y: Tensor
 ) -> Callable[[Tensor], Tensor]:
-    """`state["grad_at"]` of one step (`qmse.escape.methods`): W' shaped like the job's
-    weights W (rows, n, d) -> the gradient the update is given, at W', on this step's batch
+    """`state["grad_at"]` of one step (`qmse.escape.methods`): W' shaped like the lane's
+    weights W (m, n, d) -> the gradient the update is given, at W', on this step's batch
     x, y with the loss noise the step's gradient drew. Made before the step's gradient is
-    computed: it replays a copy of the method's stream from that point, so every call draws
-    the same noise and the stream itself does not advance."""
-    replay = rng.get_state()
+    computed: it replays a copy of the lane's stream from that point, so every call draws
+    the same noise and the stream itself does not advance. Each call is counted."""
+    replay = lane.rng.get_state()
 
     def grad_at(V: Tensor) -> Tensor:
         if not isinstance(V, Tensor) or (V.shape, V.dtype) != (W.shape, W.dtype):
             got = f"{tuple(V.shape)}, {V.dtype}" if isinstance(V, Tensor) else type(V).__name__
             raise UserError(
-                f"method {job.method.name!r}: state['grad_at'] takes weights like W "
+                f"method {lane.job.method.name!r}: state['grad_at'] takes weights like W "
                 f"({tuple(W.shape)}, {W.dtype}); got {got}"
             )
-        g = torch.Generator(device=rng.device).set_state(replay)
-        grad = path.gradient(job, V, x, y, g)
+        lane.gradients += 1
+        g = torch.Generator(device=lane.rng.device).set_state(replay)
+        grad = path.gradient(lane.job, V, x, y, [g])
         return grad if path.project is None else path.project(V, grad)
 
     return grad_at
+
+
+def _lanes(
+    job: Job, path: _Path, start: Tensor, steps: int, batch: int, method_seed: int, diverged: Tensor
+) -> list[_Lane]:
+    """The job's settings as lanes on the m starts `start` (m, n, d), each initialised
+    (`Method.init`); `diverged` (G·m,) holds their flags."""
+    m, dev, method = start.shape[0], start.device, job.method
+    lanes = []
+    for g in range(job.settings):
+        rows = slice(g * m, (g + 1) * m)
+        alone = Job(method, job.lr[g : g + 1], {h: v[g : g + 1] for h, v in job.hyper.items()})
+        rng = torch.Generator(device=dev).manual_seed(method_seed)
+        state = {"rng": rng} | dict(method.constants)
+        state |= {h: v[g].to(dev, torch.float32).expand(m).reshape(-1, 1, 1)
+                  for h, v in job.hyper.items()}  # fmt: skip
+        lr = job.lr[g].to(dev, torch.float32).expand(m).reshape(-1, 1, 1)
+        run = path.run(steps, batch, diverged[rows])
+        if method.init is not None:
+            with plugin_errors(method, "in init"):
+                state = method.init(start, state, run)
+        lanes.append(_Lane(alone, rows, lr, rng, state, run))
+    return lanes
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    """A job's weights (G·m, n, d) from its lanes' (m, n, d)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _retract(path: _Path, W: Tensor) -> Tensor:
+    return W if path.retract is None else path.retract(W)
+
+
+def _step(
+    path: _Path,
+    job: Job,
+    lanes: list[_Lane],
+    W: Tensor,
+    diverged: Tensor,
+    x: Tensor,
+    y: Tensor,
+    t: int,
+) -> Tensor:
+    """Step t of a job from its weights W (G·m, n, d): every lane's gradient at once, then
+    each lane's update and `after_step` on its own rows; a row that diverges (its flag in
+    `diverged` (G·m,) set in place) is frozen at its last finite point. Returns the new
+    weights."""
+    method = job.method
+    for lane in lanes:
+        lane.state["grad_at"] = _gradient_at(path, lane, W[lane.rows], x, y)
+        lane.gradients += 1
+    grad = path.gradient(job, W, x, y, [lane.rng for lane in lanes])
+    if path.project is not None:
+        grad = path.project(W, grad)
+    news = []
+    for lane in lanes:
+        out = method.update(W[lane.rows], grad[lane.rows], lane.state, t, lane.lr)
+        # at the first step a plug-in's mistake is an error, never broadcast
+        new, lane.state = check_step(method, "update", out, W[lane.rows]) if t == 0 else out
+        news.append(new)
+    new = _retract(path, _joined(news))
+    diverged.logical_or_(~(new.flatten(1).norm(dim=1) <= DIVERGED_NORM))  # or NaN
+    W = torch.where(diverged.view(-1, 1, 1), W, new) if diverged.any() else new
+    if method.after_step is not None:
+        news = []
+        for lane in lanes:
+            out = method.after_step(W[lane.rows], lane.state, t, lane.lr, lane.run)
+            new, lane.state = check_step(method, "after_step", out, W[lane.rows]) if t == 0 else out
+            news.append(new)
+        W = _retract(path, _joined(news))
+    for lane in lanes:
+        lane.state.pop("grad_at", None)  # it holds the step's batch
+    return W
 
 
 def run_methods(
@@ -331,7 +456,7 @@ def run_methods(
 ) -> list[dict[str, Tensor]]:
     """Train every job from the m starts W0 (m, *shape) for `steps` steps of `batch` fresh
     samples per start, in lockstep with common random numbers (module docstring): inputs
-    from `seed`, each job's own randomness from `method_seed`. Runs on W0's device.
+    from `seed`, each setting's own randomness from `method_seed`. Runs on W0's device.
 
     `problem`: the teacher–student `qmse.teacher_student.Problem`, or a registered
     `qmse.escape.problems.Problem` (one with a `native` teacher–student problem takes its
@@ -340,8 +465,9 @@ def run_methods(
     Returns, per job, tensors over its G·m rows (g·m + i): loss (float64 exact objective at
     the end, inf if diverged), success (bool: loss below the problem's success threshold),
     first_success (first evaluated step with loss below it, −1 if none), diverged (bool),
-    moved (‖W_T − W_0‖_F / ‖W_0‖_F), W (float32), and the state tensors the method names
-    in `report`."""
+    moved (‖W_T − W_0‖_F / ‖W_0‖_F), W (float32), gradients (long: the batch gradients each
+    start's training computed, the engine's one per step and each `grad_at` call), and the
+    state tensors the method names in `report`."""
     if steps < 1 or batch < 1 or eval_every < 1:
         raise UserError(f"need steps, batch, eval_every >= 1; got {steps}, {batch}, {eval_every}")
     dev, m = W0.device, W0.shape[0]
@@ -355,77 +481,52 @@ def run_methods(
             f"W0 has shape {tuple(W0.shape)}; expected (m, {', '.join(map(str, path.shape))}) "
             f"starts"
         )
-    flat = (-1, 1, 1)  # a per-row value against W (rows, n, d)
-
-    def retract(W: Tensor) -> Tensor:
-        return W if path.retract is None else path.retract(W)
-
     inputs = torch.Generator(device=dev).manual_seed(seed)
     start = W0.detach().to(torch.float32).reshape(m, *path.view)  # (m, n, d)
-    Ws, lrs, states, runs, rngs, firsts = [], [], [], [], [], []
-    for job in jobs:
-        rows = job.settings * m
-        rng = torch.Generator(device=dev).manual_seed(method_seed)
-        per_row = {h: v.to(dev, torch.float32).repeat_interleave(m) for h, v in job.hyper.items()}
-        state = {"rng": rng} | dict(job.method.constants)
-        state |= {h: v.view(flat) for h, v in per_row.items()}
-        run = path.run(steps, batch, torch.zeros(rows, dtype=torch.bool, device=dev))
-        W = start.repeat(job.settings, 1, 1)  # (G·m, n, d)
-        if job.method.init is not None:
-            with plugin_errors(job.method, "in init"):
-                state = job.method.init(W, state, run)
-        Ws.append(W)
-        lrs.append(job.lr.to(dev, torch.float32).repeat_interleave(m).view(flat))
-        states.append(state)
-        runs.append(run)
-        rngs.append(rng)
-        firsts.append(torch.full((rows,), -1, dtype=torch.long, device=dev))
+    sizes = [job.settings * m for job in jobs]
+    diverged = torch.zeros(sum(sizes), dtype=torch.bool, device=dev)  # every job's rows
+    firsts = torch.full((sum(sizes),), -1, dtype=torch.long, device=dev)
+    flags = diverged.split(sizes)  # views, per job
+    Ws = [start.repeat(job.settings, 1, 1) for job in jobs]  # (G·m, n, d) each
+    lanes = [
+        _lanes(job, path, start, steps, batch, method_seed, flags[j]) for j, job in enumerate(jobs)
+    ]
     for t in progress(range(steps), quiet=quiet, desc=desc):
         x, y = path.draw(m, batch, inputs)  # one draw for every job: (m, B, ...), (m, B, C)
-        evaluate = (t + 1) % eval_every == 0 or t + 1 == steps
         for j, job in enumerate(jobs):
-            run = runs[j]
             with plugin_errors(job.method, f"at step {t}"):
-                states[j]["grad_at"] = _gradient_at(path, job, Ws[j], x, y, rngs[j])
-                grad = path.gradient(job, Ws[j], x, y, rngs[j])
-                if path.project is not None:
-                    grad = path.project(Ws[j], grad)
-                out = job.method.update(Ws[j], grad, states[j], t, lrs[j])
-                # at the first step a plug-in's mistake is an error, never broadcast
-                new, states[j] = check_step(job.method, "update", out, Ws[j]) if t == 0 else out
-                new = retract(new)
-                run.diverged.logical_or_(~(new.flatten(1).norm(dim=1) <= DIVERGED_NORM))  # or NaN
-                Ws[j] = torch.where(run.diverged.view(flat), Ws[j], new)
-                if job.method.after_step is not None:
-                    out = job.method.after_step(Ws[j], states[j], t, lrs[j], run)
-                    if t == 0:
-                        out = check_step(job.method, "after_step", out, Ws[j])
-                    Ws[j], states[j] = out
-                    Ws[j] = retract(Ws[j])
-                states[j].pop("grad_at", None)  # it holds the step's batch
-            if evaluate:
-                loss = path.objective(Ws[j])
-                hit = (loss < path.success) & ~run.diverged & (firsts[j] < 0)
-                firsts[j][hit] = t + 1
+                Ws[j] = _step(path, job, lanes[j], Ws[j], flags[j], x, y, t)
+        if (t + 1) % eval_every == 0 or t + 1 == steps:  # every job's open rows at once
+            todo = ((firsts < 0) & ~diverged).nonzero().flatten()
+            if len(todo):
+                every = torch.cat(Ws)
+                for rows in todo.split(EVAL_CHUNK):
+                    firsts[rows[path.objective(every[rows]) < path.success]] = t + 1
     results = []
-    for j, job in enumerate(jobs):
-        run, W = runs[j], Ws[j]
+    for j, (job, first) in enumerate(zip(jobs, firsts.split(sizes))):
+        W = Ws[j]
         if job.method.finish is not None:
             with plugin_errors(job.method, "in finish"):
-                W = retract(job.method.finish(W, states[j], run))
+                parts = [job.method.finish(W[lane.rows], lane.state, lane.run) for lane in lanes[j]]
+                W = _retract(path, _joined(parts))
         W0_rows = start.repeat(job.settings, 1, 1)
         loss = path.objective(W)
-        loss[run.diverged] = float("inf")
+        loss[flags[j]] = float("inf")
         moved = (W - W0_rows).flatten(1).norm(dim=1) / W0_rows.flatten(1).norm(dim=1)
+        per_row = torch.tensor([lane.gradients for lane in lanes[j]], device=dev)
         results.append(
             {
                 "W": W.reshape(-1, *path.shape),
                 "loss": loss,
                 "success": loss < path.success,
-                "first_success": firsts[j],
-                "diverged": run.diverged,
+                "first_success": first.clone(),
+                "diverged": flags[j].clone(),
                 "moved": moved,
-                **{name: states[j][name] for name in job.method.report},
+                "gradients": per_row.repeat_interleave(m),
+                **{
+                    name: torch.cat([lane.state[name] for lane in lanes[j]])
+                    for name in job.method.report
+                },
             }
         )
     return results

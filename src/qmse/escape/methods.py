@@ -1,6 +1,7 @@
 """The interface every sample-based method of the escape benchmark implements, and its registry.
 
-A method is a training loss and an update rule, run on S students at once:
+A method is a training loss and an update rule, run on the S starts of one setting at once
+(each setting of a sweep is a run of its own, with its own state and stream):
 
     from qmse.escape import Method, register_method
 
@@ -25,7 +26,8 @@ A method is a training loss and an update rule, run on S students at once:
   stream, replayed from a copy, so calling it neither moves that stream nor changes what
   the loss draws later). On a manifold problem it is projected at W' as the step's gradient
   is at W. SAM evaluates it at W + ρ g/‖g‖, homotopy at W + σ_t ε (`qmse.escape.rules`).
-  Each call costs one more gradient of the batch.
+  Each call costs one more gradient of the batch, and the engine counts it: a row's cost
+  (grad_evals) is the batch gradients its steps took, the step's own and every call's.
 - `lr_grid`: the learning rates swept first (a log grid, neighbours at most 2x apart; the
   sweep widens it while its best value is on an edge).
 - `hyper`: further hyperparameters, NAME -> grid, swept after lr at the chosen lr (the middle

@@ -33,9 +33,12 @@ Without a budget, the second edition's coordinate passes (`qmse.tuning.plan`):
    the widening with an edge value alone in having the fewest failures (recorded per stage).
 
 Every setting of every round runs on the same tuning starts and input batches (common
-random numbers) with `qmse.escape.engine.run_methods`, all methods of a round in lockstep.
+random numbers) with `qmse.escape.engine.run_methods`, all methods of a round in lockstep,
+the settings of a method stacked in one job: each setting's numbers are those it gets run
+alone (`qmse.escape.engine`), so a point's score does not depend on its round.
 Every swept point is saved (out/tuning/*.json) after each round, so a killed sweep resumes;
-a record whose key (method, starts, budget, fixed values, thresholds) differs is recomputed.
+a record whose key (method, starts, budget, fixed values, thresholds, how the engine stacks
+settings) differs is recomputed.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmse.escape.engine import Job, engine_key, make_job, run_methods
+from qmse.escape.engine import STACKING, Job, engine_key, make_job, run_methods
 from qmse.escape.methods import Method, method_key
 from qmse.escape.problems import Problem
 from qmse.keys import FORMAT, content_key
@@ -213,6 +216,7 @@ def tune_methods(
             method_seed,
             pinned,
             engine_key(),
+            STACKING,
             {"frozen": FROZEN, "flat_log10": FLAT_LOG10, "max_passes": MAX_PASSES},
             {"budget": budget, "sobol_seed": SOBOL_SEED},
         )
