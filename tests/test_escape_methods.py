@@ -201,6 +201,11 @@ def test_the_docs_sam_plugin_runs_through_the_cli_and_is_the_builtin_sam(tmp_pat
              for m in ("sam", "my-sam")}  # fmt: skip
     assert cells["my-sam"]["failed"] == cells["sam"]["failed"]
     assert cells["my-sam"]["median_loss"] == cells["sam"]["median_loss"]
+    assert cells["sam"]["grad_evals"] == cells["my-sam"]["grad_evals"] == 2 * 60 * 16  # counted
+    assert (
+        "= 960 sample gradients per start (sam: 1920, my-sam: 1920)"
+        in (out / "table.md").read_text()
+    )
     W0, problem = init_weights(range(4), 3, 3), make_problem(3)
     kw = {"steps": 20, "lr": 0.2, "hyper": {"rho": 0.1}, "batch": 8, "quiet": True}
     mine, builtin = run_method("my-sam", W0, problem, **kw), run_method("sam", W0, problem, **kw)

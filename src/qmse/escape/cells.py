@@ -120,7 +120,9 @@ def _tuning_summary(
 def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key, problem, labels, info):
     """A sample method's results row (with the per-start outcomes for the paired tests);
     `labels` (m,): each start's distinct minimum, None for random starts; `info`: whether
-    those minima are strict and the kinds of stuck points left out (`config.minima`)."""
+    those minima are strict and the kinds of stuck points left out (`config.minima`). Its
+    cost, grad_evals, is the sample gradients per start that the engine counted (SAM's and
+    homotopy's steps take two batch gradients); None without starts."""
     loss = result["loss"].cpu()
     seeds = int(loss.numel())
     success = result["success"].cpu()
@@ -161,7 +163,7 @@ def _row(cfg, k, method, protocol, result, settings, tuned, starts_key, key, pro
         batch=cfg.batch,
         steps=cfg.steps,
         median_loss=float(loss.median()) if seeds else float("nan"),
-        grad_evals=cfg.steps * cfg.batch,
+        grad_evals=int(result["gradients"][0]) * cfg.batch if seeds else None,
         median_first_success=float(first.median()) if len(first) else None,
         tuning=tuned,
         starts_key=starts_key,

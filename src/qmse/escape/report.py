@@ -47,6 +47,17 @@ def _settings(row: Row) -> str:
     return text
 
 
+def _budget(rows: Sequence[Row], steps: int, batch: int) -> str:
+    """The step budget and what it cost per start in sample gradients (a row's grad_evals),
+    naming the methods whose steps take more than one batch gradient (SAM, homotopy)."""
+    base = steps * batch
+    more = {r.method: r.grad_evals for r in rows if r.grad_evals and r.grad_evals != base}
+    text = f"{steps} steps × batch {batch} = {base} sample gradients per start"
+    if more:
+        text += " (" + ", ".join(f"{m}: {g}" for m, g in more.items()) + ")"
+    return text
+
+
 def wall_times(timings: Mapping[str, float]) -> list[str]:
     """Markdown lines: the seconds of `timings` (timings.json: piece -> seconds, the pieces
     named like "gd-population/eval_k8_n8_C1", "tuning/random-init_sgd_k8_n8_C1",
@@ -109,12 +120,8 @@ def write_table(
         lines += [f"### Protocol {protocol}: {what} [Wilson 95 %] (diverged)", ""]
         lines += _problem_lines(sel, ks)
         if budget:
-            lines += [
-                f"Budget: {budget.steps} steps × batch {budget.batch} = "
-                f"{budget.grad_evals} sample gradients per start. Settings per k: * fixed "
-                f"by the user, † chosen on an edge of its sweep.",
-                "",
-            ]
+            lines += [f"Budget: {_budget(sel, budget.steps, budget.batch)}. Settings per k: * "
+                      f"fixed by the user, † chosen on an edge of its sweep.", ""]  # fmt: skip
         lines.append("| method | settings per k | " + " | ".join(f"k={k}" for k in ks) + " |")
         lines.append("|---" * (len(ks) + 2) + "|")
         for m in methods:

@@ -18,7 +18,8 @@ Update rules (W, grad: (S, n, d); lr and hyperparameters: (S, 1, 1); draws from 
 - `homotopy` (continuation, Mobahi 2016, "Training recurrent neural networks by
   diffusion"): W ← W − lr·∇L(W + σ_t ε), one ε ~ N(0, I) per step from the method's stream, a
   one-draw estimate of the gradient of the loss smoothed by N(0, σ_t²I) weight noise, with
-  σ_t = σ_0·c_t annealed to 0 over the budget (its gradient at W goes unused).
+  σ_t = σ_0·c_t annealed to 0 over the budget (the engine's gradient at W goes unused, so a
+  step costs two batch gradients, as SAM's does; the rows count both).
 
 Label-noise SGD is plain SGD on the registered "label-noise" loss (targets y + ξ,
 ξ ~ N(0, σ²) fresh at every step), its σ a hyperparameter of the method. docs/theory.md
