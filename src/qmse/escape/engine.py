@@ -170,8 +170,9 @@ def job_gradient(
 ) -> Tensor:
     """The gradient of each of the job's rows: its loss averaged over its start's batch,
     differentiated by autograd with respect to the outputs f (`_lane_losses`) and by hand
-    through f = A relu(W x). W: (G·m, n, d), rows g·m + i; x: (m, B, d); y: (m, B, C);
-    rngs: one generator per setting (`_lane_losses`) -> (G·m, n, d).
+    through f = A relu(W x). W: (G·m, n, d), rows g·m + i; x: (m, B, d), or already
+    repeated for every setting (G·m, B, d) (`_repeated`); y: (m, B, C); rngs: one generator
+    per setting (`_lane_losses`) -> (G·m, n, d).
 
     Every row's products are one batch entry, (n × d)(d × B) forward and (n × B)(B × d)
     backward, as in a job of its setting alone (a batched matmul's rows are not independent
@@ -179,14 +180,12 @@ def job_gradient(
     changes the last bits in some shapes); a batch entry's numbers do not depend on the
     number of entries. With one output and all-ones output weights (Safran & Shamir's) the
     multiplications by A are left out: exact either way."""
-    m, B, d = x.shape
     n, C, G = problem.n, problem.outputs, job.settings
+    m, B = y.shape[0], x.shape[1]
+    xs = _repeated(x, G, m)  # (G·m, B, d): row g·m + i sees start i's batch
     A = problem.A_student  # (C, n)
     weighted = C > 1 or not bool((A == 1).all())
-    xT = x.transpose(1, 2)  # (m, d, B)
-    pre = W.new_empty(G, m, n, B)  # rows g·m + i
-    for g in range(G):
-        torch.bmm(W[g * m : (g + 1) * m], xT, out=pre[g])
+    pre = torch.bmm(W, xs.transpose(1, 2)).view(G, m, n, B)  # rows g·m + i
     hidden = torch.relu(pre)
     if C == 1:  # a weighted sum over the neurons: a one-row matmul is slow on the CPU
         f = (hidden * A.view(n, 1) if weighted else hidden).sum(2, keepdim=True)
@@ -198,10 +197,15 @@ def job_gradient(
     grad_f = grad_f.transpose(2, 3)  # (G, m, C, B)
     grad_h = grad_f.expand(G, m, n, B) if C == 1 else A.T @ grad_f  # (G, m, n, B)
     grad_pre = torch.ops.aten.threshold_backward(grad_h, pre, 0)  # relu'
-    grad = W.new_empty(G * m, n, d)
-    for g in range(G):
-        torch.bmm(grad_pre[g], x, out=grad[g * m : (g + 1) * m])
+    grad = torch.bmm(grad_pre.view(G * m, n, B), xs)
     return grad * A.view(n, 1) if C == 1 and weighted else grad
+
+
+def _repeated(x: Tensor, G: int, m: int) -> Tensor:
+    """Each start's batch x (m, B, ...) for the rows g·m + i of G settings: (G·m, B, ...);
+    x itself where it is that already (the engine repeats a step's batch once for all its
+    jobs: the first G·m rows of it)."""
+    return x if len(x) == G * m else x.repeat(G, *(1,) * (x.dim() - 1))
 
 
 def method_view(shape: Sequence[int]) -> tuple[int, int]:
@@ -282,11 +286,11 @@ def problem_gradient(
     """The generic path's gradient of each of the job's rows: its loss on the problem's
     outputs `predict(W, x)`, averaged over its start's batch, by autograd (the Euclidean
     gradient; the engine projects it on a manifold). W: (G·m, *shape), rows g·m + i;
-    x: (m, B, ...); y: (m, B, C); rngs: one generator per setting (`_lane_losses`) ->
-    (G·m, *shape). Each setting's samples reach the loss as in `job_gradient`, so a random
-    loss draws the same noise."""
-    m, B, C, G = x.shape[0], x.shape[1], problem.outputs, job.settings
-    xs = x.repeat(G, *(1,) * (x.dim() - 1))  # row g·m + i sees start i's batch
+    x: (m, B, ...) or (G·m, B, ...) (`_repeated`); y: (m, B, C); rngs: one generator per
+    setting (`_lane_losses`) -> (G·m, *shape). Each setting's samples reach the loss as in
+    `job_gradient`, so a random loss draws the same noise."""
+    m, B, C, G = y.shape[0], x.shape[1], problem.outputs, job.settings
+    xs = _repeated(x, G, m)  # row g·m + i sees start i's batch
     W = W.detach().requires_grad_()
     f = problem.predict(W, xs).view(G, m, B, C)
     (grad,) = torch.autograd.grad(_lane_losses(job.method, f, y.to(f), rngs, job.hyper), W)
@@ -328,29 +332,37 @@ def _generic_path(problem: problems.Problem, dev: torch.device) -> _Path:
 
 @dataclass
 class _Lane:
-    """One setting of a job on the m starts, trained as a run of its own (module docstring):
-    its rows of the job's weights, its step size (m, 1, 1), its state (its own generator
-    under "rng"), its `Run` (divergence flags: a view of the job's), and the setting as a
-    job alone (what `grad_at` differentiates)."""
+    """Settings of a job on the m starts trained as a run of their own (module docstring):
+    one setting, or all of a `Method.stackable` method's (its update and hooks treat every
+    start on its own and draw nothing, so one call updates them all and gives the same
+    numbers). Its rows of the job's weights, its step sizes (rows, 1, 1), its state, its
+    `Run` (divergence flags: a view of the job's), its settings as a job (what `grad_at`
+    differentiates) and their generators, one per setting (state["rng"] is the first)."""
 
     job: Job
     rows: slice
     lr: Tensor
-    rng: torch.Generator
+    rngs: list[torch.Generator]
     state: dict
     run: Run
     gradients: int = 0  # batch gradients per start so far: the engine's and grad_at's
+
+
+def _random(method: Method) -> bool:
+    """Whether a method's loss draws noise (a callable may)."""
+    return callable(method.loss) or get_loss(method.loss).random
 
 
 def _gradient_at(
     path: _Path, lane: _Lane, W: Tensor, x: Tensor, y: Tensor
 ) -> Callable[[Tensor], Tensor]:
     """`state["grad_at"]` of one step (`qmse.escape.methods`): W' shaped like the lane's
-    weights W (m, n, d) -> the gradient the update is given, at W', on this step's batch
+    weights W (rows, n, d) -> the gradient the update is given, at W', on this step's batch
     x, y with the loss noise the step's gradient drew. Made before the step's gradient is
-    computed: it replays a copy of the lane's stream from that point, so every call draws
-    the same noise and the stream itself does not advance. Each call is counted."""
-    replay = lane.rng.get_state()
+    computed: for a random loss it replays copies of the lane's streams from that point, so
+    every call draws the same noise and the streams themselves do not advance. Each call is
+    counted."""
+    replays = [rng.get_state() for rng in lane.rngs] if _random(lane.job.method) else None
 
     def grad_at(V: Tensor) -> Tensor:
         if not isinstance(V, Tensor) or (V.shape, V.dtype) != (W.shape, W.dtype):
@@ -360,8 +372,10 @@ def _gradient_at(
                 f"({tuple(W.shape)}, {W.dtype}); got {got}"
             )
         lane.gradients += 1
-        g = torch.Generator(device=lane.rng.device).set_state(replay)
-        grad = path.gradient(lane.job, V, x, y, [g])
+        rngs = None
+        if replays is not None:
+            rngs = [torch.Generator(device=V.device).set_state(r) for r in replays]
+        grad = path.gradient(lane.job, V, x, y, rngs)
         return grad if path.project is None else path.project(V, grad)
 
     return grad_at
@@ -370,23 +384,27 @@ def _gradient_at(
 def _lanes(
     job: Job, path: _Path, start: Tensor, steps: int, batch: int, method_seed: int, diverged: Tensor
 ) -> list[_Lane]:
-    """The job's settings as lanes on the m starts `start` (m, n, d), each initialised
-    (`Method.init`); `diverged` (G·m,) holds their flags."""
+    """The job's settings as lanes (`_Lane`) on the m starts `start` (m, n, d), each
+    initialised (`Method.init`); `diverged` (G·m,) holds their flags."""
     m, dev, method = start.shape[0], start.device, job.method
+    groups = [range(job.settings)] if method.stackable else [[g] for g in range(job.settings)]
     lanes = []
-    for g in range(job.settings):
-        rows = slice(g * m, (g + 1) * m)
-        alone = Job(method, job.lr[g : g + 1], {h: v[g : g + 1] for h, v in job.hyper.items()})
-        rng = torch.Generator(device=dev).manual_seed(method_seed)
-        state = {"rng": rng} | dict(method.constants)
-        state |= {h: v[g].to(dev, torch.float32).expand(m).reshape(-1, 1, 1)
-                  for h, v in job.hyper.items()}  # fmt: skip
-        lr = job.lr[g].to(dev, torch.float32).expand(m).reshape(-1, 1, 1)
+    for settings in groups:
+        index = torch.tensor(list(settings))
+        rows = slice(settings[0] * m, (settings[-1] + 1) * m)
+        mine = Job(method, job.lr[index], {h: v[index] for h, v in job.hyper.items()})
+
+        def per_row(v: Tensor) -> Tensor:  # (S,) -> (S·m, 1, 1), rows s·m + i
+            return v.to(dev, torch.float32).repeat_interleave(m).view(-1, 1, 1)
+
+        rngs = [torch.Generator(device=dev).manual_seed(method_seed) for _ in settings]
+        state = {"rng": rngs[0]} | dict(method.constants)
+        state |= {h: per_row(v) for h, v in mine.hyper.items()}
         run = path.run(steps, batch, diverged[rows])
         if method.init is not None:
             with plugin_errors(method, "in init"):
-                state = method.init(start, state, run)
-        lanes.append(_Lane(alone, rows, lr, rng, state, run))
+                state = method.init(start.repeat(len(settings), 1, 1), state, run)
+        lanes.append(_Lane(mine, rows, per_row(mine.lr), rngs, state, run))
     return lanes
 
 
@@ -409,15 +427,17 @@ def _step(
     y: Tensor,
     t: int,
 ) -> Tensor:
-    """Step t of a job from its weights W (G·m, n, d): every lane's gradient at once, then
+    """Step t of a job from its weights W (G·m, n, d) on the step's batch x (at least G·m
+    rows, `_repeated`) and y (m, B, C): every lane's gradient at once, then
     each lane's update and `after_step` on its own rows; a row that diverges (its flag in
     `diverged` (G·m,) set in place) is frozen at its last finite point. Returns the new
     weights."""
-    method = job.method
+    method, x = job.method, x[: len(W)]  # the first G·m rows of the step's repeated batch
     for lane in lanes:
-        lane.state["grad_at"] = _gradient_at(path, lane, W[lane.rows], x, y)
+        rows = lane.rows.stop - lane.rows.start
+        lane.state["grad_at"] = _gradient_at(path, lane, W[lane.rows], x[:rows], y)
         lane.gradients += 1
-    grad = path.gradient(job, W, x, y, [lane.rng for lane in lanes])
+    grad = path.gradient(job, W, x, y, [rng for lane in lanes for rng in lane.rngs])
     if path.project is not None:
         grad = path.project(W, grad)
     news = []
@@ -491,8 +511,10 @@ def run_methods(
     lanes = [
         _lanes(job, path, start, steps, batch, method_seed, flags[j]) for j, job in enumerate(jobs)
     ]
+    most = max((job.settings for job in jobs), default=1)
     for t in progress(range(steps), quiet=quiet, desc=desc):
         x, y = path.draw(m, batch, inputs)  # one draw for every job: (m, B, ...), (m, B, C)
+        x = _repeated(x, most, m)  # once for every job: (most·m, B, ...)
         for j, job in enumerate(jobs):
             with plugin_errors(job.method, f"at step {t}"):
                 Ws[j] = _step(path, job, lanes[j], Ws[j], flags[j], x, y, t)
@@ -513,7 +535,8 @@ def run_methods(
         loss = path.objective(W)
         loss[flags[j]] = float("inf")
         moved = (W - W0_rows).flatten(1).norm(dim=1) / W0_rows.flatten(1).norm(dim=1)
-        per_row = torch.tensor([lane.gradients for lane in lanes[j]], device=dev)
+        counts = [(lane.gradients, lane.rows.stop - lane.rows.start) for lane in lanes[j]]
+        counted = torch.cat([torch.full((rows,), c, device=dev) for c, rows in counts])
         results.append(
             {
                 "W": W.reshape(-1, *path.shape),
@@ -522,7 +545,7 @@ def run_methods(
                 "first_success": first.clone(),
                 "diverged": flags[j].clone(),
                 "moved": moved,
-                "gradients": per_row.repeat_interleave(m),
+                "gradients": counted,
                 **{
                     name: torch.cat([lane.state[name] for lane in lanes[j]])
                     for name in job.method.report

@@ -38,6 +38,10 @@ A method is a training loss and an update rule, run on the S starts of one setti
   and divergence check (PGD's kicks, restart's fresh start); `finish(W, state, run) -> W`
   after the last step (restart's choice of segment). `run` is a `Run`.
 - `report`: names of (S,) state tensors whose mean goes into the results (PGD's kicks).
+- `stackable`: True when the update and hooks draw nothing from state["rng"] and treat
+  every start on its own (no mean, no "any" over starts): the engine may then update all
+  the settings of a sweep in one call (S rows of every setting, hyperparameters per row),
+  which is faster and gives the same numbers. False (the default): one call per setting.
 - `parent`: the method this one becomes when its extra hyperparameters go to the bottom of
   their grids (label noise → SGD): its joint search then always tries that limit at the
   parent's chosen settings (`qmse.escape.tuning`).
@@ -127,6 +131,7 @@ class Method:
     version: str = "1"
     family: str = "other"  # a group the figures draw together (at most 8 methods each)
     parent: str | None = None  # the method this one becomes as its extra hyperparameters → 0
+    stackable: bool = False  # update and hooks draw nothing, treat each start on its own
     description: str = ""
 
     def space(self, exclude: Mapping[str, float] = {}) -> Space:  # noqa: B006 (read only)

@@ -21,6 +21,9 @@ Update rules (W, grad: (S, n, d); lr and hyperparameters: (S, 1, 1); draws from 
   σ_t = σ_0·c_t annealed to 0 over the budget (the engine's gradient at W goes unused, so a
   step costs two batch gradients, as SAM's does; the rows count both).
 
+The rules that draw nothing and treat every start on their own (all but the noise rules,
+PGD, restart and homotopy) are `stackable`: a sweep updates all their settings at once.
+
 Label-noise SGD is plain SGD on the registered "label-noise" loss (targets y + ξ,
 ξ ~ N(0, σ²) fresh at every step), its σ a hyperparameter of the method. docs/theory.md
 ("Fair baselines for escaping", "QMSE's noise against label noise") says why these baselines.
@@ -242,7 +245,15 @@ HOMOTOPY_SIGMA = tuple(0.2 / 2**k for k in range(9, -1, -1))  # σ_0 per weight;
 BUILTIN_METHODS = tuple(
     register_method(m).name
     for m in (
-        Method("sgd", "mse", sgd, SGD_LR, family="MSE optimisers", description="SGD on ½(f − y)²"),
+        Method(
+            "sgd",
+            "mse",
+            sgd,
+            SGD_LR,
+            family="MSE optimisers",
+            description="SGD on ½(f − y)²",
+            stackable=True,
+        ),
         Method(
             "momentum",
             "mse",
@@ -251,6 +262,7 @@ BUILTIN_METHODS = tuple(
             hyper=HEAVY_BALL,
             family="MSE optimisers",
             description="heavy ball on MSE",
+            stackable=True,
         ),
         Method(
             "adam",
@@ -260,6 +272,7 @@ BUILTIN_METHODS = tuple(
             constants=ADAM,
             family="MSE optimisers",
             description="Adam on MSE",
+            stackable=True,
         ),
         Method(
             "pgd",
@@ -286,7 +299,13 @@ BUILTIN_METHODS = tuple(
             description="SGD for half the budget, then from a fresh start; keep the better",
         ),
         Method(
-            "qmse", "qmse", sgd, QMSE_LR, family="QMSE", description="SGD on QMSE (paper eqs. 6-8)"
+            "qmse",
+            "qmse",
+            sgd,
+            QMSE_LR,
+            family="QMSE",
+            description="SGD on QMSE (paper eqs. 6-8)",
+            stackable=True,
         ),
         Method(
             "qmse-momentum",
@@ -296,6 +315,7 @@ BUILTIN_METHODS = tuple(
             hyper=HEAVY_BALL,
             family="QMSE",
             description="heavy ball on QMSE",
+            stackable=True,
         ),
         Method(
             "expected-qmse",
@@ -304,6 +324,7 @@ BUILTIN_METHODS = tuple(
             QMSE_LR,
             family="QMSE",
             description="QMSE's landscape, no noise",
+            stackable=True,
         ),
         Method(
             "expected-qmse-momentum",
@@ -313,6 +334,7 @@ BUILTIN_METHODS = tuple(
             hyper=HEAVY_BALL,
             family="QMSE",
             description="heavy ball on expected-QMSE",
+            stackable=True,
         ),
         Method(
             "label-noise",
@@ -323,6 +345,7 @@ BUILTIN_METHODS = tuple(
             family="noise baselines",
             parent="sgd",
             description="SGD on targets y + ξ, ξ ~ N(0, σ²) fresh each step",
+            stackable=True,
         ),
         Method(
             "label-noise-momentum",
@@ -333,6 +356,7 @@ BUILTIN_METHODS = tuple(
             family="noise baselines",
             parent="momentum",
             description="heavy ball on label-noise targets",
+            stackable=True,
         ),
         Method(
             "gradient-noise",
@@ -389,6 +413,7 @@ EXTRA_METHODS = tuple(
             init=remember_budget,
             family="MSE optimisers",
             description="SGD, step cosine-decayed from lr to floor·lr over the budget",
+            stackable=True,
         ),
         Method(
             "sam",
@@ -400,6 +425,7 @@ EXTRA_METHODS = tuple(
             family="sharpness and smoothing",
             parent="sgd",
             description="SAM: SGD with the gradient at W + ρ g/‖g‖ (Foret et al. 2021)",
+            stackable=True,
         ),
         Method(
             "homotopy",
