@@ -1,4 +1,4 @@
-"""Where a step of `qmse escape` goes, and what the second edition's whole table costs.
+"""Where a step of `qmse escape` goes, and what a committed benchmark's whole computation costs.
 
 Per step at teacher width k, S starts, batch B, on one thread, timed round-robin (median of
 --repeats rounds):
@@ -7,28 +7,39 @@ Per step at teacher width k, S starts, batch B, on one thread, timed round-robin
 - each built-in method's own step: its gradient (`qmse.escape.engine.job_gradient`), update
   and divergence check, plus its share of the closed-form evaluation every 50 steps and of
   its hooks (PGD's held-out losses every 500 steps, restart's at the end of a 3,000-step run);
-- "previous": the engine this one replaced paid per method and step a draw of its own and
-  autograd through the sample loss (shown for SGD and QMSE);
+- "previous": the engine before the lockstep one paid per method and step a draw of its own
+  and autograd through the sample loss (shown for SGD and QMSE);
 - end to end: `run_methods` with every built-in method without hooks in lockstep, per
   method and step (shared parts included).
 
-With --project RUN (a finished default run at one k: `qmse escape --teacher-widths 8 --out
-RUN`), the whole table of the second edition (k = 6-12, every built-in method, both
-protocols, 1,000 evaluation starts per cell or all the minima, sweeps on 100 tuning starts
-per value, 3,000 steps) is projected part by part: RUN's measured seconds of sweeps and
-evaluation per protocol, scaled to each k by the measured cost of a step of every method at
-that k and by the number of minima; gd-population's measured seconds per k from --gd runs.
-Cells are independent, so two processes share two cores.
+With --replay DIR ... (committed benchmark directories of one k each, e.g. docs/escape-2/k6
+... k12), their whole computation is replayed piece by piece: every round of every sweep
+(its methods and settings, read from tuning/*.json) and every evaluation cell (its methods'
+chosen settings and number of starts, from rows/*.json) runs `run_methods` for
+STEPS_TIMED steps from random starts, and its CPU seconds per step, times the benchmark's
+step budget, plus the held-out losses of PGD's and restart's hooks, is the piece's
+estimated time; gd-population's seconds are those recorded in the directory's timings.json
+(its code is not timed here). Each tree is timed in a process of its own; with --baseline
+SRC (another tree's src/, e.g. `git archive <commit> src | tar -x -C /tmp/old`) the two
+trees alternate --pairs times and each piece's ratio is the median of its paired ratios.
+CPU time, not wall time: on a shared machine it is what one idle core would take (cache
+and memory contention still inflate it). Cells are independent, so two processes share
+two cores: the whole estimate on two cores is half the sum.
 
     python -m benchmarks.escape_speed --k 6 8 10 12 --starts 1000 --batch 64
-    python -m benchmarks.escape_speed --k 6 8 10 12 --project runs/escape-k8 --gd runs/escape-gd
+    python -m benchmarks.escape_speed --replay docs/escape-2/k6 docs/escape-2/k8 \
+        docs/escape-2/k10 docs/escape-2/k12 --baseline /tmp/old/src
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,7 +86,7 @@ def time_parts(k: int, starts: int, batch: int, repeats: int) -> dict[str, float
     for name in BUILTIN_METHODS:
         method = get_method(name)
         job = make_job(method, method.lr_grid[len(method.lr_grid) // 2] / 10)
-        state = {"rng": torch.Generator().manual_seed(1)}
+        state = {"rng": torch.Generator().manual_seed(1)} | dict(method.constants)
         state |= {
             h: v.float().repeat_interleave(starts).view(-1, 1, 1) for h, v in job.hyper.items()
         }
@@ -124,54 +135,134 @@ def time_parts(k: int, starts: int, batch: int, repeats: int) -> dict[str, float
     return out
 
 
-def _cost(parts: dict[str, float]) -> float:
-    """Milliseconds per step of a cell with every built-in method: shared parts once, each
-    method's step and evaluation share."""
-    methods = sum(parts[n] + parts["evaluation (every 50)"] for n in BUILTIN_METHODS)
-    return parts["draw"] + parts["teacher"] + methods
+STEPS_TIMED = 50  # steps timed per replayed piece: one evaluation of the exact objective, as
+# in every 50 steps of a run; PGD's window (500 steps) and restart's halfway point not reached
 
 
-def _timings(run: Path) -> dict[str, float]:
-    return json.loads((run / "timings.json").read_text())
+def pieces(dirs: list[Path]) -> list[dict]:
+    """A committed benchmark's computation, piece by piece (module docstring): each sweep
+    round and evaluation cell as {name, kind, k, n, C, m starts, jobs [[method, [settings]]],
+    steps, batch}; gd-population as {name, kind, k, recorded seconds}."""
+    out = []
+    for folder in dirs:
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.get("problem", "teacher-student") != "teacher-student" or cfg.get("teachers", 1) > 1:
+            raise SystemExit(f"{folder}: only single-teacher teacher-student benchmarks replay")
+        (k,) = cfg["ks"]
+        shape = {"k": k, "n": k + cfg.get("n_extra", 0), "C": cfg.get("outputs", 1)}
+        shape |= {"steps": cfg["steps"], "batch": cfg["batch"]}
+        for protocol in cfg["protocols"]:
+            records = [
+                json.loads(p.read_text()) for p in sorted(folder.glob(f"tuning/{protocol}_*"))
+            ]
+            for r in sorted({p["round"] for record in records for p in record["points"]}):
+                jobs = [[rec["method"], [p["params"] for p in rec["points"] if p["round"] == r]]
+                        for rec in records]  # fmt: skip
+                jobs = [j for j in jobs if j[1]]
+                out.append({"name": f"sweeps {protocol} round {r}", "kind": "sweeps", **shape,
+                            "m": records[0]["starts"], "jobs": jobs})  # fmt: skip
+            rows = [json.loads(p.read_text()) for p in sorted(folder.glob(f"rows/{protocol}_*"))]
+            rows = [row for row in rows if row["seeds"]]
+            if rows:
+                jobs = [[row["method"], [{"lr": row["lr"], **row["hyper"]}]] for row in rows]
+                out.append({"name": f"evaluation {protocol}", "kind": "evaluation", **shape,
+                            "m": rows[0]["seeds"], "jobs": jobs})  # fmt: skip
+        timings = json.loads((folder / "timings.json").read_text())
+        gd = sum(v for name, v in timings.items() if name.startswith("gd-population/"))
+        out.append({"name": "gd-population (recorded)", "kind": "gd-population", "k": k,
+                    "recorded": gd})  # fmt: skip
+    return out
 
 
-def _minima(runs: list[Path], k: int) -> int | None:
-    for run in runs:
-        report = run / "minima" / f"k{k}_n{k}_C1.json"
-        if report.exists():
-            return json.loads(report.read_text())["count"]
-    return None
+def measure(todo: list[dict]) -> dict[str, float]:
+    """Each timed piece's estimated CPU seconds (module docstring), keyed "k name"; in the
+    tree this process imports (so only calls both engines have)."""
+    torch.set_num_threads(1)
+    out = {}
+    for piece in todo:
+        k, n, m, C = piece["k"], piece["n"], piece["m"], piece["C"]
+        problem = make_problem(k, n, outputs=C)
+        W0 = init_weights(range(m), n, k)
+        jobs = []
+        for name, settings in piece["jobs"]:
+            hyper = get_method(name).hyper
+            values = {h: [s[h] for s in settings] for h in hyper if h in settings[0]}
+            # restart is SGD with hooks that fire once per run (halfway and at the end): timed
+            # as SGD, its held-out losses added below, not scaled with the steps
+            timed = "sgd" if name == "restart" else name
+            jobs.append(make_job(timed, [s["lr"] for s in settings], values))
+        kw = {"batch": piece["batch"], "seed": 0, "method_seed": 1, "quiet": True}
+        run_methods(jobs, W0, problem, steps=2, **kw)  # warm up
+        started = time.process_time()
+        run_methods(jobs, W0, problem, steps=STEPS_TIMED, **kw)
+        seconds = (time.process_time() - started) / STEPS_TIMED * piece["steps"]
+        lanes = {name: len(s) for name, s in piece["jobs"]}
+        calls = 2 * lanes.get("pgd", 0) * piece["steps"] // PGD["window"]
+        calls += 2 * lanes.get("restart", 0)  # at most two per window; two at the end
+        if calls:
+            run = Run(piece["steps"], piece["batch"], problem.to(torch.float32), None)
+            gen = torch.Generator().manual_seed(0)
+            started = time.process_time()
+            run.held_out_loss(W0.float(), gen)
+            seconds += calls * (time.process_time() - started)
+        out[f"{k} {piece['name']}"] = seconds
+    return out
 
 
-def project(costs: dict[int, dict[str, float]], base: Path, gd: list[Path]) -> list[tuple]:
-    """The whole table, part by part, from a finished default run at one k (`base`: its
-    measured tuning and evaluation seconds per protocol), scaled to every k by the measured
-    cost of a step (`costs`) and by the number of minima, plus gd-population's measured
-    seconds per k (its tuning pool of 1,000 seeds taken to cost what the evaluation seeds
-    cost). Returns (k, part, seconds) rows."""
-    config = json.loads((base / "config.json").read_text())
-    (k0,) = config["ks"]
-    timings = _timings(base)
-    gd_seconds = {}
-    for run in [base, *gd]:
-        for key, seconds in _timings(run).items():
-            if key.startswith("gd-population/eval_k"):
-                gd_seconds[int(key.split("_k")[1].split("_")[0])] = seconds
-    minima0 = _minima([base], k0)
-    rows = []
-    for k, parts in costs.items():
-        scale = _cost(parts) / _cost(costs[k0])
-        minima = _minima([base, *gd], k) or 0
-        for protocol, count in (("random-init", 1), ("spurious-minima", minima / minima0)):
-            if count == 0:
-                continue
-            tune = sum(v for key, v in timings.items() if key.startswith(f"tuning/{protocol}_"))
-            evaluation = timings[f"eval_{protocol}_k{k0}_n{k0}_C1"]
-            rows.append((k, f"sweeps, {protocol}", tune * scale))
-            rows.append((k, f"evaluation, {protocol}", evaluation * scale * count))
-        if k in gd_seconds:
-            rows.append((k, "gd-population", gd_seconds[k] * (2 if minima else 1)))
-    return rows
+def _measure_in(src: Path | None, todo: list[dict]) -> dict[str, float]:
+    """`measure` in a process of its own that imports qmse from `src` (None: this tree)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, result = Path(tmp) / "pieces.json", Path(tmp) / "seconds.json"
+        spec.write_text(json.dumps(todo))
+        cmd = [sys.executable, "-m", "benchmarks.escape_speed", "--measure", str(spec), str(result)]
+        subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parents[1])
+        return json.loads(result.read_text())
+
+
+def replay(dirs: list[Path], baseline: Path | None, pairs: int) -> None:
+    """Print the replayed pieces' estimated seconds summed by k and kind (with the
+    baseline's and the paired ratio), and the whole estimate on two cores."""
+    every = pieces(dirs)
+    timed = [p for p in every if p["kind"] != "gd-population"]
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    runs = {"new": [], "old": []}
+    for _ in range(pairs):
+        if baseline is not None:
+            runs["old"].append(_measure_in(baseline, timed))
+        runs["new"].append(_measure_in(None, timed))
+    print(f"load average after: {os.getloadavg()[0]:.1f}\n")
+    groups: dict[tuple[int, str], list[str]] = {}
+    for p in timed:
+        groups.setdefault((p["k"], p["kind"]), []).append(f"{p['k']} {p['name']}")
+    head = "| k | part | pieces | estimated s (one core) |"
+    if baseline is not None:
+        head += " baseline s | baseline / new (median of pairs) |"
+    print(head + "\n" + "|---" * head.count(" | ") + "|---|")
+    totals = {"new": 0.0, "old": 0.0}
+    for (k, kind), names in sorted(groups.items()):
+        new = [sum(r[n] for n in names) for r in runs["new"]]
+        line = f"| {k} | {kind} | {len(names)} | {statistics.median(new):,.0f} |"
+        totals["new"] += statistics.median(new)
+        if baseline is not None:
+            old = [sum(r[n] for n in names) for r in runs["old"]]
+            ratio = statistics.median(o / n for o, n in zip(old, new))
+            line += f" {statistics.median(old):,.0f} | {ratio:.2f} |"
+            totals["old"] += statistics.median(old)
+        print(line)
+    gd = sum(p["recorded"] for p in every if p["kind"] == "gd-population")
+    print(f"| all | gd-population, recorded wall s | {len(dirs)} | {gd:,.0f} |")
+    whole = totals["new"] + gd
+    print(f"\nwhole computation: {whole:,.0f} s on one core, {whole / 2:,.0f} s "
+          f"({whole / 120:.1f} min) on two cores as two processes")  # fmt: skip
+    if baseline is not None:
+        pair = [sum(o.values()) / sum(n.values()) for o, n in zip(runs["old"], runs["new"])]
+        before = totals["old"] + gd
+        print(f"baseline: {before:,.0f} s on one core ({before / 120:.1f} min on two cores); "
+              f"timed pieces baseline / new {statistics.median(pair):.2f} "
+              f"(pairs: {', '.join(f'{r:.2f}' for r in pair)})")  # fmt: skip
 
 
 def main() -> None:
@@ -182,10 +273,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--project", type=Path, default=None, help="a finished default run at one k (timings.json)"
+        "--replay", type=Path, nargs="+", help="committed benchmark dirs, one k each"
     )
-    parser.add_argument("--gd", type=Path, nargs="*", default=[], help="runs with gd-population")
+    parser.add_argument("--baseline", type=Path, help="another tree's src/ to time against")
+    parser.add_argument("--pairs", type=int, default=1, help="timings of each tree (alternating)")
+    parser.add_argument("--measure", type=Path, nargs=2, help=argparse.SUPPRESS)  # a child's
     args = parser.parse_args()
+    if args.measure:
+        spec, result = args.measure
+        result.write_text(json.dumps(measure(json.loads(spec.read_text()))))
+        return
+    if args.replay:
+        replay(args.replay, args.baseline, args.pairs)
+        return
     torch.set_num_threads(args.threads)
     costs = {k: time_parts(k, args.starts, args.batch, args.repeats) for k in args.k}
     names = list(next(iter(costs.values())))
@@ -194,14 +294,6 @@ def main() -> None:
     print("|---" * (len(costs) + 1) + "|")
     for name in names:
         print(f"| {name} | " + " | ".join(f"{c[name]:.2f}" for c in costs.values()) + " |")
-    if args.project:
-        rows = project(costs, args.project, args.gd)
-        print("\n| k | part | seconds (one core) |")
-        print("|---|---|---|")
-        for k, part, seconds in rows:
-            print(f"| {k} | {part} | {seconds:.0f} |")
-        total = sum(r[2] for r in rows)
-        print(f"\nwhole table: {total:.0f} s on one core; {total / 2:.0f} s as two processes")
 
 
 if __name__ == "__main__":
