@@ -32,6 +32,7 @@ from qmse import stats
 from qmse.escape import burer_monteiro as bm
 from qmse.escape import matrix_sensing as ms
 from qmse.escape.config import DISTINCT_TOL
+from qmse.escape.methods import get_method
 from qmse.escape.problems import certify, tangent_hessian
 from qmse.runs import load_torch
 
@@ -423,6 +424,13 @@ def nc_rows(directory: Path = NC) -> dict[str, list[dict]]:
     return {m: sorted(rs, key=lambda r: r["k"]) for m, rs in out.items()}
 
 
+def decay_floor() -> float:
+    """sgd-decay's chosen floor in the negative control: one value at every n, above 1."""
+    (floor,) = {r["hyper"]["floor"] for r in nc_rows()["sgd-decay"]}
+    assert floor > 1  # a rising step: the search had no upper end then (Method.upper now)
+    return floor
+
+
 def nc_summary() -> dict[str, dict]:
     out = {}
     for method, rs in nc_rows().items():
@@ -448,9 +456,8 @@ def nc_table() -> str:
     for method, s in nc_summary().items():
         per_n = ", ".join(map(str, s["per_n"]))
         diverged = s["diverged"]
-        if method == "gd-population":  # its row says 0: its end points are non-finite
-            assert diverged == 0
-            diverged = f"{gd['nonfinite']} (non-finite end points; the row says 0)"
+        if method == "gd-population":  # its diverged runs are its non-finite end points
+            assert diverged == gd["nonfinite"]
         lines.append(
             f"| {method} | {per_n} | {s['failures']}/{s['seeds']:,} = "
             f"{s['failures'] / s['seeds']:.3f} | {diverged} | {s['bound']:.4f} "
@@ -517,7 +524,10 @@ def nc_snippets() -> list[str]:
         f"{len(passing)} of the {len(NC_METHODS)} methods fail on at most 1 % of the starts",
         f"below 1 % for {sum(s[m]['bound'] < LIMIT for m in passing)} of them",
         f"each of its {gd['failed']} failures ended non-finite",
-        f"row reports {sum(r['diverged'] for r in nc_rows()['gd-population'])} diverged",
+        f"row reports {sum(r['diverged'] for r in nc_rows()['gd-population'])} diverged)",
+        f"SGD with a decaying step chose a floor of {decay_floor():.3f} here",
+        f"declares floor ≤ {get_method('sgd-decay').upper['floor']:g}",
+        f"heavy ball's 1 − β ≤ {get_method('momentum').upper['one_minus_beta']:g})",
         f"A sweep scored on {cfg['tune_seeds']} starts",
         f"at n = {cfg['tune_k']} the step diverges on {tuned['diverged']} of {tuned['seeds']} "
         f"starts, and {cfg['tune_seeds']} such starts all survive with probability "

@@ -380,7 +380,7 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
     loss = torch.cat([r["loss"] for r in runs])
     steps = torch.cat([r["steps"] for r in runs])
     seeds = len(loss)
-    fails = int((~(loss < problem.success)).sum())
+    fails = int((~(loss < problem.success)).sum())  # a non-finite loss fails too
     lo, hi = wilson(fails, seeds)
     extra = {
         "capped": sum(int((~r["converged"]).sum()) for r in runs),
@@ -408,7 +408,7 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
         failure_rate=fails / seeds,
         ci95_low=lo,
         ci95_high=hi,
-        diverged=0,
+        diverged=int((~torch.isfinite(loss)).sum()),
         lr=0.1,
         hyper={},
         batch=None,
