@@ -13,7 +13,7 @@ import torch
 from qmse.cli import main
 from qmse.errors import UserError
 from qmse.escape import METHODS, Method, load_plugin, register_method, run_method
-from qmse.escape.methods import check_grid, method_key
+from qmse.escape.methods import check_grid, get_method, method_key
 from qmse.escape.rules import BUILTIN_METHODS, EXTRA_METHODS, sgd
 from qmse.teacher_student import init_weights, make_problem
 
@@ -211,3 +211,21 @@ def test_the_docs_sam_plugin_runs_through_the_cli_and_is_the_builtin_sam(tmp_pat
     mine, builtin = run_method("my-sam", W0, problem, **kw), run_method("sam", W0, problem, **kw)
     assert torch.equal(mine["W"], builtin["W"])
     assert not torch.equal(builtin["W"], run_method("sgd", W0, problem, **kw | {"hyper": {}})["W"])
+
+
+def test_a_declared_upper_end_bounds_the_search_and_the_key():
+    """Heavy ball's 1 − β and the decay floor never pass 1 in a widened search; an upper end
+    is part of the method's key, and a grid past it or an unknown name is refused."""
+    for name in ("momentum", "sgd-decay"):
+        m = get_method(name)
+        (param,) = [p for p in m.space().params if p.name in m.upper]
+        assert param.limits[1] == 1.0 and param.window(1.0)[-1] == 1.0
+    sgd = get_method("sgd")
+    assert all(p.limits[1] == p.grid[-1] * 2**8 for p in sgd.space().params)
+    bounded = dataclasses.replace(get_method("momentum"), name="momentum-bounded-test")
+    unbounded = dataclasses.replace(bounded, upper={})
+    assert method_key(bounded) != method_key(unbounded)
+    with pytest.raises(UserError, match="not hyperparameters"):
+        register_method(dataclasses.replace(bounded, upper={"beta": 1.0}))
+    with pytest.raises(UserError, match="domain's end"):
+        register_method(dataclasses.replace(bounded, upper={"one_minus_beta": 0.1}))

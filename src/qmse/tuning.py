@@ -55,6 +55,7 @@ class Param:
     factor: float = 2.0
     max_extend: int = 8
     centred: bool = False
+    upper: float = math.inf  # the domain's end, never passed (1 − β ≤ 1: β ≥ 0)
 
     def __post_init__(self) -> None:
         grid = tuple(self.grid)
@@ -68,12 +69,14 @@ class Param:
                 )
         if not self.factor > 1 or self.max_extend < 0:
             raise UserError(f"{self.name}: need factor > 1 and max_extend >= 0")
+        if grid[-1] > self.upper:
+            raise UserError(f"{self.name}: grid {grid!r} passes the domain's end {self.upper}")
 
     @property
     def limits(self) -> tuple[float, float]:
         """The smallest and largest value a sweep of this parameter may reach."""
         reach = self.factor**self.max_extend
-        return self.grid[0] / reach, self.grid[-1] * reach
+        return self.grid[0] / reach, min(self.grid[-1] * reach, self.upper)
 
     def window(self, current: float) -> list[float]:
         """The values a stage starts from: the grid, or (centred) the grid scaled so that its

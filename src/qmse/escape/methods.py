@@ -33,6 +33,8 @@ A method is a training loss and an update rule, run on the S starts of one setti
 - `hyper`: further hyperparameters, NAME -> grid, swept after lr at the chosen lr (the middle
   value of the grid is used while lr is swept). A hyperparameter named like a parameter of
   the registered loss (label noise's "sigma") also goes to that loss, per sample.
+- `upper`: NAME -> the end of a hyperparameter's domain, which no sweep passes (heavy
+  ball's 1 − β ≤ 1, a decay floor ≤ 1); without it a sweep may widen a grid 2^8 past its edge.
 - hooks, for methods that need more than an update: `init(W, state, run) -> state` before
   the first step; `after_step(W, state, t, lr, run) -> (W, state)` after each step's update
   and divergence check (PGD's kicks, restart's fresh start); `finish(W, state, run) -> W`
@@ -132,6 +134,7 @@ class Method:
     family: str = "other"  # a group the figures draw together (at most 8 methods each)
     parent: str | None = None  # the method this one becomes as its extra hyperparameters → 0
     stackable: bool = False  # update and hooks draw nothing, treat each start on its own
+    upper: Mapping[str, float] = field(default_factory=dict)  # hyperparameter -> domain's end
     description: str = ""
 
     def space(self, exclude: Mapping[str, float] = {}) -> Space:  # noqa: B006 (read only)
@@ -139,7 +142,13 @@ class Method:
         its grid, each widened by factors of 2 up to 8 values past an edge
         (`qmse.tuning.Param`); the names in `exclude` (values fixed by the user) left out."""
         grids = {"lr": tuple(self.lr_grid), **{k: tuple(v) for k, v in self.hyper.items()}}
-        return Space(tuple(Param(k, g) for k, g in grids.items() if k not in exclude))
+        return Space(
+            tuple(
+                Param(k, g, upper=self.upper.get(k, math.inf))
+                for k, g in grids.items()
+                if k not in exclude
+            )
+        )
 
     def default(self, name: str) -> float:
         """The value of hyperparameter `name` while lr is swept: the middle of its grid."""
@@ -208,6 +217,7 @@ def method_key(method: Method) -> str:
         dict(method.constants),
         list(method.report),
         method.version,
+        *([dict(method.upper)] if method.upper else []),  # keys of methods without one unchanged
     )
 
 
@@ -241,6 +251,11 @@ def register_method(method: Method) -> Method:
             f"method {method.name!r}: constants {sorted(clash)} clash with a hyperparameter "
             f"or a name the engine uses ({', '.join(ENGINE_NAMES)}); rename them"
         )
+    if unknown := set(method.upper) - set(method.hyper):
+        raise UserError(
+            f"method {method.name!r}: upper names {sorted(unknown)}, not hyperparameters"
+        )
+    method.space()  # a grid past its declared upper end is refused here
     old = METHODS.get(method.name)
     if old is not None and not _same(old, method):
         raise UserError(f"a different method named {method.name!r} is already registered")

@@ -45,6 +45,7 @@ from qmse.escape.methods import Method, Run, register_method
 # Each rule reads its constants from `state` (declared in `Method.constants`, part of the key)
 BETA_GAP = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)  # 1 − β of heavy ball: β 0.9875 … 0.6; middle 0.9
 HEAVY_BALL = {"one_minus_beta": BETA_GAP}  # b ← β·b + g; W ← W − lr·b
+BETA_DOMAIN = {"one_minus_beta": 1.0}  # the search never passes β = 0
 ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 PGD = {"window": 500, "grad_threshold": 0.05}  # t_thres steps; g_thres on the window's gradient
 SAM = {"eps": 1e-12}  # added to ‖g‖ (Foret et al.'s code), so that g = 0 gives W' = W
@@ -260,6 +261,7 @@ BUILTIN_METHODS = tuple(
             momentum,
             MOMENTUM_LR,
             hyper=HEAVY_BALL,
+            upper=BETA_DOMAIN,
             family="MSE optimisers",
             description="heavy ball on MSE",
             stackable=True,
@@ -313,6 +315,7 @@ BUILTIN_METHODS = tuple(
             momentum,
             QMSE_MOMENTUM_LR,
             hyper=HEAVY_BALL,
+            upper=BETA_DOMAIN,
             family="QMSE",
             description="heavy ball on QMSE",
             stackable=True,
@@ -332,6 +335,7 @@ BUILTIN_METHODS = tuple(
             momentum,
             QMSE_MOMENTUM_LR,
             hyper=HEAVY_BALL,
+            upper=BETA_DOMAIN,
             family="QMSE",
             description="heavy ball on expected-QMSE",
             stackable=True,
@@ -353,6 +357,7 @@ BUILTIN_METHODS = tuple(
             momentum,
             MOMENTUM_LR,
             hyper={"sigma": LABEL_SIGMA, **HEAVY_BALL},
+            upper=BETA_DOMAIN,
             family="noise baselines",
             parent="momentum",
             description="heavy ball on label-noise targets",
@@ -374,6 +379,7 @@ BUILTIN_METHODS = tuple(
             gradient_noise_momentum,
             MOMENTUM_LR,
             hyper={"sigma": GRAD_SIGMA, **HEAVY_BALL},
+            upper=BETA_DOMAIN,
             family="noise baselines",
             parent="momentum",
             description="heavy ball on g + σz",
@@ -394,6 +400,7 @@ BUILTIN_METHODS = tuple(
             anticorrelated_momentum,
             MOMENTUM_LR,
             hyper={"sigma": ANTI_SIGMA, **HEAVY_BALL},
+            upper=BETA_DOMAIN,
             family="noise baselines",
             parent="momentum",
             description="heavy ball plus ξ_{t+1} − ξ_t",
@@ -410,6 +417,7 @@ EXTRA_METHODS = tuple(
             sgd_decay,
             SGD_LR,
             hyper={"floor": DECAY_FLOOR},
+            upper={"floor": 1.0},  # a floor above 1 would raise the step
             init=remember_budget,
             family="MSE optimisers",
             description="SGD, step cosine-decayed from lr to floor·lr over the budget",
