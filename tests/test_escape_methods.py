@@ -76,14 +76,16 @@ def test_registration_errors_name_the_problem():
 
 
 def test_a_plugin_file_registers_its_methods_once(tmp_path):
+    code = PLUGIN.replace('"sign-sgd"', '"sign-sgd-once"')  # a name no other test registers
+    assert code != PLUGIN
     path = tmp_path / "plugin.py"
-    path.write_text(PLUGIN)
-    assert load_plugin(path) == ["sign-sgd"]
-    assert load_plugin(path) == ["sign-sgd"]  # imported once: no second registration
+    path.write_text(code)
+    assert load_plugin(path) == ["sign-sgd-once"]
+    assert load_plugin(path) == ["sign-sgd-once"]  # imported once: no second registration
     copy = tmp_path / "copy.py"
-    copy.write_text(PLUGIN)
-    load_plugin(copy)  # other file, same definition: accepted
-    assert METHODS["sign-sgd"].lr_grid == (1e-3, 2e-3, 4e-3)
+    copy.write_text(code + "\n# the same definition in another file\n")
+    assert load_plugin(copy) == []  # accepted, and adds nothing
+    assert METHODS["sign-sgd-once"].lr_grid == (1e-3, 2e-3, 4e-3)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_plugin(tmp_path / "missing.py")
 
