@@ -3,8 +3,10 @@ official MNIST format, small models and a small training config, and the shared 
 curvature tests (`CASES`: a model, a criterion and data each, curvlinops-style) with a dense
 Hessian reference.
 
-The helpers are plain functions (importable as `from conftest import ...`, also from the
-subprocesses some tests start) with pytest fixtures around the common cases.
+`prose` gives a document's prose for the docs tests (tests/test_docs.py and the tests of
+each document's numbers). The helpers are plain functions (importable as
+`from conftest import ...`, also from the subprocesses some tests start) with pytest
+fixtures around the common cases.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import math
+import re
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -242,3 +245,30 @@ def escape_row(method, k, failed, protocol="spurious-minima", **extra):
         "median_loss": 0.01, "starts_key": f"s{k}", "failed": failed,
         "tuning": {"fixed": False, "edge": False}, **extra,
     })  # fmt: skip
+
+
+# ---------------------------------------------------------------- prose of the docs
+
+
+def join_lines(text: str) -> str:
+    """A paragraph's (or list item's) lines as one line, so that a quoted sentence matches
+    wherever the document wraps it; table rows, headings and new items keep their lines."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        prev = out[-1] if out else ""
+        new_block = not line.strip() or not prev.strip() or line.startswith(("|", "#", "- "))
+        if new_block or prev.startswith(("|", "#")):
+            out.append(line)
+        else:
+            out[-1] = prev.rstrip() + " " + line.strip()
+    return "\n".join(out)
+
+
+def prose(text: str) -> str:
+    """Prose only: fenced and indented code blocks, images, link targets and inline code
+    removed (commands, flags and file names are not results), paragraphs on one line."""
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)
+    text = "\n".join(line for line in text.split("\n") if not line.startswith("    "))
+    text = re.sub(r"!\[[^\]]*\]\([^)]*\)", " ", text)
+    text = re.sub(r"\]\([^)]*\)", "] ", text)
+    return join_lines(re.sub(r"`[^`]*`", " ", text))

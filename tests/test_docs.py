@@ -28,6 +28,8 @@ import math
 import re
 from pathlib import Path
 
+from conftest import prose
+
 from qmse import stats
 from qmse.escape.population import PUBLISHED
 
@@ -48,30 +50,6 @@ SUP = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 # ---------------------------------------------------------------- the document and its guard
 
 
-def _join_lines(text: str) -> str:
-    """A paragraph's (or list item's) lines as one line, so that a quoted sentence matches
-    wherever the document wraps it; table rows, headings and new items keep their lines."""
-    out: list[str] = []
-    for line in text.split("\n"):
-        prev = out[-1] if out else ""
-        new_block = not line.strip() or not prev.strip() or line.startswith(("|", "#", "- "))
-        if new_block or prev.startswith(("|", "#")):
-            out.append(line)
-        else:
-            out[-1] = prev.rstrip() + " " + line.strip()
-    return "\n".join(out)
-
-
-def _prose(text: str) -> str:
-    """Prose only: fenced and indented code blocks, images, link targets and inline code
-    removed (commands, flags and file names are not results), paragraphs on one line."""
-    text = re.sub(r"```.*?```", " ", text, flags=re.S)
-    text = "\n".join(line for line in text.split("\n") if not line.startswith("    "))
-    text = re.sub(r"!\[[^\]]*\]\([^)]*\)", " ", text)
-    text = re.sub(r"\]\([^)]*\)", "] ", text)
-    return _join_lines(re.sub(r"`[^`]*`", " ", text))
-
-
 class Doc:
     """A document's checked sections, the snippets quoted from them and those missing."""
 
@@ -82,7 +60,7 @@ class Doc:
             i = text.index(start)
             parts.append(text[i : text.index(end, i) if end else len(text)])
         self.path = path
-        self.region = _prose("\n".join(parts))
+        self.region = prose("\n".join(parts))
         self.quoted: list[str] = []
         self.missing: list[str] = []
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import prose
 from scipy import stats as st
 
 from qmse import stats
@@ -102,28 +103,6 @@ WHITELIST = [
 # ---------------------------------------------------------------- the section and its guard
 
 
-def _join_lines(text: str) -> str:
-    """A paragraph's (or list item's) lines as one line; table rows and headings keep theirs
-    (tests/test_docs.py's rule)."""
-    out: list[str] = []
-    for line in text.split("\n"):
-        prev = out[-1] if out else ""
-        new_block = not line.strip() or not prev.strip() or line.startswith(("|", "#", "- "))
-        if new_block or prev.startswith(("|", "#")):
-            out.append(line)
-        else:
-            out[-1] = prev.rstrip() + " " + line.strip()
-    return "\n".join(out)
-
-
-def _prose(text: str) -> str:
-    """Prose only: code blocks, link targets and inline code removed, paragraphs on one line."""
-    text = re.sub(r"```.*?```", " ", text, flags=re.S)
-    text = "\n".join(line for line in text.split("\n") if not line.startswith("    "))
-    text = re.sub(r"\]\([^)]*\)", "] ", text)
-    return _join_lines(re.sub(r"`[^`]*`", " ", text))
-
-
 def section_text() -> str:
     text = (ROOT / "docs" / "escape.md").read_text()
     i = text.index(START)
@@ -131,7 +110,7 @@ def section_text() -> str:
 
 
 def section() -> str:
-    return _prose(section_text())
+    return prose(section_text())
 
 
 def leftover(region: str, quoted: list[str]) -> list[str]:
