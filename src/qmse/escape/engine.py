@@ -118,7 +118,9 @@ def make_job(
         if len(v) not in (1, G):
             raise UserError(f"{name}: {len(v)} values where the others have {G}")
         if not torch.isfinite(v).all() or (v < 0).any() or (name == "lr" and (v <= 0).any()):
-            raise UserError(f"{method.name}: need lr > 0 and hyperparameters >= 0; {name}={v}")
+            raise UserError(
+                f"{method.name}: need lr > 0 and hyperparameters >= 0; {name}={v.tolist()}"
+            )
     tensors = {k: v.expand(G).clone() for k, v in tensors.items()}
     return Job(method, tensors.pop("lr"), tensors)
 
