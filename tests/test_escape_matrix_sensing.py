@@ -3,6 +3,7 @@ and autograd, their RIP constants against closed forms, the certification of the
 spurious point (a degenerate saddle) and of the family's strict minima and saddles, and SGD's
 failures: none below δ = 1/2, some on the published instance, all on the invariant line."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from qmse.errors import UserError
 from qmse.escape.matrix_sensing import (
+    DESCENT_LR,
     SUCCESS,
     curve_polynomial,
     hessian,
@@ -24,6 +26,7 @@ from qmse.escape.matrix_sensing import (
     sgd_starts,
     sym_basis,
 )
+from qmse.escape.population import descend
 from qmse.escape.problems import certify, distinct, get_problem, gradient
 
 DT = torch.float64
@@ -197,6 +200,30 @@ def test_the_family_spurious_point_is_strict_above_one_half(delta, n, seed, kind
 def test_below_one_half_gradient_descent_recovers_z_from_every_start(delta, n, seed):
     inst = make_instance(delta, n=n, seed=seed)
     assert sgd_failure_rate(inst, 2000, 2000, 0.02, None, seed=0) == (0, 2000)
+
+
+def test_descent_diverges_from_large_starts_at_safran_and_shamirs_step_not_at_its_own():
+    """The negative control's gd-population: 0.1 diverges from some N(0, I) starts at n = 4
+    (the curvature grows with ‖x‖²); the problem's declared step recovers z from all 300,
+    and a diverged start leaves the descent loop at once instead of running to the cap."""
+    problem = matrix_sensing_problem(0.45, n=4, seed=1)
+    assert problem.descent_lr == DESCENT_LR < 0.1
+    assert matrix_sensing_problem(0.45, n=4, seed=1, init_scale=2.0).descent_lr == DESCENT_LR / 4
+    W0 = problem.init(range(300))
+    calls = 0
+
+    def counted(W):
+        nonlocal calls
+        calls += 1
+        return problem.objective(W)
+
+    fast = dataclasses.replace(problem, objective=counted)
+    at_01 = descend(fast, W0, lr=0.1, max_steps=100_000, quiet=True)
+    diverged = ~torch.isfinite(at_01["loss"])
+    assert diverged.sum() > 0 and (at_01["steps"][diverged] == 100_000).all()
+    assert calls < 5_000  # the diverged starts left: 100,000 steps would be 10⁵ calls
+    own = descend(problem, W0, lr=problem.descent_lr, max_steps=100_000, quiet=True)
+    assert (own["loss"] < SUCCESS).all()
 
 
 def test_sgd_on_the_published_instance_is_deterministic_and_fails_on_the_line():

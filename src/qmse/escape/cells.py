@@ -371,7 +371,8 @@ def evaluate_cell(
 
 
 def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
-    """The reproduction's row: gd-population from the evaluation seeds of every teacher (a
+    """The reproduction's row: gd-population (gradient descent at the problem's
+    `descent_lr`) from the evaluation seeds of every teacher (a
     failure: loss not below the problem's success threshold), with Safran & Shamir's
     published rate (teacher–student, n = k, scalar output) and Fisher's exact test
     against it."""
@@ -409,7 +410,7 @@ def gd_row(out: Path, cfg: EscapeConfig, k: int, quiet: bool = False) -> Row:
         ci95_low=lo,
         ci95_high=hi,
         diverged=int((~torch.isfinite(loss)).sum()),
-        lr=0.1,
+        lr=problem.descent_lr,
         hyper={},
         batch=None,
         steps=None,

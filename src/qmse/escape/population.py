@@ -67,9 +67,9 @@ def _until_converged(
 ) -> tuple[Tensor, Tensor]:
     """The loop of `gd_population` and `descend`: W ← step(W) for every start until its
     grad_norm is ≤ tol (or max_steps); every `check_every` steps the converged starts leave
-    the batch, so the cost follows the slow ones. W: (S, ...), a copy is stepped. Returns the
-    end points (S, ...) and the steps each took (S,) long (max_steps where it never
-    converged)."""
+    the batch, and so do the diverged ones (gradient not finite), so the cost follows the
+    slow ones. W: (S, ...), a copy is stepped. Returns the end points (S, ...) and the steps
+    each took (S,) long (max_steps where it never converged)."""
     W = W.clone()
     S = W.shape[0]
     steps = torch.full((S,), max_steps, dtype=torch.long, device=W.device)
@@ -80,9 +80,10 @@ def _until_converged(
         for _ in range(min(check_every, max_steps - t)):
             Wa = step(Wa)
         W[active] = Wa
-        done = grad_norm(Wa) <= tol  # (A,)
+        norms = grad_norm(Wa)  # (A,)
+        done = norms <= tol
         steps[active[done]] = t + min(check_every, max_steps - t)
-        active = active[~done]
+        active = active[~done & torch.isfinite(norms)]  # a diverged start leaves, capped
         bar.update(min(check_every, max_steps - t))
         bar.set_postfix(active=len(active))
         if len(active) == 0:
@@ -289,7 +290,7 @@ def problem_runs(
     max_steps: int = 100_000,
     quiet: bool = False,
 ) -> dict:
-    """`descend` from the problem's starts `problem.init(seeds)`, cached in
+    """`descend` at the problem's `descent_lr` from its starts `problem.init(seeds)`, cached in
     out/gd-population/{tag}_{cell}.pt under the key of the problem (name and instance),
     seeds, step cap, step size, tolerance and Newton's iterations, like `population_runs`;
     capped starts of a flat problem are finished by `finish` (on a manifold, where a Newton
@@ -297,14 +298,14 @@ def problem_runs(
     path = Path(out) / "gd-population" / f"{tag}_{cell}.pt"
     seeds = [int(s) for s in seeds]
     key = content_key("descend", problem.name, dict(problem.instance), seeds, max_steps)
-    key = content_key(key, GD_LR, GD_TOL, NEWTON_STEPS)
+    key = content_key(key, problem.descent_lr, GD_TOL, NEWTON_STEPS)
     if path.exists():
         saved = load_torch(path)
         if saved.get("key") == key:
             return saved
     W0 = problem.init(seeds).double()
     started = time.perf_counter()
-    result = descend(problem, W0, max_steps=max_steps, quiet=quiet)
+    result = descend(problem, W0, lr=problem.descent_lr, max_steps=max_steps, quiet=quiet)
     if problem.project is None:
         result |= finish(
             result,

@@ -73,6 +73,10 @@ class Problem:
     stuck(W) -> (S,) bool: whether a start ended at the spurious point, where that is not
         "objective ≥ success" (a minimum that is not isolated, decided by its value); None:
         every start that did not succeed.
+    descent_lr: the step of gradient descent on the objective (gd-population and the
+        descent that finds the minima); Safran & Shamir's 0.1 unless a problem declares a
+        smaller one (a quartic's curvature grows with the weights, so a fixed step diverges
+        from large starts).
     project(W, G) -> G on the tangent space at W, and retract(W) -> W on the manifold, for a
         problem on a manifold; None for a flat one.
     native: the problem's own object where the engine has a hand-written path for it
@@ -90,6 +94,7 @@ class Problem:
     objective: Callable[[Tensor], Tensor]
     success: float
     optimum: float = 0.0
+    descent_lr: float = 0.1
     hessian: Callable[[Tensor], Tensor] | None = None
     canonical: Callable[[Tensor], Tensor] = _same
     project: Callable[[Tensor, Tensor], Tensor] | None = None
