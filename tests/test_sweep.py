@@ -79,6 +79,8 @@ def test_outside_a_process_group_data_parallel_is_the_forward_itself():
     assert distributed.data_parallel(forward, dim=1) is forward
     assert all(s is g for s, g in zip(distributed.sum_over_ranks(grads), grads, strict=True))
     assert distributed.init_distributed("cpu") == torch.device("cpu")  # no WORLD_SIZE: nothing
+    distributed.close_distributed()  # no group: nothing to leave
+    assert distributed.world() == (0, 1)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +233,8 @@ def test_sigkilled_worker_is_retried_and_resumes(ray_cluster, local_grid, data_d
 @pytest.mark.integration
 def test_train_under_torchrun_on_two_gloo_processes_matches_one(data_dir, tmp_path):
     """`qmse train` under torchrun, 2 CPU ranks, batches of 15 (uneven shares, a short last
-    batch): the metrics of one process to float tolerance; its checkpoint resumes in one."""
+    batch): the metrics of one process to float tolerance; its checkpoint resumes in one.
+    torchrun exits 0: no rank aborts in its teardown (this failed 1 run in about 30)."""
     args = ["--dataset", "mnist", "--data-dir", str(data_dir), "--loss", "qmse", "--lr", "0.05"]
     args += ["--momentum", "0.9", "--batch-size", "15", "--channels", "2", "4", "--hidden", "8"]
     args += ["--allow-unverified-data"]
@@ -241,11 +244,11 @@ def test_train_under_torchrun_on_two_gloo_processes_matches_one(data_dir, tmp_pa
         + ["-m", "qmse.cli", "train", *args, "--epochs", "2", "--device", "cpu"]
         + ["--out", str(out), "--quiet"],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=True,
         timeout=300,
         capture_output=True,
         text=True,
     )
+    assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     assert done.stdout.count(f"{out}: epoch 2") == 1, done.stdout  # rank 0 alone reports
     cfg = TrainConfig(
         dataset="mnist",
