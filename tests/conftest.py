@@ -272,3 +272,17 @@ def prose(text: str) -> str:
     text = re.sub(r"!\[[^\]]*\]\([^)]*\)", " ", text)
     text = re.sub(r"\]\([^)]*\)", "] ", text)
     return join_lines(re.sub(r"`[^`]*`", " ", text))
+
+
+def leftover(region: str, quoted: list[str], whitelist: list[str]) -> list[str]:
+    """Numbers still in `region` once the quoted snippets (longest first) and the whitelisted
+    patterns are taken out, each with its context: what no check computes."""
+    rest = region
+    for s in sorted(set(quoted), key=len, reverse=True):
+        rest = rest.replace(s, " ¤ ")
+    for pattern in whitelist:
+        rest = re.sub(pattern, " ", rest)
+    return [
+        rest[max(0, m.start() - 50) : m.end() + 30].replace("\n", " ")
+        for m in re.finditer(r"\d[\d,.]*", rest)
+    ]

@@ -28,7 +28,7 @@ import math
 import re
 from pathlib import Path
 
-from conftest import prose
+from conftest import leftover, prose
 
 from qmse import stats
 from qmse.escape.population import PUBLISHED
@@ -84,22 +84,9 @@ class Doc:
         part = part[: min([e for e in ends if e > 0], default=len(part))]
         return [line for line in part.split("\n") if line.startswith("|")]
 
-    def leftover(self, whitelist: list[str]) -> list[str]:
-        """Numbers still in the checked sections once the quoted snippets (longest first)
-        and the whitelisted patterns are taken out, each with its context."""
-        rest = self.region
-        for s in sorted(set(self.quoted), key=len, reverse=True):
-            rest = rest.replace(s, " ¤ ")
-        for pattern in whitelist:
-            rest = re.sub(pattern, " ", rest)
-        return [
-            rest[max(0, m.start() - 50) : m.end() + 30].replace("\n", " ")
-            for m in re.finditer(r"\d[\d,.]*", rest)
-        ]
-
     def check(self, whitelist: list[str]) -> None:
         assert not self.missing, f"{self.path}: not found as written:\n" + "\n".join(self.missing)
-        left = self.leftover(whitelist)
+        left = leftover(self.region, self.quoted, whitelist)
         assert not left, f"{self.path}: numbers no check computes:\n" + "\n".join(left)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import prose
+from conftest import leftover, prose
 from scipy import stats as st
 
 from qmse import stats
@@ -114,20 +114,6 @@ def section_text() -> str:
 
 def section() -> str:
     return prose(section_text())
-
-
-def leftover(region: str, quoted: list[str]) -> list[str]:
-    """Numbers still in the section once the quoted snippets (longest first) and the
-    whitelisted patterns are taken out, each with its context."""
-    rest = region
-    for s in sorted(set(quoted), key=len, reverse=True):
-        rest = rest.replace(s, " ¤ ")
-    for pattern in WHITELIST:
-        rest = re.sub(pattern, " ", rest)
-    return [
-        rest[max(0, m.start() - 50) : m.end() + 30].replace("\n", " ")
-        for m in re.finditer(r"\d[\d,.]*", rest)
-    ]
 
 
 # ---------------------------------------------------------------- formats and files
@@ -633,7 +619,7 @@ def test_problem_section_numbers_are_the_committed_results():
     missing = [s for s in quoted if s not in region] + [t for t in tables if t not in raw]
     assert not missing, "not found as written:\n" + "\n".join(missing)
     quoted += [re.sub(r"`[^`]*`", " ", t) for t in tables]  # as the prose has them
-    left = leftover(region, quoted)
+    left = leftover(region, quoted, WHITELIST)
     assert not left, "numbers no check computes:\n" + "\n".join(left)
 
 
