@@ -555,6 +555,9 @@ def nc2_snippets() -> list[str]:
         f"tuned once, at n = {old['tune_k']}, on {old['tune_seeds']} starts",
         f"a step that the {old['tune_seeds']} tuning starts had not shown to diverge",
     ]
+    unsettled = [m for m in MSE_METHODS if s[m]["passes"] and s[m]["bound"] >= LIMIT]
+    out += [f"{m} fails on {s[m]['failures']} of {s[m]['seeds']:,} starts, but its bound, "
+            f"{s[m]['bound']:.4f}, leaves room" for m in unsettled]  # fmt: skip
     if failing:
         out.append(", ".join(f"{m} ({', '.join(map(str, s[m]['per_n']))})" for m in failing))
         assert all(2 * s[m]["diverged"] > s[m]["failures"] for m in failing)  # "most diverged"
