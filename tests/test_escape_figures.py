@@ -41,6 +41,14 @@ def test_performance_profiles_count_cells_within_a_factor_of_the_best():
     assert profile["b"] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3])  # never at k = 12
 
 
+def test_performance_profiles_keep_cells_of_different_problems_apart():
+    rows = [row("a", 3, "1" + "0" * 99, problem="p"), row("b", 3, "1" * 4 + "0" * 96, problem="p"),
+            row("a", 3, "1" * 9 + "0" * 91, problem="q"),
+            row("b", 3, "0" * 100, problem="q")]  # fmt: skip
+    profile = performance_profile(rows, [1.0])
+    assert profile == {"a": [0.5], "b": [0.5]}  # each best in one; as one cell, a in none
+
+
 def test_the_figures_are_drawn(tmp_path):
     rows = [row(m, k, "1" * f + "0" * (20 - f), family=fam)
             for m, fam, f in (("sgd", "MSE", 4), ("qmse", "QMSE", 12), ("momentum", "MSE", 1))

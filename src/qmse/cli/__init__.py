@@ -41,6 +41,11 @@ COMMANDS = {
         "the step sizes at which SGD or heavy ball is predicted to leave a minimum (linear "
         "stability at batch B)",
     ),
+    "escape summary": (
+        "escape",
+        "several escape benchmark directories read together: the declared comparisons per "
+        "cell with distinct minima, verdicts per problem family, wall time, profiles",
+    ),
     "diagnose": (
         "analysis",
         "where did a run stop (paper sec. 2.2 cases, Hessian spectrum); `qmse diagnose "

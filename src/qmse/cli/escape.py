@@ -22,6 +22,7 @@ from qmse.cli.common import (
 from qmse.errors import UserError
 from qmse.escape import PROTOCOLS, EscapeConfig, parse_hyper, run_benchmark, write_outputs
 from qmse.escape.config import is_benchmark_dir
+from qmse.escape.summary import write_summary
 from qmse.runs import claim
 
 
@@ -164,4 +165,18 @@ def add_escape(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = {"escape": add_escape}
+def add_summary(p: argparse.ArgumentParser) -> None:
+    """`qmse escape summary`."""
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="finished `qmse escape` directories")
+    p.add_argument("--out", required=True, help="where summary.md and profiles.png go")
+
+    def run(args: argparse.Namespace) -> int:
+        paths = write_summary(args.dirs, args.out)
+        print(paths["summary"].read_text())
+        print("\n".join(f"wrote {path}" for path in paths.values()))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = {"escape": add_escape, "escape summary": add_summary}

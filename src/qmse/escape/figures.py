@@ -10,6 +10,7 @@ gd-population are drawn only where gd-population ran.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -167,15 +168,18 @@ def _trials(record: dict) -> list[dict]:
 
 
 def performance_profile(rows: Sequence[Row], taus: Sequence[float]) -> dict[str, list[float]]:
-    """For each sample-based method, the fraction of cells (protocol, k, n, C) in which its
-    failure rate is within a factor τ of the best method's, for each τ (Dolan & Moré 2002).
+    """For each sample-based method, the fraction of cells (problem and instance, protocol, k,
+    n, C) in which its failure rate is within a factor τ of the best method's, for each τ
+    (Dolan & Moré 2002).
     Rates are taken as (failures + ½) / (seeds + 1), so that a cell whose best method never
     fails still orders the others. A method missing from a cell counts as not within."""
     cells: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r.method != "gd-population" and r.seeds:
             rate = (r.failures + 0.5) / (r.seeds + 1)
-            cells.setdefault((r.protocol, r.k, r.n, r.outputs), {})[r.method] = rate
+            instance = json.dumps(r.instance, sort_keys=True, default=str)
+            cell = (r.problem, instance, r.protocol, r.k, r.n, r.outputs)
+            cells.setdefault(cell, {})[r.method] = rate
     methods = list(dict.fromkeys(m for c in cells.values() for m in c))
     ratios = {m: [c[m] / min(c.values()) if m in c else math.inf for c in cells.values()]
               for m in methods}  # fmt: skip
