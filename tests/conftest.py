@@ -286,3 +286,45 @@ def leftover(region: str, quoted: list[str], whitelist: list[str]) -> list[str]:
         rest[max(0, m.start() - 50) : m.end() + 30].replace("\n", " ")
         for m in re.finditer(r"\d[\d,.]*", rest)
     ]
+
+
+class Doc:
+    """A document's checked sections (`spans`: from each start string to its end string, or
+    to the end), the snippets quoted from them and those missing; `check` then asserts that
+    every snippet was found and that no number is left unquoted (`leftover`)."""
+
+    def __init__(self, path: str, spans: list[tuple[str, str | None]]):
+        text = (Path(__file__).resolve().parent.parent / path).read_text()
+        parts = []
+        for start, end in spans:
+            i = text.index(start)
+            parts.append(text[i : text.index(end, i) if end else len(text)])
+        self.path = path
+        self.region = prose("\n".join(parts))
+        self.quoted: list[str] = []
+        self.missing: list[str] = []
+
+    def quote(self, *snippets: str) -> None:
+        """Each snippet must be in the checked sections, as written."""
+        for s in snippets:
+            (self.quoted if s in self.region else self.missing).append(s)
+
+    def table_after(self, heading: str) -> list[str]:
+        """The rows of the first table after `heading` in the checked sections."""
+        lines = self.region[self.region.index(heading) :].split("\n")
+        start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+        return lines[start:end]
+
+    def tables_under(self, heading: str) -> list[str]:
+        """Every table row from `heading` to the next heading of its level or above."""
+        part = self.region[self.region.index(heading) :]
+        level = heading.split(" ")[0]
+        ends = [part.find(f"\n{'#' * n} ", 1) for n in range(1, len(level) + 1)]
+        part = part[: min([e for e in ends if e > 0], default=len(part))]
+        return [line for line in part.split("\n") if line.startswith("|")]
+
+    def check(self, whitelist: list[str]) -> None:
+        assert not self.missing, f"{self.path}: not found as written:\n" + "\n".join(self.missing)
+        left = leftover(self.region, self.quoted, whitelist)
+        assert not left, f"{self.path}: numbers no check computes:\n" + "\n".join(left)

@@ -15,6 +15,7 @@ from qmse.escape.summary import (
     cells_table,
     describe,
     load_benchmark,
+    settings_table,
     verdict_counts,
     wall_table,
     write_summary,
@@ -43,8 +44,12 @@ def bench(path: Path, config: dict, outcomes: dict, minima: dict, seconds: dict)
 def two(tmp_path) -> list[Path]:
     """A teacher–student benchmark (k = 8: QMSE fails on 40 more of 60 minima than SGD and
     on as many as expected-QMSE) and a matrix-sensing one (random starts, all escape)."""
-    ts = {"problem": "teacher-student", "n_extra": 2, "outputs": 3, "teachers": 4}
-    ms = {"problem": "matrix-sensing", "problem_args": {"delta": 0.7, "seed": 1.0}}
+    run = {"ks": [8], "steps": 300, "batch": 8, "tune_budget": 32, "tune_seeds": 50}
+    run |= {"methods": ["gd-population", "sgd", "qmse", "expected-qmse"]}
+    ts = run | {"problem": "teacher-student", "n_extra": 2, "outputs": 3, "teachers": 4}
+    ts |= {"protocols": ["spurious-minima"]}
+    ms = run | {"problem": "matrix-sensing", "problem_args": {"delta": 0.7, "seed": 1.0}}
+    ms |= {"ks": [3], "protocols": ["random-init"], "tune_budget": None}
     a = bench(
         tmp_path / "ts",
         ts,
@@ -88,6 +93,16 @@ def test_each_cell_gives_its_paired_differences_verdicts_and_distinct_minima(two
     assert counts["matrix-sensing", "random-init", "qmse:sgd"] == {"equivalent": 1}
 
 
+def test_the_settings_of_each_benchmark_are_listed(two):
+    lines = settings_table([load_benchmark(p) for p in two]).splitlines()
+    assert lines[2:] == [
+        "| ts | teacher-student n=k+2, C=3, 4 teachers | 8 | spurious-minima | 3 | 300 × 8 | "
+        "32 trials, 50 starts |",
+        "| ms | matrix-sensing, delta=0.7, seed=1 | 3 | random-init | 3 | 300 × 8 | "
+        "coordinate passes, 50 starts |",
+    ]
+
+
 def test_wall_time_is_each_benchmarks_summed_timings_and_their_total(two):
     table = wall_table([load_benchmark(p) for p in two])
     assert "| ts | teacher-student | 150 | 0.04 |" in table
@@ -123,6 +138,6 @@ def test_the_command_writes_the_summary_and_profiles_and_refuses_bad_input(two, 
     with pytest.raises(UserError, match="no results.json"):
         write_summary([tmp_path / "missing"], out)
     (tmp_path / "other").mkdir()
-    twin = bench(tmp_path / "other" / "ts", {"problem": "teacher-student"}, {}, {}, {})
+    twin = bench(tmp_path / "other" / "ts", {}, {}, {}, {})
     with pytest.raises(UserError, match="share a name"):
         write_summary([two[0], twin], out)

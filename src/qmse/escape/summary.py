@@ -5,6 +5,8 @@ Each benchmark is a directory `qmse escape` wrote. Nothing is recomputed; everyt
 from its config.json, results.json (the rows and the declared comparisons), minima/ (the
 distinct certified minima per size) and timings.json:
 
+- `settings_table`: what each benchmark ran: the problem and its sizes, the protocols, the
+  methods, the budget (steps × batch) and the tuning (trials per method, tuning starts);
 - `cells_table`: one line per cell (benchmark, protocol, size): the problem, the starts, the
   distinct certified minima the starts sit at (spurious-minima protocol), and every declared
   comparison's paired difference A − B of failure rates with its verdict;
@@ -79,6 +81,27 @@ def describe(config: Mapping, k: int) -> str:
 def verdict_kind(test: Mapping) -> str:
     """One of VERDICTS for a declared comparison (`qmse.escape.cells.declared_tests`)."""
     return next(v for v in VERDICTS if v in test["verdict"])
+
+
+def settings_table(benches: Sequence[dict]) -> str:
+    """Markdown: a line per benchmark with the settings its conclusions rest on."""
+    head = ["benchmark", "problem", "sizes", "protocols", "methods", "steps × batch", "tuning"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in benches:
+        c = b["config"]
+        ks = c["ks"]
+        problem = describe(c, ks[0]).replace(f"k={ks[0]}, ", "").replace(f" size {ks[0]}", "")
+        if family(c) == "teacher-student":
+            extra = f"+{c['n_extra']}" if c["n_extra"] else ""
+            problem = problem.replace(f"n={ks[0] + c['n_extra']}", f"n=k{extra}")
+        budget = c.get("tune_budget")
+        trials = f"{budget} trials" if budget else "coordinate passes"
+        sample = sum(m != "gd-population" for m in c["methods"])
+        line = [b["name"], problem, ", ".join(map(str, ks)), ", ".join(c["protocols"]),
+                str(sample), f"{c['steps']:,} × {c['batch']}",
+                f"{trials}, {c['tune_seeds']} starts"]  # fmt: skip
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
 
 
 def _distinct(bench: dict, k: int) -> str:
@@ -180,7 +203,8 @@ def write_summary(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     text = "\n\n".join(
         [
             "# Summary across benchmarks",
-            "Benchmarks: " + ", ".join(f"{b['name']} ({family(b['config'])})" for b in benches),
+            "## Settings",
+            settings_table(benches),
             "## Declared comparisons per cell (A − B of failure rates, verdict)",
             cells_table(benches),
             "## Verdicts per family",
