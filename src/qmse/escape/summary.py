@@ -154,18 +154,18 @@ def verdict_counts(benches: Sequence[dict]) -> dict[tuple[str, str, str], Counte
 
 
 def verdict_table(benches: Sequence[dict]) -> str:
-    """Markdown: per family, protocol and declared comparison, the cells of each verdict."""
+    """Markdown: per family and protocol, each declared comparison's cells of each verdict
+    (e.g. "2 more, 1 equiv.")."""
     counts = verdict_counts(benches)
-    order = {c: i for i, c in enumerate(_comparisons(benches))}
-    head = ["family", "protocol", "A:B", "cells", "A fails more", "A fails less",
-            "equivalent", "not determined"]  # fmt: skip
+    names = _comparisons(benches)
+    head = ["family", "protocol", "cells", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for fam, protocol, comparison in sorted(
-        counts, key=lambda key: (key[0], PROTOCOLS.index(key[1]), order[key[2]])
-    ):
-        c = counts[fam, protocol, comparison]
-        cells = [str(c[v]) for v in VERDICTS]
-        lines.append(f"| {fam} | {protocol} | {comparison} | {c.total()} | {' | '.join(cells)} |")
+    groups = sorted({(f, p) for f, p, _ in counts}, key=lambda g: (g[0], PROTOCOLS.index(g[1])))
+    for fam, protocol in groups:
+        found = [counts.get((fam, protocol, c), Counter()) for c in names]
+        cells = max(c.total() for c in found)
+        entries = [", ".join(f"{c[v]} {SHORT[v]}" for v in VERDICTS if c[v]) or "–" for c in found]
+        lines.append("| " + " | ".join([fam, protocol, str(cells), *entries]) + " |")
     return "\n".join(lines)
 
 
