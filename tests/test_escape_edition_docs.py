@@ -793,3 +793,18 @@ def test_the_readme_says_what_the_minima_cells_give(benches):
         "sensing, Burer–Monteiro), QMSE escapes the minima no more often than the same optimiser "
         "on MSE in any cell"
     ) in text
+
+
+def test_the_second_edition_paragraph_is_its_files():
+    e2 = ROOT / "docs" / "escape-2"
+    cfg = json.loads((e2 / "config.json").read_text())
+    long = json.loads((e2 / "long" / "config.json").read_text())
+    doc = Doc(DOC, [("## The second edition", None)])
+    ks = cfg["ks"]
+    doc.quote(
+        f"at k = {', '.join(map(str, ks))}",
+        f"budgets of {num(cfg['steps'])} and {num(long['steps'])} steps",
+        f"failed more often at {num(cfg['steps'])} steps, and at {num(long['steps'])} its",
+    )
+    assert cfg.get("tune_budget") is None  # coordinate passes
+    doc.check(WHITELIST + [r"factor-2", r"β fixed at 0\.9", r"escape-2/"])
