@@ -157,3 +157,16 @@ def test_every_committed_result_is_recomputed_from_its_per_start_outcomes(folder
         key = lambda t: (t["protocol"], t["comparison"], t["k"])  # noqa: E731
         again = json.loads(json.dumps(sorted(again, key=key)))  # as JSON holds it
         assert again == sorted(results["comparisons"], key=key)
+
+
+def test_rows_that_predate_minima_counts_take_them_from_the_minima_reports(tmp_path):
+    rows = [row("sgd", 8, "1" * 5 + "0" * 3), row("qmse", 8, "1" * 8)]  # no minima fields
+    report = {"k": 8, "distinct": 2, "starts_per_minimum": [6, 2]}
+    text = write_table(rows, tmp_path / "t.md", minima={8: report})
+    assert "Distinct minima modulo symmetry (starts at each; from minima/): k=8: 2 (6, 2)." in text
+    old = {"k": 8, "count": 8, "distinct_losses": [0.02]}  # a report that did not count them
+    assert "from minima/" not in write_table(rows, tmp_path / "u.md", minima={8: old})
+    counted = [row("sgd", 8, "1" * 8, minima=[6, 2], minima_failures=[6, 2],
+                   weighted_failure_rate=1.0)]  # fmt: skip
+    text = write_table(counted, tmp_path / "v.md", minima={8: report})
+    assert "from minima/" not in text and "k=8: 2 (6, 2)." in text

@@ -104,10 +104,13 @@ def write_table(
     path: str | os.PathLike,
     timings: Mapping[str, float] | None = None,
     comparisons: Sequence[dict] = (),
+    minima: Mapping[int, dict] | None = None,
 ) -> str:
     """Markdown: failure rate with Wilson 95 % interval (and divergences), method × k, one
     table per protocol; then the paired tests against each reference method; then, given
-    `timings`, the wall time of the pieces (`wall_times`)."""
+    `timings`, the wall time of the pieces (`wall_times`). `minima`: the minima reports by k
+    (minima/*.json), whose distinct-minima counts stand in for rows written before rows
+    carried them."""
     lines = []
     for protocol in PROTOCOLS:
         sel = [r for r in rows if r.protocol == protocol]
@@ -148,6 +151,8 @@ def write_table(
             lines.append(f"| {m} | {' / '.join(settings)} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += _minima_lines(sel, ks, methods, protocol)
+        if protocol == "spurious-minima" and all(r.minima is None for r in sel):
+            lines += _reported_minima(minima or {}, ks)
         declared = [t for t in comparisons if t["protocol"] == protocol]
         lines += _declared_lines(declared, protocol)
         refs = [m for m in methods if any(m in r.paired for r in sel)]
@@ -173,6 +178,19 @@ def write_table(
     text = "\n".join(lines)
     atomic_write(path, text)
     return text
+
+
+def _reported_minima(minima: Mapping[int, dict], ks: Sequence[int]) -> list[str]:
+    """The distinct minima per k from the minima reports, for rows that predate counting
+    them (only reports that count them: `distinct` and `starts_per_minimum`)."""
+    found = {k: minima[k] for k in ks if "starts_per_minimum" in minima.get(k, {})}
+    if not found:
+        return []
+    each = "; ".join(
+        f"k={k}: {m['distinct']} ({', '.join(map(str, m['starts_per_minimum']))})"
+        for k, m in found.items()
+    )
+    return [f"Distinct minima modulo symmetry (starts at each; from minima/): {each}.", ""]
 
 
 def _paired_cell(test: dict | None, adjusted: bool) -> str | None:
@@ -339,7 +357,8 @@ def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
     rows = [Row.from_json(r) for r in results["rows"]]
     timings = load_json(out / "timings.json") if (out / "timings.json").exists() else {}
     cfg = load_json(out / "config.json")
-    write_table(rows, out / "table.md", timings, results["comparisons"])
+    minima = {m["k"]: m for m in map(load_json, sorted((out / "minima").glob("*.json")))}
+    write_table(rows, out / "table.md", timings, results["comparisons"], minima)
     classic = cfg.get("problem", "teacher-student") == "teacher-student"
     classic &= cfg.get("n_extra", 0) == 0 and cfg.get("outputs", 1) == 1
     published = PUBLISHED if classic else None
