@@ -433,10 +433,6 @@ def per_family(benches, family: str, comparison: str) -> dict[str, int]:
     return total
 
 
-def cells_word(n: int) -> str:
-    return {1: "1 cell"}.get(n, f"{n} cells")
-
-
 def ts_verdict(doc: Doc, benches) -> None:
     fam = "teacher-student"
     v = {c: per_family(benches, fam, c) for c in COMPARISONS}

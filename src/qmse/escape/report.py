@@ -342,6 +342,24 @@ def _declared_lines(tests: Sequence[dict], protocol: str) -> list[str]:
     return [*lines, ""]
 
 
+def read_benchmark(out: str | os.PathLike) -> dict:
+    """A finished benchmark's files: "rows" (Row), "comparisons" (the declared tests; none
+    in a results.json written before them, which is the list of rows alone), "timings"
+    (timings.json, {} without it), "config" (config.json) and "minima" (the minima/*.json
+    reports by k)."""
+    out = Path(out)
+    results = load_json(out / "results.json")
+    if isinstance(results, list):  # written before the declared comparisons
+        results = {"rows": results, "comparisons": []}
+    return {
+        "rows": [Row.from_json(r) for r in results["rows"]],
+        "comparisons": results["comparisons"],
+        "timings": load_json(out / "timings.json") if (out / "timings.json").exists() else {},
+        "config": load_json(out / "config.json"),
+        "minima": {m["k"]: m for m in map(load_json, sorted((out / "minima").glob("*.json")))},
+    }
+
+
 def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
     """table.md and the figures (`qmse.escape.figures`: figure.png, sweeps.png, budgets.png,
     profiles.png) of the benchmark in `out`, from its files alone:
@@ -351,14 +369,9 @@ def write_outputs(out: str | os.PathLike) -> dict[str, Path]:
     sweeps.json (the sweeps the rows used; a directory written before it: tuning/*.json).
     Returns the paths written, by kind."""
     out = Path(out)
-    results = load_json(out / "results.json")
-    if isinstance(results, list):  # written before the declared comparisons
-        results = {"rows": results, "comparisons": []}
-    rows = [Row.from_json(r) for r in results["rows"]]
-    timings = load_json(out / "timings.json") if (out / "timings.json").exists() else {}
-    cfg = load_json(out / "config.json")
-    minima = {m["k"]: m for m in map(load_json, sorted((out / "minima").glob("*.json")))}
-    write_table(rows, out / "table.md", timings, results["comparisons"], minima)
+    found = read_benchmark(out)
+    rows, cfg = found["rows"], found["config"]
+    write_table(rows, out / "table.md", found["timings"], found["comparisons"], found["minima"])
     classic = cfg.get("problem", "teacher-student") == "teacher-student"
     classic &= cfg.get("n_extra", 0) == 0 and cfg.get("outputs", 1) == 1
     published = PUBLISHED if classic else None

@@ -27,8 +27,9 @@ from pathlib import Path
 from qmse.errors import UserError
 from qmse.escape.config import COMPARISONS, PROTOCOLS
 from qmse.escape.figures import plot_profiles
+from qmse.escape.report import read_benchmark
 from qmse.escape.rows import Row
-from qmse.runs import atomic_write, load_json
+from qmse.runs import atomic_write
 
 VERDICTS = ("fails more", "fails less", "equivalent", "not determined")
 SHORT = {"fails more": "more", "fails less": "less", "equivalent": "equiv.",
@@ -43,15 +44,14 @@ def load_benchmark(path: str | os.PathLike) -> dict:
         raise UserError(
             f"{path}: no results.json and config.json; give directories that `qmse escape` finished"
         )
-    results = load_json(path / "results.json")
-    timings = load_json(path / "timings.json") if (path / "timings.json").exists() else {}
+    found = read_benchmark(path)
     return {
         "name": path.name,
-        "config": load_json(path / "config.json"),
-        "rows": [Row.from_json(r) for r in results["rows"]],
-        "comparisons": results.get("comparisons", []),
-        "minima": {m["k"]: m for m in map(load_json, sorted(path.glob("minima/*.json")))},
-        "seconds": sum(timings.values()),
+        "config": found["config"],
+        "rows": found["rows"],
+        "comparisons": found["comparisons"],
+        "minima": found["minima"],
+        "seconds": sum(found["timings"].values()),
     }
 
 
