@@ -250,6 +250,13 @@ def escape_row(method, k, failed, protocol="spurious-minima", **extra):
 # ---------------------------------------------------------------- prose of the docs
 
 
+def superscript(x: float) -> str:
+    """10⁻⁵ for 1e-5."""
+    exponent = round(math.log10(x))
+    assert x == 10.0**exponent
+    return "10" + str(exponent).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
+
+
 def join_lines(text: str) -> str:
     """A paragraph's (or list item's) lines as one line, so that a quoted sentence matches
     wherever the document wraps it; table rows, headings and new items keep their lines."""

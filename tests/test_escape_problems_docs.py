@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import leftover, prose
+from conftest import leftover, prose, superscript
 from scipy import stats as st
 
 from qmse import stats
@@ -178,13 +178,6 @@ def minima(directory: Path) -> dict:
 
 
 # ---------------------------------------------------------------- what the snippets are
-
-
-def superscript(x: float) -> str:
-    """10⁻⁵ for 1e-5."""
-    exponent = round(math.log10(x))
-    assert x == 10.0**exponent
-    return "10" + str(exponent).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
 
 
 def intro_snippets() -> list[str]:

@@ -91,8 +91,8 @@ def test_kernel_matches_monte_carlo_at_obtuse_angle():
 
 
 def test_global_minimum_is_exact():
-    """At a permutation of the teacher the loss is 0 and the gradient is 0 to rounding: an
-    arccos of the rounded cosine would leave ~1e-9, Safran & Shamir's whole tolerance."""
+    """At a permutation of the teacher the loss is 0 and the gradient is 0 to rounding, far
+    below Safran & Shamir's stopping tolerance (1e-9)."""
     problem = make_problem(8)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     scale = torch.linspace(0.5, 2.0, 8, dtype=F64).unsqueeze(-1)

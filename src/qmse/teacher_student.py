@@ -25,9 +25,8 @@ is ‖w‖‖u‖ cos θ − w·u = 0, so the gradient has no arccos singularity
 and ∇_{wᵢ} L = Σⱼ Mᵢⱼ ∇_w K(wᵢ, wⱼ) − Σⱼ Nᵢⱼ ∇_w K(wᵢ, vⱼ) (the diagonal term gives Mᵢᵢ wᵢ/2,
 half the derivative of Mᵢᵢ‖wᵢ‖²/4 counted once on each side).
 
-Near θ = 0 or π, arccos of a rounded cosine is off by √ε ≈ 1e-8, which at a global minimum
-(θ = 0 between matched neurons) puts a 1e-9 error into the gradient, the size of Safran &
-Shamir's stopping tolerance; those pairs use Kahan's θ = 2 atan2(‖â − b̂‖, ‖â + b̂‖), with
+Near θ = 0 or π, arccos of a rounded cosine is off by up to √ε ≈ 1e-8 (half the digits of a
+small angle); those pairs use Kahan's θ = 2 atan2(‖â − b̂‖, ‖â + b̂‖), with
 sin θ = ½‖â − b̂‖‖â + b̂‖ and cos θ = (‖â + b̂‖² − ‖â − b̂‖²)/4.
 
 Every function takes weights of shape (..., n, d), typically (S, n, d) for S seeds at once.
