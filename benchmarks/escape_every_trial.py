@@ -19,7 +19,6 @@ sweep record) and its failures and divergences on the evaluation starts; the cho
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,23 +26,17 @@ from pathlib import Path
 import torch
 
 from qmse.escape.cells import cell_name
-from qmse.escape.config import EscapeConfig, problems_of, starts, streams
+from qmse.escape.config import load_config, problems_of, starts, streams
 from qmse.escape.engine import make_job
 from qmse.escape.methods import get_method
 from qmse.escape.tuning import run_pooled
 from qmse.runs import load_json, save_json
 
 
-def config_of(out: Path) -> EscapeConfig:
-    """The benchmark's EscapeConfig from its config.json."""
-    names = {f.name for f in dataclasses.fields(EscapeConfig)}
-    return EscapeConfig(**{k: v for k, v in load_json(out / "config.json").items() if k in names})
-
-
 def every_trial(out: Path, k: int, protocol: str, methods: list[str]) -> dict:
     """method -> {"trials": [{settings, tune_failures, failures, diverged}], "chosen",
     "starts", "seconds"} on the evaluation starts of cell k of the benchmark at `out`."""
-    cfg = config_of(out)
+    cfg = load_config(out)
     torch.set_num_threads(1)
     W0, owner = starts(out, cfg, k, protocol, tuning=False, quiet=True)
     seed, method_seed = streams(cfg, k, protocol, tuning=False)
@@ -56,7 +49,8 @@ def every_trial(out: Path, k: int, protocol: str, methods: list[str]) -> dict:
         started = time.perf_counter()
         (runs,) = run_pooled(
             [job], W0.to(cfg.device), problems_of(cfg, k), owner, steps=cfg.steps,
-            batch=cfg.batch, seed=seed, method_seed=method_seed, quiet=True,
+            batch=cfg.batch, seed=seed, method_seed=method_seed,
+            desc=f"{name}, {len(trials)} trials",
         )  # fmt: skip
         m = len(W0)
         failed = (~runs["success"].cpu()).view(len(trials), m)

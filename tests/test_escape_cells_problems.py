@@ -4,6 +4,8 @@ tuning minima kept apart from the evaluation minima, rank-1 matrix sensing throu
 (its spurious minimum's closed forms), and the errors of a configuration that cannot run."""
 
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,8 +282,6 @@ def test_a_configuration_that_cannot_run_says_why(tmp_path):
 def test_a_benchmark_written_before_problems_were_named_resumes(tmp_path):
     """A finished directory whose config.json has no problem fields ran teacher–student: the
     same settings are accepted, another problem is refused."""
-    from dataclasses import asdict
-
     from qmse.escape.cells import _check_config
 
     cfg = EscapeConfig(ks=[3], methods=["sgd"])
@@ -291,6 +291,19 @@ def test_a_benchmark_written_before_problems_were_named_resumes(tmp_path):
     _check_config(tmp_path, cfg)
     with pytest.raises(UserError, match="problem: 'teacher-student' there, 'matrix-sensing' now"):
         _check_config(tmp_path, EscapeConfig(ks=[3], methods=["sgd"], problem="matrix-sensing"))
+    assert config.load_config(tmp_path) == cfg  # the missing fields read as what ran
+    (tmp_path / "config.json").write_text(json.dumps(saved | {"tempo": 3}))
+    with pytest.raises(UserError, match=r"settings this version does not know: \['tempo'\]"):
+        config.load_config(tmp_path)
+
+
+def test_every_committed_benchmark_loads_as_the_config_it_records():
+    root = Path(__file__).resolve().parent.parent / "docs"
+    dirs = [d for d in sorted(root.glob("escape-*/*")) if config.is_benchmark_dir(d)]
+    assert len(dirs) >= 10
+    for d in dirs:
+        cfg = config.load_config(d)
+        assert asdict(cfg) == config.saved_settings(d), d
 
 
 def ring(value_test: bool) -> Problem:

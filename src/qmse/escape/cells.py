@@ -43,6 +43,7 @@ from qmse.escape.config import (
     population,
     problem_of,
     problems_of,
+    saved_settings,
     spurious_minima,
     starts,
     streams,
@@ -469,8 +470,7 @@ def _check_config(out: Path, cfg: EscapeConfig) -> None:
     saved = out / "config.json"
     if not (saved.exists() and (out / "results.json").exists()):
         return
-    # a benchmark written before config.json named its problem ran teacher–student
-    old = {"problem": TEACHER_STUDENT, "problem_args": {}, "teachers": 1} | load_json(saved)
+    old = saved_settings(out)
     new = asdict(cfg)
     free = {"ks", "methods", "protocols", "lr", "hyper", "plugins", "references", "comparisons"}
     free |= {"equivalence_margin"}

@@ -274,6 +274,32 @@ class EscapeConfig:
         return ({"lr": self.lr[method]} if method in self.lr else {}) | self.hyper.get(method, {})
 
 
+# what a config.json written before it named these fields ran: teacher–student with V = I,
+# one teacher, the second edition's coordinate passes (no trial budget), no declared tests
+EARLIER_DEFAULTS = {
+    "problem": TEACHER_STUDENT, "problem_args": {}, "teachers": 1, "teacher": "identity",
+    "tune_budget": None, "comparisons": None, "equivalence_margin": 0.05,
+}  # fmt: skip
+
+
+def saved_settings(directory: Path) -> dict[str, Any]:
+    """A benchmark directory's config.json, with the fields earlier files lack filled in."""
+    return EARLIER_DEFAULTS | load_json(Path(directory) / "config.json")
+
+
+def load_config(directory: Path) -> EscapeConfig:
+    """The EscapeConfig a benchmark directory ran with (its plug-ins must be registered, or
+    their files still where config.json says: they are loaded again)."""
+    settings = saved_settings(directory)
+    known = EscapeConfig.__dataclass_fields__
+    if unknown := sorted(set(settings) - set(known)):
+        raise UserError(
+            f"{directory}/config.json has settings this version does not know: {unknown}; "
+            "read it with the qmse version that wrote it"
+        )
+    return EscapeConfig(**settings)
+
+
 def is_benchmark_dir(directory: Path) -> bool:
     """A benchmark directory written before directories recorded their kind (or committed
     without kind.json): its config.json names ks and protocols."""
