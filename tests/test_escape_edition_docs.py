@@ -453,6 +453,15 @@ def ts_verdict(doc: Doc, benches) -> None:
     assert k12[SM, "qmse"]["failures"] == k12[SM, "sgd"]["failures"] == k12[SM, "sgd"]["seeds"]
     assert where("qmse-momentum:momentum", "not determined") == [("k6-n8-c3", SM)]
     e, em = v["qmse:expected-qmse"], v["qmse-momentum:expected-qmse-momentum"]
+    wide = rows_of(E3 / "k8-n9")
+    assert json.loads((E3 / "k8-n9" / "config.json").read_text())["n_extra"] == 1
+    assert all(r["seeds"] == 0 for (p, _), r in wide.items() if p == SM)  # no minima cell
+    gd, sgd, q = wide[RI, "gd-population"], wide[RI, "sgd"], wide[RI, "qmse"]
+    doc.quote(
+        f"stops at a spurious minimum on {'none' if gd['failures'] == 0 else gd['failures']} "
+        f"of {num(gd['seeds'])} seeds and SGD fails on {sgd['failures']}, but QMSE fails on "
+        f"{q['failures']} ({q['diverged']} of them diverged)"
+    )
 
     def spread(c: dict) -> str:
         words = {"fails more": "worse in", "fails less": "better in", "equivalent":
@@ -470,7 +479,7 @@ def ts_verdict(doc: Doc, benches) -> None:
         f"the sweeps ran on the {tune['tune_starts']} starts at its {tune['tune_minima']} other "
         f"distinct minima (the best trial of SGD fails on {best['sgd']} of them, of QMSE on "
         f"{best['qmse']}), a small tuning set for {len(record['points'])} trials",
-        f"both protocols: {n} cells",
+        f"at k = 6 over four teachers: {n} cells",
         f"QMSE fails more often than SGD and than label noise in {s['fails more']}, equivalent "
         f"in {s['equivalent']} (the k = 12 minima, which neither leaves from any start)",
         f"in {m['fails more']}, equivalent in {m['equivalent']} (the k = 12 minima), not "
