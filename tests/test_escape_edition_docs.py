@@ -78,6 +78,7 @@ def test_the_third_edition_section_is_the_committed_benchmarks(benches):
     assert ms_minima == 1
     doc.quote(f"(δ = {ms}, one distinct strict minimum)", f"(matrix sensing at δ = {ms},")
     ts_verdict(doc, benches)
+    inventory(doc)
     divergence(doc, nc_verdict(doc))
     across(doc, benches)
     budget_batch(doc)
@@ -485,6 +486,28 @@ def ts_verdict(doc: Doc, benches) -> None:
         f"in {m['fails more']}, equivalent in {m['equivalent']} (the k = 12 minima), not "
         f"determined in {m['not determined']} (the three-output minima",
         f"against expected-QMSE: {spread(e)}; with momentum: {spread(em)}",
+    )
+
+
+def minima_report(name: str) -> dict:
+    (path,) = (E3 / name / "minima").glob("*.json")
+    return json.loads(path.read_text())
+
+
+def inventory(doc: Doc) -> None:
+    """The k = 14 gradient-descent piece and the count of distinct minima over every
+    teacher–student piece (their minima reports; n = 9 has none)."""
+    gd = rows_of(E3 / "k14-gd")[RI, "gd-population"]
+    k14 = minima_report("k14-gd")
+    assert k14["count"] == gd["failures"] and k14["isolated"] and not k14["excluded"]
+    one = {k: minima_report(f"k{k}")["distinct"] for k in (8, 10, 12)} | {14: k14["distinct"]}
+    three, wide = minima_report("k6-n8-c3")["distinct"], minima_report("k8-n9")["distinct"]
+    assert wide == 0
+    doc.quote(
+        f"{gd['failures']} of {num(gd['seeds'])} seeds stop at a spurious minimum, at "
+        f"{k14['distinct']} distinct certified strict minima",
+        f"hold {three + sum(one.values())} distinct certified minima ({three} with three "
+        f"outputs, and {', '.join(str(one[k]) for k in (8, 10, 12))} and {one[14]} at",
     )
 
 

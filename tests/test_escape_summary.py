@@ -103,6 +103,14 @@ def test_the_settings_of_each_benchmark_are_listed(two):
     ]
 
 
+def test_gradient_descent_alone_has_no_budget_or_tuning(tmp_path):
+    run = {"ks": [14], "steps": 3000, "batch": 64, "tune_budget": 32, "tune_seeds": 100}
+    run |= {"methods": ["gd-population"], "protocols": ["random-init"], "n_extra": 0}
+    path = bench(tmp_path / "gd", run | {"problem": "teacher-student", "outputs": 1}, {}, {}, {})
+    (line,) = settings_table([load_benchmark(path)]).splitlines()[2:]
+    assert line == "| gd | teacher-student n=k, C=1 | 14 | random-init | 0 | – | – |"
+
+
 def test_wall_time_is_each_benchmarks_summed_timings_and_their_total(two):
     table = wall_table([load_benchmark(p) for p in two])
     assert "| ts | teacher-student | 150 | 0.04 |" in table

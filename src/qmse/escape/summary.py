@@ -96,10 +96,10 @@ def settings_table(benches: Sequence[dict]) -> str:
             problem = problem.replace(f"n={ks[0] + c['n_extra']}", f"n=k{extra}")
         budget = c.get("tune_budget")
         trials = f"{budget} trials" if budget else "coordinate passes"
-        sample = sum(m != "gd-population" for m in c["methods"])
+        sample = sum(m != "gd-population" for m in c["methods"])  # gradient descent alone: –
         line = [b["name"], problem, ", ".join(map(str, ks)), ", ".join(c["protocols"]),
-                str(sample), f"{c['steps']:,} × {c['batch']}",
-                f"{trials}, {c['tune_seeds']} starts"]  # fmt: skip
+                str(sample), f"{c['steps']:,} × {c['batch']}" if sample else "–",
+                f"{trials}, {c['tune_seeds']} starts" if sample else "–"]  # fmt: skip
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 
