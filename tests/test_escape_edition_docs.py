@@ -666,7 +666,7 @@ def variants(doc: Doc) -> None:
 def test_the_batch_and_budget_section_is_the_committed_benchmarks(tmp_path):
     dirs = [E3 / name for name in summary_dirs(*VARIANTS)]
     write_summary(dirs, tmp_path)
-    committed = E3 / "summary-k10" / "summary.md"
+    committed = E3 / "summary-variants" / "summary.md"
     assert (tmp_path / "summary.md").read_text() == committed.read_text()
     benches = [load_benchmark(d) for d in dirs]
     doc = Doc(DOC, [VARIANTS])
@@ -681,6 +681,7 @@ def test_the_batch_and_budget_section_is_the_committed_benchmarks(tmp_path):
     )
     variants(doc)
     steps_variant(doc)
+    other_batches(doc)
     doc.check(WHITELIST + [r"\bbatch (?:8|64|256)(?:, 64)?(?: and 256)?\b", r"\bone output\b"])
 
 
@@ -690,6 +691,48 @@ def test_the_benchmarks_page_gives_the_wall_times_of_the_pieces(benches):
     variants = [load_benchmark(E3 / name) for name in summary_dirs(*VARIANTS)]
     doc.quote(*wall_table(variants).splitlines())
     doc.check(WHITELIST + [r"x86_64", r"torch \d+\.\d+\.\d+\+cpu", r"two to four"])
+
+
+def other_batches(doc: Doc) -> None:
+    """Batch 8 on the matrix-sensing minimum and Burer–Monteiro's stuck set, against batch 64."""
+    small = E3 / "matrix-sensing-0.7-batch8"
+    cfg, base = (json.loads((d / "config.json").read_text()) for d in (small, MS))
+    assert cfg["problem_args"] == base["problem_args"] and cfg["tune_seeds"] == base["tune_seeds"]
+    assert cfg["batch"] == 8 and base["batch"] == 64
+    a = {m: r for (p, m), r in rows_of(small).items() if p == SM}
+    b = {m: r for (p, m), r in rows_of(MS).items() if p == SM}
+    ta, tb = comparisons_of(small), comparisons_of(MS)
+    changed = [c for c in COMPARISONS if verdict_kind(ta[SM, c]) != verdict_kind(tb[SM, c])]
+    assert changed == ["qmse-momentum:momentum", "qmse-momentum:expected-qmse-momentum"]
+    assert all(verdict_kind(ta[SM, c]) == "equivalent" for c in changed)
+    c = changed[1]
+    assert verdict_kind(tb[SM, changed[0]]) == "not determined"
+    assert verdict_kind(tb[SM, c]) == "fails less"
+    m = a["sgd"]["seeds"]
+    allfail = ("sgd", "qmse", "expected-qmse", "label-noise")
+    assert all(a[x]["failures"] == b[x]["failures"] == m for x in allfail)
+    mom = ("momentum", "qmse-momentum", "expected-qmse-momentum", "label-noise-momentum")
+    assert max(a[x]["failures"] for x in mom) <= 2 and b["expected-qmse-momentum"]["failures"] == m
+    bm = {m: r for (p, m), r in rows_of(E3 / "burer-monteiro-0.3-batch8").items() if p == SM}
+    bm64 = comparisons_of(BM)
+    bm8 = comparisons_of(E3 / "burer-monteiro-0.3-batch8")
+    assert all(verdict_kind(t[SM, c]) == "equivalent" for t in (bm8, bm64) for c in COMPARISONS)
+    doc.quote(
+        f"minima of matrix sensing at δ = {cfg['problem_args']['delta']} and of Burer–Monteiro "
+        f"(tuned as their main runs, {cfg['tune_seeds']} tuning starts)",
+        f"At the matrix-sensing minimum ({m} starts, δ = {cfg['problem_args']['delta']}) batch "
+        f"{cfg['batch']} changes {len(changed)} verdicts of {len(COMPARISONS)}",
+        f"fail on every start at batch {cfg['batch']} as at {base['batch']}",
+        f"momentum fails on {a['momentum']['failures']} ({b['momentum']['failures']} at batch "
+        f"{base['batch']}), QMSE with momentum on {a['qmse-momentum']['failures']} "
+        f"({b['qmse-momentum']['failures']}), expected-QMSE with momentum on "
+        f"{a['expected-qmse-momentum']['failures']} (all {m} at batch {base['batch']})",
+        f'({sign(tb[SM, c]["difference"])} at batch {base["batch"]}) is "equivalent" at batch '
+        f"{cfg['batch']}",
+        f'helps with momentum at the δ = {cfg["problem_args"]["delta"]} minimum"',
+        f"all but at most {max(r['failures'] for r in bm.values())} of the "
+        f"{bm['sgd']['seeds']} starts at batch {cfg['batch']}, as at {base['batch']}",
+    )
 
 
 def steps_variant(doc: Doc) -> None:
@@ -739,6 +782,25 @@ def budget_batch(doc: Doc) -> None:
         f"QMSE escapes none at batch 8, 64 and 256, and {q['seeds'] - q['failures']} of "
         f"{q['seeds']} at {num(steps)} steps",
         f'"fails more" at batch 8 and 64 and at {num(steps)} steps, "equivalent" at batch 256',
+    )
+    # the matrix-sensing minimum and Burer–Monteiro's stuck set at batch 8 (other_batches)
+    small, big = (json.loads((d / "config.json").read_text())["batch"]
+                  for d in (E3 / "matrix-sensing-0.7-batch8", MS))  # fmt: skip
+    ta, tb = comparisons_of(E3 / "matrix-sensing-0.7-batch8"), comparisons_of(MS)
+    mom = [c for c in COMPARISONS if c.startswith("qmse-momentum")]
+    changed = [c for c in mom if verdict_kind(tb[SM, c]) != verdict_kind(ta[SM, c])]
+    assert changed == ["qmse-momentum:momentum", "qmse-momentum:expected-qmse-momentum"]
+    assert all(verdict_kind(ta[SM, c]) == "equivalent" for c in changed)
+    assert rows_of(MS)[SM, "expected-qmse-momentum"]["failures"] == rows_of(MS)[SM, "sgd"]["seeds"]
+    bm8 = comparisons_of(E3 / "burer-monteiro-0.3-batch8")
+    assert all(verdict_kind(bm8[k]) == verdict_kind(comparisons_of(BM)[k]) for k in bm8)
+    doc.quote(
+        f"(below) batch {small} makes {'two' if len(changed) == 2 else len(changed)} momentum",
+        f"(not determined at batch {big})",
+        f'("fails less" at batch {big}, where',
+        f"there holds at batch {big} only",
+        f"stuck set batch {small} changes nothing",
+        f"(at batch {big}; at batch {small} both are equivalent, below)",
     )
 
 
