@@ -682,6 +682,7 @@ def test_the_batch_and_budget_section_is_the_committed_benchmarks(tmp_path):
     variants(doc)
     steps_variant(doc)
     other_batches(doc)
+    batch256_every_trial(doc)
     doc.check(WHITELIST + [r"\bbatch (?:8|64|256)(?:, 64)?(?: and 256)?\b", r"\bone output\b"])
 
 
@@ -691,6 +692,29 @@ def test_the_benchmarks_page_gives_the_wall_times_of_the_pieces(benches):
     variants = [load_benchmark(E3 / name) for name in summary_dirs(*VARIANTS)]
     doc.quote(*wall_table(variants).splitlines())
     doc.check(WHITELIST + [r"x86_64", r"torch \d+\.\d+\.\d+\+cpu", r"two to four"])
+
+
+def batch256_every_trial(doc: Doc) -> None:
+    """Every trial of the tie-broken methods at batch 256, from the k = 10 minima."""
+    big = E3 / "k10-batch256"
+    rows = rows_of(big)
+    (path,) = (big / "every-trial").glob("*.json")
+    found = json.loads(path.read_text())["methods"]
+    assert sorted(found) == ["label-noise", "qmse", "sgd"]
+    m = {rows[SM, name]["seeds"] for name in found}.pop()
+    for name, v in found.items():
+        assert all(t["tune_failures"] == t["tune_starts"] for t in v["trials"]), name
+        assert all(t["failures"] == m for t in v["trials"]), name
+        (chosen,) = [t for t in v["trials"] if t["settings"] == v["chosen"]]
+        assert chosen["failures"] == rows[SM, name]["failures"]
+    (tune,) = {t["tune_starts"] for v in found.values() for t in v["trials"]}
+    (trials,) = {len(v["trials"]) for v in found.values()}
+    doc.quote(
+        f"At batch {json.loads((big / 'config.json').read_text())['batch']} SGD, label noise and "
+        f"QMSE each failed on all {tune} tuning minima at every one of their {trials} trials",
+        f"from the {m} starts",
+        f"each fails on all {m} at every trial",
+    )
 
 
 def other_batches(doc: Doc) -> None:
