@@ -73,7 +73,7 @@ def test_the_third_edition_section_is_the_committed_benchmarks(benches):
         f"hold {report['distinct']} distinct certified strict minima",
         f"fail on {best['qmse-momentum']} and {best['momentum']} of {report['count']})",
     )
-    ms = json.loads((MS / "config.json").read_text())["problem_args"]["delta"]
+    ms = config_of(MS)["problem_args"]["delta"]
     (ms_minima,) = (json.loads(p.read_text())["distinct"] for p in (MS / "minima").glob("*"))
     assert ms_minima == 1
     doc.quote(f"(δ = {ms}, one distinct strict minimum)", f"(matrix sensing at δ = {ms},")
@@ -116,6 +116,10 @@ def counts(benches) -> dict:
 
 C3 = E3 / "k6-n8-c3"
 SM, RI = "spurious-minima", "random-init"
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
 
 
 def rows_of(folder: Path) -> dict[tuple[str, str], dict]:
@@ -351,7 +355,7 @@ def c3_every_trial(doc: Doc) -> None:
 
 
 def c3_config(doc: Doc) -> None:
-    cfg = json.loads((C3 / "config.json").read_text())
+    cfg = config_of(C3)
     found = every_trial()
     seconds = [v["seconds"] for v in found.values()]
     report = json.loads((C3 / "minima" / "k6_n8_C3.json").read_text())
@@ -457,7 +461,7 @@ def ts_verdict(doc: Doc, benches) -> None:
     assert where("qmse-momentum:momentum", "not determined") == [("k6-n8-c3", SM)]
     e, em = v["qmse:expected-qmse"], v["qmse-momentum:expected-qmse-momentum"]
     wide = rows_of(E3 / "k8-n9")
-    assert json.loads((E3 / "k8-n9" / "config.json").read_text())["n_extra"] == 1
+    assert config_of(E3 / "k8-n9")["n_extra"] == 1
     assert all(r["seeds"] == 0 for (p, _), r in wide.items() if p == SM)  # no minima cell
     gd, sgd, q = wide[RI, "gd-population"], wide[RI, "sgd"], wide[RI, "qmse"]
     doc.quote(
@@ -517,11 +521,8 @@ def inventory(doc: Doc) -> None:
 
 def second_draw(doc: Doc) -> None:
     """k8-random against k8: the same problem rotated, so other seeds of one problem."""
-    cfg = json.loads((E3 / "k8-random" / "config.json").read_text())
-    assert (
-        cfg["teacher"] == "random"
-        and json.loads((E3 / "k8" / "config.json").read_text())["teacher"] == "identity"
-    )
+    cfg = config_of(E3 / "k8-random")
+    assert cfg["teacher"] == "random" and config_of(E3 / "k8")["teacher"] == "identity"
     a, b = comparisons_of(E3 / "k8"), comparisons_of(E3 / "k8-random")
     assert set(a) == set(b)
     differ = sorted(c for c in a if verdict_kind(a[c]) != verdict_kind(b[c]))
@@ -581,8 +582,8 @@ def reproductions(doc: Doc) -> None:
 
 def test_the_k8_k10_section_has_no_number_its_files_do_not_give():
     """Its statements are checked in tests/test_docs.py; here its numbers."""
-    cfg = json.loads((E3 / "k8" / "config.json").read_text())
-    assert cfg == {**cfg, **json.loads((E3 / "k10" / "config.json").read_text()), "ks": cfg["ks"]}
+    cfg = config_of(E3 / "k8")
+    assert cfg == {**cfg, **config_of(E3 / "k10"), "ks": cfg["ks"]}
     doc = Doc(DOC, [("## The third protocol at k = 8 and 10", "## Three outputs")])
     budget = cfg["tune_budget"]
     doc.quote(
@@ -671,7 +672,7 @@ def test_the_batch_and_budget_section_is_the_committed_benchmarks(tmp_path):
     benches = [load_benchmark(d) for d in dirs]
     doc = Doc(DOC, [VARIANTS])
     doc.quote(*cells_table(benches).splitlines())
-    cfg = json.loads((E3 / "k10" / "config.json").read_text())
+    cfg = config_of(E3 / "k10")
     report = json.loads((E3 / "k10" / "minima" / "k10_n10_C1.json").read_text())
     doc.quote(
         f"({report['count']} starts at {report['distinct']} distinct minima)",
@@ -710,7 +711,7 @@ def batch256_every_trial(doc: Doc) -> None:
     (tune,) = {t["tune_starts"] for v in found.values() for t in v["trials"]}
     (trials,) = {len(v["trials"]) for v in found.values()}
     doc.quote(
-        f"At batch {json.loads((big / 'config.json').read_text())['batch']} SGD, label noise and "
+        f"At batch {config_of(big)['batch']} SGD, label noise and "
         f"QMSE each failed on all {tune} tuning minima at every one of their {trials} trials",
         f"from the {m} starts",
         f"each fails on all {m} at every trial",
@@ -720,7 +721,7 @@ def batch256_every_trial(doc: Doc) -> None:
 def other_batches(doc: Doc) -> None:
     """Batch 8 on the matrix-sensing minimum and Burer–Monteiro's stuck set, against batch 64."""
     small = E3 / "matrix-sensing-0.7-batch8"
-    cfg, base = (json.loads((d / "config.json").read_text()) for d in (small, MS))
+    cfg, base = (config_of(d) for d in (small, MS))
     assert cfg["problem_args"] == base["problem_args"] and cfg["tune_seeds"] == base["tune_seeds"]
     assert cfg["batch"] == 8 and base["batch"] == 64
     a = {m: r for (p, m), r in rows_of(small).items() if p == SM}
@@ -740,7 +741,7 @@ def other_batches(doc: Doc) -> None:
     bm = {m: r for (p, m), r in rows_of(E3 / "burer-monteiro-0.3-batch8").items() if p == SM}
     big = E3 / "burer-monteiro-0.3-batch256"
     bm256 = {m: r for (p, m), r in rows_of(big).items() if p == SM}
-    assert json.loads((big / "config.json").read_text())["batch"] == 256
+    assert config_of(big)["batch"] == 256
     runs = [comparisons_of(d) for d in (BM, E3 / "burer-monteiro-0.3-batch8", big)]
     assert all(verdict_kind(t[SM, c]) == "equivalent" for t in runs for c in COMPARISONS)
     doc.quote(
@@ -765,7 +766,7 @@ def other_batches(doc: Doc) -> None:
 
 def steps_variant(doc: Doc) -> None:
     long = E3 / "k10-steps30000"
-    cfg = json.loads((long / "config.json").read_text())
+    cfg = config_of(long)
     sm = {m: r for (p, m), r in rows_of(long).items() if p == SM}
     tests = comparisons_of(long)
     q, sgd, mom = sm["qmse"], sm["sgd"], sm["momentum"]
@@ -786,7 +787,7 @@ def steps_variant(doc: Doc) -> None:
     changed = [c for c in COMPARISONS if short[SM, c]["verdict"] != tests[SM, c]["verdict"]]
     assert changed == ["qmse-momentum:expected-qmse-momentum"]
     assert short[SM, changed[0]]["verdict"] == "not determined"
-    base = json.loads((E3 / "k10" / "config.json").read_text())["steps"]
+    base = config_of(E3 / "k10")["steps"]
     assert cfg["steps"] == 10 * base
     doc.quote(
         f"Of the {len(COMPARISONS)} verdicts, ten times the budget changes one",
@@ -797,9 +798,9 @@ def steps_variant(doc: Doc) -> None:
 
 def budget_batch(doc: Doc) -> None:
     """The edition's bullet on budget and batch, from the k = 10 variants."""
-    base = json.loads((E3 / "k10" / "config.json").read_text())
+    base = config_of(E3 / "k10")
     long = E3 / "k10-steps30000"
-    steps = json.loads((long / "config.json").read_text())["steps"]
+    steps = config_of(long)["steps"]
     q = rows_of(long)[SM, "qmse"]
     runs = {**{b: E3 / n for b, n in BATCHES.items()}, "long": long}
     for run in runs.values():
@@ -812,7 +813,7 @@ def budget_batch(doc: Doc) -> None:
         f'"fails more" at batch 8 and 64 and at {num(steps)} steps, "equivalent" at batch 256',
     )
     # the matrix-sensing minimum and Burer–Monteiro's stuck set at batch 8 (other_batches)
-    small, big = (json.loads((d / "config.json").read_text())["batch"]
+    small, big = (config_of(d)["batch"]
                   for d in (E3 / "matrix-sensing-0.7-batch8", MS))  # fmt: skip
     ta, tb = comparisons_of(E3 / "matrix-sensing-0.7-batch8"), comparisons_of(MS)
     mom = [c for c in COMPARISONS if c.startswith("qmse-momentum")]
@@ -843,7 +844,7 @@ def ms_section(doc: Doc) -> None:
 
     rows, tests = rows_of(MS), comparisons_of(MS)
     report = json.loads(next((MS / "minima").glob("*.json")).read_text())
-    cfg = json.loads((MS / "config.json").read_text())
+    cfg = config_of(MS)
     delta, seed = cfg["problem_args"]["delta"], cfg["problem_args"]["seed"]
     gd = rows[RI, "gd-population"]
     (loss,), (eig,) = report["distinct_losses"], report["min_hessian_eigenvalues"]
@@ -925,8 +926,8 @@ def across(doc: Doc, benches) -> None:
 
 def test_the_other_families_section_is_the_committed_benchmarks():
     doc = Doc(DOC, [("## Matrix sensing and Burer–Monteiro, every method", VARIANTS[0])])
-    cfg = json.loads((MS / "config.json").read_text())
-    assert cfg["tune_seeds"] == json.loads((BM / "config.json").read_text())["tune_seeds"]
+    cfg = config_of(MS)
+    assert cfg["tune_seeds"] == config_of(BM)["tune_seeds"]
     doc.quote(f"({cfg['tune_budget']} trials", f"on {cfg['tune_seeds']} tuning starts")
     ms_section(doc)
     ms_every_trial(doc)
@@ -968,8 +969,8 @@ def test_the_readme_says_what_the_minima_cells_give(benches):
 
 def test_the_second_edition_paragraph_is_its_files():
     e2 = ROOT / "docs" / "escape-2"
-    cfg = json.loads((e2 / "config.json").read_text())
-    long = json.loads((e2 / "long" / "config.json").read_text())
+    cfg = config_of(e2)
+    long = config_of(e2 / "long")
     doc = Doc(DOC, [("## The second edition", None)])
     ks = cfg["ks"]
     doc.quote(

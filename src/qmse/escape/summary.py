@@ -45,14 +45,7 @@ def load_benchmark(path: str | os.PathLike) -> dict:
             f"{path}: no results.json and config.json; give directories that `qmse escape` finished"
         )
     found = read_benchmark(path)
-    return {
-        "name": path.name,
-        "config": found["config"],
-        "rows": found["rows"],
-        "comparisons": found["comparisons"],
-        "minima": found["minima"],
-        "seconds": sum(found["timings"].values()),
-    }
+    return {"name": path.name, **found, "seconds": sum(found["timings"].values())}
 
 
 def family(config: Mapping) -> str:
